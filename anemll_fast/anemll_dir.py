@@ -1,0 +1,310 @@
+"""ModelConfig of an ANEMLL model directory: meta.yaml plus the parts' real I/O.
+
+meta.yaml (ANEMLL 0.3.4 and 0.3.5) says which parts exist; the shapes come
+from the model files themselves, as chat.py finds them: compiled `.mlmodelc`
+first, then the `.mlpackage` of the same stem, then (embeddings only) the name
+without `_lutN`. FFN chunks are `*_chunk_NNofMM`; 0.3.4's `ffn:` names no chunk.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from anemll_fast.config import ComponentConfig, ModelConfig, Shapes, TensorSpec
+from anemll_fast.errors import ConfigError
+from anemll_fast.hub import safe_unzip
+from anemll_fast.model_io import MODEL_SUFFIXES, ModelIO, read_model_io
+
+_CHUNK_RE = re.compile(r"_chunk_(\d+)of(\d+)$")
+_LUT_RE = re.compile(r"_lut\d+$")
+
+
+def read_meta(path: Union[str, Path]) -> Dict[str, Any]:
+    """`model_info` of a meta.yaml, with `parameters` checked and typed."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_info"), dict):
+        raise ConfigError(f"{path}: missing section 'model_info'")
+    info = data["model_info"]
+    params = info.get("parameters")
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: missing section 'model_info.parameters'")
+    if str(info.get("model_type", "chunked")) == "monolithic":
+        raise ConfigError(
+            f"{path}: model_info.model_type 'monolithic' is not supported (only chunked ANEMLL models)"
+        )
+    for key in ("context_length", "batch_size", "num_chunks"):
+        if key in params:
+            params[key] = _positive_int(params[key], f"{path}: model_info.parameters.{key}")
+    for key in ("lut_embeddings", "lut_ffn", "lut_lmhead"):
+        value = params.get(key, "none")
+        if value in (None, "none", "None", False):
+            params[key] = "none"
+        else:
+            params[key] = _positive_int(value, f"{path}: model_info.parameters.{key}")
+    if "split_lm_head" in params:
+        params["split_lm_head"] = _positive_int(params["split_lm_head"], f"{path}: model_info.parameters.split_lm_head")
+    for key in ("model_prefix", "embeddings", "lm_head", "ffn"):
+        if key in params and not isinstance(params[key], str):
+            raise ConfigError(f"{path}: model_info.parameters.{key} must be a file name, got {params[key]!r}")
+    return info
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{where}: expected a positive integer, got {value!r}") from None
+    if number <= 0:
+        raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
+    return number
+
+
+def _lut(value: Any) -> str:
+    return "" if value == "none" else f"_lut{value}"
+
+
+def _stem(name: str) -> str:
+    for suffix in MODEL_SUFFIXES + (".mlmodelc.zip",):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def find_part(directory: Path, name: str, *, drop_lut: bool = False) -> Optional[Path]:
+    """The model file for `name` (with or without extension), as chat.py looks."""
+    stems = [_stem(name)]
+    if drop_lut and _LUT_RE.search(stems[0]):
+        stems.append(_LUT_RE.sub("", stems[0]))
+    for stem in stems:
+        for suffix in (".mlmodelc", ".mlpackage"):
+            candidate = directory / (stem + suffix)
+            if candidate.exists():
+                return candidate
+        archive = directory / (stem + ".mlmodelc.zip")
+        if archive.is_file():
+            return safe_unzip(archive, directory / (stem + ".mlmodelc"))
+    return None
+
+
+def _require_part(directory: Path, name: str, field: str, *, drop_lut: bool = False) -> Path:
+    found = find_part(directory, name, drop_lut=drop_lut)
+    if found is None:
+        tried = f"{_stem(name)}.mlmodelc / .mlpackage / .mlmodelc.zip"
+        raise ConfigError(f"{directory}/meta.yaml: {field} {name!r} not found (looked for {tried})")
+    return found
+
+
+def _chunk_names(ffn_stem: str, num_chunks: int, directory: Path) -> List[str]:
+    """Stems of the FFN chunks, from meta's `ffn` and `num_chunks`."""
+    base = _CHUNK_RE.sub("", ffn_stem)
+    named = [f"{base}_chunk_{i:02d}of{num_chunks:02d}" for i in range(1, num_chunks + 1)]
+    if num_chunks == 1 and find_part(directory, named[0]) is None and find_part(directory, base):
+        return [base]  # a single unchunked FFN file
+    return named
+
+
+def _discover(directory: Path) -> Dict[str, Any]:
+    """Parameters of a directory without meta.yaml, from its file names."""
+    names = sorted({_stem(p.name) for p in directory.iterdir() if p.name.endswith(MODEL_SUFFIXES + (".mlmodelc.zip",))})
+    emb = [n for n in names if n.endswith("_embeddings") or re.search(r"_embeddings_lut\d+$", n)]
+    head = [n for n in names if re.search(r"_lm_head(_lut\d+)?$", n)]
+    ffn = [n for n in names if "_FFN_PF" in n]
+    if not emb or not head or not ffn:
+        raise ConfigError(
+            f"{directory}: no meta.yaml, and the parts could not be found by name "
+            f"(embeddings: {emb or 'none'}, lm_head: {head or 'none'}, FFN_PF: {ffn or 'none'})"
+        )
+    m = _CHUNK_RE.search(ffn[0])
+    return {
+        "embeddings": emb[0],
+        "lm_head": head[0],
+        "ffn": ffn[0],
+        "num_chunks": int(m.group(2)) if m else 1,
+        "model_prefix": emb[0].split("_embeddings")[0],
+    }
+
+
+def _fn(io: ModelIO, name: str) -> Tuple[Optional[str], Any]:
+    """The function `name` of a multifunction file, else the file's only function."""
+    if io.multifunction:
+        return name, io.function(name)
+    return None, io.function(None)
+
+
+def _component(directory: Path, io: ModelIO, function: Optional[str], fio: Any) -> ComponentConfig:
+    return ComponentConfig(
+        file_path=io.path.relative_to(directory).as_posix(),
+        inputs=dict(fio.inputs),
+        outputs=dict(fio.outputs),
+        states=dict(fio.states),
+        functions=list(io.functions) if io.multifunction else [],
+        function=function,
+    )
+
+
+def config_from_anemll_dir(path: Union[str, Path]) -> ModelConfig:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ConfigError(f"model directory {str(directory)!r} does not exist")
+    directory = directory.resolve()
+    meta_path = directory / "meta.yaml"
+    info: Dict[str, Any]
+    if meta_path.is_file():
+        info = read_meta(meta_path)
+        params = info["parameters"]
+    else:
+        params = _discover(directory)
+        info = {"parameters": params}
+    prefix = params.get("model_prefix", "llama")
+    num_chunks = params.get("num_chunks", 1)
+
+    emb_name = params.get("embeddings") or f"{prefix}_embeddings{_lut(params.get('lut_embeddings', 'none'))}"
+    head_name = params.get("lm_head") or f"{prefix}_lm_head{_lut(params.get('lut_lmhead', 'none'))}"
+    ffn_name = params.get("ffn") or f"{prefix}_FFN_PF{_lut(params.get('lut_ffn', 'none'))}"
+    emb_io = read_model_io(_require_part(directory, emb_name, "embeddings", drop_lut=True))
+    head_io = read_model_io(_require_part(directory, head_name, "lm_head"))
+
+    # Unified: every chunk file has prefill and infer. Split (older layout):
+    # `_FFN_` files for infer beside `_prefill_` files.
+    prefill: List[ComponentConfig] = []
+    infer: List[ComponentConfig] = []
+    chunk_stems = _chunk_names(_stem(ffn_name), num_chunks, directory)
+    missing = [s for s in chunk_stems if find_part(directory, s) is None]
+    if not missing:
+        for stem in chunk_stems:
+            io = read_model_io(find_part(directory, stem))  # type: ignore[arg-type]
+            if not {"prefill", "infer"} <= set(io.functions):
+                raise ConfigError(
+                    f"{io.path}: FFN chunk must have functions 'prefill' and 'infer', has {list(io.functions)}"
+                )
+            for role, out in (("prefill", prefill), ("infer", infer)):
+                function, fio = _fn(io, role)
+                out.append(_component(directory, io, function, fio))
+    else:
+        split = _split_chunks(directory, _stem(ffn_name), num_chunks)
+        if split is None:
+            raise ConfigError(
+                f"{directory}: FFN chunk(s) {', '.join(missing)} not found "
+                f"(meta.yaml: ffn={ffn_name!r}, num_chunks={num_chunks})"
+            )
+        prefill, infer = split
+    _check_chunk_count(directory, chunk_stems, num_chunks)
+
+    # Embeddings and head are called through their default function.
+    embeddings = _component(directory, emb_io, None, emb_io.function(None))
+    lm_head = _component(directory, head_io, None, head_io.function(None))
+
+    shapes = _shapes(directory, params, embeddings, prefill, infer, lm_head, head_io)
+    model_info = {
+        "model_id": info.get("name", directory.name),
+        "path": str(directory),
+        "model_type": info.get("architecture", prefix),
+        "anemll_version": str(info.get("version", "")),
+        "parameters": params,
+    }
+    for key in ("vocab_size", "lm_head_chunk_sizes", "argmax_in_model", "state_length",
+                "update_mask_prefill", "prefill_dynamic_slice", "sliding_window"):
+        if key in params:
+            model_info[key] = params[key]
+    config = ModelConfig(
+        model_info=model_info,
+        shapes=shapes,
+        embeddings=embeddings,
+        ffn_prefill=prefill,
+        ffn_infer=infer,
+        lm_head=lm_head,
+        model_dir=directory,
+    )
+    config.validate()
+    return config
+
+
+def _split_chunks(
+    directory: Path, ffn_stem: str, num_chunks: int
+) -> Optional[Tuple[List[ComponentConfig], List[ComponentConfig]]]:
+    base = _CHUNK_RE.sub("", ffn_stem)
+    if "_FFN_PF" not in base:
+        return None
+    infer_base = base.replace("_FFN_PF", "_FFN")
+    prefill_base = base.replace("_FFN_PF", "_prefill")
+    prefill, infer = [], []
+    for stem_base, function, out in ((prefill_base, "prefill", prefill), (infer_base, "infer", infer)):
+        for stem in _chunk_names(stem_base, num_chunks, directory):
+            found = find_part(directory, stem)
+            if found is None:
+                return None
+            io = read_model_io(found)
+            fn, fio = _fn(io, function) if io.multifunction and function in io.functions else (None, io.function(None))
+            out.append(_component(directory, io, fn, fio))
+    return prefill, infer
+
+
+def _check_chunk_count(directory: Path, chunk_stems: List[str], num_chunks: int) -> None:
+    if len(chunk_stems) != num_chunks:
+        return
+    m = _CHUNK_RE.search(chunk_stems[0])
+    if not m:
+        return
+    base = _CHUNK_RE.sub("", chunk_stems[0])
+    others = {
+        int(mm.group(2))
+        for p in directory.glob(f"{base}_chunk_*")
+        for mm in [_CHUNK_RE.search(_stem(p.name))]
+        if mm
+    }
+    if others - {num_chunks}:
+        raise ConfigError(
+            f"{directory}/meta.yaml: num_chunks is {num_chunks} but chunk files of "
+            f"{sorted(others)} chunks are present"
+        )
+
+
+def _shapes(
+    directory: Path,
+    params: Dict[str, Any],
+    embeddings: ComponentConfig,
+    prefill: List[ComponentConfig],
+    infer: List[ComponentConfig],
+    lm_head: ComponentConfig,
+    head_io: ModelIO,
+) -> Shapes:
+    where = f"{directory}"
+    mask = infer[0].inputs.get("causal_mask") or prefill[0].inputs.get("causal_mask")
+    if mask is None:
+        raise ConfigError(f"{where}: FFN chunk {infer[0].file_path} has no causal_mask input")
+    context = mask.shape[-1]  # the state may be longer than the context
+    hidden = prefill[0].inputs.get("hidden_states")
+    if hidden is None:
+        raise ConfigError(f"{where}: FFN chunk {prefill[0].file_path} has no hidden_states input")
+    batch = hidden.shape[-2] if len(hidden.shape) >= 2 else 1  # 1: sequential prefill
+    hidden_size = hidden.shape[-1]
+    vocab = _vocab_size(params, lm_head, head_io, where)
+    return Shapes(batch_size=batch, context_length=context, hidden_size=hidden_size, vocab_size=vocab)
+
+
+def _vocab_size(params: Dict[str, Any], lm_head: ComponentConfig, head_io: ModelIO, where: str) -> int:
+    parts = [s for n, s in lm_head.outputs.items() if re.match(r"^logits\d*$", n)]
+    if parts:
+        return sum(s.shape[-1] for s in parts)
+    for source in (params, head_io.metadata):
+        for key in ("vocab_size", "com.anemll.vocab_size"):
+            if key in source:
+                return _positive_int(source[key], f"{where}: {key}")
+        for key in ("lm_head_chunk_sizes", "com.anemll.lm_head_chunk_sizes"):
+            if key in source:
+                sizes = source[key]
+                if isinstance(sizes, str):
+                    sizes = re.findall(r"\d+", sizes)
+                return sum(_positive_int(s, f"{where}: {key}") for s in sizes)
+    raise ConfigError(
+        f"{where}: lm_head {lm_head.file_path} has no logits outputs and meta.yaml gives no vocab_size"
+    )

@@ -1,0 +1,188 @@
+"""Find a model: a local directory or a Hugging Face repo id, unpacked safely.
+
+Downloads go through huggingface_hub (its cache, its progress bars,
+`HF_HUB_OFFLINE` honoured). ANEMLL publishes compiled parts as
+`*.mlmodelc.zip`; they are unzipped next to the archive, refusing entries that
+would escape the target, absolute paths and symlinks, and never leaving a
+half-written directory that later passes as complete.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+from typing import List, Optional, Union
+
+from anemll_fast.errors import HubError
+
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Written inside an unpacked directory once every entry is in place.
+_COMPLETE_MARK = ".anemll_fast_unzipped"
+
+
+def is_repo_id(text: str) -> bool:
+    """True for `owner/name` strings that are not an existing local path."""
+    return bool(_REPO_ID_RE.match(text)) and not os.path.exists(text) and ".." not in text
+
+
+def resolve(
+    model: Union[str, os.PathLike],
+    *,
+    revision: Optional[str] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    unzip: bool = True,
+) -> Path:
+    """Local directory holding the model, downloading it first for a repo id.
+
+    Every `*.mlmodelc.zip` in the directory is unpacked (once) when `unzip`.
+    """
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise HubError(f"model path {text!r} is not a directory")
+        local = path.resolve()
+    elif is_repo_id(text):
+        local = _download(text, revision=revision, cache_dir=cache_dir)
+    else:
+        raise HubError(
+            f"model {text!r} is neither an existing directory nor a Hugging Face repo id (owner/name)"
+        )
+    if unzip:
+        unzip_parts(local)
+    return local
+
+
+def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[Union[str, os.PathLike]]) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - a hard dependency
+        raise HubError(f"huggingface_hub is needed to download {repo_id!r}: {exc}") from None
+    try:
+        path = snapshot_download(
+            repo_id=repo_id,
+            revision=revision,
+            cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+        )
+    except LocalEntryNotFoundError as exc:
+        raise HubError(
+            f"model {repo_id!r} is not in the Hugging Face cache and cannot be downloaded "
+            f"(offline, or HF_HUB_OFFLINE=1): {exc}"
+        ) from None
+    except HfHubHTTPError as exc:
+        raise HubError(f"downloading {repo_id!r} failed: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise HubError(f"downloading {repo_id!r} failed: {exc}") from None
+    return Path(path)
+
+
+def unzip_parts(directory: Union[str, os.PathLike]) -> List[Path]:
+    """Unpack every `*.mlmodelc.zip` in `directory` that is not unpacked yet."""
+    directory = Path(directory)
+    done = []
+    for archive in sorted(directory.glob("*.mlmodelc.zip")):
+        target = directory / archive.name[: -len(".zip")]
+        done.append(safe_unzip(archive, target))
+    return done
+
+
+def is_unpacked(target: Union[str, os.PathLike]) -> bool:
+    target = Path(target)
+    return (target / _COMPLETE_MARK).is_file()
+
+
+def safe_unzip(archive: Union[str, os.PathLike], target: Union[str, os.PathLike]) -> Path:
+    """Unpack `archive` (a zipped `X.mlmodelc`) into `target` atomically.
+
+    The archive may hold `X.mlmodelc/...` (as ANEMLL zips them) or the bundle's
+    contents at its root. Entries escaping the target, absolute paths and
+    symlinks are refused. Unpacking happens in a temporary sibling directory
+    renamed into place when complete, so an interrupted run leaves nothing that
+    passes as unpacked.
+    """
+    archive = Path(archive)
+    target = Path(target)
+    if target.exists():
+        # We only ever rename a finished directory into place, so an existing
+        # one is either ours (marked) or the user's own unpacked bundle.
+        if is_unpacked(target) or (target / "model.mil").is_file():
+            return target
+        raise HubError(
+            f"{target} exists but is not a complete compiled model (no model.mil); "
+            f"remove it to unpack {archive.name} again"
+        )
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise HubError(f"{archive}: not a readable zip archive ({exc})") from None
+    with zf:
+        members = zf.infolist()
+        strip = _common_prefix(members, target.name)
+        plan = []
+        for info in members:
+            name = info.filename
+            _check_member(archive, info)
+            rel = PurePosixPath(name)
+            if strip:
+                rel = PurePosixPath(*rel.parts[1:]) if len(rel.parts) > 1 else PurePosixPath(".")
+            if str(rel) in (".", ""):
+                continue
+            plan.append((info, rel))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            for info, rel in plan:
+                dest = tmp.joinpath(*rel.parts)
+                if not _inside(tmp, dest):
+                    raise HubError(f"{archive}: entry {info.filename!r} escapes the target directory")
+                if info.is_dir():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            (tmp / _COMPLETE_MARK).write_text(archive.name + "\n", encoding="utf-8")
+            os.replace(tmp, target)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise HubError(f"{archive}: corrupt zip archive ({exc})") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _check_member(archive: Path, info: zipfile.ZipInfo) -> None:
+    name = info.filename
+    if "\x00" in name:
+        raise HubError(f"{archive}: entry {name!r} has a NUL byte in its name")
+    if name.startswith("/") or name.startswith("\\") or re.match(r"^[A-Za-z]:", name):
+        raise HubError(f"{archive}: entry {name!r} is an absolute path")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if ".." in parts:
+        raise HubError(f"{archive}: entry {name!r} escapes the target directory")
+    mode = (info.external_attr >> 16) & 0xFFFF
+    if stat.S_ISLNK(mode):
+        raise HubError(f"{archive}: entry {name!r} is a symbolic link")
+
+
+def _common_prefix(members: List[zipfile.ZipInfo], bundle_name: str) -> bool:
+    """True when every entry sits under `bundle_name/` (ANEMLL's zips)."""
+    if not members:
+        return False
+    for info in members:
+        first = PurePosixPath(info.filename.replace("\\", "/")).parts
+        if not first or first[0] != bundle_name:
+            return False
+    return True
+
+
+def _inside(root: Path, path: Path) -> bool:
+    root_s = os.path.realpath(root)
+    path_s = os.path.realpath(path)
+    return os.path.commonpath([root_s, path_s]) == root_s
