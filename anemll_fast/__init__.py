@@ -19,22 +19,28 @@ if _sys.platform != "darwin":
     _logging.getLogger("coremltools").addFilter(_NoNativeProxyNoise())
 
 
+# Public names and the module each lives in; modules load on first use, so
+# `import anemll_fast` stays cheap (coremltools takes seconds to import).
+_LAZY = {
+    "ModelConfig": "config", "ComponentConfig": "config", "TensorSpec": "config", "Shapes": "config",
+    "load": "model", "Model": "model",
+    "generate": "generate", "stream_generate": "generate", "GenerationResponse": "generate",
+    "ChatSession": "chat",
+    "SamplingSettings": "sampling",
+    "Engine": "engine", "EngineError": "engine", "EngineInputError": "engine",
+    "hub": None,
+}
+
+
 def __getattr__(name: str):
-    # Heavy modules load on first use, so `import anemll_fast` stays cheap.
-    if name in ("ModelConfig", "ComponentConfig", "TensorSpec", "Shapes"):
-        from anemll_fast import config
+    import importlib
 
-        return getattr(config, name)
-    raise AttributeError(f"module 'anemll_fast' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'anemll_fast' has no attribute {name!r}")
+    module = _LAZY[name]
+    if module is None:
+        return importlib.import_module(f"anemll_fast.{name}")
+    return getattr(importlib.import_module(f"anemll_fast.{module}"), name)
 
 
-__all__ = [
-    "AnemllError",
-    "ComponentConfig",
-    "ConfigError",
-    "HubError",
-    "ModelConfig",
-    "Shapes",
-    "TensorSpec",
-    "__version__",
-]
+__all__ = ["AnemllError", "ConfigError", "HubError", "__version__"] + [n for n in _LAZY if n != "hub"]

@@ -1,5 +1,20 @@
 # cython: language_level=3
-"""Thin typed skin over the C++ engine in csrc/."""
+"""Thin typed skin over the C++ engine in csrc/: the only code touching Python.
+
+NativeEngine runs the pipeline; NullBackend and CallbackBackend are the two
+backends built here (the CoreML one comes from csrc/coreml on macOS).
+"""
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
+from libc.string cimport memcpy
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+from cpython.ref cimport PyObject
+
+from ._engine_api cimport *
+
+import ctypes
+
+import numpy as np
 
 cdef extern from "engine/build_info.h" namespace "anemll":
     int kAbiVersion
@@ -8,12 +23,443 @@ cdef extern from "engine/build_info.h" namespace "anemll":
 
 
 ABI_VERSION = kAbiVersion
+BACKEND_ABI_VERSION = ANEMLL_BACKEND_ABI_VERSION
+
+# Status codes of csrc/engine/engine.h.
+STATUS_INVALID_ARGUMENT = 1
+STATUS_CONFIG_ERROR = 2
+STATUS_BACKEND_ERROR = 3
+
+DTYPE_CODES = {
+    "FLOAT16": 1, "FLOAT32": 2, "FLOAT64": 3, "INT32": 4,
+    "INT16": 5, "INT8": 6, "UINT8": 7, "BOOL": 8,
+}
+_NP_OF_CODE = {1: np.float16, 2: np.float32, 3: np.float64, 4: np.int32,
+               5: np.int16, 6: np.int8, 7: np.uint8, 8: np.bool_}
 
 
 def build_info():
     """What this native build contains: ABI version, compiler, CoreML backend."""
     return {
         "abi_version": kAbiVersion,
+        "backend_abi_version": ANEMLL_BACKEND_ABI_VERSION,
         "compiler": build_description().decode("utf-8", "replace"),
         "coreml_backend": bool(have_coreml_backend()),
     }
+
+
+# ----------------------------------------------------------------- test hooks
+def alloc_counting(bint on):
+    """Start or stop counting operator new calls made inside the native library."""
+    set_alloc_counting(on)
+
+
+def alloc_counter():
+    """Number of operator new calls counted so far."""
+    return alloc_count()
+
+
+def alloc_probe_once():
+    """Do one operator new/delete inside the library (proves the counter is live)."""
+    alloc_probe()
+
+
+def _view(size_t address, size_t nbytes, dtype, shape):
+    """A writable numpy view over native memory (no copy)."""
+    if nbytes == 0:
+        return np.zeros(shape, dtype=dtype)
+    raw = (ctypes.c_char * nbytes).from_address(address)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+cdef void _write_err(char* err, size_t size, str msg) noexcept:
+    cdef bytes data = msg.encode("utf-8", "replace")
+    cdef size_t n = len(data)
+    if size == 0:
+        return
+    if n > size - 1:
+        n = size - 1
+    memcpy(err, <const char*>data, n)
+    err[n] = 0
+
+
+# ------------------------------------------------------------------ backends
+cdef class Backend:
+    """A native backend handle (see csrc/backends/backend_abi.h)."""
+    cdef anemll_backend* be
+
+    def __dealloc__(self):
+        if self.be != NULL:
+            delete_backend(self.be)
+            self.be = NULL
+
+    @property
+    def name(self):
+        return self.be.name.decode() if self.be != NULL else None
+
+    def _take_pending(self):
+        return None
+
+
+cdef class NullBackend(Backend):
+    """Predictions return at once: measures host overhead."""
+
+    def __cinit__(self):
+        self.be = new_null_backend()
+        if self.be == NULL:
+            raise MemoryError()
+
+
+cdef int _cb_fail(CallbackBackend self, BaseException exc, char* err, size_t err_size, int code) noexcept:
+    self.pending = exc
+    _write_err(err, err_size, f"{type(exc).__name__}: {exc}")
+    return code
+
+
+cdef int _cb_load(void* user, const char* path, const char* fn, int64_t* model_id,
+                  char* err, size_t err_size) noexcept with gil:
+    cdef CallbackBackend self = <CallbackBackend>user
+    try:
+        function = fn.decode() if fn != NULL else None
+        model = self.target.load(path.decode(), function)
+        model_id[0] = self._store(("model", model))
+        return ANEMLL_OK
+    except BaseException as exc:
+        return _cb_fail(self, exc, err, err_size, ANEMLL_ERR_LOAD)
+
+
+cdef int _cb_make_state(void* user, int64_t model_id, int64_t* state_id,
+                        char* err, size_t err_size) noexcept with gil:
+    cdef CallbackBackend self = <CallbackBackend>user
+    try:
+        model = self.objects[model_id][1]
+        state = model.make_state()
+        state_id[0] = self._store(["state", model, state])
+        return ANEMLL_OK
+    except BaseException as exc:
+        return _cb_fail(self, exc, err, err_size, ANEMLL_ERR_PREDICT)
+
+
+cdef int _cb_reset_state(void* user, int64_t state_id, char* err, size_t err_size) noexcept with gil:
+    cdef CallbackBackend self = <CallbackBackend>user
+    try:
+        entry = self.objects[state_id]
+        reset = getattr(entry[2], "reset", None)
+        if callable(reset):
+            reset()
+        else:
+            entry[2] = entry[1].make_state()
+        return ANEMLL_OK
+    except BaseException as exc:
+        return _cb_fail(self, exc, err, err_size, ANEMLL_ERR_PREDICT)
+
+
+cdef dict _views(const anemll_tensor* ts, int32_t n):
+    cdef dict out = {}
+    cdef int32_t i
+    for i in range(n):
+        shape = tuple(ts[i].shape[k] for k in range(ts[i].rank))
+        out[ts[i].name.decode()] = _view(<size_t>ts[i].data, ts[i].nbytes, _NP_OF_CODE[ts[i].dtype], shape)
+    return out
+
+
+cdef int _cb_bind(void* user, int64_t model_id, const anemll_tensor* inputs, int32_t n_inputs,
+                  const anemll_tensor* outputs, int32_t n_outputs, int64_t* binding_id,
+                  char* err, size_t err_size) noexcept with gil:
+    cdef CallbackBackend self = <CallbackBackend>user
+    try:
+        model = self.objects[model_id][1]
+        binding_id[0] = self._store(("binding", model, _views(inputs, n_inputs), _views(outputs, n_outputs)))
+        return ANEMLL_OK
+    except BaseException as exc:
+        return _cb_fail(self, exc, err, err_size, ANEMLL_ERR_INVALID)
+
+
+cdef int _cb_predict(void* user, int64_t binding_id, int64_t state_id,
+                     char* err, size_t err_size) noexcept with gil:
+    cdef CallbackBackend self = <CallbackBackend>user
+    try:
+        _, model, inputs, outputs = self.objects[binding_id]
+        state = self.objects[state_id][2] if state_id >= 0 else None
+        result = model.predict(inputs, state)
+        for name, dst in outputs.items():
+            try:
+                value = result[name]
+            except (KeyError, IndexError, TypeError):
+                raise KeyError(f"the backend returned no output {name!r} "
+                               f"(got {sorted(result) if hasattr(result, 'keys') else type(result).__name__})") from None
+            if value is dst:
+                continue
+            arr = np.asarray(value)
+            if arr.shape != dst.shape:
+                raise ValueError(f"output {name!r} has shape {list(arr.shape)} but the config declares "
+                                 f"{list(dst.shape)}")
+            np.copyto(dst, arr, casting="same_kind")
+        return ANEMLL_OK
+    except BaseException as exc:
+        return _cb_fail(self, exc, err, err_size, ANEMLL_ERR_PREDICT)
+
+
+cdef void _cb_release(void* user, int kind, int64_t obj_id) noexcept with gil:
+    cdef CallbackBackend self = <CallbackBackend>user
+    self.objects.pop(obj_id, None)
+
+
+cdef class CallbackBackend(Backend):
+    """Forwards to a Python backend: `target.load(path, function_name) -> model`,
+    `model.make_state()`, `model.predict(inputs, state) -> {name: array}`.
+
+    Inputs are zero-copy numpy views over the engine's buffers (valid only
+    during the call); outputs are copied into the engine's output buffers
+    unless the model returns those very views.
+    """
+    cdef public object target
+    cdef public dict objects
+    cdef public object pending
+    cdef int64_t next_id
+
+    def __cinit__(self, target):
+        cdef CallbackHooks hooks
+        self.target = target
+        self.objects = {}
+        self.pending = None
+        self.next_id = 0
+        hooks.user = <void*>self
+        hooks.load = _cb_load
+        hooks.make_state = _cb_make_state
+        hooks.reset_state = _cb_reset_state
+        hooks.bind = _cb_bind
+        hooks.predict = _cb_predict
+        hooks.release = _cb_release
+        self.be = new_callback_backend(hooks)
+        if self.be == NULL:
+            raise MemoryError()
+
+    cdef int64_t _store(self, obj):
+        self.next_id += 1
+        self.objects[self.next_id] = obj
+        return self.next_id
+
+    def _take_pending(self):
+        exc, self.pending = self.pending, None
+        return exc
+
+
+# ---------------------------------------------------------------- samplers
+cdef SamplerConfig _sampler_config(dict s) except *:
+    cdef SamplerConfig cfg
+    cfg.temperature = s.get("temperature", 0.0)
+    cfg.top_k = s.get("top_k", 0)
+    cfg.top_p = s.get("top_p", 1.0)
+    cfg.min_p = s.get("min_p", 0.0)
+    cfg.repetition_penalty = s.get("repetition_penalty", 1.0)
+    cfg.presence_penalty = s.get("presence_penalty", 0.0)
+    cfg.frequency_penalty = s.get("frequency_penalty", 0.0)
+    window = s.get("penalty_window", 64)
+    cfg.penalty_window = -1 if window is None else window
+    for tok, val in (s.get("logit_bias") or {}).items():
+        cfg.bias_tokens.push_back(tok)
+        cfg.bias_values.push_back(val)
+    seed = s.get("seed")
+    cfg.seed = 0 if seed is None else (<uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF))
+    n = s.get("logprobs")
+    cfg.top_logprobs = -1 if n is None else n
+    return cfg
+
+
+cdef _parts_of(list arrays, vector[LogitsPart]& parts):
+    cdef LogitsPart p
+    cdef int64_t offset = 0
+    for a in arrays:
+        if not (isinstance(a, np.ndarray) and a.dtype == np.float16 and a.flags.c_contiguous
+                and a.flags.writeable):
+            raise ValueError("logits parts must be writable C-contiguous float16 arrays")
+        p.data = <uint16_t*><size_t>a.ctypes.data
+        p.size = a.size
+        p.offset = offset
+        offset += a.size
+        parts.push_back(p)
+    return offset
+
+
+cdef class NativeSampler:
+    """The engine's sampler on its own, over given fp16 logits parts (for tests)."""
+    cdef Sampler s
+    cdef int64_t vocab
+
+    def __init__(self, int64_t vocab_size, dict settings, int64_t max_history=4096):
+        cdef string err = self.s.configure(_sampler_config(settings), vocab_size, max_history)
+        if err.size():
+            raise ValueError(err.decode())
+        self.vocab = vocab_size
+
+    def sample(self, list parts, history=()):
+        cdef vector[LogitsPart] ps
+        if _parts_of(parts, ps) != self.vocab:
+            raise ValueError("logits parts do not cover the vocabulary")
+        hist = np.ascontiguousarray(np.asarray(history, dtype=np.int32))
+        cdef int32_t token = -1
+        cdef int rc = self.s.sample(ps.data(), <int>ps.size(), <const int32_t*><size_t>hist.ctypes.data,
+                                    hist.size, &token)
+        if rc != 0:
+            raise ValueError(self.s.error().decode())
+        return token
+
+    def logprobs(self):
+        """(chosen logprob, [(id, logprob), ...]) of the last sample."""
+        return self.s.chosen_logprob, [(self.s.top_ids[i], self.s.top_logprobs[i]) for i in range(self.s.n_top)]
+
+
+def argmax_fp16(list parts):
+    """Index of the largest entry across fp16 parts, read in place (-1 if none)."""
+    cdef vector[LogitsPart] ps
+    _parts_of(parts, ps)
+    return argmax_parts(ps.data(), <int>ps.size())
+
+
+# ------------------------------------------------------------------- engine
+cdef ComponentDesc _component(dict c) except *:
+    cdef ComponentDesc out
+    cdef TensorDesc t
+    out.label = c["label"].encode()
+    out.path = str(c["path"]).encode()
+    out.function = (c.get("function") or "").encode()
+    for kind in ("inputs", "outputs", "states"):
+        for name, dtype, shapes in c[kind]:
+            t.name = name.encode()
+            t.dtype = DTYPE_CODES[dtype]
+            t.shapes.clear()
+            for shape in shapes:
+                t.shapes.push_back([int(d) for d in shape])
+            if kind == "inputs":
+                out.inputs.push_back(t)
+            elif kind == "outputs":
+                out.outputs.push_back(t)
+            else:
+                out.states.push_back(t)
+    return out
+
+
+cdef class NativeEngine:
+    """The C++ pipeline. `desc` is the plain dict built by anemll_fast.engine."""
+    cdef Engine* eng
+    cdef readonly Backend backend
+
+    def __cinit__(self, dict desc, Backend backend):
+        cdef PipelineDesc d
+        cdef int rc
+        self.backend = backend
+        d.batch_size = desc["batch_size"]
+        d.context_length = desc["context_length"]
+        d.hidden_size = desc["hidden_size"]
+        d.vocab_size = desc["vocab_size"]
+        d.embeddings = _component(desc["embeddings"])
+        for c in desc["ffn_prefill"]:
+            d.ffn_prefill.push_back(_component(c))
+        for c in desc["ffn_infer"]:
+            d.ffn_infer.push_back(_component(c))
+        d.lm_head = _component(desc["lm_head"])
+        for name in desc["logits_outputs"]:
+            d.logits_outputs.push_back(name.encode())
+        for size in desc.get("part_sizes") or ():
+            d.part_sizes.push_back(size)
+        d.sequential_prefill = bool(desc.get("sequential_prefill", False))
+        self.eng = new Engine(backend.be)
+        rc = self.eng.init(d)
+        if rc != 0:
+            self._raise(rc)
+
+    def __dealloc__(self):
+        if self.eng != NULL:
+            del self.eng
+            self.eng = NULL
+
+    def _raise(self, int rc):
+        from anemll_fast.engine import EngineError, EngineInputError
+        from anemll_fast.errors import ConfigError
+        msg = self.eng.error().decode("utf-8", "replace")
+        cause = self.backend._take_pending()
+        if isinstance(cause, (KeyboardInterrupt, SystemExit)):
+            raise cause
+        cls = {STATUS_INVALID_ARGUMENT: EngineInputError, STATUS_CONFIG_ERROR: ConfigError}.get(rc, EngineError)
+        raise cls(msg) from cause
+
+    def reset(self):
+        cdef int rc
+        with nogil:
+            rc = self.eng.reset()
+        if rc != 0:
+            self._raise(rc)
+
+    def prefill(self, tokens, int64_t start=0):
+        ids = np.ascontiguousarray(tokens, dtype=np.int32)
+        if ids.ndim != 1:
+            raise ValueError("tokens: expected a 1-D sequence of token ids")
+        cdef const int32_t* ptr = <const int32_t*><size_t>ids.ctypes.data
+        cdef int64_t n = ids.size
+        cdef int rc
+        with nogil:
+            rc = self.eng.prefill(ptr, n, start)
+        if rc != 0:
+            self._raise(rc)
+
+    def step(self, int32_t token, int64_t pos):
+        """Feed `token` at `pos`; returns the next token. Runs without the GIL."""
+        cdef int32_t nxt = -1
+        cdef int rc
+        with nogil:
+            rc = self.eng.step(token, pos, &nxt)
+        if rc != 0:
+            self._raise(rc)
+        return nxt
+
+    def configure_sampler(self, dict settings):
+        cdef SamplerConfig cfg = _sampler_config(settings)
+        cdef int rc = self.eng.configure_sampler(cfg)
+        if rc != 0:
+            self._raise(rc)
+
+    def last_logprobs(self):
+        """(chosen logprob, [(id, logprob), ...]) of the last step, when requested."""
+        cdef const Sampler* s = &self.eng.sampler()
+        return s.chosen_logprob, [(s.top_ids[i], s.top_logprobs[i]) for i in range(s.n_top)]
+
+    def logits(self):
+        """A copy of the last step's logits, concatenated (for inspection, not the hot path)."""
+        cdef const LogitsPart* ps = self.eng.parts()
+        out = []
+        for i in range(self.eng.n_parts()):
+            out.append(_view(<size_t>ps[i].data, ps[i].size * 2, np.float16, (ps[i].size,)).copy())
+        return np.concatenate(out) if out else np.zeros(0, np.float16)
+
+    def logits_views(self):
+        """Writable zero-copy views of the logits parts (tests and debugging only)."""
+        cdef const LogitsPart* ps = self.eng.parts()
+        return [_view(<size_t>ps[i].data, ps[i].size * 2, np.float16, (ps[i].size,))
+                for i in range(self.eng.n_parts())]
+
+    @property
+    def length(self):
+        return self.eng.length()
+
+    @property
+    def history(self):
+        cdef int64_t n = self.eng.length()
+        return _view(<size_t>self.eng.history(), n * 4, np.int32, (n,)).copy()
+
+    @property
+    def prefill_mode(self):
+        return self.eng.prefill_mode().decode()
+
+    @property
+    def argmax_head(self):
+        return bool(self.eng.argmax_head())
+
+    @property
+    def state_count(self):
+        return self.eng.state_count()
+
+    @property
+    def counters(self):
+        return {"embed": self.eng.embed_calls, "prefill": self.eng.prefill_calls,
+                "infer": self.eng.infer_calls, "head": self.eng.head_calls}

@@ -151,7 +151,9 @@ def _component(directory: Path, io: ModelIO, function: Optional[str], fio: Any) 
     )
 
 
-def config_from_anemll_dir(path: Union[str, Path]) -> ModelConfig:
+def config_from_anemll_dir(path: Union[str, Path], overrides: Optional[Dict[str, str]] = None) -> ModelConfig:
+    """`overrides` replaces meta.yaml's part names (embeddings, ffn, lm_head),
+    as chat.py's --embed, --ffn and --lmhead do."""
     directory = Path(path)
     if not directory.is_dir():
         raise ConfigError(f"model directory {str(directory)!r} does not exist")
@@ -164,6 +166,15 @@ def config_from_anemll_dir(path: Union[str, Path]) -> ModelConfig:
     else:
         params = _discover(directory)
         info = {"parameters": params}
+    for key, value in (overrides or {}).items():
+        if key not in ("embeddings", "ffn", "lm_head"):
+            raise ConfigError(f"part override {key!r}: expected embeddings, ffn or lm_head")
+        if value:
+            params[key] = value
+            if key == "ffn":
+                m = _CHUNK_RE.search(_stem(value))
+                if m:
+                    params["num_chunks"] = int(m.group(2))
     prefix = params.get("model_prefix", "llama")
     num_chunks = params.get("num_chunks", 1)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -12,6 +13,7 @@ from anemll_fast.errors import AnemllError
 # `func(args) -> int` on it. Kept as names so that a slow import (coremltools)
 # is paid only by the subcommand that needs it.
 _SUBCOMMANDS = [
+    "anemll_fast.cli_generate",
     "anemll_fast.inspect",
     "anemll_fast.convert.cli",
 ]
@@ -40,7 +42,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except AnemllError as exc:
+    except (AnemllError, ValueError) as exc:
+        # Bad input of every kind is reported as one line; ANEMLL_FAST_DEBUG=1 shows where.
+        if os.environ.get("ANEMLL_FAST_DEBUG"):
+            raise
         print(f"anemll-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,8 +12,25 @@ from anemll_fast.errors import ConfigError
 KV_STATE = "model_model_kv_cache_0"
 
 
-def _lut(bits: Union[int, str, None]) -> str:
-    return "" if bits in (None, "none") else f"_lut{bits}"
+def _lut(bits: Optional[int]) -> str:
+    return f"_lut{bits}" if bits else ""
+
+
+def embeddings_stem(prefix: str, lut: Optional[int]) -> str:
+    return f"{prefix}_embeddings{_lut(lut)}"
+
+
+def ffn_stem(prefix: str, lut: Optional[int], chunk: int, num_chunks: int) -> str:
+    """chunk is 0-based; ANEMLL numbers from 01 and always adds the suffix, even for one chunk."""
+    return f"{prefix}_FFN_PF{_lut(lut)}_chunk_{chunk + 1:02d}of{num_chunks:02d}"
+
+
+def lm_head_stem(prefix: str, lut: Optional[int]) -> str:
+    return f"{prefix}_lm_head{_lut(lut)}"
+
+
+def _bits(value: Union[int, str, None]) -> Optional[int]:
+    return None if value in (None, "none") else int(value)
 
 
 def part_names(
@@ -26,12 +43,9 @@ def part_names(
 ) -> Dict[str, Union[str, List[str]]]:
     """File names ANEMLL gives the parts (chunks always carry `_chunk_NNofMM`)."""
     return {
-        "embeddings": f"{prefix}_embeddings{_lut(lut_embeddings)}{suffix}",
-        "ffn": [
-            f"{prefix}_FFN_PF{_lut(lut_ffn)}_chunk_{i:02d}of{num_chunks:02d}{suffix}"
-            for i in range(1, num_chunks + 1)
-        ],
-        "lm_head": f"{prefix}_lm_head{_lut(lut_lmhead)}{suffix}",
+        "embeddings": embeddings_stem(prefix, _bits(lut_embeddings)) + suffix,
+        "ffn": [ffn_stem(prefix, _bits(lut_ffn), i, num_chunks) + suffix for i in range(num_chunks)],
+        "lm_head": lm_head_stem(prefix, _bits(lut_lmhead)) + suffix,
     }
 
 

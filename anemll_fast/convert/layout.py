@@ -4,24 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+from anemll_fast.layout import embeddings_stem, ffn_stem, lm_head_stem  # noqa: F401 (re-exported)
+
 ANEMLL_VERSION = "0.3.5"
-
-
-def _lut(bits: Optional[int]) -> str:
-    return f"_lut{bits}" if bits else ""
-
-
-def embeddings_stem(prefix: str, lut: Optional[int]) -> str:
-    return f"{prefix}_embeddings{_lut(lut)}"
-
-
-def ffn_stem(prefix: str, lut: Optional[int], chunk: int, num_chunks: int) -> str:
-    """chunk is 0-based; ANEMLL numbers from 01 and always adds the suffix, even for one chunk."""
-    return f"{prefix}_FFN_PF{_lut(lut)}_chunk_{chunk + 1:02d}of{num_chunks:02d}"
-
-
-def lm_head_stem(prefix: str, lut: Optional[int]) -> str:
-    return f"{prefix}_lm_head{_lut(lut)}"
 
 
 def default_prefix(arch: str) -> str:

@@ -1,0 +1,128 @@
+# Declarations of the C++ engine (csrc/) used by _native.pyx.
+from libc.stdint cimport int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
+from libcpp cimport bool as cbool
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+
+
+cdef extern from "backends/backend_abi.h" nogil:
+    enum:
+        ANEMLL_BACKEND_ABI_VERSION
+        ANEMLL_MAX_RANK
+        ANEMLL_OK
+        ANEMLL_ERR_LOAD
+        ANEMLL_ERR_INVALID
+        ANEMLL_ERR_PREDICT
+    ctypedef struct anemll_tensor:
+        const char* name
+        int32_t dtype
+        int32_t rank
+        int64_t shape[8]
+        int64_t strides[8]
+        void* data
+        size_t nbytes
+    ctypedef struct anemll_backend:
+        uint32_t abi_version
+        const char* name
+    size_t anemll_dtype_size(int32_t dtype)
+
+
+cdef extern from "backends/null_backend.h" namespace "anemll" nogil:
+    anemll_backend* new_null_backend()
+    void delete_backend(anemll_backend* backend)
+
+
+cdef extern from "backends/callback_backend.h" namespace "anemll" nogil:
+    cdef struct CallbackHooks:
+        void* user
+        int (*load)(void*, const char*, const char*, int64_t*, char*, size_t) noexcept
+        int (*make_state)(void*, int64_t, int64_t*, char*, size_t) noexcept
+        int (*reset_state)(void*, int64_t, char*, size_t) noexcept
+        int (*bind)(void*, int64_t, const anemll_tensor*, int32_t, const anemll_tensor*, int32_t,
+                    int64_t*, char*, size_t) noexcept
+        int (*predict)(void*, int64_t, int64_t, char*, size_t) noexcept
+        void (*release)(void*, int, int64_t) noexcept
+    anemll_backend* new_callback_backend(const CallbackHooks& hooks)
+
+
+cdef extern from "engine/alloc_hook.h" namespace "anemll" nogil:
+    void set_alloc_counting(cbool on)
+    uint64_t alloc_count()
+    void alloc_probe()
+
+
+cdef extern from "engine/sampler.h" namespace "anemll" nogil:
+    cdef struct LogitsPart:
+        uint16_t* data
+        int64_t size
+        int64_t offset
+    cdef cppclass SamplerConfig:
+        float temperature
+        int32_t top_k
+        float top_p
+        float min_p
+        float repetition_penalty
+        float presence_penalty
+        float frequency_penalty
+        int32_t penalty_window
+        vector[int32_t] bias_tokens
+        vector[float] bias_values
+        uint64_t seed
+        int32_t top_logprobs
+    cdef cppclass Sampler:
+        string configure(const SamplerConfig& cfg, int64_t vocab, int64_t max_history)
+        void reseed(uint64_t seed)
+        int sample(LogitsPart* parts, int n_parts, const int32_t* history, int64_t history_len,
+                   int32_t* token)
+        const char* error()
+        float chosen_logprob
+        int32_t n_top
+        vector[int32_t] top_ids
+        vector[float] top_logprobs
+    int64_t argmax_parts(const LogitsPart* parts, int n_parts)
+
+
+cdef extern from "engine/engine.h" namespace "anemll" nogil:
+    cdef cppclass TensorDesc:
+        string name
+        int32_t dtype
+        vector[vector[int64_t]] shapes
+    cdef cppclass ComponentDesc:
+        string label
+        string path
+        string function
+        vector[TensorDesc] inputs
+        vector[TensorDesc] outputs
+        vector[TensorDesc] states
+    cdef cppclass PipelineDesc:
+        int64_t batch_size
+        int64_t context_length
+        int64_t hidden_size
+        int64_t vocab_size
+        ComponentDesc embeddings
+        vector[ComponentDesc] ffn_prefill
+        vector[ComponentDesc] ffn_infer
+        ComponentDesc lm_head
+        vector[string] logits_outputs
+        vector[int64_t] part_sizes
+        cbool sequential_prefill
+    cdef cppclass Engine:
+        Engine(const anemll_backend* backend)
+        int init(const PipelineDesc& desc)
+        int reset()
+        int prefill(const int32_t* tokens, int64_t n, int64_t start)
+        int step(int32_t token, int64_t pos, int32_t* next)
+        int configure_sampler(const SamplerConfig& cfg)
+        const string& error()
+        int64_t length()
+        const int32_t* history()
+        const Sampler& sampler()
+        cbool argmax_head()
+        int n_parts()
+        const LogitsPart* parts()
+        const string& prefill_mode()
+        int64_t state_count()
+        int64_t embed_calls
+        int64_t prefill_calls
+        int64_t infer_calls
+        int64_t head_calls

@@ -1,0 +1,198 @@
+"""`anemll-fast generate` and `anemll-fast chat`.
+
+Flags of ANEMLL's chat.py are accepted where they map (--meta, --d, --embed,
+--ffn, --lmhead, --tokenizer, --context-length, --batch-size), so its users
+can switch with one word.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Optional
+
+from anemll_fast.errors import AnemllError
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", help="model directory, meta.yaml, Hugging Face repo id or config .json "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--backend", default="auto", choices=["auto", "coreml", "coremltools", "reference"])
+    g.add_argument("--compute-units", default="cpu_and_ne", choices=["cpu_only", "cpu_and_gpu", "cpu_and_ne", "all"])
+    g.add_argument("--sequential-prefill", action="store_true", help="prefill one token at a time")
+    c = p.add_argument_group("ANEMLL chat.py compatibility")
+    c.add_argument("--meta", help="path to meta.yaml (its folder is the model)")
+    c.add_argument("--d", "--dir", dest="dir", help="model directory")
+    c.add_argument("--embed", help="embeddings part name (relative to the model directory)")
+    c.add_argument("--ffn", help="FFN part name (first chunk, *_chunk_01ofNN)")
+    c.add_argument("--lmhead", help="LM head part name")
+    c.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    c.add_argument("--context-length", type=int, help="checked against the model's context length")
+    c.add_argument("--batch-size", type=int, help="checked against the model's prefill batch size")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", "--temp", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--penalty-window", type=int, default=64)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--context-shift", action="store_true",
+                   help="when the context fills, keep its most recent half and go on")
+    g.add_argument("--no-think", action="store_true", help="Qwen3: disable thinking (enable_thinking=False)")
+
+
+def _sampling(args: argparse.Namespace) -> Dict[str, Any]:
+    return dict(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, penalty_window=args.penalty_window, seed=args.seed,
+        stop=tuple(args.stop),
+    )
+
+
+def load_from_args(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from anemll_fast.model import load
+
+    source = args.model
+    if args.meta:
+        source = args.meta
+    elif args.dir and not source:
+        source = args.dir
+    parts = {"embeddings": args.embed, "ffn": args.ffn, "lm_head": args.lmhead}
+    parts = {k: v for k, v in parts.items() if v}
+    model = load(source, backend=args.backend, compute_units=args.compute_units,
+                 tokenizer=Path(args.tokenizer) if args.tokenizer else None,
+                 sequential_prefill=args.sequential_prefill, parts=parts or None)
+    shapes = model.config.shapes
+    for flag, given, actual in (("--context-length", args.context_length, shapes.context_length),
+                                ("--batch-size", args.batch_size, shapes.batch_size)):
+        if given is not None and given != actual:
+            model.close()
+            raise AnemllError(f"{flag} {given} does not match the model's {actual}")
+    return model
+
+
+def _prompt_ids(model: Any, args: argparse.Namespace) -> List[int]:
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise AnemllError(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}") from None
+        return model.encode(ids)
+    if args.prompt is None:
+        raise AnemllError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if args.no_template or model.tokenizer.chat_template is None:
+        return model.encode(args.prompt)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    text = model.apply_chat_template(messages, enable_thinking=False if args.no_think else None)
+    return model.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _stats_line(last: Any) -> str:
+    return (f"prefill: {last.prefill_tokens} tokens, {last.prompt_tps:.1f} t/s | "
+            f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} t/s | "
+            f"ttft: {last.ttft * 1000:.0f} ms | peak memory: {last.peak_memory:.0f} MB")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from anemll_fast.generate import settings_from, stream_tokens
+
+    settings = settings_from(None, _sampling(args))
+    with load_from_args(args) as model:
+        if args.backend == "auto" and not args.json:
+            print(f"[backend: {model.backend}]", file=sys.stderr)
+        ids = _prompt_ids(model, args)
+        pieces: List[str] = []
+        tokens: List[int] = []
+        last = None
+        for r in stream_tokens(model, ids, settings, context_shift=args.context_shift):
+            pieces.append(r.text)
+            if r.token is not None:
+                tokens.append(r.token)
+            if not args.json:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+            last = r
+        assert last is not None
+        if args.json:
+            print(json.dumps({
+                "text": "".join(pieces), "tokens": tokens, "prompt_tokens": last.prompt_tokens,
+                "prefill_tps": last.prompt_tps, "decode_tps": last.generation_tps,
+                "ttft_ms": last.ttft * 1000, "finish_reason": last.finish_reason,
+                "backend": model.backend,
+            }))
+        else:
+            print()
+            print(_stats_line(last) + f" | finish: {last.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from anemll_fast.chat import ChatSession
+
+    interactive = sys.stdin.isatty()
+    with load_from_args(args) as model:
+        print(f"[backend: {model.backend}; /reset clears the conversation, /exit quits]", file=sys.stderr)
+        session = ChatSession(model, system=args.system, enable_thinking=False if args.no_think else None,
+                              context_shift=args.context_shift, **_sampling(args))
+        while True:
+            if interactive:
+                sys.stdout.write("\n>>> ")
+                sys.stdout.flush()
+            line = sys.stdin.readline()
+            if not line:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                session.reset()
+                print("[conversation cleared]", file=sys.stderr)
+                continue
+            last = None
+            try:
+                for r in session.stream(text):
+                    sys.stdout.write(r.text)
+                    sys.stdout.flush()
+                    last = r
+            except (AnemllError, ValueError) as exc:
+                print(f"\n[error: {exc}]", file=sys.stderr)
+                continue
+            print()
+            if last is not None:
+                print(_stats_line(last), file=sys.stderr)
+    return 0
+
+
+def register(sub: Any) -> None:
+    g = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Generate a continuation of a prompt (chat template applied unless --no-template).")
+    g.add_argument("--prompt", "-p", help="prompt text")
+    g.add_argument("--prompt-ids", help="comma-separated token ids (bypasses the tokenizer and template)")
+    g.add_argument("--system", help="system prompt (with the chat template)")
+    g.add_argument("--no-template", action="store_true", help="use the prompt as is, without the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and speeds")
+    _add_model_options(g)
+    _add_sampling_options(g)
+    g.set_defaults(func=run_generate)
+
+    c = sub.add_parser("chat", help="interactive chat (reads stdin), keeping the KV cache between turns",
+                       description="Chat with a model; /reset clears the conversation, /exit quits.")
+    c.add_argument("--system", help="system prompt")
+    _add_model_options(c)
+    _add_sampling_options(c)
+    c.set_defaults(func=run_chat)

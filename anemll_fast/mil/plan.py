@@ -1,0 +1,385 @@
+"""Compile one MIL function into a flat execution plan.
+
+At build time: constants and constexpr weights are decoded (once) and folded, every variable gets an
+integer slot, each op becomes a closure over its baked parameters that reads and writes slots, and
+each output gets a finisher rounding it to its declared dtype (fp16 stays fp16-exact between ops,
+held in float32 arrays so that numpy/BLAS compute in float32). At run time the plan only copies the
+slot template and calls the step closures in order: no graph walking, no lookups by name.
+
+In-place slice_update: when the updated tensor (or the state it was read from) is provably never
+read again except through the update, the kernel writes into it instead of copying. This is what
+keeps a KV-cache update O(update) instead of O(cache).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from anemll_fast.mil.blobfile import fp32_to_bf16_bits, bf16_to_fp32
+from anemll_fast.mil.errors import MilError, MilFormatError, MilRuntimeError, UnsupportedOpError
+from anemll_fast.mil.ops import CONSTEXPR, OPS, SUPPORTED_OPS
+from anemll_fast.mil.ops.registry import BindingRef, BuildContext, Kernel, compute_form
+from anemll_fast.mil.program import NUMPY_DTYPES, Function, Program, StateType, TensorType, Value
+
+_F32 = np.float32
+_F16 = np.float16
+# Ops whose kernel may return a view of (or the very object of) its first operand.
+_VIEW_OPS = frozenset({"identity", "reshape", "transpose", "expand_dims", "squeeze", "slice_by_index",
+                       "slice_by_size", "split", "read_state", "coreml_update_state", "cast"})
+_STATE_OPS = frozenset({"read_state", "write_state", "coreml_update_state"})
+_WRITE_STATE = {"write_state": ("input", "data"), "coreml_update_state": ("state", "value")}
+
+
+def unsupported_ops(fn: Function) -> List[str]:
+    return sorted({op.type for op in fn.ops if op.type not in SUPPORTED_OPS})
+
+
+def check_supported(program: Program) -> None:
+    """Raise UnsupportedOpError naming every unknown op, its function and the file."""
+    problems = []
+    for name, fn in program.functions.items():
+        bad = unsupported_ops(fn)
+        if bad:
+            problems.append(f"function {name!r}: {', '.join(bad)}")
+    if problems:
+        raise UnsupportedOpError(
+            f"{program.source}: ops not implemented by the reference backend: " + "; ".join(problems)
+        )
+
+
+def round_to(dtype: str, exact: bool) -> Callable[[Any], Any]:
+    """Finisher mapping a kernel result to the compute form of `dtype`."""
+    if dtype == "fp16":
+        if exact:
+            return _as_f32
+        return lambda r: np.asarray(r, dtype=_F16).astype(_F32)
+    if dtype in ("fp32", "fp64"):
+        return _as_f32
+    if dtype == "bf16":
+        return lambda r: bf16_to_fp32(fp32_to_bf16_bits(np.asarray(r, dtype=_F32)))
+    target = NUMPY_DTYPES.get(dtype)
+    if target is None or target is object:
+        return lambda r: r
+    target = np.dtype(target)
+
+    def to_int(r):
+        if type(r) is np.ndarray and r.dtype == target:
+            return r
+        return np.asarray(r).astype(target)
+
+    return to_int
+
+
+def _as_f32(r: Any) -> np.ndarray:
+    if type(r) is np.ndarray and r.dtype == _F32:
+        return r
+    return np.asarray(r, dtype=_F32)
+
+
+def to_compute(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """A user/stored array in the form kernels compute on (copy for floats)."""
+    if dtype in ("fp16", "fp32", "fp64"):
+        return np.array(arr, dtype=_F32)
+    if dtype == "bf16":
+        return bf16_to_fp32(fp32_to_bf16_bits(np.asarray(arr, dtype=_F32)))
+    return np.asarray(arr, dtype=NUMPY_DTYPES[dtype])
+
+
+def from_compute(arr: Any, dtype: str) -> np.ndarray:
+    """A computed value as a fresh array of its declared dtype (what callers receive)."""
+    target = NUMPY_DTYPES.get(dtype, _F32)
+    if dtype == "bf16":
+        target = _F32
+    return np.array(arr, dtype=target, copy=True)
+
+
+class _Step:
+    __slots__ = ("run", "op_type", "out_name")
+
+    def __init__(self, run: Callable[[list], None], op_type: str, out_name: str):
+        self.run = run
+        self.op_type = op_type
+        self.out_name = out_name
+
+
+def _make_step(fn: Callable, ins: Tuple[int, ...], outs: Tuple[int, ...],
+               fins: Tuple[Callable, ...], inplace: bool) -> Callable[[list], None]:
+    """Specialised closures for the common arities: the inner loop is just `step(env)`."""
+    if inplace:
+        def run_inplace(env):
+            r = fn(*[env[i] for i in ins], inplace=True)
+            env[outs[0]] = fins[0](r)
+        return run_inplace
+    if len(outs) == 1:
+        o, f = outs[0], fins[0]
+        if len(ins) == 1:
+            a = ins[0]
+
+            def run1(env):
+                env[o] = f(fn(env[a]))
+            return run1
+        if len(ins) == 2:
+            a, b = ins
+
+            def run2(env):
+                env[o] = f(fn(env[a], env[b]))
+            return run2
+
+        def run_n(env):
+            env[o] = f(fn(*[env[i] for i in ins]))
+        return run_n
+    if not outs:
+        def run0(env):
+            fn(*[env[i] for i in ins])
+        return run0
+
+    def run_multi(env):
+        rs = fn(*[env[i] for i in ins])
+        for o, f, r in zip(outs, fins, rs):
+            env[o] = f(r)
+    return run_multi
+
+
+class Plan:
+    """A compiled function: run(inputs, states) -> outputs, all positional by declared order."""
+
+    def __init__(self, program: Program, function_name: Optional[str] = None,
+                 const_cache: Optional[Dict[int, Tuple[Any, Any]]] = None):
+        fn = program.function(function_name)
+        self.function_name = fn.name
+        self.source = program.source
+        bad = unsupported_ops(fn)
+        if bad:
+            raise UnsupportedOpError(
+                f"{program.source}: function {fn.name!r} uses ops not implemented by the reference "
+                f"backend: {', '.join(bad)}"
+            )
+        self._const_cache = const_cache if const_cache is not None else {}
+        self._build(fn)
+
+    # ---------------------------------------------------------------- build
+    def _const_of(self, value: Value) -> Any:
+        """Compute form of a stored constant, shared between functions of one program."""
+        key = id(value.data)
+        hit = self._const_cache.get(key)
+        if hit is not None and hit[0] is value.data:
+            return hit[1]
+        cf = compute_form(value)
+        self._const_cache[key] = (value.data, cf)
+        return cf
+
+    def _build(self, fn: Function) -> None:
+        label = f"{self.source}: function {fn.name!r}"
+        types: Dict[str, Any] = {v.name: v.type for v in fn.inputs}
+        consts: Dict[str, Any] = {}
+        slots: Dict[str, int] = {}
+        template: List[Any] = []
+
+        def new_slot(init: Any = None) -> int:
+            template.append(init)
+            return len(template) - 1
+
+        self.input_names: List[str] = []
+        self.input_dtypes: List[str] = []
+        self.input_slots: List[int] = []
+        self.state_names: List[str] = []
+        self.state_slots: List[int] = []
+        base: Dict[int, Tuple] = {}
+        for v in fn.inputs:
+            s = slots[v.name] = new_slot()
+            if isinstance(v.type, StateType):
+                self.state_names.append(v.name)
+                self.state_slots.append(s)
+                base[s] = ("state", v.name)
+            elif isinstance(v.type, TensorType):
+                self.input_names.append(v.name)
+                self.input_dtypes.append(v.type.dtype)
+                self.input_slots.append(s)
+                base[s] = ("input", v.name)
+            else:
+                raise MilFormatError(f"{label}: input {v.name!r} has unsupported type {v.type}")
+
+        const_slots: Dict[Any, int] = {}
+
+        def slot_of(ref: BindingRef, where: str) -> int:
+            b = ref.binding
+            if isinstance(b, Value):
+                s = new_slot(compute_form(b))
+                base[s] = ("const",)
+                return s
+            if b in slots:
+                return slots[b]
+            if b in consts:
+                if b not in const_slots:
+                    const_slots[b] = new_slot(consts[b])
+                    base[const_slots[b]] = ("const",)
+                return const_slots[b]
+            raise MilFormatError(f"{where}: uses undefined variable {b!r}")
+
+        raw_steps: List[Tuple[Kernel, Any, List[int], List[int], List[Callable]]] = []
+        for op in fn.ops:
+            out_label = op.outputs[0].name if op.outputs else op.name
+            where = f"{label}, op {op.type} ({out_label})"
+            for v in op.outputs:
+                types[v.name] = v.type
+            if op.type == "const":
+                val = op.const_value()
+                if val is None or len(op.outputs) != 1:
+                    raise MilFormatError(f"{where}: const without a value")
+                consts[op.outputs[0].name] = self._const_of(val)
+                continue
+            ctx = BuildContext(op, fn.name, self.source, consts, types)
+            if op.type in CONSTEXPR:
+                try:
+                    outs = CONSTEXPR[op.type](ctx)
+                except MilError:
+                    raise
+                except (ValueError, TypeError, IndexError) as e:
+                    raise MilFormatError(f"{where}: cannot decode constant: {e}") from e
+                for v, arr in zip(op.outputs, outs):
+                    dt = v.type.dtype if isinstance(v.type, TensorType) else "fp32"
+                    arr = round_to(dt, exact=False)(arr)
+                    if isinstance(v.type, TensorType) and v.type.shape is not None and \
+                            None not in v.type.shape and tuple(arr.shape) != tuple(v.type.shape):
+                        raise MilFormatError(f"{where}: decoded shape {list(arr.shape)} differs from "
+                                             f"the declared {list(v.type.shape)}")
+                    consts[v.name] = arr
+                continue
+            try:
+                kernel = OPS[op.type](ctx)
+            except MilError:
+                raise
+            except (ValueError, TypeError, IndexError, KeyError) as e:
+                raise MilFormatError(f"{where}: bad parameters: {e}") from e
+            fins = [round_to(v.type.dtype if isinstance(v.type, TensorType) else "", kernel.exact)
+                    for v in op.outputs]
+            # Constant folding: an op of constants (not a state op) is evaluated once, now.
+            if op.type not in _STATE_OPS and all(
+                    isinstance(r.binding, Value) or r.binding in consts for r in kernel.args):
+                vals = [compute_form(r.binding) if isinstance(r.binding, Value) else consts[r.binding]
+                        for r in kernel.args]
+                try:
+                    res = kernel.fn(*vals)
+                except Exception as e:  # noqa: BLE001 - any failure here is a bad program
+                    raise MilFormatError(f"{where}: fails on its constant inputs: {e}") from e
+                res = (res,) if len(op.outputs) == 1 else tuple(res)
+                for v, f, r in zip(op.outputs, fins, res):
+                    consts[v.name] = f(r)
+                continue
+            ins = [slot_of(r, where) for r in kernel.args]
+            outs = []
+            for v in op.outputs:
+                if v.name in slots or v.name in consts:
+                    raise MilFormatError(f"{where}: variable {v.name!r} is defined twice")
+                s = slots[v.name] = new_slot()
+                outs.append(s)
+            raw_steps.append((kernel, op, ins, outs, fins))
+
+        out_slots = []
+        self.output_names = list(fn.outputs)
+        self.output_dtypes = []
+        for o in fn.outputs:
+            t = types.get(o)
+            if isinstance(t, TensorType):
+                self.output_dtypes.append(t.dtype)
+            else:
+                raise MilFormatError(f"{label}: output {o!r} is not a tensor variable")
+            if o in slots:
+                out_slots.append(slots[o])
+            elif o in consts:
+                out_slots.append(slot_of(BindingRef(o), label))
+            else:
+                raise MilFormatError(f"{label}: output {o!r} is never defined")
+        self.output_slots = out_slots
+
+        inplace = self._inplace_steps(raw_steps, base, out_slots)
+        steps: List[_Step] = []
+        for i, (kernel, op, ins, outs, fins) in enumerate(raw_steps):
+            ip = i in inplace
+            run = _make_step(kernel.fn, tuple(ins), tuple(outs), tuple(fins), ip)
+            steps.append(_Step(run, op.type, op.outputs[0].name if op.outputs else op.name))
+        self.steps = steps
+        self._runs = [s.run for s in steps]
+        self.template = template
+        self.inplace_count = len(inplace)
+
+    @staticmethod
+    def _inplace_steps(raw_steps: Sequence, base: Dict[int, Tuple], out_slots: List[int]) -> set:
+        """Indices of steps whose kernel may overwrite its inplace operand (see module docstring).
+
+        Walks the steps in order, tracking for every slot the buffer it may alias ("base"): a view
+        op's output aliases its input, an in-place update's output is its input buffer, read_state
+        returns the state's own buffer. An update may write in place when no other alias of that
+        buffer is read later, and, for a state's buffer, when the state is next written (not read)."""
+        n = len(raw_steps)
+        last_use: Dict[int, int] = {}
+        for i, (_k, _op, ins, _outs, _f) in enumerate(raw_steps):
+            for s in ins:
+                last_use[s] = i
+        for s in out_slots:
+            last_use[s] = n  # read after the last step
+        by_base: Dict[Tuple, List[int]] = {}
+        for s, b in base.items():
+            if b[0] != "state":  # a state input slot holds the StateBuffer, not its array
+                by_base.setdefault(b, []).append(s)
+        chosen = set()
+        for i, (kernel, op, ins, outs, _f) in enumerate(raw_steps):
+            inplace_ok = False
+            if kernel.inplace_arg is not None and len(outs) == 1:
+                x = ins[kernel.inplace_arg]
+                b = base.get(x)
+                inplace_ok = (
+                    b is not None and b[0] in ("own", "state")
+                    and not any(last_use.get(s, -1) > i for s in by_base.get(b, ()))
+                    and not any(s == x for j, s in enumerate(ins) if j != kernel.inplace_arg)
+                    and (b[0] != "state" or Plan._written_next(raw_steps, i, b[1]))
+                )
+            if inplace_ok:
+                chosen.add(i)
+                out_bases = [base[ins[kernel.inplace_arg]]]
+            elif op.type in _VIEW_OPS and ins:
+                out_bases = [base.get(ins[0], ("own", outs[0] if outs else -1))] * len(outs)
+            else:
+                out_bases = [("own", o) for o in outs]
+            for o, b in zip(outs, out_bases):
+                base[o] = b
+                by_base.setdefault(b, []).append(o)
+        return chosen
+
+    @staticmethod
+    def _written_next(raw_steps: Sequence, i: int, state: str) -> bool:
+        """True if the next access to `state` after step i writes it (rather than reads it)."""
+        for _kernel, op, _ins, _outs, _f in raw_steps[i + 1:]:
+            if op.type not in _STATE_OPS:
+                continue
+            state_param = "state" if op.type == "coreml_update_state" else "input"
+            binds = op.inputs.get(state_param) or []
+            if not binds or binds[0] != state:
+                continue
+            return op.type != "read_state"
+        return False
+
+    # ---------------------------------------------------------------- run
+    def run(self, inputs: Sequence[Any], states: Sequence[Any]) -> List[np.ndarray]:
+        """inputs in compute form (order of input_names), states as StateBuffers (order of state_names).
+
+        Returns the outputs in compute form (order of output_names)."""
+        env = self.template.copy()
+        for s, a in zip(self.input_slots, inputs):
+            env[s] = a
+        for s, st in zip(self.state_slots, states):
+            env[s] = st
+        i = 0
+        try:
+            for i, run in enumerate(self._runs):
+                run(env)
+        except MilError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported with the op that failed
+            step = self.steps[i]
+            raise MilRuntimeError(
+                f"{self.source}: function {self.function_name!r}, op {step.op_type} ({step.out_name}) "
+                f"failed: {type(e).__name__}: {e}"
+            ) from e
+        return [env[s] for s in self.output_slots]

@@ -1,0 +1,180 @@
+"""`anemll_fast.load`: a model ready to generate (config, tokenizer, engine)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+from anemll_fast.config import ModelConfig
+from anemll_fast.errors import AnemllError
+from anemll_fast.tokenizer import Tokenizer
+
+log = logging.getLogger("anemll_fast")
+
+BACKENDS = ("auto", "coreml", "coremltools", "reference")
+COMPUTE_UNITS = ("cpu_only", "cpu_and_gpu", "cpu_and_ne", "all")
+
+
+def available_backends() -> List[str]:
+    """Backends this installation can run, fastest first."""
+    out = []
+    try:
+        from anemll_fast import _native
+
+        if _native.build_info().get("coreml_backend"):
+            out.append("coreml")
+    except ImportError:
+        pass
+    if sys.platform == "darwin":
+        out.append("coremltools")
+    out.append("reference")
+    return out
+
+
+def _pick_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    available = available_backends()
+    if backend == "auto":
+        return available[0]
+    if backend not in available:
+        why = "it needs macOS and a build with the CoreML backend" if backend == "coreml" else "it needs macOS"
+        raise ValueError(f"backend: {backend!r} is not available here ({why}); available: {available}")
+    return backend
+
+
+def _backend_object(name: str, compute_units: str) -> Any:
+    """What Engine takes for the named backend."""
+    if name == "reference":
+        return "reference"
+    if name == "coremltools":
+        from anemll_fast.backends import coremltools_backend
+
+        return coremltools_backend.Backend(compute_units=compute_units)
+    from anemll_fast import _native
+
+    return _native.CoreMLBackend(compute_units)
+
+
+class Model:
+    """A loaded model. Use as a context manager, or call close()."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        *,
+        backend: str,
+        compute_units: str,
+        sequential_prefill: bool = False,
+    ) -> None:
+        from anemll_fast.engine import Engine
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.compute_units = compute_units
+        self.engine = Engine(config, _backend_object(backend, compute_units),
+                             sequential_prefill=sequential_prefill)
+        self.last_prefill_tokens = 0  # tokens the last generation prefilled (cache reuse shows here)
+
+    @property
+    def context_length(self) -> int:
+        return self.config.shapes.context_length
+
+    def encode(self, prompt: Union[str, Sequence[int]]) -> List[int]:
+        """Token ids of a text prompt (as is, no chat template), or checked ids."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            if not ids:
+                raise ValueError("prompt: encodes to no tokens")
+            return ids
+        try:
+            ids = [int(i) for i in prompt]
+        except (TypeError, ValueError):
+            raise ValueError("prompt: expected a string or a sequence of token ids") from None
+        if not ids:
+            raise ValueError("prompt: empty")
+        for i in ids:
+            if not 0 <= i < self.config.shapes.vocab_size:
+                raise ValueError(f"prompt: token id {i} is outside the vocabulary (0..{self.config.shapes.vocab_size - 1})")
+        return ids
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+        enable_thinking: Optional[bool] = None,
+    ) -> str:
+        from anemll_fast.chat_template import render
+
+        return render(
+            self.tokenizer.chat_template, messages,
+            add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+            bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
+        )
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, enable_thinking: Optional[bool] = None,
+             **settings: Any) -> str:
+        """The assistant's reply to `messages` (rendered with the model's template)."""
+        from anemll_fast.generate import generate
+
+        text = self.apply_chat_template(messages, enable_thinking=enable_thinking)
+        return generate(self, self.tokenizer.encode(text, add_special_tokens=False), **settings)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Model({str(self.config.model_dir)!r}, backend={self.backend!r})"
+
+
+def _config_for(path_or_repo: Union[str, os.PathLike, None], overrides: Optional[Dict[str, str]]) -> ModelConfig:
+    from anemll_fast.anemll_dir import config_from_anemll_dir
+    from anemll_fast.default_model import default_model_dir
+    from anemll_fast.hub import resolve
+
+    if path_or_repo is None:
+        return config_from_anemll_dir(default_model_dir(), overrides=overrides)
+    text = os.fspath(path_or_repo)
+    if text.endswith(".json") and Path(text).is_file():
+        return ModelConfig.from_json(text).validate()
+    if Path(text).name == "meta.yaml" and Path(text).is_file():
+        return config_from_anemll_dir(Path(text).parent, overrides=overrides)
+    return config_from_anemll_dir(resolve(text), overrides=overrides)
+
+
+def load(
+    path_or_repo: Union[str, os.PathLike, None] = None,
+    backend: str = "auto",
+    compute_units: str = "cpu_and_ne",
+    *,
+    tokenizer: Union[str, os.PathLike, None] = None,
+    sequential_prefill: bool = False,
+    parts: Optional[Dict[str, str]] = None,
+) -> Model:
+    """Load a model: a local ANEMLL directory (or its meta.yaml), a Hugging
+    Face repo id, or a ModelConfig JSON; None is the embedded default
+    (SmolLM2-135M-Instruct). `backend`: auto, coreml, coremltools, reference.
+    `parts` overrides the part names meta.yaml gives (embeddings, ffn, lm_head).
+    """
+    if compute_units not in COMPUTE_UNITS:
+        raise ValueError(f"compute_units: expected one of {COMPUTE_UNITS}, got {compute_units!r}")
+    chosen = _pick_backend(backend)
+    config = _config_for(path_or_repo, parts)
+    tok_dir = Path(tokenizer) if tokenizer is not None else config.model_dir
+    if tok_dir is None:
+        raise AnemllError("no tokenizer directory: pass tokenizer=...")
+    tok = Tokenizer(tok_dir)
+    if backend == "auto":
+        log.info("anemll_fast: backend %r picked (available: %s)", chosen, available_backends())
+    return Model(config, tok, backend=chosen, compute_units=compute_units,
+                 sequential_prefill=sequential_prefill)

@@ -1,0 +1,65 @@
+#include "backends/null_backend.h"
+
+#include <new>
+
+namespace anemll {
+namespace {
+
+// Distinct non-null handles so that the engine can tell them apart.
+struct NullHandle {
+  int kind;
+};
+NullHandle g_model{1}, g_state{2}, g_binding{3};
+
+int null_load(void*, const char*, const char*, anemll_model** out) {
+  *out = reinterpret_cast<anemll_model*>(&g_model);
+  return ANEMLL_OK;
+}
+int null_make_state(void*, anemll_model*, anemll_state** out) {
+  *out = reinterpret_cast<anemll_state*>(&g_state);
+  return ANEMLL_OK;
+}
+int null_reset_state(void*, anemll_state*) { return ANEMLL_OK; }
+int null_bind(void*, anemll_model*, const anemll_tensor*, int32_t, const anemll_tensor*, int32_t,
+              anemll_binding** out) {
+  *out = reinterpret_cast<anemll_binding*>(&g_binding);
+  return ANEMLL_OK;
+}
+int null_predict(void*, anemll_binding*, anemll_state*) { return ANEMLL_OK; }
+void null_free_binding(void*, anemll_binding*) {}
+void null_free_state(void*, anemll_state*) {}
+void null_free_model(void*, anemll_model*) {}
+const char* null_last_error(void*) { return ""; }
+void null_destroy(void*) {}
+
+}  // namespace
+
+anemll_backend* new_null_backend() {
+  auto* b = new (std::nothrow) anemll_backend();
+  if (!b) return nullptr;
+  b->abi_version = ANEMLL_BACKEND_ABI_VERSION;
+  b->struct_size = sizeof(anemll_backend);
+  b->name = "null";
+  b->ctx = nullptr;
+  b->load = null_load;
+  b->make_state = null_make_state;
+  b->reset_state = null_reset_state;
+  b->bind = null_bind;
+  b->predict = null_predict;
+  b->free_binding = null_free_binding;
+  b->free_state = null_free_state;
+  b->free_model = null_free_model;
+  b->last_error = null_last_error;
+  b->destroy = null_destroy;
+  return b;
+}
+
+}  // namespace anemll
+
+namespace anemll {
+void delete_backend(anemll_backend* backend) {
+  if (!backend) return;
+  if (backend->destroy) backend->destroy(backend->ctx);
+  delete backend;
+}
+}  // namespace anemll

@@ -1,0 +1,87 @@
+/* The Core ML backend of the anemll_fast engine (macOS only; coreml_backend.mm).
+ *
+ * Plain C header: no Objective-C types leak out, so the Cython layer and the
+ * C++ engine can include it on every platform (the factory itself only exists
+ * in macOS builds, where setup.py defines ANEMLL_FAST_HAVE_COREML).
+ *
+ *   anemll_coreml_options o;
+ *   anemll_coreml_options_init(&o);
+ *   o.compute_units = ANEMLL_COREML_CPU_AND_NE;
+ *   char err[512];
+ *   anemll_backend* be = anemll_coreml_backend_create(&o, err, sizeof err);
+ *   ...  // hand `be` to the engine
+ *   anemll::delete_backend(be);   // destroy(ctx), then `delete be` (allocated with new)
+ */
+#ifndef ANEMLL_FAST_COREML_BACKEND_H
+#define ANEMLL_FAST_COREML_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backends/backend_abi.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Same values as MLComputeUnits. */
+typedef enum anemll_coreml_compute_units {
+  ANEMLL_COREML_CPU_ONLY = 0,
+  ANEMLL_COREML_CPU_AND_GPU = 1,
+  ANEMLL_COREML_ALL = 2,
+  ANEMLL_COREML_CPU_AND_NE = 3 /* macOS 13+ */
+} anemll_coreml_compute_units;
+
+/* Where predictions write their outputs (MLPredictionOptions.outputBackings). */
+typedef enum anemll_coreml_output_backing {
+  /* PIXEL_BUFFER for fp16 outputs when the Neural Engine may run the model
+   * (ALL, CPU_AND_NE), else MULTIARRAY. */
+  ANEMLL_COREML_BACKING_AUTO = 0,
+  /* An MLMultiArray over the engine's own buffer: no copy when Core ML uses it. */
+  ANEMLL_COREML_BACKING_MULTIARRAY = 1,
+  /* An IOSurface-backed fp16 CVPixelBuffer (the ANE's native output memory),
+   * copied once into the engine's buffer honouring its row stride. fp16 outputs
+   * only; others fall back to MULTIARRAY. */
+  ANEMLL_COREML_BACKING_PIXEL_BUFFER = 2,
+  /* No backing: outputs are copied from whatever Core ML returns. */
+  ANEMLL_COREML_BACKING_NONE = 3
+} anemll_coreml_output_backing;
+
+typedef struct anemll_coreml_options {
+  uint32_t struct_size;   /* sizeof(anemll_coreml_options) */
+  int32_t compute_units;  /* anemll_coreml_compute_units; default ALL */
+  int32_t output_backing; /* anemll_coreml_output_backing; default AUTO */
+  /* Compiled-model cache for .mlpackage inputs; NULL: $ANEMLL_FAST_COREML_CACHE,
+   * else ~/Library/Caches/anemll_fast/coreml. Copied at creation. */
+  const char* cache_dir;
+} anemll_coreml_options;
+
+/* Counters for tests and benchmarks (monotonic over the backend's life). */
+typedef struct anemll_coreml_stats {
+  uint64_t predictions;       /* successful predict calls */
+  uint64_t outputs_in_place;  /* outputs Core ML wrote straight into the engine's buffer */
+  uint64_t outputs_copied;    /* outputs copied once into the engine's buffer */
+  uint64_t backing_fallbacks; /* bindings whose backings Core ML refused (then run without) */
+  uint64_t compiles;          /* .mlpackage compilations */
+  uint64_t cache_hits;        /* .mlpackage loads served from the compiled cache */
+  uint64_t state_resets;      /* reset_state calls */
+} anemll_coreml_stats;
+
+/* Defaults: compute_units ALL, output_backing AUTO, cache_dir NULL. */
+void anemll_coreml_options_init(anemll_coreml_options* options);
+
+/* A new Core ML backend, or NULL with a message in err (capacity err_size):
+ * bad options, or a system older than macOS 13. Release it like every engine
+ * backend: backend->destroy(backend->ctx), then `delete backend`
+ * (anemll::delete_backend does both). options may be NULL (defaults). */
+anemll_backend* anemll_coreml_backend_create(const anemll_coreml_options* options, char* err, size_t err_size);
+
+/* Copies the counters of a backend made by anemll_coreml_backend_create;
+ * returns ANEMLL_ERR_INVALID for any other backend. */
+int anemll_coreml_backend_stats(const anemll_backend* backend, anemll_coreml_stats* out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ANEMLL_FAST_COREML_BACKEND_H */

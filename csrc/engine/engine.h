@@ -1,0 +1,129 @@
+// The generation pipeline: embeddings -> N FFN chunks -> LM head -> sampler,
+// run through a backend (backends/backend_abi.h) on buffers allocated and
+// bound once. Methods return a Status and leave the message in error(); no
+// exception escapes and nothing here touches Python.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "backends/backend_abi.h"
+#include "engine/sampler.h"
+
+namespace anemll {
+
+struct TensorDesc {
+  std::string name;
+  int32_t dtype = 0;
+  std::vector<std::vector<int64_t>> shapes;  // declared shape first, then enumerated ones
+};
+
+struct ComponentDesc {
+  std::string label;     // e.g. "ffn_infer[1]", used in messages
+  std::string path;      // model file
+  std::string function;  // "" = the file's default function
+  std::vector<TensorDesc> inputs, outputs, states;
+};
+
+struct PipelineDesc {
+  int64_t batch_size = 0, context_length = 0, hidden_size = 0, vocab_size = 0;
+  ComponentDesc embeddings;
+  std::vector<ComponentDesc> ffn_prefill, ffn_infer;
+  ComponentDesc lm_head;
+  std::vector<std::string> logits_outputs;  // in vocabulary order; empty for argmax heads
+  std::vector<int64_t> part_sizes;          // argmax heads: vocabulary entries per part
+  bool sequential_prefill = false;          // feed prompts one token at a time through infer
+};
+
+enum Status : int { kOk = 0, kInvalidArgument = 1, kConfigError = 2, kBackendError = 3 };
+
+struct Buffer {
+  void* data = nullptr;
+  size_t nbytes = 0;
+};
+
+class Engine {
+ public:
+  explicit Engine(const anemll_backend* backend) : be_(backend) {}
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  int init(const PipelineDesc& desc);
+  int reset();  // zero the KV cache: a new conversation
+  // Writes the KV cache for tokens at positions start .. start+n-1 (start <= length()).
+  int prefill(const int32_t* tokens, int64_t n, int64_t start);
+  // Feeds `token` at `pos` (pos <= length()) and samples the next token.
+  int step(int32_t token, int64_t pos, int32_t* next);
+  int configure_sampler(const SamplerConfig& cfg);
+
+  const std::string& error() const { return error_; }
+  int64_t length() const { return length_; }
+  const int32_t* history() const { return history_.data(); }
+  const Sampler& sampler() const { return sampler_; }
+  bool argmax_head() const { return argmax_head_; }
+  int n_parts() const { return static_cast<int>(parts_.size()); }
+  const LogitsPart* parts() const { return parts_.data(); }
+  const std::string& prefill_mode() const { return prefill_mode_; }
+  int64_t state_count() const { return static_cast<int64_t>(states_.size()); }
+  // Counters of backend predictions, for tests and benchmarks.
+  int64_t embed_calls = 0, prefill_calls = 0, infer_calls = 0, head_calls = 0;
+
+ private:
+  struct Binding {
+    anemll_binding* handle = nullptr;
+    anemll_model* model = nullptr;
+    anemll_state* state = nullptr;
+    std::string label;
+  };
+
+  int fail(int status, std::string msg);
+  Buffer* alloc(size_t nbytes);
+  int load(const ComponentDesc& c, anemll_model** out);
+  int bind(Binding* b, const ComponentDesc& c, anemll_model* m, anemll_state* st,
+           const std::vector<std::pair<std::string, const void*>>& in_names, std::vector<anemll_tensor>& ins,
+           std::vector<anemll_tensor>& outs);
+  int predict(Binding& b);
+  int run_infer(int32_t token, int64_t pos);  // embeddings + chunks, hidden left in hid_d_
+  int run_prefill_batch(const int32_t* tokens, int64_t count, int64_t pos);
+  int run_prefill_single(int32_t token, int64_t pos);
+  int run_head_and_sample(int64_t pos, int32_t* next);
+  void set_positions_decode(int64_t pos);
+
+  const anemll_backend* be_;
+  std::string error_;
+  int64_t B_ = 0, ctx_ = 0, H_ = 0, V_ = 0;
+  int n_chunks_ = 0;
+  int64_t S_prefill_ = 0;  // seq len of the prefill function (B or 1), 0 = unused
+  std::string prefill_mode_;
+  bool argmax_head_ = false;
+  bool emb_decode_padded_ = false;
+  int64_t length_ = 0;
+  std::vector<int32_t> history_;
+
+  std::vector<Buffer> buffers_;
+  std::vector<anemll_model*> models_;
+  std::vector<anemll_state*> states_;
+  std::vector<anemll_binding*> bindings_;
+
+  // Shared buffers (pointers into buffers_).
+  int32_t *ids_d_ = nullptr, *ids_p_ = nullptr;
+  uint16_t* hid_d_[2] = {nullptr, nullptr};
+  uint16_t* hid_p_[2] = {nullptr, nullptr};
+  int32_t *pos_d_ = nullptr, *cur_d_ = nullptr, *pos_p_ = nullptr, *cur_p_ = nullptr;
+  uint16_t *mask_full_ = nullptr, *mask_d_ = nullptr, *mask_p_ = nullptr;
+  uint16_t *upd_d_ = nullptr, *upd_p_ = nullptr;
+  int64_t upd_d_last_ = -1;
+
+  Binding emb_d_, emb_p_, head_;
+  std::vector<Binding> infer_, prefill_;
+  std::vector<LogitsPart> parts_;
+  int32_t* amax_idx_ = nullptr;
+  void* amax_val_ = nullptr;
+  int32_t amax_val_dtype_ = 0;
+  std::vector<int64_t> part_offsets_, part_sizes_;
+  Sampler sampler_;
+};
+
+}  // namespace anemll

@@ -1,0 +1,96 @@
+// Token samplers over the LM head's fp16 logits parts, read in place.
+//
+// The chain, applied in this order (the Python twin is anemll_fast.sampling):
+//   logit bias -> penalties over the last `penalty_window` tokens (repetition:
+//   divide positive / multiply negative logits; frequency: minus count*f;
+//   presence: minus p) -> greedy argmax if temperature == 0, else top-k ->
+//   temperature -> softmax -> top-p (smallest prefix with mass >= top_p) ->
+//   min-p (keep p >= min_p * p_max) -> draw from the renormalised rest.
+// Ties are broken towards the lower token id. NaN logits are never chosen.
+// Log-probabilities are those of the model's raw distribution (log-softmax of
+// the unmodified logits).
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace anemll {
+
+struct LogitsPart {
+  uint16_t* data;  // fp16 bits; the sampler may write and restore entries
+  int64_t size;
+  int64_t offset;  // id of this part's first token
+};
+
+struct SamplerConfig {
+  float temperature = 0.0f;  // 0: greedy
+  int32_t top_k = 0;         // 0: off
+  float top_p = 1.0f;        // 1: off
+  float min_p = 0.0f;        // 0: off
+  float repetition_penalty = 1.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  int32_t penalty_window = 64;  // -1: whole history
+  std::vector<int32_t> bias_tokens;
+  std::vector<float> bias_values;
+  uint64_t seed = 0;
+  int32_t top_logprobs = -1;  // <0: none; 0: chosen token only; n: also the n best
+};
+
+struct Candidate {
+  float v;
+  int32_t id;
+};
+
+class Sampler {
+ public:
+  // Validates and preallocates everything sample() needs; "" or an error message.
+  std::string configure(const SamplerConfig& cfg, int64_t vocab_size, int64_t max_history);
+  void reseed(uint64_t seed) { rng_.seed(seed); }
+  bool greedy() const { return cfg_.temperature == 0.0f || cfg_.top_k == 1; }
+  bool wants_logits() const;  // false when an in-model argmax suffices
+  const SamplerConfig& config() const { return cfg_; }
+
+  // Picks the next token from the parts (which together cover [0, vocab)).
+  // history: token ids fed so far (for penalties). Returns 0 or -1 (see error()).
+  int sample(LogitsPart* parts, int n_parts, const int32_t* history, int64_t history_len,
+             int32_t* token);
+  const char* error() const { return error_; }
+
+  // Filled by sample() when top_logprobs >= 0.
+  float chosen_logprob = 0.0f;
+  int32_t n_top = 0;
+  std::vector<int32_t> top_ids;
+  std::vector<float> top_logprobs;
+
+ private:
+  float raw(const LogitsPart* parts, int n_parts, int32_t tok, uint16_t** slot) const;
+  void set_override(int32_t tok, float v, uint16_t* slot, uint16_t bits);
+  int32_t greedy_pick(const LogitsPart* parts, int n_parts);
+  int stochastic_pick(const LogitsPart* parts, int n_parts, int32_t* token);
+  void top_by_key(const LogitsPart* parts, int n_parts, int32_t k);  // into heap_
+  void compute_logprobs(const LogitsPart* parts, int n_parts, int32_t token);
+
+  SamplerConfig cfg_;
+  int64_t vocab_ = 0;
+  std::mt19937_64 rng_;
+  const char* error_ = "";
+  // Sparse overrides from bias and penalties (slot_of_ maps token -> index).
+  std::vector<int32_t> slot_of_;
+  std::vector<Candidate> over_;
+  std::vector<uint16_t*> over_slot_;
+  std::vector<uint16_t> over_bits_;
+  std::vector<int32_t> counts_;
+  std::vector<int32_t> touched_;
+  std::vector<Candidate> cand_;
+  std::vector<Candidate> heap_;
+  std::vector<double> cum_;
+};
+
+// Index of the largest logit across parts (lowest id on ties, NaN ignored);
+// -1 if every entry is -inf or NaN.
+int64_t argmax_parts(const LogitsPart* parts, int n_parts);
+
+}  // namespace anemll

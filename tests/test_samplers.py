@@ -1,0 +1,260 @@
+"""Native samplers against numpy implementations of the same definitions."""
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from anemll_fast import _native
+from anemll_fast.sampling import SamplingSettings
+
+SETTINGS = SamplingSettings()
+
+
+def settings(**kw):
+    return SamplingSettings(**kw).to_native()
+
+
+def split(logits, n_parts):
+    """fp16 logits split into writable parts, as the LM head delivers them."""
+    return [np.ascontiguousarray(p) for p in np.array_split(np.asarray(logits, np.float16), n_parts)]
+
+
+def np_filtered_probs(logits, s: SamplingSettings, history=()):
+    """numpy version of the chain in csrc/engine/sampler.h: probabilities after every filter."""
+    x = np.asarray(logits, np.float16).astype(np.float64)
+    for t, b in s.logit_bias.items():
+        x[t] += b
+    hist = list(history)
+    window = hist if s.penalty_window is None else (hist[len(hist) - s.penalty_window:] if s.penalty_window else [])
+    for t, c in Counter(window).items():
+        if s.repetition_penalty != 1:
+            x[t] = x[t] / s.repetition_penalty if x[t] > 0 else x[t] * s.repetition_penalty
+        x[t] -= c * s.frequency_penalty + s.presence_penalty
+    order = np.argsort(-x, kind="stable")
+    order = order[np.isfinite(x[order])]
+    if s.top_k:
+        order = order[: s.top_k]
+    z = x[order] / s.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if s.top_p < 1:
+        cut = int(np.searchsorted(np.cumsum(p), s.top_p - 1e-12)) + 1
+        order, p = order[:cut], p[:cut]
+    if s.min_p > 0:
+        keep = p >= s.min_p * p.max()
+        order, p = order[keep], p[keep]
+    full = np.zeros(len(x))
+    full[order] = p / p.sum()
+    return full
+
+
+def draw(sampler, logits, n_parts, n, history=()):
+    parts = split(logits, n_parts)
+    return np.array([sampler.sample(parts, list(history)) for _ in range(n)])
+
+
+def chi_square_ok(samples, probs):
+    """Pearson chi-square with rare bins merged; generous critical value (~p < 1e-6)."""
+    n = len(samples)
+    observed = np.bincount(samples, minlength=len(probs)).astype(np.float64)
+    assert observed[probs == 0].sum() == 0, "sampled a token outside the support"
+    expected = probs * n
+    big = expected >= 5
+    obs = np.append(observed[big], observed[~big & (probs > 0)].sum())
+    exp = np.append(expected[big], expected[~big & (probs > 0)].sum())
+    if exp[-1] < 5:  # fold a small remainder bin into the last big one
+        obs[-2] += obs[-1]
+        exp[-2] += exp[-1]
+        obs, exp = obs[:-1], exp[:-1]
+    df = len(exp) - 1
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    critical = df + 7 * np.sqrt(2 * df) + 10
+    return stat, critical
+
+
+def test_greedy_matches_numpy_argmax_across_parts():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        v = int(rng.integers(1, 300))
+        logits = rng.normal(size=v).astype(np.float16)
+        if trial % 3 == 0:  # ties: the lower id wins, as np.argmax
+            logits[rng.integers(0, v, size=3)] = logits.max()
+        if trial % 5 == 0:
+            logits[rng.integers(0, v, size=5)] = -np.inf
+        parts = split(logits, int(rng.integers(1, min(v, 16) + 1)))
+        assert _native.argmax_fp16(parts) == int(np.argmax(logits))
+        sampler = _native.NativeSampler(v, settings())
+        assert sampler.sample(parts) == int(np.argmax(logits))
+
+
+def test_greedy_ignores_nan_and_reports_all_masked():
+    logits = np.array([1.0, np.nan, 3.0, -np.inf], np.float16)
+    assert _native.argmax_fp16(split(logits, 2)) == 2
+    sampler = _native.NativeSampler(4, settings(logit_bias={2: float("-inf"), 0: float("-inf")}))
+    with pytest.raises(ValueError, match="no token left"):
+        sampler.sample(split(logits, 2))
+
+
+def test_negative_and_subnormal_values_order():
+    logits = np.array([-3.0, -1e-7, -2.0, 6e-8, -65504.0], np.float16)
+    assert _native.argmax_fp16([logits.copy()]) == int(np.argmax(logits))
+    neg = np.array([-3.0, -0.5, -2.0], np.float16)
+    assert _native.argmax_fp16([neg.copy()]) == 1
+
+
+def test_sampling_leaves_logits_unchanged():
+    logits = np.linspace(-2, 2, 64).astype(np.float16)
+    parts = split(logits, 4)
+    before = np.concatenate(parts).copy()
+    s = _native.NativeSampler(64, settings(temperature=1.0, logit_bias={63: -5.0, 3: 2.0}, repetition_penalty=1.3))
+    s.sample(parts, [1, 2, 3, 63])
+    np.testing.assert_array_equal(np.concatenate(parts), before)
+
+
+def test_top_k_support():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=100).astype(np.float16)
+    s = _native.NativeSampler(100, settings(temperature=2.0, top_k=5, seed=3))
+    got = set(draw(s, logits, 4, 3000).tolist())
+    assert got == set(np.argsort(-logits.astype(np.float64), kind="stable")[:5].tolist())
+
+
+def test_top_p_mass():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs).astype(np.float16)
+    for top_p, support in ((0.7, {0, 1}), (0.5, {0}), (0.9, {0, 1, 2}), (1.0, {0, 1, 2, 3})):
+        s = _native.NativeSampler(4, settings(temperature=1.0, top_p=top_p, seed=1))
+        assert set(draw(s, logits, 2, 2000).tolist()) == support, top_p
+
+
+def test_min_p_threshold():
+    probs = np.array([0.4, 0.3, 0.12, 0.1, 0.08])
+    logits = np.log(probs).astype(np.float16)
+    s = _native.NativeSampler(5, settings(temperature=1.0, min_p=0.26, seed=2))  # keeps p >= 0.104
+    assert set(draw(s, logits, 1, 2000).tolist()) == {0, 1, 2}
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative():
+    logits = np.array([2.0, 1.9, -1.0, -1.05, 0.0], np.float16)
+    s = _native.NativeSampler(5, settings(repetition_penalty=1.1))
+    assert s.sample(split(logits, 1), [0]) == 1  # 2.0 / 1.1 < 1.9
+    logits = np.array([-3.0, -1.0, -1.05, -5.0], np.float16)
+    s = _native.NativeSampler(4, settings(repetition_penalty=1.1))
+    assert s.sample(split(logits, 2), [1]) == 2  # -1.0 * 1.1 < -1.05
+
+
+def test_presence_and_frequency_penalties_and_window():
+    logits = np.array([3.0, 2.0, 1.0], np.float16)
+    s = _native.NativeSampler(3, settings(frequency_penalty=0.4))
+    assert s.sample(split(logits, 1), [0, 0]) == 0  # 3.0 - 0.8 = 2.2 > 2.0
+    assert s.sample(split(logits, 1), [0, 0, 0]) == 1  # 3.0 - 1.2 = 1.8
+    s = _native.NativeSampler(3, settings(presence_penalty=1.5))
+    assert s.sample(split(logits, 1), [0, 0, 0, 0]) == 1  # presence counts once
+    s = _native.NativeSampler(3, settings(presence_penalty=1.5, penalty_window=2))
+    assert s.sample(split(logits, 1), [0, 2, 2]) == 0  # token 0 is outside the window
+    s = _native.NativeSampler(3, settings(presence_penalty=1.5, penalty_window=None))
+    assert s.sample(split(logits, 1), [0] + [2] * 100) == 1  # whole history
+
+
+def test_logit_bias_bans_and_forces():
+    logits = np.array([5.0, 1.0, 0.0, -1.0], np.float16)
+    assert _native.NativeSampler(4, settings(logit_bias={0: float("-inf")})).sample(split(logits, 2)) == 1
+    assert _native.NativeSampler(4, settings(logit_bias={3: 7.0})).sample(split(logits, 2)) == 3
+    s = _native.NativeSampler(4, settings(temperature=1.0, logit_bias={0: float("-inf")}, seed=5))
+    assert 0 not in set(draw(s, logits, 2, 500).tolist())
+
+
+def test_seed_reproducibility():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=50).astype(np.float16)
+    a = draw(_native.NativeSampler(50, settings(temperature=1.0, seed=42)), logits, 3, 200)
+    b = draw(_native.NativeSampler(50, settings(temperature=1.0, seed=42)), logits, 3, 200)
+    c = draw(_native.NativeSampler(50, settings(temperature=1.0, seed=43)), logits, 3, 200)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_k=10),
+        dict(temperature=1.3, top_p=0.9),
+        dict(temperature=1.0, min_p=0.05),
+        dict(temperature=0.9, top_k=30, top_p=0.95, min_p=0.02),
+        dict(temperature=1.1, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2,
+             logit_bias={7: 1.5, 9: float("-inf")}, penalty_window=6),
+    ],
+)
+def test_chi_square_against_numpy(kw):
+    rng = np.random.default_rng(7)
+    logits = (rng.normal(size=64) * 1.5).astype(np.float16)
+    history = [3, 7, 7, 12, 40, 3, 3]
+    s = SamplingSettings(seed=11, **kw)
+    sampler = _native.NativeSampler(64, s.to_native())
+    samples = draw(sampler, logits, 4, 20000, history)
+    stat, critical = chi_square_ok(samples, np_filtered_probs(logits, s, history))
+    assert stat < critical, (stat, critical)
+
+
+def test_chi_square_detects_a_wrong_distribution():
+    # The statistic must reject a mismatched expectation, or the tests above prove nothing.
+    rng = np.random.default_rng(7)
+    logits = (rng.normal(size=64) * 1.5).astype(np.float16)
+    sampler = _native.NativeSampler(64, settings(temperature=1.0, seed=1))
+    samples = draw(sampler, logits, 4, 20000)
+    wrong = np_filtered_probs(logits, SamplingSettings(temperature=1.2))
+    stat, critical = chi_square_ok(samples, wrong)
+    assert stat > critical
+
+
+def test_logprobs_of_raw_distribution():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=300).astype(np.float16)
+    s = _native.NativeSampler(300, settings(temperature=0.8, logprobs=5, seed=1, logit_bias={0: 3.0}))
+    tok = s.sample(split(logits, 3))
+    chosen, top = s.logprobs()
+    x = logits.astype(np.float64)
+    lsm = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    assert chosen == pytest.approx(lsm[tok], abs=1e-4)
+    best = np.argsort(-x, kind="stable")[:5]
+    assert [t for t, _ in top] == best.tolist()
+    np.testing.assert_allclose([lp for _, lp in top], lsm[best], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(presence_penalty=float("nan")), "presence_penalty"),
+        (dict(frequency_penalty="x"), "frequency_penalty"),
+        (dict(penalty_window=-3), "penalty_window"),
+        (dict(logit_bias={-1: 1.0}), "logit_bias"),
+        (dict(logit_bias={1: float("inf")}), "logit_bias"),
+        (dict(seed=-1), "seed"),
+        (dict(logprobs=5000), "logprobs"),
+    ],
+)
+def test_invalid_settings_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingSettings(**kw)
+
+
+def test_native_sampler_rejects_bias_outside_vocab():
+    with pytest.raises(ValueError, match="logit_bias"):
+        _native.NativeSampler(10, settings(logit_bias={10: 1.0}))
+
+
+def test_chi_square_top_p_over_a_large_vocabulary():
+    # > 1024 candidates: the sampler sorts only a head of the distribution.
+    rng = np.random.default_rng(5)
+    logits = (rng.normal(size=3000) * 2.5).astype(np.float16)
+    s = SamplingSettings(temperature=1.0, top_p=0.8, seed=4)
+    samples = draw(_native.NativeSampler(3000, s.to_native()), logits, 6, 20000)
+    stat, critical = chi_square_ok(samples, np_filtered_probs(logits, s))
+    assert stat < critical, (stat, critical)
