@@ -126,3 +126,24 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         int64_t prefill_calls
         int64_t infer_calls
         int64_t head_calls
+
+
+# The Core ML backend: the factory exists in macOS builds; elsewhere the header's
+# inline stubs fail with a clear message.
+cdef extern from "coreml/coreml_backend.h" nogil:
+    ctypedef struct anemll_coreml_options:
+        uint32_t struct_size
+        int32_t compute_units
+        int32_t output_backing
+        const char* cache_dir
+    ctypedef struct anemll_coreml_stats:
+        uint64_t predictions
+        uint64_t outputs_in_place
+        uint64_t outputs_copied
+        uint64_t backing_fallbacks
+        uint64_t compiles
+        uint64_t cache_hits
+        uint64_t state_resets
+    void anemll_coreml_options_init(anemll_coreml_options*)
+    anemll_backend* anemll_coreml_backend_create(const anemll_coreml_options*, char*, size_t)
+    int anemll_coreml_backend_stats(const anemll_backend*, anemll_coreml_stats*)

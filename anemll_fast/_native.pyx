@@ -13,6 +13,7 @@ from cpython.ref cimport PyObject
 from ._engine_api cimport *
 
 import ctypes
+import os
 
 import numpy as np
 
@@ -108,6 +109,42 @@ cdef class NullBackend(Backend):
         self.be = new_null_backend()
         if self.be == NULL:
             raise MemoryError()
+
+
+_COMPUTE_UNITS = {"cpu_only": 0, "cpu_and_gpu": 1, "all": 2, "cpu_and_ne": 3}
+_OUTPUT_BACKINGS = {"auto": 0, "multiarray": 1, "pixel_buffer": 2, "none": 3}
+
+
+cdef class CoreMLBackend(Backend):
+    """The Objective-C++ Core ML backend (macOS builds only)."""
+
+    def __cinit__(self, compute_units="all", output_backing="auto", cache_dir=None):
+        if compute_units not in _COMPUTE_UNITS:
+            raise ValueError(f"compute_units: expected one of {list(_COMPUTE_UNITS)}, got {compute_units!r}")
+        if output_backing not in _OUTPUT_BACKINGS:
+            raise ValueError(f"output_backing: expected one of {list(_OUTPUT_BACKINGS)}, got {output_backing!r}")
+        cdef anemll_coreml_options opts
+        cdef char err[1024]
+        cdef bytes cache = os.fsencode(cache_dir) if cache_dir is not None else None
+        err[0] = 0
+        anemll_coreml_options_init(&opts)
+        opts.compute_units = _COMPUTE_UNITS[compute_units]
+        opts.output_backing = _OUTPUT_BACKINGS[output_backing]
+        opts.cache_dir = <const char*>cache if cache is not None else NULL
+        self.be = anemll_coreml_backend_create(&opts, err, sizeof(err))
+        if self.be == NULL:
+            raise RuntimeError(err.decode("utf-8", "replace") or "the Core ML backend could not be created")
+
+    def stats(self):
+        """Counters: predictions, outputs written in place or copied, compiles..."""
+        cdef anemll_coreml_stats st
+        if anemll_coreml_backend_stats(self.be, &st) != 0:
+            raise RuntimeError("Core ML backend statistics are unavailable")
+        return {
+            "predictions": st.predictions, "outputs_in_place": st.outputs_in_place,
+            "outputs_copied": st.outputs_copied, "backing_fallbacks": st.backing_fallbacks,
+            "compiles": st.compiles, "cache_hits": st.cache_hits, "state_resets": st.state_resets,
+        }
 
 
 cdef int _cb_fail(CallbackBackend self, BaseException exc, char* err, size_t err_size, int code) noexcept:

@@ -52,7 +52,7 @@ def _backend_object(name: str, compute_units: str) -> Any:
     if name == "coremltools":
         from anemll_fast.backends import coremltools_backend
 
-        return coremltools_backend.Backend(compute_units=compute_units)
+        return coremltools_backend.CoreMLToolsBackend(compute_units)
     from anemll_fast import _native
 
     return _native.CoreMLBackend(compute_units)

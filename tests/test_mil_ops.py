@@ -260,7 +260,9 @@ def test_shape_ops(tmp_path):
     close(o["cat"], np.concatenate([x, x], axis=1))
     inter = np.stack([x, 2 * np.ones_like(x)], axis=2).reshape(2, 6, 4)
     close(o["inter"], inter)
-    close(o["split_0"] if "split_0" in o else o[list(o)[2]], x[..., :1])
+    outs = list(o)
+    close(o[outs[2]], x[..., :1])  # split parts come third and fourth, in order
+    close(o[outs[3]], x[..., 1:])
     # iOS17+ reshape aligns 0s from the right: [0, -1] on [2, 3, 4] copies dim 1 (3), not dim 0
     close(o["reshape"], x.reshape(3, -1))
     close(o["tr"], x.transpose(2, 0, 1))
@@ -404,3 +406,27 @@ def test_state_update_shared_across_functions_and_files(tmp_path):
     want[2] = 11
     np.testing.assert_array_equal(o["now"], want)
     np.testing.assert_array_equal(state.read("cache"), want)
+
+
+def test_ios16_constexpr_affine_dequantize_and_packed_lut(tmp_path):
+    q = RNG.integers(0, 255, size=(3, 4)).astype(np.uint8)
+    zp = RNG.integers(100, 150, size=3).astype(np.uint8)
+    scale = (RNG.random(3) + 0.5).astype(np.float32)
+    lut = r(4)  # 2-bit palette
+    idx = RNG.integers(0, 4, size=10).astype(np.uint8)
+    packed = np.packbits(((idx[:, None] >> np.arange(2)) & 1).astype(np.uint8).ravel(), bitorder="little")
+
+    @mb.program(input_specs=[spec((1,))], opset_version=ct.target.iOS16)
+    def prog(x):
+        a = mb.constexpr_affine_dequantize(quantized_data=q, zero_point=zp, scale=scale, axis=0, name="a")
+        b = mb.constexpr_lut_to_dense(lut=lut, indices=packed, shape=np.array([2, 5], np.uint32), name="b")
+        return mb.add(x=a, y=x, name="oa"), mb.add(x=b, y=x, name="ob")
+
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                       compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.EMPTY,
+                       skip_model_load=True)
+    path = str(tmp_path / "q.mlpackage")
+    model.save(path)
+    o = ReferenceBackend.load(path).predict({"x": np.zeros(1, np.float32)})
+    close(o["oa"], (q.astype(np.float32) - zp[:, None]) * scale[:, None])
+    close(o["ob"], lut[idx].reshape(2, 5))

@@ -190,3 +190,46 @@ def test_unknown_op_reported_at_load_with_function_and_file(tmp_path):
     with pytest.raises(UnsupportedOpError, match=r"frobnicate") as e:
         ReferenceBackend.load(path)  # even when the default function would run fine
     assert "'other'" in str(e.value) and "m.mlmodelc" in str(e.value)
+
+
+INPLACE = """program(1.3)
+{
+    func main<ios18>(tensor<fp32, [1, 3]> u, state<tensor<fp32, [2, 3]>> s) {
+        tensor<fp32, [2, 3]> c = read_state(input = s)[name = string("c")];
+        tensor<fp32, [2, 3]> c1 = slice_update(x = c, update = u, begin = tensor<int32, [2]>([0, 0]), end = tensor<int32, [2]>([1, 3]))[name = string("c1")];
+        tensor<fp32, [1, 3]> v = slice_by_index(x = c1, begin = tensor<int32, [2]>([0, 0]), end = tensor<int32, [2]>([1, 3]))[name = string("v")];
+        tensor<fp32, [1, 3]> u2 = mul(x = v, y = fp32(2))[name = string("u2")];
+        tensor<fp32, [2, 3]> c2 = slice_update(x = c1, update = u2, begin = tensor<int32, [2]>([1, 0]), end = tensor<int32, [2]>([2, 3]))[name = string("c2")];
+        %s
+    } -> (%s);
+}
+"""
+
+
+@pytest.mark.parametrize("tail, outs, inplace, state_after", [
+    # KV-cache pattern: a chain of updates written back once: every update is done in place
+    ('write_state(data = c2, input = s)[name = string("w")];', "u2", 2, [[1, 2, 3], [2, 4, 6]]),
+    # a view of the first update is returned: the second update must not write into that buffer
+    ('write_state(data = c2, input = s)[name = string("w")];', "v", 1, [[1, 2, 3], [2, 4, 6]]),
+    # never written back: the state must stay untouched (only the private copy is updated in place)
+    ("", "c2", 1, [[0, 0, 0], [0, 0, 0]]),
+    # the state is read again before the write: the second read must see the old contents
+    ('tensor<fp32, [2, 3]> again = read_state(input = s)[name = string("again")];\n'
+     '        write_state(data = c2, input = s)[name = string("w")];', "again", 1, [[1, 2, 3], [2, 4, 6]]),
+    # the original read is used after the updates: it must keep the old contents
+    ('write_state(data = c2, input = s)[name = string("w")];\n'
+     '        tensor<fp32, [2, 3]> old = add(x = c, y = fp32(0))[name = string("old")];', "old", 1,
+     [[1, 2, 3], [2, 4, 6]]),
+])
+def test_in_place_state_updates_only_when_safe(tmp_path, tail, outs, inplace, state_after):
+    m = ReferenceBackend.load(make_mlmodelc(tmp_path, INPLACE % (tail, outs)))
+    assert m._plan.inplace_count == inplace
+    st = m.make_state()
+    o = m.predict({"u": np.array([[1, 2, 3]], np.float32)}, st)
+    np.testing.assert_array_equal(st.read("s"), np.array(state_after, np.float32))
+    if outs in ("again", "old"):
+        np.testing.assert_array_equal(o[outs], np.zeros((2, 3), np.float32))
+    if outs == "v":
+        np.testing.assert_array_equal(o["v"], np.array([[1, 2, 3]], np.float32))
+    if outs == "c2":
+        np.testing.assert_array_equal(o["c2"], np.array([[1, 2, 3], [2, 4, 6]], np.float32))

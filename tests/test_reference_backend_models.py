@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
+from typing import List, Tuple
 
 import numpy as np
 import pytest
@@ -18,11 +18,75 @@ import pytest
 pytest.importorskip("coremltools")
 tiny = pytest.importorskip("anemll_fast.testing.tiny")
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _reference_pipeline import Pipeline  # noqa: E402
-
-from anemll_fast.mil.text_writer import write_mlmodelc  # noqa: E402
+from anemll_fast.backends.reference import ReferenceBackend  # noqa: E402
 from anemll_fast.mil import load_program  # noqa: E402
+from anemll_fast.mil.text_writer import write_mlmodelc  # noqa: E402
+
+
+class Pipeline:
+    """ANEMLL's orchestration (after chat.py) over the reference backend."""
+
+    def __init__(self, model_dir: str, context: int, batch: int):
+        d = str(model_dir)
+        self.context, self.batch = context, batch
+        self.embed = ReferenceBackend.load(_one(d, "*_embeddings*.ml*"))
+        self.head = ReferenceBackend.load(_one(d, "*_lm_head*.ml*"))
+        chunk_paths = sorted(glob.glob(os.path.join(d, "*_FFN_PF*_chunk_*of*.ml*")))
+        assert chunk_paths, f"no FFN chunks in {d}"
+        self.prefill_fns = [ReferenceBackend.load(p, "prefill") for p in chunk_paths]
+        self.infer_fns = [m.function("infer") for m in self.prefill_fns]
+        self.state = self.prefill_fns[0].make_state()  # one state object for every chunk and function
+        self.mask = np.triu(np.full((context, context), -np.inf, dtype=np.float16), 1)
+
+    def _chunks(self, fns, hidden, pos_ids, mask_rows, start):
+        for fn in fns:
+            out = fn.predict({"hidden_states": hidden, "position_ids": pos_ids,
+                              "causal_mask": mask_rows[None, None], "current_pos": np.array([start], np.int32)},
+                             self.state)
+            hidden = out["output_hidden_states"]
+        return hidden
+
+    def infer(self, token: int, pos: int) -> np.ndarray:
+        hidden = self.embed.predict({"input_ids": np.array([[token]], np.int32)})["hidden_states"]
+        hidden = self._chunks(self.infer_fns, hidden, np.array([pos], np.int32), self.mask[pos:pos + 1], pos)
+        out = self.head.predict({"hidden_states": hidden})
+        parts = [out[k] for k in sorted((k for k in out if k.startswith("logits")), key=lambda k: int(k[6:]))]
+        return np.concatenate(parts, axis=-1).reshape(-1)
+
+    def prefill(self, tokens: List[int]) -> np.ndarray:
+        """Batched prefill of all prompt tokens, then infer on the last position: its logits."""
+        n, b = len(tokens), self.batch
+        for start in range(0, n, b):
+            chunk = tokens[start:start + b]
+            ids = np.zeros((1, b), np.int32)
+            ids[0, :len(chunk)] = chunk
+            hidden = self.embed.predict({"input_ids": ids})["hidden_states"]
+            pos = np.arange(start, start + b, dtype=np.int32)
+            rows = self.mask[start:start + b] if start + b <= self.context else \
+                np.pad(self.mask[start:], ((0, start + b - self.context), (0, 0)))
+            self._chunks(self.prefill_fns, hidden, pos, rows, start)
+        return self.infer(tokens[-1], n - 1)
+
+    def greedy(self, prompt: List[int], steps: int) -> Tuple[List[int], List[np.ndarray]]:
+        logits = self.prefill(prompt)
+        toks, all_logits = [], [logits]
+        pos = len(prompt)
+        for i in range(steps):
+            tok = int(np.argmax(logits))
+            toks.append(tok)
+            if i == steps - 1:
+                break
+            logits = self.infer(tok, pos)
+            all_logits.append(logits)
+            pos += 1
+        return toks, all_logits
+
+
+def _one(d: str, pattern: str) -> str:
+    hits = sorted(glob.glob(os.path.join(d, pattern)))
+    assert hits, f"nothing matches {pattern} in {d}"
+    return hits[0]
+
 
 CONTEXT, BATCH, STEPS = 48, 8, 32
 PROMPT = [5, 17, 300, 42, 7, 99, 123, 250, 11, 3]  # longer than one batch: two prefill batches
@@ -95,7 +159,6 @@ def check(model_dir, model, lut=False):
         assert float(np.abs(got.astype(np.float32) - want).max()) <= LOGIT_TOL * scale
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("chunks", [1, 2])
 @pytest.mark.parametrize("lut", [None, 6])
@@ -105,7 +168,6 @@ def test_greedy_matches_numpy_reference(tmp_path, arch, chunks, lut):
     check(model.path, model, lut=bool(lut))
 
 
-@pytest.mark.slow
 def test_mlmodelc_written_from_packages_gives_identical_outputs(tmp_path):
     """Every part rewritten as an .mlmodelc (model.mil text + weight.bin) computes the same logits."""
     model = tiny.build_tiny_model(tmp_path / "m", "qwen3", num_chunks=2, context_length=CONTEXT,
@@ -122,3 +184,20 @@ def test_mlmodelc_written_from_packages_gives_identical_outputs(tmp_path):
     assert ta == tb
     for x, y in zip(la, lb):
         np.testing.assert_array_equal(x, y)
+
+
+def test_enumerated_input_shapes_and_histogram(tmp_path):
+    from anemll_fast.backends.reference import ReferenceBackend
+    from anemll_fast.mil import MilInputError, op_histogram
+
+    model = tiny.build_tiny_model(tmp_path / "m", "llama", num_chunks=1, context_length=16, batch_size=4,
+                                  num_layers=1)
+    emb = ReferenceBackend.load(glob.glob(os.path.join(model.path, "*_embeddings*.mlpackage"))[0])
+    for n in (1, 4):
+        assert emb.predict({"input_ids": np.zeros((1, n), np.int32)})["hidden_states"].shape == (1, n, 64)
+    with pytest.raises(MilInputError, match=r"input 'input_ids' has shape \[1, 3\], expected one of \[1, 1\], \[1, 4\]"):
+        emb.predict({"input_ids": np.zeros((1, 3), np.int32)})
+    chunk = glob.glob(os.path.join(model.path, "*_FFN_PF*_chunk_*.mlpackage"))[0]
+    hist = op_histogram(chunk)
+    assert set(hist) == {"prefill", "infer"}
+    assert hist["infer"]["read_state"] >= 1 and hist["infer"]["write_state"] >= 1 and hist["infer"]["conv"] >= 7

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from anemll_fast.mil.errors import MilInputError, StateSpecError
+from anemll_fast.mil.errors import MilFormatError, MilInputError, StateSpecError
 from anemll_fast.mil.loader import load_program
 from anemll_fast.mil.ops.state import StateBuffer
 from anemll_fast.mil.plan import Plan, check_supported, from_compute, to_compute
@@ -108,6 +108,9 @@ class ReferenceModel:
         seen: Dict[str, FeatureSpec] = {}
         for name in self.program.functions:
             for s in self.program.function_spec(name).states:
+                if any(d is None for d in s.shape) or s.dtype not in NUMPY_DTYPES or s.dtype == "string":
+                    raise MilFormatError(f"{self.path}: function {name!r}: state {s.name!r} needs a static "
+                                         f"shape and a numeric dtype, got {s.dtype} {list(s.shape)}")
                 seen.setdefault(s.name, s)
         return list(seen.values())
 

@@ -108,7 +108,8 @@ class BlobReader:
         if blob_dtype != dtype:
             raise WeightFileError(f"{where}: blob holds {blob_dtype} but the program declares {dtype}")
         count = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-        raw = np.frombuffer(self._buf, dtype=np.uint8, count=nbytes, offset=data_off)
+        # bytes copy, never a view: a view would pin the mmap open after an error
+        raw = np.frombuffer(self._buf[data_off:data_off + nbytes], dtype=np.uint8)
         if dtype in SUB_BYTE_BITS:
             nbits = SUB_BYTE_BITS[dtype]
             if nbytes * 8 < count * nbits:
@@ -122,7 +123,7 @@ class BlobReader:
             raise WeightFileError(
                 f"{where}: blob has {nbytes} bytes but tensor<{dtype}, {list(shape)}> needs {count * width}"
             )
-        arr = np.frombuffer(raw.tobytes(), dtype=_RAW_NUMPY[dtype]).reshape(shape)
+        arr = raw.view(_RAW_NUMPY[dtype]).reshape(shape)
         if dtype == "bf16":
             return bf16_to_fp32(arr).reshape(shape)
         return arr.astype(NUMPY_DTYPES[dtype], copy=True)

@@ -235,7 +235,7 @@ class Plan:
                     outs = CONSTEXPR[op.type](ctx)
                 except MilError:
                     raise
-                except (ValueError, TypeError, IndexError) as e:
+                except Exception as e:  # noqa: BLE001 - any failure decoding constants is a bad file
                     raise MilFormatError(f"{where}: cannot decode constant: {e}") from e
                 for v, arr in zip(op.outputs, outs):
                     dt = v.type.dtype if isinstance(v.type, TensorType) else "fp32"
@@ -250,8 +250,8 @@ class Plan:
                 kernel = OPS[op.type](ctx)
             except MilError:
                 raise
-            except (ValueError, TypeError, IndexError, KeyError) as e:
-                raise MilFormatError(f"{where}: bad parameters: {e}") from e
+            except Exception as e:  # noqa: BLE001 - parameters the op cannot take
+                raise MilFormatError(f"{where}: bad parameters: {type(e).__name__}: {e}") from e
             fins = [round_to(v.type.dtype if isinstance(v.type, TensorType) else "", kernel.exact)
                     for v in op.outputs]
             # Constant folding: an op of constants (not a state op) is evaluated once, now.

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from anemll_fast.mil.blobfile import BlobCache, placeholder, resolve_blob_path, unpack_bits
-from anemll_fast.mil.errors import MilFormatError, WeightFileError
+from anemll_fast.mil.errors import MilFormatError
 from anemll_fast.mil.program import (
     NUMPY_DTYPES, SUB_BYTE_BITS, FeatureSpec, Function, FunctionSpec, Op, OtherType, Program,
     StateType, TensorType, Value, Var,
@@ -246,12 +246,7 @@ class _ProtoLoader:
                 else:
                     binds.append(self.value(b.value, f"{label} input {pname}"))
             inputs[pname] = binds
-        attrs = {}
-        for k, v in o.attributes.items():
-            try:
-                attrs[k] = self.value(v, f"{label} attribute {k}")
-            except WeightFileError:
-                raise
+        attrs = {k: self.value(v, f"{label} attribute {k}") for k, v in o.attributes.items()}
         name_attr = attrs.get("name")
         op_name = name_attr.data if name_attr is not None and isinstance(name_attr.data, str) else ""
         return Op(o.type, inputs, outs, attrs, op_name)

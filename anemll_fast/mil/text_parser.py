@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from anemll_fast.mil.blobfile import BlobCache, placeholder, resolve_blob_path
-from anemll_fast.mil.errors import MilFormatError, WeightFileError
+from anemll_fast.mil.errors import MilFormatError
 from anemll_fast.mil.program import (
     NUMPY_DTYPES, FeatureSpec, Function, FunctionSpec, Op, OtherType, Program, StateType, TensorType,
     Value, Var,
@@ -320,10 +320,15 @@ class _Parser:
             raise self.error("BLOBFILE needs path and offset", start)
         if t.shape is None or None in t.shape:
             raise self.error("a weight blob needs a static shape", start)
-        path = resolve_blob_path(str(fields["path"]), self.model_dir, self.source)
+        if not isinstance(fields["path"], str):
+            raise self.error("BLOBFILE path must be a string", start)
+        try:
+            offset = int(np.asarray(fields["offset"]).item())
+        except (ValueError, TypeError) as e:
+            raise self.error(f"bad BLOBFILE offset ({e})", start) from e
+        path = resolve_blob_path(fields["path"], self.model_dir, self.source)
         if not self.read_weights:
             return placeholder(t.dtype, tuple(t.shape))
-        offset = int(np.asarray(fields["offset"]).item())
         return self.blobs.reader(path).read(offset, t.dtype, tuple(t.shape))
 
     def literal(self) -> Any:
@@ -335,7 +340,10 @@ class _Parser:
                 return _unquote(t.text)
             if t.kind == "num":
                 self.next()
-                return _number(t.text)
+                try:
+                    return _number(t.text)
+                except (ValueError, OverflowError) as e:
+                    raise self.error(f"bad number ({e})", t) from e
             if t.kind == "id" and t.text in ("true", "false"):
                 self.next()
                 return t.text == "true"

@@ -16,7 +16,7 @@ import numpy as np
 from anemll_fast.mil.blobfile import BlobWriter
 from anemll_fast.mil.errors import MilError
 from anemll_fast.mil.program import (
-    SUB_BYTE_BITS, FeatureSpec, Function, Op, OtherType, Program, StateType, TensorType, Value,
+    SUB_BYTE_BITS, FeatureSpec, Function, Op, OtherType, Program, TensorType, Value,
 )
 
 WEIGHT_REF = "@model_path/weights/weight.bin"
@@ -109,7 +109,7 @@ class _Writer:
         attrs = dict(op.attributes)
         if "name" not in attrs and op.name:
             attrs["name"] = Value(TensorType("string", ()), op.name)
-        text = f"{op.type}({', '.join(args)}){self.attrs(attrs, allow_blob=op.type == 'const')};"
+        text = f"{op.type}({', '.join(args)}){self.attrs(attrs, allow_blob=op.type == 'const' or op.type.startswith('constexpr_'))};"
         return f"{lhs} = {text}" if lhs else text
 
     def function(self, fn: Function) -> List[str]:

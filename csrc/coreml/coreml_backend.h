@@ -67,6 +67,7 @@ typedef struct anemll_coreml_stats {
   uint64_t state_resets;      /* reset_state calls */
 } anemll_coreml_stats;
 
+#if defined(ANEMLL_FAST_HAVE_COREML) || defined(ANEMLL_COREML_IMPLEMENTATION)
 /* Defaults: compute_units ALL, output_backing AUTO, cache_dir NULL. */
 void anemll_coreml_options_init(anemll_coreml_options* options);
 
@@ -79,6 +80,36 @@ anemll_backend* anemll_coreml_backend_create(const anemll_coreml_options* option
 /* Copies the counters of a backend made by anemll_coreml_backend_create;
  * returns ANEMLL_ERR_INVALID for any other backend. */
 int anemll_coreml_backend_stats(const anemll_backend* backend, anemll_coreml_stats* out);
+#endif
+
+#if !defined(ANEMLL_FAST_HAVE_COREML) && !defined(ANEMLL_COREML_IMPLEMENTATION)
+/* Builds without Core ML (not macOS): the same calls, failing with a clear
+ * message, so that callers (the Cython layer) need no platform conditionals. */
+static inline void anemll_coreml_options_init(anemll_coreml_options* options) {
+  if (!options) return;
+  options->struct_size = (uint32_t)sizeof(anemll_coreml_options);
+  options->compute_units = ANEMLL_COREML_ALL;
+  options->output_backing = ANEMLL_COREML_BACKING_AUTO;
+  options->cache_dir = NULL;
+}
+static inline anemll_backend* anemll_coreml_backend_create(const anemll_coreml_options* options, char* err,
+                                                           size_t err_size) {
+  (void)options;
+  if (err && err_size) {
+    const char msg[] = "coreml backend: not built in (Core ML exists only on macOS)";
+    size_t n = sizeof msg < err_size ? sizeof msg : err_size;
+    size_t i;
+    for (i = 0; i + 1 < n; ++i) err[i] = msg[i];
+    err[n - 1] = '\0';
+  }
+  return NULL;
+}
+static inline int anemll_coreml_backend_stats(const anemll_backend* backend, anemll_coreml_stats* out) {
+  (void)backend;
+  (void)out;
+  return ANEMLL_ERR_UNSUPPORTED;
+}
+#endif
 
 #ifdef __cplusplus
 }

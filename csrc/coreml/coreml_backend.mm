@@ -21,6 +21,7 @@
 //               identity), else copied once honouring the returned array's own
 //               dataType and strides.
 // Every entry point catches Objective-C and C++ exceptions; nothing escapes.
+#define ANEMLL_COREML_IMPLEMENTATION 1
 #include "coreml/coreml_backend.h"
 
 #if defined(ANEMLL_COREML_SDK_DECLS)
@@ -32,10 +33,12 @@
 #endif
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <exception>
 #include <filesystem>
+#include <memory>
 #include <new>
 #include <string>
 #include <system_error>
@@ -131,8 +134,8 @@ int set_error(Ctx* c, int code, const std::string& msg) {
   return code;
 }
 
-int set_error_noalloc(Ctx* c, int code, const char* a, const char* b = "") {
-  std::snprintf(c->err, sizeof c->err, "%s%s", a, b);
+int set_error_noalloc(Ctx* c, int code, const char* a, const char* b = "", const char* d = "") {
+  std::snprintf(c->err, sizeof c->err, "%s%s%s", a, b, d);
   return code;
 }
 
@@ -271,7 +274,7 @@ int guarded(Ctx* c, const char* what, int code, F&& body) {
   } catch (const std::bad_alloc&) {
     return set_error_noalloc(c, ANEMLL_ERR_NOMEM, what, ": out of memory");
   } catch (const std::exception& e) {
-    return set_error_noalloc(c, code, what, (std::string(": ") + e.what()).c_str());
+    return set_error_noalloc(c, code, what, ": ", e.what());
   } catch (...) {
     return set_error_noalloc(c, code, what, ": unknown exception");
   }
@@ -293,8 +296,9 @@ int compiled_path(Ctx* c, const std::string& package, std::string* out) {
     return ANEMLL_OK;
   }
   NSError* error = nil;
-  NSURL* tmp = [MLModel compileModelAtURL:[NSURL fileURLWithPath:ns(package) isDirectory:fs::is_directory(package)]
-                                    error:&error];
+  std::error_code dir_ec;
+  const bool is_dir = fs::is_directory(package, dir_ec);
+  NSURL* tmp = [MLModel compileModelAtURL:[NSURL fileURLWithPath:ns(package) isDirectory:is_dir] error:&error];
   if (tmp == nil) return set_error(c, ANEMLL_ERR_LOAD, package + ": Core ML cannot compile it: " + describe(error));
   const std::string tmp_path = str(tmp.path);
   const bool ok = cc::install(root, l, tmp_path, &err);
@@ -473,8 +477,8 @@ MLMultiArray* pixel_backing(const Output& o, CVPixelBufferRef* pixels) {
   const int64_t width = o.shape.back();
   int64_t height = 1;
   for (size_t i = 0; i + 1 < o.shape.size(); ++i) height *= o.shape[i];
-  NSDictionary* surface_props = [NSDictionary dictionaryWithObjects:nullptr forKeys:nullptr count:0];
-  id keys[1] = {(__bridge NSString*)kCVPixelBufferIOSurfacePropertiesKey};
+  NSDictionary* surface_props = [[NSDictionary alloc] init];  // present and empty: allocate via IOSurface
+  id<NSCopying> keys[1] = {(__bridge NSString*)kCVPixelBufferIOSurfacePropertiesKey};
   id values[1] = {surface_props};
   NSDictionary* attrs = [NSDictionary dictionaryWithObjects:values forKeys:keys count:1];
   CVPixelBufferRef pb = nullptr;

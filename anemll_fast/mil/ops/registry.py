@@ -90,10 +90,14 @@ class BuildContext:
 
     # -- parameters
     def has(self, name: str) -> bool:
-        return name in self.op.inputs and len(self.op.inputs[name]) > 0
+        if name in self.op.inputs and len(self.op.inputs[name]) > 0:
+            return True
+        return name != "name" and name in self.op.attributes
 
     def _binding(self, name: str) -> Any:
         binds = self.op.inputs.get(name)
+        if not binds and name != "name" and name in self.op.attributes:
+            return self.op.attributes[name]  # iOS16 constexpr ops keep their data as attributes
         if not binds:
             raise self.bad(f"missing input {name!r}")
         if len(binds) != 1:

@@ -1,4 +1,4 @@
-/* Minimal declarations of exactly the Apple SDK symbols csrc/coreml/*.mm uses.
+/* Minimal declarations of exactly the Apple SDK symbols the csrc/coreml .mm files use.
  *
  * Purpose: type-check the Objective-C++ CoreML backend on Linux, where no Apple
  * SDK exists (tests/test_coreml_syntax.py runs clang -fsyntax-only with
@@ -7,7 +7,7 @@
  * <CoreVideo/CoreVideo.h> instead.
  *
  * Every declaration below is written from Apple's public headers (macOS 15 /
- * iOS 18 SDK: Foundation, CoreML.framework/Headers/*.h, CoreVideo/CVPixelBuffer.h,
+ * iOS 18 SDK: Foundation, the CoreML.framework headers, CoreVideo/CVPixelBuffer.h,
  * CVReturn.h, CVBase.h) and the Core ML documentation: same selectors, parameter
  * and return types, nullability and availability annotations. Only what the
  * backend calls is declared, so a call the real SDK lacks fails here too, and a
@@ -71,13 +71,16 @@ typedef unsigned int UInt32;
 typedef UInt32 FourCharCode;
 typedef FourCharCode OSType;
 typedef unsigned char Boolean;
+#define nil nullptr /* objc.h: __DARWIN_NULL, nullptr in C++11 */
 
 /* --------------------------------------------------------- CoreFoundation */
 typedef const struct __CFAllocator* CFAllocatorRef;
 typedef const struct __CFString* CFStringRef;
 typedef const struct __CFDictionary* CFDictionaryRef;
 typedef const void* CFTypeRef;
-extern "C" const CFAllocatorRef kCFAllocatorDefault;
+NS_ASSUME_NONNULL_BEGIN
+extern "C" const CFAllocatorRef kCFAllocatorDefault; /* CFBase.h (its value is NULL: the default allocator) */
+NS_ASSUME_NONNULL_END
 
 /* ------------------------------------------------------------- Foundation */
 NS_ASSUME_NONNULL_BEGIN
