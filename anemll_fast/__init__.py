@@ -4,6 +4,10 @@ import sys as _sys
 
 from anemll_fast.errors import AnemllError, ConfigError, HubError
 
+# Imported eagerly: the module `anemll_fast.generate` would otherwise shadow the
+# function of the same name once something imports the module.
+from anemll_fast.generate import GenerationResponse, generate, stream_generate  # noqa: E402
+
 __version__ = "0.1.0"
 
 
@@ -24,7 +28,6 @@ if _sys.platform != "darwin":
 _LAZY = {
     "ModelConfig": "config", "ComponentConfig": "config", "TensorSpec": "config", "Shapes": "config",
     "load": "model", "Model": "model",
-    "generate": "generate", "stream_generate": "generate", "GenerationResponse": "generate",
     "ChatSession": "chat",
     "SamplingSettings": "sampling",
     "Engine": "engine", "EngineError": "engine", "EngineInputError": "engine",
@@ -43,4 +46,5 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(f"anemll_fast.{module}"), name)
 
 
-__all__ = ["AnemllError", "ConfigError", "HubError", "__version__"] + [n for n in _LAZY if n != "hub"]
+__all__ = ["AnemllError", "ConfigError", "GenerationResponse", "HubError", "__version__", "generate",
+           "stream_generate"] + [n for n in _LAZY if n != "hub"]

@@ -146,7 +146,7 @@ def _component(directory: Path, io: ModelIO, function: Optional[str], fio: Any) 
         inputs=dict(fio.inputs),
         outputs=dict(fio.outputs),
         states=dict(fio.states),
-        functions=list(io.functions) if io.multifunction else [],
+        functions=sorted(io.functions) if io.multifunction else [],  # protobuf maps have no order
         function=function,
     )
 

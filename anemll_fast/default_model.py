@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +49,8 @@ def default_model_dir(progress: bool = True, cache: Optional[Path] = None) -> Pa
 
     source = gguf_path()
     if progress:
-        print(f"anemll-fast: converting the default model {source.name} into {target} (once)", flush=True)
+        print(f"anemll-fast: converting the default model {source.name} into {target} (once)",
+              file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     # The converter stages its output beside `target` and renames it when complete,
     # so an interrupted first run leaves no directory that looks converted.

@@ -18,6 +18,11 @@ class StreamingDetokenizer:
         self._ids: List[int] = []
         self._text = ""  # decoded text of all ids, complete characters only
         self._emitted = 0  # chars of _text already released
+        # Only a short window of ids is decoded per token (as HF's TextStreamer):
+        # ids[_prefix:_read] were decoded last time; decoding from _prefix keeps
+        # the context a tokenizer needs at the boundary (leading spaces).
+        self._prefix = 0
+        self._read = 0
         self.stopped: Optional[str] = None  # the stop string that ended the text
 
     @property
@@ -30,20 +35,25 @@ class StreamingDetokenizer:
         if self.stopped is not None:
             return ""
         self._ids.append(token_id)
-        decoded = self._decode(self._ids)
-        # A trailing U+FFFD means the last token ended inside a character.
-        if decoded.endswith("\ufffd"):
-            return ""
-        self._text = decoded
+        self._advance(final=False)
         return self._release(final=False)
 
     def finish(self) -> str:
         """No more ids: release what was held back for a possible stop string."""
         if self.stopped is not None:
             return ""
-        decoded = self._decode(self._ids) if self._ids else ""
-        self._text = decoded
+        self._advance(final=True)
         return self._release(final=True)
+
+    def _advance(self, final: bool) -> None:
+        before = self._decode(self._ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        after = self._decode(self._ids[self._prefix:])
+        # A trailing U+FFFD means the last token ended inside a character: wait,
+        # unless nothing more will come.
+        if (after.endswith("\ufffd") and not final) or len(after) < len(before):
+            return
+        self._text += after[len(before):]
+        self._prefix, self._read = self._read, len(self._ids)
 
     def _release(self, final: bool) -> str:
         start = self._emitted

@@ -28,7 +28,8 @@ def _files(config: Any) -> List[Path]:
 
 
 def describe_file(path: Path, out: TextIO) -> None:
-    from anemll_fast.model_io import op_histogram, read_model_io
+    from anemll_fast.mil import op_histogram
+    from anemll_fast.model_io import read_model_io
 
     io = read_model_io(path)
     kind = "multifunction, default " + repr(io.default_function) if io.multifunction else "single function"

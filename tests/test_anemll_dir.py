@@ -10,7 +10,8 @@ import yaml
 import anemll_stub
 from anemll_fast.config import ModelConfig
 from anemll_fast.errors import ConfigError
-from anemll_fast.model_io import mil_function_signatures, op_histogram, read_model_io
+from anemll_fast.mil import op_histogram
+from anemll_fast.model_io import read_model_io
 from conftest import SHARED
 
 
@@ -135,19 +136,29 @@ def test_op_histograms(v034, compiled):
 
 
 @pytest.mark.skipif(not (SHARED / "mil_samples").is_dir(), reason="../shared/mil_samples is absent")
-def test_signatures_of_real_compiled_model_mil():
-    samples = SHARED / "mil_samples"
-    funcs, _ = mil_function_signatures((samples / "apple_coremltools__add_model.mlmodelc__model.mil").read_text())
-    assert list(funcs) == ["main"]
-    assert all(s.data_type in ("FLOAT32", "FLOAT16") for s in funcs["main"].inputs.values())
-    funcs, _ = mil_function_signatures((samples / "joshuaswarren_ane-linux-experiments__model-A-correct.mil").read_text())
-    assert len(funcs["main"].inputs) == 3 and len(funcs["main"].outputs) == 2
-    head = (samples / "joshuaswarren_ane-linux-experiments__encoder-island-cost__model.mil.chars_0-32000.partial").read_text()
-    tail = (samples / "joshuaswarren_ane-linux-experiments__encoder-island-cost__model.mil.chars_653663-659663.partial").read_text()
-    # The middle is missing: join head and tail at line boundaries.
-    text = head[: head.rfind("\n")] + "\n" + tail[tail.find("\n") + 1:]
-    funcs, _ = mil_function_signatures(text)
-    assert "main" in funcs and funcs["main"].outputs and funcs["main"].inputs
+@pytest.mark.parametrize("sample, n_in, n_out", [
+    ("apple_coremltools__add_model.mlmodelc__model.mil", 2, 1),
+    ("joshuaswarren_ane-linux-experiments__model-A-correct.mil", 3, 2),
+    ("joshuaswarren_ane-linux-experiments__oproj__model.mil", 1, 1),
+])
+def test_interface_of_real_compiled_model_mil(tmp_path, sample, n_in, n_out):
+    bundle = tmp_path / "m.mlmodelc"
+    bundle.mkdir()
+    shutil.copy(SHARED / "mil_samples" / sample, bundle / "model.mil")
+    io = read_model_io(bundle)
+    fio = io.function()
+    assert io.default_function == "main" and not io.multifunction
+    assert len(fio.inputs) == n_in and len(fio.outputs) == n_out
+    for spec in list(fio.inputs.values()) + list(fio.outputs.values()):
+        assert spec.data_type in ("FLOAT16", "FLOAT32") and all(d > 0 for d in spec.shape)
+
+
+def test_enumerated_shapes_from_coremlc_metadata(compiled):
+    """coremlc writes flexibility as "1 × 1 | 1 × 4"; the signature has `?`."""
+    io = read_model_io(compiled / "qwen_embeddings.mlmodelc")
+    spec = io.function().inputs["input_ids"]
+    assert spec.shape == (1, 4) and set(spec.all_shapes) == {(1, 4), (1, 1)}
+    assert set(io.function().outputs["hidden_states"].all_shapes) == {(1, 4, 16), (1, 1, 16)}
 
 
 # -------------------------------------------------------------- bad input
@@ -230,30 +241,30 @@ def test_corrupt_spec(v034, tmp_path):
     d = copy_dir(v034, tmp_path)
     spec = d / "qwen_lm_head.mlpackage" / "Data" / "com.apple.CoreML" / "model.mlmodel"
     spec.write_bytes(b"\x0a\xff\xff\xff garbage")
-    with pytest.raises(ConfigError, match="model.mlmodel: cannot parse"):
+    with pytest.raises(ConfigError, match="model.mlmodel: not a valid Core ML model protobuf"):
         ModelConfig.from_anemll_dir(d)
 
 
 def test_corrupt_manifest(v034, tmp_path):
     d = copy_dir(v034, tmp_path)
     (d / "qwen_lm_head.mlpackage" / "Manifest.json").write_text("{}")
-    with pytest.raises(ConfigError, match="Manifest.json: malformed"):
+    with pytest.raises(ConfigError, match="Manifest.json: cannot find the root model"):
         ModelConfig.from_anemll_dir(d)
 
 
 def test_compiled_bad_metadata_and_model_mil(compiled, tmp_path):
     d = copy_dir(compiled, tmp_path)
     (d / "qwen_lm_head.mlmodelc" / "metadata.json").write_text("[{")
-    with pytest.raises(ConfigError, match="qwen_lm_head.mlmodelc/metadata.json: invalid JSON"):
+    with pytest.raises(ConfigError, match="qwen_lm_head.mlmodelc/metadata.json: not valid JSON"):
         ModelConfig.from_anemll_dir(d)
     shutil.rmtree(d)
     d = copy_dir(compiled, tmp_path)
     (d / "qwen_lm_head.mlmodelc" / "model.mil").write_text("program(1.3)\n{\n}\n")
-    with pytest.raises(ConfigError, match="qwen_lm_head.mlmodelc/model.mil: no function"):
+    with pytest.raises(ConfigError, match="qwen_lm_head.mlmodelc: the program has no functions"):
         ModelConfig.from_anemll_dir(d)
     (d / "qwen_lm_head.mlmodelc" / "model.mil").write_text(
         "program(1.3)\n{\n func main<ios18>(tensor<fp16, [1, 1, 16]> hidden_states) {\n } -> (logits1);\n}\n")
-    with pytest.raises(ConfigError, match="'logits1' is never declared"):
+    with pytest.raises(ConfigError, match="returns 'logits1', which is never defined"):
         ModelConfig.from_anemll_dir(d)
 
 

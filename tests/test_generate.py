@@ -193,3 +193,16 @@ def test_close_releases_and_refuses(tiny):
     m.close()  # idempotent
     with pytest.raises(ValueError, match="closed"):
         generate(m, "x")
+
+
+def test_public_api_as_the_readme_uses_it(model, ascii_bias):
+    import anemll_fast.chat  # noqa: F401  (importing submodules must not shadow the functions)
+    import anemll_fast.generate  # noqa: F401
+
+    assert callable(anemll_fast.generate) and callable(anemll_fast.stream_generate)
+    text = anemll_fast.generate(model, "Once", max_tokens=4, logit_bias=ascii_bias)
+    assert isinstance(text, str)
+    chat = anemll_fast.ChatSession(model, system="Be brief.", max_tokens=3, logit_bias=ascii_bias)
+    assert isinstance(chat.send("Hi!"), str)
+    settings = anemll_fast.SamplingSettings(temperature=0.5, seed=2, max_tokens=3)
+    assert anemll_fast.generate(model, "a", settings) == anemll_fast.generate(model, "a", settings)

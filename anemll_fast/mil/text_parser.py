@@ -177,6 +177,10 @@ class _Parser:
                     break
                 self.expect(",")
         self.expect(";")
+        defined = {v.name for v in inputs} | {v.name for op in ops for v in op.outputs}
+        for out in outputs:
+            if out not in defined:
+                raise MilFormatError(f"{self.source}: function {name!r} returns {out!r}, which is never defined")
         return Function(name, inputs, ops, outputs, opset=opset, attributes=attrs)
 
     def statement(self) -> Op:
@@ -510,6 +514,35 @@ def _shape_list(v: Any) -> Optional[List[Any]]:
     return v if isinstance(v, list) else None
 
 
+def _parse_flexibility(text: Any, rank: int) -> Tuple[Optional[List[List[int]]], Optional[List[List[int]]]]:
+    """coremlc's `shapeFlexibility` string: "1 × 1 | 1 × 64" (enumerated) or
+    "1 × 1...2048" (per-dim ranges; `...` without a bound is unbounded)."""
+    if not isinstance(text, str) or not text.strip():
+        return None, None
+    if "..." in text:
+        dims = [d.strip() for d in re.split(r"[×x]", text)]
+        if len(dims) != rank:
+            return None, None
+        ranges = []
+        for d in dims:
+            lo, sep, hi = d.partition("...")
+            try:
+                if not sep:
+                    ranges.append([int(lo), int(lo)])
+                else:
+                    ranges.append([int(lo), int(hi) if hi.strip() else -1])
+            except ValueError:
+                return None, None
+        return None, ranges
+    shapes = []
+    for part in text.split("|"):
+        dims = [d.strip() for d in re.split(r"[×x]", part) if d.strip()]
+        if len(dims) != rank or not all(d.isdigit() for d in dims):
+            return None, None
+        shapes.append([int(d) for d in dims])
+    return (shapes if len(shapes) > 1 else None), None
+
+
 def _specs_from_metadata(program: Program, meta: Dict[str, Any]) -> Dict[str, FunctionSpec]:
     """Refine the signature's input specs with flexible shapes recorded in metadata.json."""
     schemas: Dict[str, List[Dict[str, Any]]] = {}
@@ -529,6 +562,8 @@ def _specs_from_metadata(program: Program, meta: Dict[str, Any]) -> Dict[str, Fu
             d = by_name.get(s.name, {})
             enum = _shape_list(d.get("enumeratedShapes"))
             rng = _shape_list(d.get("shapeRange"))
+            if not enum and not rng:
+                enum, rng = _parse_flexibility(d.get("shapeFlexibility"), len(s.shape))
             if enum and all(isinstance(e, list) and len(e) == len(s.shape) for e in enum):
                 s = FeatureSpec(s.name, s.dtype, s.shape, [tuple(int(x) for x in e) for e in enum])
             elif rng and len(rng) == len(s.shape) and all(isinstance(r, list) and len(r) == 2 for r in rng):
