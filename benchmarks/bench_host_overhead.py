@@ -16,33 +16,15 @@ import numpy as np
 
 from anemll_fast.config import ModelConfig
 from anemll_fast.engine import Engine
+from anemll_fast.layout import anemll_config
 from anemll_fast.sampling import SamplingSettings
 
 
 def qwen_like_config(hidden: int, context: int, batch: int, parts: int, part_size: int, chunks: int) -> ModelConfig:
-    def t(shape, dtype="FLOAT16"):
-        return {"shape": shape, "data_type": dtype}
-
-    def ffn(S: int, fn: str) -> dict:
-        return {"file_path": "chunk.null", "function": fn, "functions": ["infer", "prefill"],
-                "inputs": {"hidden_states": t([1, S, hidden]), "position_ids": t([S], "INT32"),
-                           "causal_mask": t([1, 1, S, context]), "current_pos": t([1], "INT32")},
-                "outputs": {"output_hidden_states": t([1, S, hidden])},
-                "states": {"model_model_kv_cache_0": t([56, 8, context, 128])}}
-
-    return ModelConfig.from_dict({
-        "shapes": {"batch_size": batch, "context_length": context, "hidden_size": hidden,
-                   "vocab_size": parts * part_size},
-        "components": {
-            "embeddings": {"file_path": "emb.null",
-                           "inputs": {"input_ids": {**t([1, 1], "INT32"), "enumerated_shapes": [[1, batch]]}},
-                           "outputs": {"hidden_states": t([1, 1, hidden])}},
-            "ffn_prefill": [ffn(batch, "prefill") for _ in range(chunks)],
-            "ffn_infer": [ffn(1, "infer") for _ in range(chunks)],
-            "lm_head": {"file_path": "head.null", "inputs": {"hidden_states": t([1, 1, hidden])},
-                        "outputs": {f"logits{i + 1}": t([1, 1, part_size]) for i in range(parts)}},
-        },
-    })
+    """Qwen3-0.6B's layout (28 layers, 8 KV heads of 128) at the given sizes."""
+    return anemll_config(prefix="qwen", hidden_size=hidden, num_layers=28, num_kv_heads=8, head_dim=128,
+                         vocab_size=parts * part_size, context_length=context, batch_size=batch,
+                         num_chunks=chunks, split_lm_head=parts)
 
 
 def per_step_us(engine: Engine, steps: int) -> float:

@@ -113,6 +113,21 @@ static inline size_t anemll_dtype_size(int32_t dtype) {
   }
 }
 
+/* Name of `dtype` for messages, as ModelConfig spells it. */
+static inline const char* anemll_dtype_name(int32_t dtype) {
+  switch (dtype) {
+    case ANEMLL_DTYPE_FLOAT16: return "FLOAT16";
+    case ANEMLL_DTYPE_FLOAT32: return "FLOAT32";
+    case ANEMLL_DTYPE_FLOAT64: return "FLOAT64";
+    case ANEMLL_DTYPE_INT32: return "INT32";
+    case ANEMLL_DTYPE_INT16: return "INT16";
+    case ANEMLL_DTYPE_INT8: return "INT8";
+    case ANEMLL_DTYPE_UINT8: return "UINT8";
+    case ANEMLL_DTYPE_BOOL: return "BOOL";
+    default: return "UNKNOWN";
+  }
+}
+
 #ifdef __cplusplus
 }
 #endif

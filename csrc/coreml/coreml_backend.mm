@@ -206,7 +206,7 @@ bool ml_of(int32_t d, MLMultiArrayDataType* out) {
 
 std::string ml_dtype_text(MLMultiArrayDataType t) {
   const int32_t d = anemll_of(t);
-  if (d) return anemll::coreml_copy::dtype_name(d);
+  if (d) return anemll_dtype_name(d);
   char buf[32];
   std::snprintf(buf, sizeof buf, "Core ML dataType 0x%lx", static_cast<long>(t));
   return buf;
@@ -226,7 +226,7 @@ std::string spec_text(const std::vector<StateSpec>& states) {
   std::string out;
   for (const StateSpec& s : states) {
     if (!out.empty()) out += "; ";
-    out += s.name + " " + (s.dtype ? anemll::coreml_copy::dtype_name(s.dtype) : "?") + " " +
+    out += s.name + " " + (s.dtype ? anemll_dtype_name(s.dtype) : "?") + " " +
            anemll::coreml_copy::shape_str(s.shape);
   }
   return out.empty() ? "no states" : out;
@@ -526,11 +526,11 @@ int bind_impl(Ctx* c, anemll_model* mh, const anemll_tensor* inputs, int32_t n_i
     MLMultiArrayDataType dt;
     if (!ml_of(t.dtype, &dt))
       return set_error(c, ANEMLL_ERR_UNSUPPORTED, m->label + ": input '" + name + "': " +
-                                                      anemll::coreml_copy::dtype_name(t.dtype) +
+                                                      anemll_dtype_name(t.dtype) +
                                                       " has no Core ML multi-array type");
     if (d.multiArrayConstraint.dataType != dt)
       return set_error(c, ANEMLL_ERR_INVALID, m->label + ": input '" + name + "': the engine binds " +
-                                                  anemll::coreml_copy::dtype_name(t.dtype) + ", the model takes " +
+                                                  anemll_dtype_name(t.dtype) + ", the model takes " +
                                                   ml_dtype_text(d.multiArrayConstraint.dataType));
     NSError* error = nil;
     MLMultiArray* arr = [[MLMultiArray alloc] initWithDataPointer:t.data
@@ -591,7 +591,7 @@ int bind_impl(Ctx* c, anemll_model* mh, const anemll_tensor* inputs, int32_t n_i
     if (!model_d || !anemll::coreml_copy::convertible(model_d, o.dtype))
       return set_error(c, ANEMLL_ERR_INVALID, m->label + ": output '" + o.name + "': the model produces " +
                                                   ml_dtype_text(model_dt) + ", the engine reads " +
-                                                  anemll::coreml_copy::dtype_name(o.dtype));
+                                                  anemll_dtype_name(o.dtype));
     Backing want = Backing::kNone;
     if (mode == ANEMLL_COREML_BACKING_PIXEL_BUFFER ||
         (mode == ANEMLL_COREML_BACKING_AUTO && ane_may_run(c->units)))

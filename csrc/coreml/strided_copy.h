@@ -29,20 +29,6 @@ struct Tensor {
   size_t nbytes = 0;             // bytes addressable from data
 };
 
-inline const char* dtype_name(int32_t d) {
-  switch (d) {
-    case ANEMLL_DTYPE_FLOAT16: return "FLOAT16";
-    case ANEMLL_DTYPE_FLOAT32: return "FLOAT32";
-    case ANEMLL_DTYPE_FLOAT64: return "FLOAT64";
-    case ANEMLL_DTYPE_INT32: return "INT32";
-    case ANEMLL_DTYPE_INT16: return "INT16";
-    case ANEMLL_DTYPE_INT8: return "INT8";
-    case ANEMLL_DTYPE_UINT8: return "UINT8";
-    case ANEMLL_DTYPE_BOOL: return "BOOL";
-    default: return "unknown dtype";
-  }
-}
-
 inline bool is_float(int32_t d) {
   return d == ANEMLL_DTYPE_FLOAT16 || d == ANEMLL_DTYPE_FLOAT32 || d == ANEMLL_DTYPE_FLOAT64;
 }
@@ -128,7 +114,7 @@ inline bool copy(const Tensor& src, const Tensor& dst_in, void* dst_data, const 
                  std::string* err) {
   const size_t ssz = anemll_dtype_size(src.dtype), dsz = anemll_dtype_size(dst_in.dtype);
   if (!convertible(src.dtype, dst_in.dtype)) {
-    *err = what + ": cannot convert " + dtype_name(src.dtype) + " into " + dtype_name(dst_in.dtype);
+    *err = what + ": cannot convert " + anemll_dtype_name(src.dtype) + " into " + anemll_dtype_name(dst_in.dtype);
     return false;
   }
   if (src.shape.size() != src.strides.size() || dst_in.shape.size() != dst_in.strides.size()) {

@@ -34,20 +34,6 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-const char* dtype_name(int32_t d) {
-  switch (d) {
-    case ANEMLL_DTYPE_FLOAT16: return "FLOAT16";
-    case ANEMLL_DTYPE_FLOAT32: return "FLOAT32";
-    case ANEMLL_DTYPE_FLOAT64: return "FLOAT64";
-    case ANEMLL_DTYPE_INT32: return "INT32";
-    case ANEMLL_DTYPE_INT16: return "INT16";
-    case ANEMLL_DTYPE_INT8: return "INT8";
-    case ANEMLL_DTYPE_UINT8: return "UINT8";
-    case ANEMLL_DTYPE_BOOL: return "BOOL";
-    default: return "UNKNOWN";
-  }
-}
-
 anemll_tensor make_tensor(const TensorDesc& t, const std::vector<int64_t>& shape, void* data) {
   anemll_tensor out{};
   out.name = t.name.c_str();
@@ -222,8 +208,8 @@ int Engine::init(const PipelineDesc& d) {
         return fail(kConfigError, where + ".inputs." + t.name + ": unknown input (the engine feeds " +
                                       [&] { std::string n; for (auto& x : in_slots) n += (n.empty() ? "" : ", ") + x.name; return n; }() + ")");
       if (t.dtype != s->dtype)
-        return fail(kConfigError, where + ".inputs." + t.name + ".data_type: " + dtype_name(t.dtype) +
-                                      ", the engine feeds " + dtype_name(s->dtype));
+        return fail(kConfigError, where + ".inputs." + t.name + ".data_type: " + anemll_dtype_name(t.dtype) +
+                                      ", the engine feeds " + anemll_dtype_name(s->dtype));
       const std::vector<int64_t>* shape = nullptr;
       for (const auto& sh : t.shapes)
         if (product(sh) == s->count) { shape = &sh; break; }
@@ -249,8 +235,8 @@ int Engine::init(const PipelineDesc& d) {
         continue;
       }
       if (t.dtype != s->dtype)
-        return fail(kConfigError, where + ".outputs." + t.name + ".data_type: " + dtype_name(t.dtype) +
-                                      ", the engine expects " + dtype_name(s->dtype));
+        return fail(kConfigError, where + ".outputs." + t.name + ".data_type: " + anemll_dtype_name(t.dtype) +
+                                      ", the engine expects " + anemll_dtype_name(s->dtype));
       if (product(declared) != s->count)
         return fail(kConfigError, where + ".outputs." + t.name + ".shape: " + shape_str(declared) + " holds " +
                                       std::to_string(product(declared)) + " elements, the engine expects " +
