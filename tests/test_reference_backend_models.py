@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import List, Tuple
 
 import numpy as np
 import pytest
@@ -19,73 +18,15 @@ pytest.importorskip("coremltools")
 tiny = pytest.importorskip("anemll_fast.testing.tiny")
 
 from anemll_fast.backends.reference import ReferenceBackend  # noqa: E402
+from anemll_fast.config import ModelConfig  # noqa: E402
 from anemll_fast.mil import load_program  # noqa: E402
 from anemll_fast.mil.text_writer import write_mlmodelc  # noqa: E402
+from anemll_fast.testing.pipeline import PythonPipeline  # noqa: E402
 
 
-class Pipeline:
+def pipeline(model_dir) -> PythonPipeline:
     """ANEMLL's orchestration (after chat.py) over the reference backend."""
-
-    def __init__(self, model_dir: str, context: int, batch: int):
-        d = str(model_dir)
-        self.context, self.batch = context, batch
-        self.embed = ReferenceBackend.load(_one(d, "*_embeddings*.ml*"))
-        self.head = ReferenceBackend.load(_one(d, "*_lm_head*.ml*"))
-        chunk_paths = sorted(glob.glob(os.path.join(d, "*_FFN_PF*_chunk_*of*.ml*")))
-        assert chunk_paths, f"no FFN chunks in {d}"
-        self.prefill_fns = [ReferenceBackend.load(p, "prefill") for p in chunk_paths]
-        self.infer_fns = [m.function("infer") for m in self.prefill_fns]
-        self.state = self.prefill_fns[0].make_state()  # one state object for every chunk and function
-        self.mask = np.triu(np.full((context, context), -np.inf, dtype=np.float16), 1)
-
-    def _chunks(self, fns, hidden, pos_ids, mask_rows, start):
-        for fn in fns:
-            out = fn.predict({"hidden_states": hidden, "position_ids": pos_ids,
-                              "causal_mask": mask_rows[None, None], "current_pos": np.array([start], np.int32)},
-                             self.state)
-            hidden = out["output_hidden_states"]
-        return hidden
-
-    def infer(self, token: int, pos: int) -> np.ndarray:
-        hidden = self.embed.predict({"input_ids": np.array([[token]], np.int32)})["hidden_states"]
-        hidden = self._chunks(self.infer_fns, hidden, np.array([pos], np.int32), self.mask[pos:pos + 1], pos)
-        out = self.head.predict({"hidden_states": hidden})
-        parts = [out[k] for k in sorted((k for k in out if k.startswith("logits")), key=lambda k: int(k[6:]))]
-        return np.concatenate(parts, axis=-1).reshape(-1)
-
-    def prefill(self, tokens: List[int]) -> np.ndarray:
-        """Batched prefill of all prompt tokens, then infer on the last position: its logits."""
-        n, b = len(tokens), self.batch
-        for start in range(0, n, b):
-            chunk = tokens[start:start + b]
-            ids = np.zeros((1, b), np.int32)
-            ids[0, :len(chunk)] = chunk
-            hidden = self.embed.predict({"input_ids": ids})["hidden_states"]
-            pos = np.arange(start, start + b, dtype=np.int32)
-            rows = self.mask[start:start + b] if start + b <= self.context else \
-                np.pad(self.mask[start:], ((0, start + b - self.context), (0, 0)))
-            self._chunks(self.prefill_fns, hidden, pos, rows, start)
-        return self.infer(tokens[-1], n - 1)
-
-    def greedy(self, prompt: List[int], steps: int) -> Tuple[List[int], List[np.ndarray]]:
-        logits = self.prefill(prompt)
-        toks, all_logits = [], [logits]
-        pos = len(prompt)
-        for i in range(steps):
-            tok = int(np.argmax(logits))
-            toks.append(tok)
-            if i == steps - 1:
-                break
-            logits = self.infer(tok, pos)
-            all_logits.append(logits)
-            pos += 1
-        return toks, all_logits
-
-
-def _one(d: str, pattern: str) -> str:
-    hits = sorted(glob.glob(os.path.join(d, pattern)))
-    assert hits, f"nothing matches {pattern} in {d}"
-    return hits[0]
+    return PythonPipeline(ModelConfig.from_anemll_dir(model_dir), ReferenceBackend)
 
 
 CONTEXT, BATCH, STEPS = 48, 8, 32
@@ -150,8 +91,9 @@ def reference_run(model, prompt, steps, lut=False):
 
 
 def check(model_dir, model, lut=False):
-    pipe = Pipeline(model_dir, CONTEXT, BATCH)
-    toks, logits = pipe.greedy(PROMPT, STEPS)
+    pipe = pipeline(model_dir)
+    assert (pipe.context, pipe.batch) == (CONTEXT, BATCH)
+    toks, logits = pipe.greedy_with_logits(PROMPT, STEPS)
     ref_toks, ref_logits = reference_run(model, PROMPT, STEPS, lut)
     assert toks == ref_toks
     for got, want in zip(logits, ref_logits):
@@ -177,10 +119,11 @@ def test_mlmodelc_written_from_packages_gives_identical_outputs(tmp_path):
     for name in os.listdir(model.path):
         if name.endswith(".mlpackage"):
             write_mlmodelc(load_program(str(model.path / name)), str(compiled / name.replace(".mlpackage", ".mlmodelc")))
-    a = Pipeline(model.path, CONTEXT, BATCH)
-    b = Pipeline(compiled, CONTEXT, BATCH)
-    ta, la = a.greedy(PROMPT, 8)
-    tb, lb = b.greedy(PROMPT, 8)
+    a = pipeline(model.path)
+    b = pipeline(compiled)
+    assert all(b.config.path_of(c).suffix == ".mlmodelc" for _, c in b.config.components())  # really compiled
+    ta, la = a.greedy_with_logits(PROMPT, 8)
+    tb, lb = b.greedy_with_logits(PROMPT, 8)
     assert ta == tb
     for x, y in zip(la, lb):
         np.testing.assert_array_equal(x, y)
