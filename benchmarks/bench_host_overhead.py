@@ -63,6 +63,12 @@ def main() -> None:
             temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1, presence_penalty=0.2,
             frequency_penalty=0.1, logit_bias={13: 1.0}, seed=1),
         "T=0.7, top_p=0.9 over the whole vocabulary (no top_k)": SamplingSettings(temperature=0.7, top_p=0.9, seed=1),
+        "T=0.7, top_p=0.9, min_p=0.05 (no top_k)": SamplingSettings(temperature=0.7, top_p=0.9, min_p=0.05, seed=1),
+        "T=1.0, top_p=0.999 (no top_k)": SamplingSettings(temperature=1.0, top_p=0.999, seed=1),
+        "T=0.7, top_k=1000": SamplingSettings(temperature=0.7, top_k=1000, seed=1),
+        "T=0.7, top_k=1000, top_p=0.9": SamplingSettings(temperature=0.7, top_k=1000, top_p=0.9, seed=1),
+        "T=0.7 alone (whole vocabulary)": SamplingSettings(temperature=0.7, seed=1),
+        "T=0.7, min_p=0.05 (no top_k)": SamplingSettings(temperature=0.7, min_p=0.05, seed=1),
     }
     rng = np.random.default_rng(0)
     print(f"null backend, hidden {args.hidden}, context {args.context}, {args.parts} logits parts of "
@@ -71,7 +77,8 @@ def main() -> None:
         engine = Engine(cfg, "null", sampling=sampling)
         for part in engine._eng.logits_views():  # realistic logits (the null backend leaves them as they are)
             part[:] = (rng.normal(size=part.shape) * 3).astype(np.float16)
-        steps = args.steps if sampling.top_k or sampling.greedy else max(args.steps // 50, 50)
+        fast = sampling.greedy or 0 < sampling.top_k <= 100
+        steps = args.steps if fast else max(args.steps // 50, 50)
         print(f"  {name:58s} {per_step_us(engine, steps):9.2f} us/step")
 
 

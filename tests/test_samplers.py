@@ -258,3 +258,144 @@ def test_chi_square_top_p_over_a_large_vocabulary():
     samples = draw(_native.NativeSampler(3000, s.to_native()), logits, 6, 20000)
     stat, critical = chi_square_ok(samples, np_filtered_probs(logits, s))
     assert stat < critical, (stat, critical)
+
+
+# ------------------------------------------- whole-vocabulary paths (histogram select)
+QWEN_V = 151936  # 16 parts of 9496, as Qwen's split LM head
+
+
+def qwen_logits(seed=0, scale=3.0):
+    return (np.random.default_rng(seed).normal(size=QWEN_V) * scale).astype(np.float16)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=0.7, top_p=0.9),
+        dict(temperature=1.0, top_p=0.5, min_p=0.02),
+        dict(temperature=0.7),  # no filter at all: the per-value weight walk
+        dict(temperature=0.8, min_p=0.01),
+        dict(temperature=0.7, top_k=1000),
+        dict(temperature=0.9, top_k=1000, top_p=0.95),
+        dict(temperature=0.7, top_p=0.9, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2,
+             logit_bias={5: 40.0, 9: float("-inf"), 77: 12.0}, penalty_window=None),
+    ],
+)
+def test_chi_square_over_a_qwen_sized_vocabulary(kw):
+    logits = qwen_logits()
+    # Penalize the current best tokens so that the overrides land inside the nucleus.
+    best = [int(t) for t in np.argsort(-logits.astype(np.float64), kind="stable")[:4]]
+    history = [best[0], best[0], best[1], best[3], 77]
+    s = SamplingSettings(seed=9, **kw)
+    samples = draw(_native.NativeSampler(QWEN_V, s.to_native()), logits, 16, 8000, history)
+    probs = np_filtered_probs(logits, s, history)
+    stat, critical = chi_square_ok(samples, probs)
+    assert stat < critical, (stat, critical)
+
+
+def test_top_p_cut_inside_a_run_of_ties_takes_lowest_ids():
+    # 12 tokens tie at the top with mass 1/12 each (the tail holds ~0): top_p=0.3
+    # needs exactly 4 of them, and the lower ids must win, also for -0/+0.
+    v = 20000
+    logits = np.full(v, -30.0, np.float16)
+    tied = np.sort(np.random.default_rng(3).choice(v, 12, replace=False))
+    logits[tied] = 4.0
+    for top_p in (0.3, 0.25 + 1e-3):
+        s = _native.NativeSampler(v, settings(temperature=1.0, top_p=top_p, seed=2))
+        assert set(draw(s, logits, 7, 1500).tolist()) == set(tied[:4].tolist()), top_p
+    zeros = np.full(v, -30.0, np.float16)
+    zeros[[10, 500, 9000]] = np.float16(-0.0)
+    zeros[[20, 700]] = np.float16(0.0)
+    s = _native.NativeSampler(v, settings(temperature=1.0, top_p=0.5, seed=2))  # 3 of the 5 zeros
+    assert set(draw(s, zeros, 5, 1500).tolist()) == {10, 20, 500}
+
+
+def test_large_top_k_ties_at_the_boundary_take_lowest_ids():
+    v = 50000
+    logits = np.full(v, -1.0, np.float16)
+    logits[:600] = np.linspace(5, 6, 600).astype(np.float16)
+    tied = np.sort(np.random.default_rng(4).choice(np.arange(600, v), 900, replace=False))
+    logits[tied] = 2.0
+    expected = set(np.argsort(-logits.astype(np.float64), kind="stable")[:1000].tolist())
+    s = SamplingSettings(temperature=50.0, top_k=1000, seed=1)  # nearly flat: every kept token shows up
+    got = set(draw(_native.NativeSampler(v, s.to_native()), logits, 5, 15000).tolist())
+    assert got == expected
+
+
+def test_tiny_top_p_is_the_argmax_and_top_p_one_keeps_everything():
+    logits = qwen_logits(seed=1)
+    logits[[1000, 42]] = logits.max()  # a tie at the top: the lower id wins
+    s = _native.NativeSampler(QWEN_V, settings(temperature=0.7, top_p=1e-6, seed=3))
+    assert set(draw(s, logits, 16, 200).tolist()) == {42}
+    flat = np.zeros(300, np.float16)
+    s = _native.NativeSampler(300, settings(temperature=1.0, top_p=1.0, seed=3))
+    samples = draw(s, flat, 3, 30000)
+    assert set(samples.tolist()) == set(range(300))
+    stat, critical = chi_square_ok(samples, np.full(300, 1 / 300))
+    assert stat < critical
+
+
+def test_whole_vocabulary_paths_with_extreme_values():
+    # Values across the whole fp16 range, NaN, -inf and a tiny temperature:
+    # the per-value weights must neither overflow nor pick an impossible token.
+    v = 30000
+    rng = np.random.default_rng(5)
+    logits = rng.uniform(-65000, 60000, size=v).astype(np.float16)
+    logits[rng.integers(0, v)] = 65504.0  # a unique best (fp16 steps are 32 up there)
+    logits[rng.integers(0, v, 50)] = np.nan
+    logits[rng.integers(0, v, 50)] = -np.inf
+    finite = np.where(np.isfinite(logits), logits.astype(np.float64), -np.inf)
+    best = int(np.argmax(finite))
+    for kw in (dict(temperature=0.01, top_p=0.9), dict(temperature=0.01), dict(temperature=0.01, min_p=0.5),
+               dict(temperature=1e4, top_p=0.9), dict(temperature=0.01, top_k=500)):
+        s = _native.NativeSampler(v, settings(seed=1, **kw))
+        got = draw(s, logits, 3, 50)
+        assert np.isfinite(finite[got]).all(), kw
+        if kw["temperature"] == 0.01:
+            assert set(got.tolist()) == {best}, kw
+    s = SamplingSettings(temperature=1e4, top_p=0.9, seed=2)
+    samples = draw(_native.NativeSampler(v, s.to_native()), logits, 3, 20000)
+    stat, critical = chi_square_ok(samples, np_filtered_probs(np.where(np.isnan(logits), -np.inf, logits), s))
+    assert stat < critical, (stat, critical)
+
+
+def test_whole_vocabulary_all_masked_reports_no_token():
+    logits = np.full(5000, -np.inf, np.float16)
+    logits[7] = np.nan
+    for kw in (dict(top_p=0.9), dict(), dict(min_p=0.1), dict(top_k=1000)):
+        s = _native.NativeSampler(5000, settings(temperature=1.0, **kw))
+        with pytest.raises(ValueError, match="no token left"):
+            s.sample(split(logits, 4))
+    # Only an override is left: it is the answer.
+    s = _native.NativeSampler(5000, settings(temperature=1.0, top_p=0.9, logit_bias={3: 1.0}))
+    finite = logits.copy()
+    finite[3] = 0.0
+    assert s.sample(split(finite, 4)) == 3
+
+
+@pytest.mark.parametrize("kw", [
+    dict(temperature=0.7, top_p=0.9, logit_bias={1: 2.0}, repetition_penalty=1.2),
+    dict(temperature=0.7),
+    dict(temperature=0.7, min_p=0.05),
+    dict(temperature=0.7, top_k=1000, top_p=0.9),
+], ids=["top_p", "plain", "min_p", "top_k_1000"])
+def test_whole_vocabulary_paths_allocate_nothing_per_step(kw):
+    from test_native import null_config
+
+    from anemll_fast.engine import Engine
+
+    eng = Engine(null_config(V=32768, parts=8), "null", sampling=SamplingSettings(seed=1, **kw))
+    rng = np.random.default_rng(0)
+    for part in eng._eng.logits_views():
+        part[:] = (rng.normal(size=part.shape) * 3).astype(np.float16)
+    eng.prefill(list(range(20)))
+    tok = eng.step(19, 19)  # warm-up
+    _native.alloc_counting(True)
+    try:
+        before = _native.alloc_counter()
+        for pos in range(20, 60):
+            tok = eng._eng.step(tok, pos)
+        used = _native.alloc_counter() - before
+    finally:
+        _native.alloc_counting(False)
+    assert used == 0

@@ -6,7 +6,14 @@
 //   presence: minus p) -> greedy argmax if temperature == 0, else top-k ->
 //   temperature -> softmax -> top-p (smallest prefix with mass >= top_p) ->
 //   min-p (keep p >= min_p * p_max) -> draw from the renormalised rest.
-// Ties are broken towards the lower token id. NaN logits are never chosen.
+// Ties are broken towards the lower token id (-0 and +0 tie, except at the
+// boundary of a small top-k, where +0 ranks first). NaN logits are
+// never chosen.
+//
+// Without top-k (or with a large one) the sampler never sorts the vocabulary:
+// one pass counts the fp16 logits per value (a 65536-bin histogram), so that
+// softmax masses, the top-p and min-p thresholds and the k-th best value are
+// found per distinct value; only the tokens above the threshold are gathered.
 // Log-probabilities are those of the model's raw distribution (log-softmax of
 // the unmodified logits).
 #pragma once
@@ -71,6 +78,15 @@ class Sampler {
   int32_t greedy_pick(const LogitsPart* parts, int n_parts);
   int stochastic_pick(const LogitsPart* parts, int n_parts, int32_t* token);
   void top_by_key(const LogitsPart* parts, int n_parts, int32_t k);  // into heap_
+  void build_histogram(const LogitsPart* parts, int n_parts);         // hist_, lo_, hi_
+  void clear_histogram();
+  void top_by_histogram(const LogitsPart* parts, int n_parts, int32_t k);  // into cand_
+  void gather_at_least(const LogitsPart* parts, int n_parts, int32_t idx);  // cand_, cum_ (id order)
+  void gather_sorted(const LogitsPart* parts, int n_parts, int32_t idx);    // cand_, cum_ (best first)
+  double fill_weights(float vmax, double inv_t);  // wtab_ for occupied values; their total mass
+  int vocab_pick(const LogitsPart* parts, int n_parts, int32_t* token);    // no top-k
+  // top-p cut, min-p, the draw over cand_ (weights in cum_ if `weighted`).
+  int draw(float vmax, double inv_t, double z_all, bool weighted, int32_t* token);
   void compute_logprobs(const LogitsPart* parts, int n_parts, int32_t token);
 
   SamplerConfig cfg_;
@@ -87,6 +103,13 @@ class Sampler {
   std::vector<Candidate> cand_;
   std::vector<Candidate> heap_;
   std::vector<double> cum_;
+  // Histogram over canonical fp16 keys (index = key + 32768, so ascending in value)
+  // and the softmax weight of each occupied value; [lo_, hi_] is the occupied range.
+  std::vector<uint32_t> hist_;
+  std::vector<double> wtab_;
+  int32_t lo_ = 0, hi_ = -1;
+  std::vector<Candidate> ovs_;  // finite overrides, best first
+  double rpow_[128];             // powers of one value step's weight ratio
 };
 
 // Index of the largest logit across parts (lowest id on ties, NaN ignored);
