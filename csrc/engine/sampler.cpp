@@ -67,6 +67,24 @@ inline float index_value(const float* table, int32_t idx) {
 // Raw-key lower bound of the blocks that may hold canonical key `k` (-0 has raw key -1).
 inline int16_t raw_floor(int16_t k) { return k == 0 ? static_cast<int16_t>(-1) : k; }
 
+// Calls visit(key, raw, id) for every logit whose key is at least tk, in id
+// order, skipping whole blocks whose maximum is below it.
+template <class Visit>
+inline void for_each_at_least(const LogitsPart* parts, int n_parts, int16_t tk, Visit visit) {
+  const int16_t floor = raw_floor(tk);
+  for (int p = 0; p < n_parts; ++p) {
+    const uint16_t* d = parts[p].data;
+    for (int64_t s = 0; s < parts[p].size; s += kBlock) {
+      const int64_t len = std::min<int64_t>(kBlock, parts[p].size - s);
+      if (block_max(d + s, len) < floor) continue;
+      for (int64_t i = s; i < s + len; ++i) {
+        const int16_t key = canon_key(d[i]);
+        if (key >= tk) visit(key, d[i], static_cast<int32_t>(parts[p].offset + i));
+      }
+    }
+  }
+}
+
 // Smallest and largest masked key, as plain reductions the compiler vectorizes.
 void key_range(const uint16_t* d, int64_t n, int16_t* lo, int16_t* hi) {
   int16_t a = std::numeric_limits<int16_t>::max(), b = std::numeric_limits<int16_t>::min();
@@ -271,21 +289,13 @@ void Sampler::top_by_histogram(const LogitsPart* parts, int n_parts, int32_t k) 
   cand_.clear();
   const float* table = half_table();
   const int16_t tk = static_cast<int16_t>(kb - kIndexBias);
-  const int16_t floor = raw_floor(tk);
-  for (int p = 0; p < n_parts; ++p) {
-    const uint16_t* d = parts[p].data;
-    for (int64_t s = 0; s < parts[p].size; s += kBlock) {
-      const int64_t len = std::min<int64_t>(kBlock, parts[p].size - s);
-      if (block_max(d + s, len) < floor) continue;
-      for (int64_t i = s; i < s + len; ++i) {
-        const int16_t key = canon_key(d[i]);
-        if (key > tk || (key == tk && quota > 0)) {
-          if (key == tk) --quota;
-          cand_.push_back({table[d[i]], static_cast<int32_t>(parts[p].offset + i)});
-        }
-      }
+  for_each_at_least(parts, n_parts, tk, [&](int16_t key, uint16_t raw, int32_t id) {
+    if (key == tk) {
+      if (quota == 0) return;
+      --quota;
     }
-  }
+    cand_.push_back({table[raw], id});
+  });
 }
 
 void Sampler::gather_at_least(const LogitsPart* parts, int n_parts, int32_t idx) {
@@ -293,20 +303,10 @@ void Sampler::gather_at_least(const LogitsPart* parts, int n_parts, int32_t idx)
   const float* table = half_table();
   const double* w = wtab_.data();
   const int16_t tk = static_cast<int16_t>(std::max(idx, kNegInfIndex + 1) - kIndexBias);
-  const int16_t floor = raw_floor(tk);
-  for (int p = 0; p < n_parts; ++p) {
-    const uint16_t* d = parts[p].data;
-    for (int64_t s = 0; s < parts[p].size; s += kBlock) {
-      const int64_t len = std::min<int64_t>(kBlock, parts[p].size - s);
-      if (block_max(d + s, len) < floor) continue;
-      for (int64_t i = s; i < s + len; ++i) {
-        const int16_t key = canon_key(d[i]);
-        if (key < tk) continue;
-        cand_.push_back({table[d[i]], static_cast<int32_t>(parts[p].offset + i)});
-        cum_.push_back(w[key + kIndexBias]);
-      }
-    }
-  }
+  for_each_at_least(parts, n_parts, tk, [&](int16_t key, uint16_t raw, int32_t id) {
+    cand_.push_back({table[raw], id});
+    cum_.push_back(w[key + kIndexBias]);
+  });
 }
 
 void Sampler::gather_sorted(const LogitsPart* parts, int n_parts, int32_t idx) {
@@ -325,21 +325,11 @@ void Sampler::gather_sorted(const LogitsPart* parts, int n_parts, int32_t idx) {
   const float* table = half_table();
   const double* w = wtab_.data();
   const int16_t tk = static_cast<int16_t>(idx - kIndexBias);
-  const int16_t floor = raw_floor(tk);
-  for (int p = 0; p < n_parts; ++p) {
-    const uint16_t* d = parts[p].data;
-    for (int64_t s = 0; s < parts[p].size; s += kBlock) {
-      const int64_t len = std::min<int64_t>(kBlock, parts[p].size - s);
-      if (block_max(d + s, len) < floor) continue;
-      for (int64_t i = s; i < s + len; ++i) {
-        const int16_t key = canon_key(d[i]);
-        if (key < tk) continue;
-        const uint32_t pos = h[key + kIndexBias]++;
-        cand_[pos] = {table[d[i]], static_cast<int32_t>(parts[p].offset + i)};
-        cum_[pos] = w[key + kIndexBias];
-      }
-    }
-  }
+  for_each_at_least(parts, n_parts, tk, [&](int16_t key, uint16_t raw, int32_t id) {
+    const uint32_t pos = h[key + kIndexBias]++;
+    cand_[pos] = {table[raw], id};
+    cum_[pos] = w[key + kIndexBias];
+  });
 }
 
 double Sampler::fill_weights(float vmax, double inv_t) {
