@@ -432,28 +432,22 @@ void Engine::set_positions_decode(int64_t pos) {
   upd_d_last_ = pos;
 }
 
-int Engine::run_infer(int32_t token, int64_t pos) {
+int Engine::run_one_token(int32_t token, int64_t pos, std::vector<Binding>& chunks, int64_t& calls) {
   ids_d_[0] = token;
   if (int rc = predict(emb_d_)) return rc;
   ++embed_calls;
   set_positions_decode(pos);
   for (int c = 0; c < n_chunks_; ++c) {
-    if (int rc = predict(infer_[c])) return rc;
-    ++infer_calls;
+    if (int rc = predict(chunks[c])) return rc;
+    ++calls;
   }
   return kOk;
 }
 
+int Engine::run_infer(int32_t token, int64_t pos) { return run_one_token(token, pos, infer_, infer_calls); }
+
 int Engine::run_prefill_single(int32_t token, int64_t pos) {
-  ids_d_[0] = token;
-  if (int rc = predict(emb_d_)) return rc;
-  ++embed_calls;
-  set_positions_decode(pos);
-  for (int c = 0; c < n_chunks_; ++c) {
-    if (int rc = predict(prefill_[c])) return rc;
-    ++prefill_calls;
-  }
-  return kOk;
+  return run_one_token(token, pos, prefill_, prefill_calls);
 }
 
 int Engine::run_prefill_batch(const int32_t* tokens, int64_t count, int64_t pos) {

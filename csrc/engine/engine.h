@@ -85,6 +85,8 @@ class Engine {
            const std::vector<std::pair<std::string, const void*>>& in_names, std::vector<anemll_tensor>& ins,
            std::vector<anemll_tensor>& outs);
   int predict(Binding& b);
+  // One token through the embeddings and `chunks` (infer_ or prefill_ of a sequential model).
+  int run_one_token(int32_t token, int64_t pos, std::vector<Binding>& chunks, int64_t& calls);
   int run_infer(int32_t token, int64_t pos);  // embeddings + chunks, hidden left in hid_d_
   int run_prefill_batch(const int32_t* tokens, int64_t count, int64_t pos);
   int run_prefill_single(int32_t token, int64_t pos);
