@@ -378,31 +378,28 @@ int load_impl(Ctx* c, const char* path, const char* function_name, anemll_model*
   return ANEMLL_OK;
 }
 
-Model* model_of(Ctx* c, anemll_model* h, const char* what) {
-  auto* m = reinterpret_cast<Model*>(h);
-  if (!m || m->magic != kModelMagic) {
-    set_error_noalloc(c, ANEMLL_ERR_INVALID, what, ": not a model loaded by the Core ML backend");
+// An opaque handle back to our type, refused (with a message naming `what`)
+// unless it carries the type's magic: a foreign or freed handle never passes.
+template <class T>
+T* checked_handle(Ctx* c, void* h, uint32_t magic, const char* what, const char* not_ours) {
+  auto* t = reinterpret_cast<T*>(h);
+  if (!t || t->magic != magic) {
+    set_error_noalloc(c, ANEMLL_ERR_INVALID, what, not_ours);
     return nullptr;
   }
-  return m;
+  return t;
+}
+
+Model* model_of(Ctx* c, anemll_model* h, const char* what) {
+  return checked_handle<Model>(c, h, kModelMagic, what, ": not a model loaded by the Core ML backend");
 }
 
 State* state_of(Ctx* c, anemll_state* h, const char* what) {
-  auto* s = reinterpret_cast<State*>(h);
-  if (!s || s->magic != kStateMagic) {
-    set_error_noalloc(c, ANEMLL_ERR_INVALID, what, ": not a state made by the Core ML backend");
-    return nullptr;
-  }
-  return s;
+  return checked_handle<State>(c, h, kStateMagic, what, ": not a state made by the Core ML backend");
 }
 
 Binding* binding_of(Ctx* c, anemll_binding* h, const char* what) {
-  auto* b = reinterpret_cast<Binding*>(h);
-  if (!b || b->magic != kBindingMagic) {
-    set_error_noalloc(c, ANEMLL_ERR_INVALID, what, ": not a binding made by the Core ML backend");
-    return nullptr;
-  }
-  return b;
+  return checked_handle<Binding>(c, h, kBindingMagic, what, ": not a binding made by the Core ML backend");
 }
 
 // ------------------------------------------------------------------ states
