@@ -25,7 +25,13 @@ mm_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "**", "*.mm"), recursive=
 
 
 class BuildExt(build_ext):
-    """Teaches setuptools' compiler about `.mm` and per-language flags."""
+    """Teaches setuptools' compiler about `.mm` and per-language flags; compiles
+    the sources in parallel unless told otherwise (`--parallel`)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
 
     def build_extensions(self):
         compiler = self.compiler
@@ -52,14 +58,21 @@ def _extension():
     define_macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
     extra_compile_args = ["-O3"]
     extra_link_args = []
+    # Shipped binaries carry no symbol table (a stripped .so is a fraction of the
+    # size); ANEMLL_FAST_KEEP_SYMBOLS=1 keeps them for debugging.
+    strip = not os.environ.get("ANEMLL_FAST_KEEP_SYMBOLS")
     if IS_MACOS:
         sources += mm_sources
         define_macros.append(("ANEMLL_FAST_HAVE_COREML", "1"))
         extra_compile_args += ["-mmacosx-version-min=13.0"]
         for framework in ("CoreML", "Foundation", "CoreVideo", "Accelerate"):
             extra_link_args += ["-framework", framework]
+        if strip:
+            extra_link_args += ["-Wl,-x"]  # Apple's ld: drop local symbols (-s is obsolete there)
     else:
         extra_compile_args += ["-fvisibility=hidden"]
+        if strip:
+            extra_link_args += ["-s"]
     return Extension(
         "anemll_fast._native",
         sources=sources,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import platform
 import sys
 from typing import List, Optional
 
@@ -19,11 +20,37 @@ _SUBCOMMANDS = [
 ]
 
 
+def version_text() -> str:
+    """`anemll-fast --version`: the package version and what its native build contains."""
+    from anemll_fast import __version__
+
+    try:
+        from anemll_fast import _native
+
+        coreml = "with" if _native.build_info().get("coreml_backend") else "without"
+        native = f"native engine {coreml} the Core ML backend"
+    except ImportError:
+        native = "native engine not built"
+    return f"anemll-fast {__version__} ({native}; Python {platform.python_version()}, {platform.system()} {platform.machine()})"
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked (it imports the native extension)."""
+
+    def __init__(self, option_strings: List[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anemll-fast",
         description="Run, inspect and convert ANEMLL (Apple Neural Engine) models.",
     )
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module_name in _SUBCOMMANDS:
