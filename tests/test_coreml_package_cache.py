@@ -28,6 +28,7 @@ HARNESS = r"""
 #include <sstream>
 #include "coreml/package_cache.h"
 #include "coreml/strided_copy.h"
+#include "engine/alloc_hook.h"
 using namespace anemll;
 static std::vector<int64_t> ints(const std::string& s) {
   std::vector<int64_t> v; std::stringstream ss(s); std::string x;
@@ -66,16 +67,41 @@ int main(int argc, char** argv) {
     std::printf("%s\n", root.c_str());
     return 0;
   }
-  if (cmd == "copy") {  // src_file src_dtype shape strides dst_dtype shape strides dst_bytes out_file
+  if (cmd == "copy" || cmd == "allocs") {  // src_file src_dtype shape strides dst_dtype shape strides dst_bytes out_file
     std::ifstream in(argv[2], std::ios::binary);
     std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    coreml_copy::Tensor s, d;
-    s.data = data.data(); s.dtype = dt(argv[3]); s.shape = ints(argv[4]); s.strides = ints(argv[5]); s.nbytes = data.size();
-    d.dtype = dt(argv[6]); d.shape = ints(argv[7]); d.strides = ints(argv[8]); d.nbytes = std::stoull(argv[9]);
+    const std::vector<int64_t> ss = ints(argv[4]), sst = ints(argv[5]), ds = ints(argv[7]), dst = ints(argv[8]);
+    coreml_copy::Layout s, d;
+    if (!coreml_copy::make_layout(dt(argv[3]), ss.data(), sst.data(), int32_t(ss.size()), data.size(), &s) ||
+        !coreml_copy::make_layout(dt(argv[6]), ds.data(), dst.data(), int32_t(ds.size()), std::stoull(argv[9]), &d)) {
+      std::printf("error: rank\n"); return 1;
+    }
     std::vector<char> out(d.nbytes, 0);
-    if (!coreml_copy::copy(s, d, out.data(), "output 'x'", &err)) { std::printf("error: %s\n", err.c_str()); return 1; }
+    char msg[512];
+    if (cmd == "allocs") {  // operator new calls made by 1000 plans and copies (success or refusal)
+      set_alloc_counting(true);
+      const uint64_t before = alloc_count();
+      int ok = 0;
+      for (int i = 0; i < 1000; ++i) {
+        coreml_copy::Plan p;
+        if (coreml_copy::plan(s, d, "output 'x'", &p, msg, sizeof msg)) { coreml_copy::run(p, data.data(), out.data()); ++ok; }
+      }
+      const uint64_t used = alloc_count() - before;
+      set_alloc_counting(false);
+      std::printf("%llu %d\n", (unsigned long long)used, ok);
+      return 0;
+    }
+    if (!coreml_copy::copy(s, data.data(), d, out.data(), "output 'x'", msg, sizeof msg)) { std::printf("error: %s\n", msg); return 1; }
     std::ofstream(argv[10], std::ios::binary).write(out.data(), out.size());
     std::printf("ok\n");
+    return 0;
+  }
+  if (cmd == "probe") {  // the hook counts this harness's allocations
+    set_alloc_counting(true);
+    const uint64_t before = alloc_count();
+    std::vector<int64_t> v(ints(argv[2]));
+    std::printf("%llu %zu\n", (unsigned long long)(alloc_count() - before), v.size());
+    set_alloc_counting(false);
     return 0;
   }
   return 2;
@@ -90,6 +116,7 @@ def harness(tmp_path_factory):
     src.write_text(HARNESS)
     exe = d / "harness"
     r = subprocess.run([CXX, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{REPO / 'csrc'}", str(src),
+                        str(REPO / "csrc" / "engine" / "alloc_hook.cpp"),
                         "-o", str(exe)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
 
@@ -248,3 +275,26 @@ def test_copy_refuses_strides_past_the_source(harness, tmp_path):
     f.write_bytes(b"\0" * 8)  # 4 fp16 values, but rows 8 apart claimed
     r = harness("copy", f, "f16", "2,4", "8,1", "f16", "2,4", "4,1", 16, tmp_path / "o", check=False)
     assert r.returncode == 1 and "source strides reach past" in r.stdout
+
+
+# One decode step copies every output Core ML kept in its own memory: planning and copying must not allocate
+# (counted with the engine's operator-new hook, linked into the harness).
+@pytest.mark.parametrize("case", ["padded_rows_f16", "f32_to_f16", "transposed_i32", "refused_shape"])
+def test_copy_path_allocates_nothing(harness, tmp_path, case):
+    f = tmp_path / "src.bin"
+    f.write_bytes(np.zeros(4096, np.float32).tobytes())
+    args = {
+        "padded_rows_f16": ("f16", "1,8,32", "320,40,1", "f16", "1,8,32", "256,32,1", 512),  # pixel-buffer rows
+        "f32_to_f16": ("f32", "1,1,3,5", "15,15,5,1", "f16", "1,3,5", "15,5,1", 30),
+        "transposed_i32": ("i32", "4,3", "1,4", "i32", "4,3", "3,1", 48),
+        "refused_shape": ("f16", "2,3", "3,1", "f16", "3,2", "2,1", 12),
+    }[case]
+    used, ok = map(int, harness("allocs", f, *args, tmp_path / "o").stdout.split())
+    assert used == 0, f"{used} operator new calls in 1000 plans and copies"
+    assert ok == (0 if case == "refused_shape" else 1000)
+
+
+def test_allocation_counter_sees_the_harness(harness):
+    """Negative control: the hook linked into the harness does count (a std::vector allocates once)."""
+    used, n = map(int, harness("probe", "1,2,3").stdout.split())
+    assert n == 3 and used >= 1
