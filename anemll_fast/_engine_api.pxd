@@ -140,6 +140,7 @@ cdef extern from "coreml/coreml_backend.h" nogil:
         uint64_t predictions
         uint64_t outputs_in_place
         uint64_t outputs_copied
+        uint64_t backing_retries
         uint64_t backing_fallbacks
         uint64_t compiles
         uint64_t cache_hits
@@ -147,3 +148,4 @@ cdef extern from "coreml/coreml_backend.h" nogil:
     void anemll_coreml_options_init(anemll_coreml_options*)
     anemll_backend* anemll_coreml_backend_create(const anemll_coreml_options*, char*, size_t)
     int anemll_coreml_backend_stats(const anemll_backend*, anemll_coreml_stats*)
+    char* anemll_coreml_compute_plan(const char*, const char*, int32_t, const char*, char*, size_t)

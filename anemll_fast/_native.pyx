@@ -5,6 +5,7 @@ NativeEngine runs the pipeline; NullBackend and CallbackBackend are the two
 backends built here (the CoreML one comes from csrc/coreml on macOS).
 """
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
+from libc.stdlib cimport free
 from libc.string cimport memcpy
 from libcpp.string cimport string
 from libcpp.vector cimport vector
@@ -13,6 +14,7 @@ from cpython.ref cimport PyObject
 from ._engine_api cimport *
 
 import ctypes
+import json
 import os
 
 import numpy as np
@@ -118,7 +120,7 @@ _OUTPUT_BACKINGS = {"auto": 0, "multiarray": 1, "pixel_buffer": 2, "none": 3}
 cdef class CoreMLBackend(Backend):
     """The Objective-C++ Core ML backend (macOS builds only)."""
 
-    def __cinit__(self, compute_units="all", output_backing="auto", cache_dir=None):
+    def __cinit__(self, compute_units="cpu_and_ne", output_backing="auto", cache_dir=None):
         if compute_units not in _COMPUTE_UNITS:
             raise ValueError(f"compute_units: expected one of {list(_COMPUTE_UNITS)}, got {compute_units!r}")
         if output_backing not in _OUTPUT_BACKINGS:
@@ -142,9 +144,33 @@ cdef class CoreMLBackend(Backend):
             raise RuntimeError("Core ML backend statistics are unavailable")
         return {
             "predictions": st.predictions, "outputs_in_place": st.outputs_in_place,
-            "outputs_copied": st.outputs_copied, "backing_fallbacks": st.backing_fallbacks,
+            "outputs_copied": st.outputs_copied, "backing_retries": st.backing_retries,
+            "backing_fallbacks": st.backing_fallbacks,
             "compiles": st.compiles, "cache_hits": st.cache_hits, "state_resets": st.state_resets,
         }
+
+
+def coreml_compute_plan(path, function=None, compute_units="cpu_and_ne", cache_dir=None):
+    """MLComputePlan of one model file (macOS 14.4+, builds with the Core ML backend): per function, the
+    number of operations and their summed estimated cost per device ({"functions": {name: {"ops": {...},
+    "cost": {...}}}}, devices neural_engine, gpu, cpu, unassigned). RuntimeError where it cannot run."""
+    if compute_units not in _COMPUTE_UNITS:
+        raise ValueError(f"compute_units: expected one of {list(_COMPUTE_UNITS)}, got {compute_units!r}")
+    cdef bytes p = os.fsencode(path)
+    cdef bytes fn = function.encode() if function else None
+    cdef bytes cache = os.fsencode(cache_dir) if cache_dir is not None else None
+    cdef char err[2048]
+    err[0] = 0
+    cdef char* out = anemll_coreml_compute_plan(p, <const char*>fn if fn is not None else NULL,
+                                                _COMPUTE_UNITS[compute_units],
+                                                <const char*>cache if cache is not None else NULL, err, sizeof(err))
+    if out == NULL:
+        raise RuntimeError(err.decode("utf-8", "replace") or "compute plan: unavailable")
+    try:
+        text = (<bytes>out).decode("utf-8", "replace")
+    finally:
+        free(out)
+    return json.loads(text)
 
 
 cdef int _cb_fail(CallbackBackend self, BaseException exc, char* err, size_t err_size, int code) noexcept:

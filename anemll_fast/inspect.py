@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, TextIO
 
+from anemll_fast.compute_plan import ComputePlanUnavailable
 from anemll_fast.errors import ConfigError
 
 
@@ -50,7 +51,20 @@ def describe_file(path: Path, out: TextIO) -> None:
         out.write("  metadata " + ", ".join(f"{k}={v}" for k, v in sorted(anemll_meta.items())) + "\n")
 
 
+def show_compute_plan(args: argparse.Namespace) -> int:
+    from anemll_fast.compute_plan import compute_plan, requirement_error
+
+    why = requirement_error()  # before reading the model: the requirement is the first thing to know
+    if why:
+        raise ComputePlanUnavailable(why)
+    plan = compute_plan(load_config(args.model), args.compute_units)
+    sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n" if args.json else plan.format() + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.compute_plan:
+        return show_compute_plan(args)
     target = args.model
     path = Path(target)
     if path.suffix in (".mlpackage", ".mlmodelc") and path.exists():
@@ -91,5 +105,11 @@ def register(sub: Any) -> None:
         "shapes and dtypes, and the MIL op histogram.",
     )
     p.add_argument("model", help="model directory, Hugging Face repo id, config .json, or one model file")
-    p.add_argument("--json", action="store_true", help="print the ModelConfig as JSON")
+    p.add_argument("--json", action="store_true", help="print the ModelConfig (or the compute plan) as JSON")
+    p.add_argument("--compute-plan", action="store_true",
+                   help="where Core ML runs each part: ops and estimated cost per device (macOS 14.4+)")
+    from anemll_fast.model import COMPUTE_UNITS
+
+    p.add_argument("--compute-units", default="cpu_and_ne", choices=COMPUTE_UNITS,
+                   help="compute units the plan is made for (default cpu_and_ne)")
     p.set_defaults(func=run)

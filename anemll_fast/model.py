@@ -4,12 +4,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from anemll_fast.config import ModelConfig
 from anemll_fast.errors import AnemllError
 from anemll_fast.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from anemll_fast.compute_plan import ComputePlan
 
 log = logging.getLogger("anemll_fast")
 
@@ -122,6 +126,13 @@ class Model:
         text = self.apply_chat_template(messages, enable_thinking=enable_thinking)
         return generate(self, self.tokenizer.encode(text, add_special_tokens=False), **settings)
 
+    def compute_plan(self) -> "ComputePlan":
+        """Where Core ML would run each part and function under this model's compute units (MLComputePlan,
+        macOS 14.4+; ComputePlanUnavailable elsewhere): operations and estimated cost per device."""
+        from anemll_fast.compute_plan import compute_plan
+
+        return compute_plan(self.config, self.compute_units)
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
@@ -160,11 +171,14 @@ def load(
     tokenizer: Union[str, os.PathLike, None] = None,
     sequential_prefill: bool = False,
     parts: Optional[Dict[str, str]] = None,
+    check_placement: bool = True,
 ) -> Model:
     """Load a model: a local ANEMLL directory (or its meta.yaml), a Hugging
     Face repo id, or a ModelConfig JSON; None is the embedded default
     (SmolLM2-135M-Instruct). `backend`: auto, coreml, coremltools, reference.
     `parts` overrides the part names meta.yaml gives (embeddings, ffn, lm_head).
+    With the coreml backend under cpu_and_ne, a PlacementWarning names every part whose estimated cost
+    Core ML plans mostly off the Neural Engine (MLComputePlan, macOS 14.4+; `check_placement=False` skips it).
     """
     if compute_units not in COMPUTE_UNITS:
         raise ValueError(f"compute_units: expected one of {COMPUTE_UNITS}, got {compute_units!r}")
@@ -176,5 +190,20 @@ def load(
     tok = Tokenizer(tok_dir)
     if backend == "auto":
         log.info("anemll_fast: backend %r picked (available: %s)", chosen, available_backends())
-    return Model(config, tok, backend=chosen, compute_units=compute_units,
-                 sequential_prefill=sequential_prefill)
+    model = Model(config, tok, backend=chosen, compute_units=compute_units,
+                  sequential_prefill=sequential_prefill)
+    if check_placement and chosen == "coreml" and compute_units == "cpu_and_ne":
+        _warn_off_neural_engine(model)
+    return model
+
+
+def _warn_off_neural_engine(model: Model) -> None:
+    from anemll_fast.compute_plan import ComputePlanUnavailable, PlacementWarning, placement_warnings
+
+    try:
+        plan = model.compute_plan()
+    except ComputePlanUnavailable as exc:  # e.g. macOS before 14.4: placement is unknown, not wrong
+        log.debug("anemll_fast: no compute plan: %s", exc)
+        return
+    for message in placement_warnings(plan):
+        warnings.warn(message, PlacementWarning, stacklevel=3)

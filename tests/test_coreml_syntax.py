@@ -1,8 +1,11 @@
 """Every Objective-C++ file under csrc/ type-checks with clang.
 
 Linux: against csrc/coreml/sdk_decls/apple_sdk_decls.h (declarations written from Apple's headers), since
-no Apple SDK exists here. macOS: against the real SDK, with a macOS 13 deployment target and unguarded
-availability as an error, which checks every @available guard.
+no Apple SDK exists here, once per SDK the backend must build with: the macOS 15 SDK, the macOS 14.4 SDK
+(no MLState API) and the macOS 14.0 SDK (no MLComputePlan either); `@available` is a run-time check, so
+only a compile-time guard keeps a newer symbol out of an older SDK's build. macOS: against the real SDK,
+with a macOS 13 deployment target and unguarded availability as an error, which checks every @available
+guard.
 """
 import shutil
 import subprocess
@@ -32,8 +35,16 @@ else:
                     "-Wall", "-Wextra", "-Werror"]
 
 
-def _clang(path: Path):
-    return subprocess.run([CLANG, *FLAGS, str(path)], capture_output=True, text=True, timeout=300)
+# SDK variants of the declarations header (ANEMLL_SDK_DECLS_MACOS); the real SDK on macOS.
+SDKS = {"real-sdk": []} if IS_MACOS else {
+    "macos15-sdk": ["-DANEMLL_SDK_DECLS_MACOS=150000"],
+    "macos14.4-sdk": ["-DANEMLL_SDK_DECLS_MACOS=140400"],
+    "macos14-sdk": ["-DANEMLL_SDK_DECLS_MACOS=140000"],
+}
+
+
+def _clang(path: Path, sdk: str = next(iter(SDKS))):
+    return subprocess.run([CLANG, *FLAGS, *SDKS[sdk], str(path)], capture_output=True, text=True, timeout=300)
 
 
 def test_there_is_objective_cpp_to_check():
@@ -41,10 +52,30 @@ def test_there_is_objective_cpp_to_check():
     assert CSRC / "coreml" / "coreml_backend.mm" in MM_FILES
 
 
+@pytest.mark.parametrize("sdk", list(SDKS))
 @pytest.mark.parametrize("path", MM_FILES, ids=[str(p.relative_to(REPO)) for p in MM_FILES])
-def test_mm_file_type_checks(path):
-    r = _clang(path)
-    assert r.returncode == 0, f"clang++ {' '.join(FLAGS)} {path}\n{r.stdout}{r.stderr}"
+def test_mm_file_type_checks(path, sdk):
+    r = _clang(path, sdk)
+    assert r.returncode == 0, f"clang++ {' '.join(FLAGS + SDKS[sdk])} {path}\n{r.stdout}{r.stderr}"
+
+
+@pytest.mark.skipif(IS_MACOS, reason="the SDK variants are those of the declarations header")
+@pytest.mark.parametrize("symbol,use", [
+    ("newState", "if (@available(macOS 15.0, *)) { (void)[m newState]; }"),
+    ("functionName", "if (@available(macOS 15.0, *)) { m.configuration.functionName = nil; }"),
+    ("stateDescriptionsByName", "if (@available(macOS 15.0, *)) { (void)m.modelDescription.stateDescriptionsByName; }"),
+])
+def test_macos15_symbol_outside_the_compile_time_guard_fails_the_macos14_sdk(tmp_path, symbol, use):
+    """@available alone is not enough: the same code passes against the macOS 15 declarations (control) and
+    fails against the macOS 14 SDK variant, naming the symbol."""
+    bad = tmp_path / "unguarded.mm"
+    src = (CSRC / "coreml" / "coreml_backend.mm").read_text()
+    bad.write_text(src.replace('#include "coreml/', f'#include "{CSRC}/coreml/')
+                   + f"\nvoid anemll_planted_unguarded(MLModel* m) {{ {use} }}\n")
+    assert _clang(bad, "macos15-sdk").returncode == 0
+    r = _clang(bad, "macos14.4-sdk")
+    assert r.returncode != 0
+    assert symbol in r.stderr
 
 
 def test_check_catches_a_misspelt_selector(tmp_path):

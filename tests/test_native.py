@@ -85,3 +85,39 @@ def test_null_backend_runs_the_whole_pipeline():
     out = eng.generate(list(range(40)), 5)
     assert out == [0] * 5  # zero logits: argmax is token 0
     assert eng.counters == {"embed": 3 + 5, "prefill": 3 * 2, "infer": 5 * 2, "head": 5}
+
+
+def test_engine_buffers_are_page_aligned():
+    """Core ML asks for page-aligned MLMultiArray memory (MLPredictionOptions.h): every buffer the engine binds
+    is, hidden states included (they are outputs of one part and inputs of the next)."""
+    import os
+
+    config = null_config(chunks=2)
+    page = os.sysconf("SC_PAGESIZE")
+    seen = {}
+
+    class Recorder:
+        def __init__(self, outputs):
+            self.outputs = outputs
+
+        def make_state(self):
+            return object()
+
+        def predict(self, inputs, state=None):
+            for name, arr in inputs.items():
+                seen[name] = arr.__array_interface__["data"][0]
+            seq = inputs["input_ids"].shape[-1] if "input_ids" in inputs else None  # embeddings: [1, n, H]
+            return {n: np.zeros(s if seq is None else [1, seq, s[-1]], np.float16) for n, s in self.outputs.items()}
+
+    class Backend:
+        def load(self, path, function_name):
+            for _, comp in config.components():
+                if comp.file_path == os.path.basename(path) and (comp.function or None) == function_name:
+                    return Recorder({n: spec.shape for n, spec in comp.outputs.items()})
+            raise AssertionError((path, function_name))
+
+    eng = Engine(config, Backend())
+    eng.generate(list(range(20)), 2)
+    assert {"input_ids", "hidden_states", "position_ids", "causal_mask", "current_pos", "update_mask"} <= set(seen)
+    misaligned = {n: a % page for n, a in seen.items() if a % page}
+    assert not misaligned, f"not {page}-byte aligned: {misaligned}"

@@ -242,7 +242,7 @@ def _spec_io(model: Any, function_name: Optional[str]) -> Tuple[List[str], List[
             [s.name for s in getattr(desc, "state", [])])
 
 
-def load(path: PathLike, function_name: Optional[str] = None, compute_units: Any = "all") -> CoreMLToolsModel:
+def load(path: PathLike, function_name: Optional[str] = None, compute_units: Any = "cpu_and_ne") -> CoreMLToolsModel:
     """Load `function_name` (None: the default function) of a .mlpackage, .mlmodelc or .mlmodel."""
     p = _check_path(path)
     function_name = _check_function(function_name)
@@ -278,7 +278,7 @@ class CoreMLToolsBackend:
 
     name = "coremltools"
 
-    def __init__(self, compute_units: Any = "all"):
+    def __init__(self, compute_units: Any = "cpu_and_ne"):
         self.compute_units = normalize_compute_units(compute_units)
 
     def load(self, path: PathLike, function_name: Optional[str] = None) -> CoreMLToolsModel:

@@ -50,7 +50,7 @@ typedef enum anemll_status {
   ANEMLL_ERR_NOMEM = 5
 } anemll_status;
 
-/* One tensor bound to a model: the engine owns `data` (64-byte aligned).
+/* One tensor bound to a model: the engine owns `data` (page-aligned).
  * Strides are in elements; the engine always passes dense row-major strides,
  * a backend reading its own outputs must honour its own strides. */
 typedef struct anemll_tensor {

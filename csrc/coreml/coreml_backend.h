@@ -49,7 +49,7 @@ typedef enum anemll_coreml_output_backing {
 
 typedef struct anemll_coreml_options {
   uint32_t struct_size;   /* sizeof(anemll_coreml_options) */
-  int32_t compute_units;  /* anemll_coreml_compute_units; default ALL */
+  int32_t compute_units;  /* anemll_coreml_compute_units; default CPU_AND_NE (as ANEMLL) */
   int32_t output_backing; /* anemll_coreml_output_backing; default AUTO */
   /* Compiled-model cache for .mlpackage inputs; NULL: $ANEMLL_FAST_COREML_CACHE,
    * else ~/Library/Caches/anemll_fast/coreml. Copied at creation. */
@@ -61,14 +61,15 @@ typedef struct anemll_coreml_stats {
   uint64_t predictions;       /* successful predict calls */
   uint64_t outputs_in_place;  /* outputs Core ML wrote straight into the engine's buffer */
   uint64_t outputs_copied;    /* outputs copied once into the engine's buffer */
-  uint64_t backing_fallbacks; /* bindings whose backings Core ML refused (then run without) */
+  uint64_t backing_retries;   /* predictions Core ML refused with backings, then ran without */
+  uint64_t backing_fallbacks; /* bindings that gave backings up (refused several times in a row) */
   uint64_t compiles;          /* .mlpackage compilations */
   uint64_t cache_hits;        /* .mlpackage loads served from the compiled cache */
   uint64_t state_resets;      /* reset_state calls */
 } anemll_coreml_stats;
 
 #if defined(ANEMLL_FAST_HAVE_COREML) || defined(ANEMLL_COREML_IMPLEMENTATION)
-/* Defaults: compute_units ALL, output_backing AUTO, cache_dir NULL. */
+/* Defaults: compute_units CPU_AND_NE, output_backing AUTO, cache_dir NULL. */
 void anemll_coreml_options_init(anemll_coreml_options* options);
 
 /* A new Core ML backend, or NULL with a message in err (capacity err_size):
@@ -80,6 +81,16 @@ anemll_backend* anemll_coreml_backend_create(const anemll_coreml_options* option
 /* Copies the counters of a backend made by anemll_coreml_backend_create;
  * returns ANEMLL_ERR_INVALID for any other backend. */
 int anemll_coreml_backend_stats(const anemll_backend* backend, anemll_coreml_stats* out);
+
+/* Where Core ML would run the model at `path` (.mlmodelc, or .mlpackage compiled
+ * through the cache in cache_dir, NULL = default) under compute_units, from
+ * MLComputePlan (macOS 14.4+): per function (function_name NULL = all), the
+ * number of operations and the sum of their estimated cost per device, as JSON:
+ *   {"functions": {"infer": {"ops": {"neural_engine": 812, "gpu": 0, "cpu": 4,
+ *    "unassigned": 290}, "cost": {"neural_engine": 0.97, ...}}}}
+ * A malloc'd string the caller frees with free(), or NULL with a message in err. */
+char* anemll_coreml_compute_plan(const char* path, const char* function_name, int32_t compute_units,
+                                 const char* cache_dir, char* err, size_t err_size);
 #endif
 
 #if !defined(ANEMLL_FAST_HAVE_COREML) && !defined(ANEMLL_COREML_IMPLEMENTATION)
@@ -88,7 +99,7 @@ int anemll_coreml_backend_stats(const anemll_backend* backend, anemll_coreml_sta
 static inline void anemll_coreml_options_init(anemll_coreml_options* options) {
   if (!options) return;
   options->struct_size = (uint32_t)sizeof(anemll_coreml_options);
-  options->compute_units = ANEMLL_COREML_ALL;
+  options->compute_units = ANEMLL_COREML_CPU_AND_NE;
   options->output_backing = ANEMLL_COREML_BACKING_AUTO;
   options->cache_dir = NULL;
 }
@@ -108,6 +119,15 @@ static inline int anemll_coreml_backend_stats(const anemll_backend* backend, ane
   (void)backend;
   (void)out;
   return ANEMLL_ERR_UNSUPPORTED;
+}
+static inline char* anemll_coreml_compute_plan(const char* path, const char* function_name, int32_t compute_units,
+                                               const char* cache_dir, char* err, size_t err_size) {
+  (void)path;
+  (void)function_name;
+  (void)compute_units;
+  (void)cache_dir;
+  anemll_coreml_backend_create(NULL, err, err_size);
+  return NULL;
 }
 #endif
 

@@ -7,6 +7,7 @@
 //   load        .mlmodelc loaded directly; .mlpackage/.mlmodel compiled once
 //               into a content-addressed cache (package_cache.h). computeUnits
 //               and, on macOS 15+, functionName from the configuration.
+//               Default compute units: CPU and Neural Engine, as ANEMLL.
 //   make_state  -[MLModel newState]; the state remembers its spec (every state's
 //               name, dtype and shape from stateDescriptionsByName) and predict
 //               refuses it on a model whose spec differs.
@@ -19,22 +20,48 @@
 //   predict     @autoreleasepool, stateful or stateless prediction; outputs are
 //               left in place when Core ML used the engine's buffer (checked by
 //               identity), else copied once honouring the returned array's own
-//               dataType and strides.
-// Every entry point catches Objective-C and C++ exceptions; nothing escapes.
+//               dataType and strides. Labels, layouts and copy plans are made
+//               at bind time: a prediction allocates nothing on our side.
+//   compute plan MLComputePlan (macOS 14.4+): per function, ops and estimated
+//               cost per device (anemll_coreml_compute_plan).
+// Every entry point catches Objective-C and C++ exceptions inside its
+// autorelease pool; nothing escapes, and no C++ exception can unwind through a
+// Core ML handler block (their bodies are noexcept).
+//
+// SDKs. `@available` is a run-time check only: the macOS 15 API (MLState,
+// newState, usingState:, functionName, stateDescriptionsByName,
+// MLStateConstraint) exists only in the macOS 15 SDK, and MLComputePlan only
+// from the macOS 14.4 SDK. Both are also guarded at compile time (as
+// coremltools does), so the backend builds with a macOS 14 SDK; such a build
+// refuses stateful and multifunction models at load, naming macOS 15.
 #define ANEMLL_COREML_IMPLEMENTATION 1
 #include "coreml/coreml_backend.h"
 
 #if defined(ANEMLL_COREML_SDK_DECLS)
 #include "coreml/sdk_decls/apple_sdk_decls.h"
+// The declarations header stands for one SDK (its ANEMLL_SDK_DECLS_MACOS variant).
+#define ANEMLL_HAVE_MLSTATE_API ANEMLL_SDK_DECLS_HAVE_MLSTATE
+#define ANEMLL_HAVE_COMPUTE_PLAN_API ANEMLL_SDK_DECLS_HAVE_COMPUTE_PLAN
 #else
 #import <CoreML/CoreML.h>
 #import <CoreVideo/CoreVideo.h>
 #import <Foundation/Foundation.h>
+#if __has_include(<CoreML/MLState.h>)
+#define ANEMLL_HAVE_MLSTATE_API 1
+#else
+#define ANEMLL_HAVE_MLSTATE_API 0
+#endif
+#if __has_include(<CoreML/MLComputePlan.h>)
+#define ANEMLL_HAVE_COMPUTE_PLAN_API 1
+#else
+#define ANEMLL_HAVE_COMPUTE_PLAN_API 0
+#endif
 #endif
 
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <filesystem>
@@ -64,7 +91,7 @@ constexpr uint32_t kBindingMagic = 0x434d4244u;  // 'CMBD'
 struct Ctx {
   anemll_coreml_options opts{};
   std::string cache_dir;  // "" = default root
-  MLComputeUnits units = MLComputeUnitsAll;
+  MLComputeUnits units = MLComputeUnitsCPUAndNeuralEngine;
   anemll_coreml_stats stats{};
   // Fixed buffer: reporting an error must not allocate (it may report bad_alloc).
   char err[4096];
@@ -87,7 +114,7 @@ struct Model {
 
 struct State {
   uint32_t magic = kStateMagic;
-  id state = nil;      // MLState (macOS 15+); typed `id` so that no declaration needs a guard
+  id state = nil;      // MLState (macOS 15+); typed `id` so that the struct needs no guard
   MLModel* maker = nil;  // re-creates the state if an in-place reset is impossible
   std::string key, maker_label;
   std::vector<std::string> names;
@@ -97,15 +124,22 @@ enum class Backing { kNone, kMultiArray, kPixelBuffer };
 
 struct Output {
   std::string name;
+  std::string what;  // "<model label>: output '<name>'", for messages made while predicting
   NSString* ns_name = nil;
   int32_t dtype = 0;  // engine dtype
   std::vector<int64_t> shape, strides;
+  anemll::coreml_copy::Layout dst;  // the engine's buffer, as a copy destination
   void* data = nullptr;
   size_t nbytes = 0;
   Backing backing = Backing::kNone;
   MLMultiArray* array = nil;          // the backing object handed to Core ML
   CVPixelBufferRef pixels = nullptr;  // our +1 reference for kPixelBuffer
+  anemll::coreml_copy::Plan pixel_plan;  // pixel rows (bytesPerRow apart) -> engine buffer
 };
+
+// Consecutive failed predictions with output backings after which a binding
+// runs without them for good; a single failure only retries without.
+constexpr int kMaxBackingFailures = 3;
 
 struct Binding {
   uint32_t magic = kBindingMagic;
@@ -115,6 +149,7 @@ struct Binding {
   MLPredictionOptions* options = nil;        // with output backings when any
   MLPredictionOptions* plain_options = nil;  // without: the fallback
   bool use_backings = false;
+  int backing_failures = 0;  // consecutive predictions Core ML refused with backings
   std::vector<Output> outputs;
 
   ~Binding() {
@@ -162,19 +197,25 @@ std::string describe(NSError* e) {
   return msg + " (" + str(e.domain) + " " + std::to_string(static_cast<long>(e.code)) + ")";
 }
 
-std::string shape_text(NSArray<NSNumber*>* shape) {
-  std::vector<int64_t> v;
-  if (shape != nil)
-    for (NSUInteger i = 0; i < shape.count; ++i) v.push_back([shape objectAtIndex:i].longLongValue);
-  return anemll::coreml_copy::shape_str(v);
-}
-
 std::vector<int64_t> to_vec(NSArray<NSNumber*>* a) {
   std::vector<int64_t> v;
   if (a != nil)
     for (NSUInteger i = 0; i < a.count; ++i) v.push_back([a objectAtIndex:i].longLongValue);
   return v;
 }
+
+std::string shape_text(NSArray<NSNumber*>* shape) { return anemll::coreml_copy::shape_str(to_vec(shape)); }
+
+// Waits for a completion handler; false on timeout (the handler's __block
+// variables outlive us, so a late call is harmless).
+[[maybe_unused]] bool wait_for(dispatch_semaphore_t done, int64_t seconds) {
+  return dispatch_semaphore_wait(done, dispatch_time(DISPATCH_TIME_NOW, seconds * static_cast<int64_t>(NSEC_PER_SEC))) == 0;
+}
+
+// What a build without the macOS 15 SDK says about the API it lacks.
+[[maybe_unused]] const char kNeedsMacOS15SDK[] =
+    "needs macOS 15 (MLState, MLModelConfiguration.functionName), and this build of anemll_fast was compiled "
+    "with an older SDK: rebuild it with Xcode 16 or newer (the macOS 15 SDK)";
 
 NSArray<NSNumber*>* to_ns(const int64_t* v, int32_t n) {
   std::vector<NSNumber*> items;
@@ -222,7 +263,7 @@ std::string names_of(NSDictionary<NSString*, MLFeatureDescription*>* d) {
   return out.empty() ? "none" : out;
 }
 
-std::string spec_text(const std::vector<StateSpec>& states) {
+[[maybe_unused]] std::string spec_text(const std::vector<StateSpec>& states) {
   std::string out;
   for (const StateSpec& s : states) {
     if (!out.empty()) out += "; ";
@@ -254,29 +295,30 @@ std::string check_tensor(const anemll_tensor& t, const char* kind) {
   return std::string();
 }
 
-// Runs an entry point's body with every exception caught and the autorelease
-// pool drained, so that nothing crosses the C ABI.
+// Runs an entry point's body with every exception caught, so that nothing
+// crosses the C ABI. The pool is outermost: an exception caught inside it
+// leaves it normally, so it is drained (a pool exited by an exception is not).
 template <class F>
 int guarded(Ctx* c, const char* what, int code, F&& body) {
   if (!c) return ANEMLL_ERR_INVALID;
-  try {
-    @try {
-      @autoreleasepool {
+  @autoreleasepool {
+    try {
+      @try {
         c->err[0] = '\0';
         return body();
+      } @catch (NSException* e) {
+        const std::string msg = std::string(what) + ": Objective-C exception " + str(e.name) + ": " + str(e.reason);
+        return set_error(c, code, msg);
+      } @catch (id e) {
+        return set_error_noalloc(c, code, what, ": unknown Objective-C exception");
       }
-    } @catch (NSException* e) {
-      const std::string msg = std::string(what) + ": Objective-C exception " + str(e.name) + ": " + str(e.reason);
-      return set_error(c, code, msg);
-    } @catch (id e) {
-      return set_error_noalloc(c, code, what, ": unknown Objective-C exception");
+    } catch (const std::bad_alloc&) {
+      return set_error_noalloc(c, ANEMLL_ERR_NOMEM, what, ": out of memory");
+    } catch (const std::exception& e) {
+      return set_error_noalloc(c, code, what, ": ", e.what());
+    } catch (...) {
+      return set_error_noalloc(c, code, what, ": unknown exception");
     }
-  } catch (const std::bad_alloc&) {
-    return set_error_noalloc(c, ANEMLL_ERR_NOMEM, what, ": out of memory");
-  } catch (const std::exception& e) {
-    return set_error_noalloc(c, code, what, ": ", e.what());
-  } catch (...) {
-    return set_error_noalloc(c, code, what, ": unknown exception");
   }
 }
 
@@ -298,7 +340,29 @@ int compiled_path(Ctx* c, const std::string& package, std::string* out) {
   NSError* error = nil;
   std::error_code dir_ec;
   const bool is_dir = fs::is_directory(package, dir_ec);
-  NSURL* tmp = [MLModel compileModelAtURL:[NSURL fileURLWithPath:ns(package) isDirectory:is_dir] error:&error];
+  NSURL* url = [NSURL fileURLWithPath:ns(package) isDirectory:is_dir];
+  NSURL* tmp = nil;
+  bool compiled = false;
+#if ANEMLL_HAVE_COMPUTE_PLAN_API
+  // The completion-handler form where there is one: the synchronous call is
+  // marked to be deprecated (MLModel+MLModelCompilation.h).
+  if (@available(macOS 14.4, *)) {
+    __block NSURL* got = nil;
+    __block NSError* got_error = nil;
+    dispatch_semaphore_t done = dispatch_semaphore_create(0);
+    [MLModel compileModelAtURL:url
+             completionHandler:^(NSURL* compiled_url, NSError* e) {
+               got = compiled_url;  // plain assignments: nothing here can throw
+               got_error = e;
+               dispatch_semaphore_signal(done);
+             }];
+    if (!wait_for(done, 3600)) return set_error(c, ANEMLL_ERR_LOAD, package + ": Core ML did not compile it within an hour");
+    tmp = got;
+    error = got_error;
+    compiled = true;
+  }
+#endif
+  if (!compiled) tmp = [MLModel compileModelAtURL:url error:&error];
   if (tmp == nil) return set_error(c, ANEMLL_ERR_LOAD, package + ": Core ML cannot compile it: " + describe(error));
   const std::string tmp_path = str(tmp.path);
   const bool ok = cc::install(root, l, tmp_path, &err);
@@ -310,6 +374,19 @@ int compiled_path(Ctx* c, const std::string& package, std::string* out) {
   return ANEMLL_OK;
 }
 
+// The compiled model (.mlmodelc) of a model path: itself, or compiled and cached.
+int resolve_compiled(Ctx* c, const std::string& p, std::string* compiled) {
+  std::string ext = fs::path(p).has_filename() ? fs::path(p).extension().string()
+                                               : fs::path(p).parent_path().extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  if (ext == ".mlmodelc") {
+    *compiled = p;
+    return ANEMLL_OK;
+  }
+  if (ext == ".mlpackage" || ext == ".mlmodel") return compiled_path(c, p, compiled);
+  return set_error(c, ANEMLL_ERR_LOAD, p + ": not a Core ML model (expected .mlmodelc, .mlpackage or .mlmodel)");
+}
+
 // ------------------------------------------------------------------ load
 int load_impl(Ctx* c, const char* path, const char* function_name, anemll_model** out) {
   if (!out) return set_error(c, ANEMLL_ERR_INVALID, "load: out is NULL");
@@ -319,21 +396,13 @@ int load_impl(Ctx* c, const char* path, const char* function_name, anemll_model*
   const std::string fn = function_name ? function_name : "";
   std::error_code ec;
   if (!fs::exists(p, ec)) return set_error(c, ANEMLL_ERR_LOAD, p + ": no such file or directory");
-  std::string ext = fs::path(p).has_filename() ? fs::path(p).extension().string()
-                                               : fs::path(p).parent_path().extension().string();
-  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
   std::string compiled;
-  if (ext == ".mlmodelc") {
-    compiled = p;
-  } else if (ext == ".mlpackage" || ext == ".mlmodel") {
-    if (int rc = compiled_path(c, p, &compiled)) return rc;
-  } else {
-    return set_error(c, ANEMLL_ERR_LOAD, p + ": not a Core ML model (expected .mlmodelc, .mlpackage or .mlmodel)");
-  }
+  if (int rc = resolve_compiled(c, p, &compiled)) return rc;
 
   MLModelConfiguration* config = [[MLModelConfiguration alloc] init];
   config.computeUnits = c->units;
   if (!fn.empty()) {
+#if ANEMLL_HAVE_MLSTATE_API
     if (@available(macOS 15.0, *)) {
       config.functionName = ns(fn);
     } else {
@@ -341,6 +410,10 @@ int load_impl(Ctx* c, const char* path, const char* function_name, anemll_model*
                        p + ": loading function '" + fn + "' of a multifunction model needs macOS 15 "
                        "(MLModelConfiguration.functionName); this is " + os_version());
     }
+#else
+    return set_error(c, ANEMLL_ERR_UNSUPPORTED,
+                     p + ": loading function '" + fn + "' of a multifunction model " + kNeedsMacOS15SDK);
+#endif
   }
   NSError* error = nil;
   MLModel* ml = [MLModel modelWithContentsOfURL:[NSURL fileURLWithPath:ns(compiled) isDirectory:YES]
@@ -350,11 +423,24 @@ int load_impl(Ctx* c, const char* path, const char* function_name, anemll_model*
     return set_error(c, ANEMLL_ERR_LOAD, p + (fn.empty() ? "" : " function '" + fn + "'") +
                                              ": Core ML cannot load it: " + describe(error) + " [" + os_version() + "]");
 
+#if !ANEMLL_HAVE_MLSTATE_API
+  // Without the macOS 15 SDK the state API cannot be named, but a macOS 15
+  // system still describes a stateful model's states: ask for them by key, so
+  // that such a model fails here, by name, rather than at its first prediction.
+  NSString* states_key = ns("stateDescriptionsByName");
+  MLModelDescription* described = ml.modelDescription;
+  if ([described respondsToSelector:NSSelectorFromString(states_key)]) {
+    id states = [described valueForKey:states_key];
+    if ([states isKindOfClass:[NSDictionary class]] && ((NSDictionary*)states).count > 0)
+      return set_error(c, ANEMLL_ERR_UNSUPPORTED, p + ": a stateful model (KV cache) " + kNeedsMacOS15SDK);
+  }
+#endif
   auto* m = new Model();
   m->model = ml;
   m->path = p;
   m->function = fn;
   m->label = fs::path(p).filename().string() + (fn.empty() ? "" : " function '" + fn + "'");
+#if ANEMLL_HAVE_MLSTATE_API
   if (@available(macOS 15.0, *)) {
     NSDictionary<NSString*, MLFeatureDescription*>* states = ml.modelDescription.stateDescriptionsByName;
     NSArray<NSString*>* keys = states.allKeys;
@@ -374,6 +460,7 @@ int load_impl(Ctx* c, const char* path, const char* function_name, anemll_model*
               [](const StateSpec& a, const StateSpec& b) { return a.name < b.name; });
     m->state_key = m->states.empty() ? std::string() : spec_text(m->states);
   }
+#endif
   *out = reinterpret_cast<anemll_model*>(m);
   return ANEMLL_OK;
 }
@@ -408,6 +495,7 @@ int make_state_impl(Ctx* c, anemll_model* mh, anemll_state** out) {
   *out = nullptr;
   Model* m = model_of(c, mh, "make_state");
   if (!m) return ANEMLL_ERR_INVALID;
+#if ANEMLL_HAVE_MLSTATE_API
   if (@available(macOS 15.0, *)) {
     if (m->states.empty())
       return set_error(c, ANEMLL_ERR_INVALID, m->label + ": the model declares no state (stateDescriptionsByName is empty)");
@@ -425,6 +513,15 @@ int make_state_impl(Ctx* c, anemll_model* mh, anemll_state** out) {
     return set_error(c, ANEMLL_ERR_UNSUPPORTED,
                      m->label + ": stateful models (MLState, the KV cache) need macOS 15; this is " + os_version());
   }
+#else
+  return set_error(c, ANEMLL_ERR_UNSUPPORTED, m->label + ": a stateful model (MLState, the KV cache) " + kNeedsMacOS15SDK);
+#endif
+}
+
+// A Core ML handler block's body: must not throw (an exception unwinding
+// through Core ML's frames is undefined behaviour).
+[[maybe_unused]] void zero_bytes(void* bytes, NSInteger size) noexcept {
+  if (bytes && size > 0) std::memset(bytes, 0, static_cast<size_t>(size));
 }
 
 // Core ML has no "reset" for an MLState. Its documented mutable view
@@ -435,6 +532,7 @@ int make_state_impl(Ctx* c, anemll_model* mh, anemll_state** out) {
 int reset_state_impl(Ctx* c, anemll_state* sh) {
   State* s = state_of(c, sh, "reset_state");
   if (!s) return ANEMLL_ERR_INVALID;
+#if ANEMLL_HAVE_MLSTATE_API
   if (@available(macOS 15.0, *)) {
     MLState* st = (MLState*)s->state;
     bool all = true;
@@ -444,7 +542,7 @@ int reset_state_impl(Ctx* c, anemll_state* sh) {
                              handler:^(MLMultiArray* buffer) {
                                [buffer getMutableBytesWithHandler:^(void* bytes, NSInteger size, NSArray<NSNumber*>* strides) {
                                  (void)strides;  // padding included: zeroing the whole allocation is right
-                                 if (bytes && size > 0) std::memset(bytes, 0, static_cast<size_t>(size));
+                                 zero_bytes(bytes, size);
                                  done = true;
                                }];
                              }];
@@ -461,6 +559,9 @@ int reset_state_impl(Ctx* c, anemll_state* sh) {
   } else {
     return set_error(c, ANEMLL_ERR_UNSUPPORTED, "reset_state: states need macOS 15; this is " + os_version());
   }
+#else
+  return set_error(c, ANEMLL_ERR_UNSUPPORTED, std::string("reset_state: a stateful model ") + kNeedsMacOS15SDK);
+#endif
 }
 
 // ------------------------------------------------------------------ binding
@@ -482,13 +583,42 @@ MLMultiArray* pixel_backing(const Output& o, CVPixelBufferRef* pixels) {
   const CVReturn rc = CVPixelBufferCreate(kCFAllocatorDefault, static_cast<size_t>(width), static_cast<size_t>(height),
                                           kCVPixelFormatType_OneComponent16Half, (__bridge CFDictionaryRef)attrs, &pb);
   if (rc != kCVReturnSuccess || pb == nullptr) return nil;
-  MLMultiArray* arr = [[MLMultiArray alloc] initWithPixelBuffer:pb shape:to_ns(o.shape.data(), static_cast<int32_t>(o.shape.size()))];
+  // Declared nonnull: Core ML reports a buffer it cannot wrap by throwing, not
+  // by returning nil. Either way the output falls back to a plain backing.
+  MLMultiArray* arr = nil;
+  @try {
+    arr = [[MLMultiArray alloc] initWithPixelBuffer:pb shape:to_ns(o.shape.data(), static_cast<int32_t>(o.shape.size()))];
+  } @catch (NSException* e) {
+    arr = nil;
+  }
   if (arr == nil) {
     CVPixelBufferRelease(pb);
     return nil;
   }
   *pixels = pb;
   return arr;
+}
+
+// The copy from a pixel backing's rows (the flattened leading dimensions,
+// bytesPerRow apart) into the engine's buffer, planned once at bind time.
+bool pixel_plan(const Output& o, anemll::coreml_copy::Plan* out) {
+  const size_t bpr = CVPixelBufferGetBytesPerRow(o.pixels);
+  const size_t height = CVPixelBufferGetHeight(o.pixels);
+  if (bpr % 2 != 0 || o.shape.empty()) return false;
+  anemll::coreml_copy::Layout src;
+  src.dtype = ANEMLL_DTYPE_FLOAT16;
+  src.rank = static_cast<int32_t>(o.shape.size());
+  for (int32_t k = 0; k < src.rank; ++k) {
+    src.shape[k] = o.shape[static_cast<size_t>(k)];
+    src.strides[k] = 1;
+  }
+  if (src.rank >= 2) {
+    src.strides[src.rank - 2] = static_cast<int64_t>(bpr / 2);
+    for (int32_t k = src.rank - 2; k-- > 0;) src.strides[k] = src.strides[k + 1] * src.shape[k + 1];
+  }
+  src.nbytes = bpr * height;
+  char err[512];
+  return anemll::coreml_copy::plan(src, o.dst, o.what.c_str(), out, err, sizeof err);
 }
 
 int bind_impl(Ctx* c, anemll_model* mh, const anemll_tensor* inputs, int32_t n_inputs, const anemll_tensor* outputs,
@@ -573,11 +703,13 @@ int bind_impl(Ctx* c, anemll_model* mh, const anemll_tensor* inputs, int32_t n_i
     for (const Output& prev : b->outputs)
       if (prev.name == o.name) return set_error(c, ANEMLL_ERR_INVALID, m->label + ": output '" + o.name + "' is bound twice");
     o.ns_name = ns(o.name);
+    o.what = m->label + ": output '" + o.name + "'";
     o.dtype = t.dtype;
     o.shape.assign(t.shape, t.shape + t.rank);
     o.strides.assign(t.strides, t.strides + t.rank);
     o.data = t.data;
     o.nbytes = t.nbytes;
+    anemll::coreml_copy::make_layout(t.dtype, t.shape, t.strides, t.rank, t.nbytes, &o.dst);  // rank checked above
     MLFeatureDescription* d = [out_desc objectForKey:o.ns_name];
     if (d == nil)
       return set_error(c, ANEMLL_ERR_INVALID, m->label + ": no output named '" + o.name + "' (outputs: " + names_of(out_desc) + ")");
@@ -599,7 +731,12 @@ int bind_impl(Ctx* c, anemll_model* mh, const anemll_tensor* inputs, int32_t n_i
     if (want == Backing::kMultiArray && model_d != o.dtype) want = Backing::kNone;  // Core ML writes its own dtype
     if (want == Backing::kPixelBuffer) {
       o.array = pixel_backing(o, &o.pixels);
-      if (o.array == nil) want = Backing::kMultiArray;  // e.g. a shape Core Video cannot allocate
+      if (o.array == nil || !pixel_plan(o, &o.pixel_plan)) {  // e.g. a shape Core Video cannot allocate
+        o.array = nil;
+        if (o.pixels) CVPixelBufferRelease(o.pixels);
+        o.pixels = nullptr;
+        want = Backing::kMultiArray;
+      }
     }
     if (want == Backing::kMultiArray) {
       MLMultiArrayDataType dt;
@@ -639,71 +776,62 @@ int bind_impl(Ctx* c, anemll_model* mh, const anemll_tensor* inputs, int32_t n_i
 }
 
 // ------------------------------------------------------------------ predict
-// Copies a pixel-buffer backing (rows of bytesPerRow) into the engine's buffer.
-int copy_from_pixels(Ctx* c, const Binding& b, const Output& o) {
+// Copies a pixel-buffer backing into the engine's buffer with the plan made at
+// bind time. Allocation-free.
+int copy_from_pixels(Ctx* c, const Output& o) {
   if (CVPixelBufferLockBaseAddress(o.pixels, kCVPixelBufferLock_ReadOnly) != kCVReturnSuccess)
-    return set_error(c, ANEMLL_ERR_PREDICT, b.model->label + ": output '" + o.name + "': cannot lock its pixel buffer");
+    return set_error_noalloc(c, ANEMLL_ERR_PREDICT, o.what.c_str(), ": cannot lock its pixel buffer");
   const void* base = CVPixelBufferGetBaseAddress(o.pixels);
-  const size_t bpr = CVPixelBufferGetBytesPerRow(o.pixels);
-  const size_t height = CVPixelBufferGetHeight(o.pixels);
-  anemll::coreml_copy::Tensor src;
-  src.data = base;
-  src.dtype = ANEMLL_DTYPE_FLOAT16;
-  src.shape = o.shape;
-  src.strides.assign(o.shape.size(), 1);
-  // Rows are the flattened leading dimensions, bytesPerRow apart.
-  if (o.shape.size() >= 2) {
-    src.strides[o.shape.size() - 2] = static_cast<int64_t>(bpr / 2);
-    for (size_t k = o.shape.size() - 2; k-- > 0;) src.strides[k] = src.strides[k + 1] * o.shape[k + 1];
-  }
-  src.nbytes = bpr * height;
-  anemll::coreml_copy::Tensor dst;
-  dst.dtype = o.dtype;
-  dst.shape = o.shape;
-  dst.strides = o.strides;
-  dst.nbytes = o.nbytes;
-  std::string err;
-  const bool ok = base != nullptr && bpr % 2 == 0 &&
-                  anemll::coreml_copy::copy(src, dst, o.data, b.model->label + ": output '" + o.name + "'", &err);
+  if (base) anemll::coreml_copy::run(o.pixel_plan, base, o.data);
   CVPixelBufferUnlockBaseAddress(o.pixels, kCVPixelBufferLock_ReadOnly);
-  if (!ok)
-    return set_error(c, ANEMLL_ERR_PREDICT,
-                     err.empty() ? b.model->label + ": output '" + o.name + "': unreadable pixel buffer" : err);
+  if (!base) return set_error_noalloc(c, ANEMLL_ERR_PREDICT, o.what.c_str(), ": its pixel buffer has no base address");
   return ANEMLL_OK;
 }
 
-// Copies an MLMultiArray Core ML allocated itself, honouring its dataType and strides.
-int copy_from_array(Ctx* c, const Binding& b, const Output& o, MLMultiArray* arr) {
-  anemll::coreml_copy::Tensor src;
+// The body of getBytesWithHandler: plans and runs the copy of `bytes`, or
+// leaves a message in err. noexcept: it runs inside Core ML's frames.
+enum CopyStatus { kCopyNotCalled = 0, kCopied, kCopyRefused, kCopyNoBytes };
+int copy_bytes(const void* bytes, NSInteger size, anemll::coreml_copy::Layout* src, const Output* o, char* err,
+               size_t err_size) noexcept {
+  if (bytes == nullptr || size <= 0) return kCopyNoBytes;
+  src->nbytes = static_cast<size_t>(size);
+  anemll::coreml_copy::Plan plan;
+  if (!anemll::coreml_copy::plan(*src, o->dst, o->what.c_str(), &plan, err, err_size)) return kCopyRefused;
+  anemll::coreml_copy::run(plan, bytes, o->data);
+  return kCopied;
+}
+
+// Copies an MLMultiArray Core ML allocated itself, honouring its dataType and
+// strides (read into a fixed-size layout: nothing is allocated on our side).
+int copy_from_array(Ctx* c, const Output& o, MLMultiArray* arr) {
+  anemll::coreml_copy::Layout src;
   src.dtype = anemll_of(arr.dataType);
   if (!src.dtype)
-    return set_error(c, ANEMLL_ERR_PREDICT, b.model->label + ": output '" + o.name + "' came back as " +
-                                                ml_dtype_text(arr.dataType) + ", which this backend cannot read");
-  src.shape = to_vec(arr.shape);
-  src.strides = to_vec(arr.strides);
-  anemll::coreml_copy::Tensor dst;
-  dst.dtype = o.dtype;
-  dst.shape = o.shape;
-  dst.strides = o.strides;
-  dst.nbytes = o.nbytes;
-  __block bool ok = false;
-  __block bool seen = false;
-  std::string err;
-  std::string* err_p = &err;
-  const std::string what = b.model->label + ": output '" + o.name + "'";
-  const std::string* what_p = &what;
-  anemll::coreml_copy::Tensor* src_p = &src;
-  const anemll::coreml_copy::Tensor* dst_p = &dst;
-  void* dst_data = o.data;
+    return set_error(c, ANEMLL_ERR_PREDICT, o.what + " came back as " + ml_dtype_text(arr.dataType) +
+                                                ", which this backend cannot read");
+  NSArray<NSNumber*>* shape = arr.shape;
+  NSArray<NSNumber*>* strides = arr.strides;
+  if (shape.count != strides.count || shape.count > ANEMLL_MAX_RANK)
+    return set_error_noalloc(c, ANEMLL_ERR_PREDICT, o.what.c_str(), ": the returned array's rank is not supported");
+  src.rank = static_cast<int32_t>(shape.count);
+  for (int32_t k = 0; k < src.rank; ++k) {
+    src.shape[k] = [shape objectAtIndex:static_cast<NSUInteger>(k)].longLongValue;
+    src.strides[k] = [strides objectAtIndex:static_cast<NSUInteger>(k)].longLongValue;
+  }
+  __block int status = kCopyNotCalled;
+  anemll::coreml_copy::Layout* src_p = &src;
+  const Output* o_p = &o;
+  char* err = c->err;
+  const size_t err_size = sizeof c->err;
   [arr getBytesWithHandler:^(const void* bytes, NSInteger size) {
-    seen = true;
-    src_p->data = bytes;
-    src_p->nbytes = size > 0 ? static_cast<size_t>(size) : 0;
-    ok = bytes != nullptr && anemll::coreml_copy::copy(*src_p, *dst_p, dst_data, *what_p, err_p);
+    status = copy_bytes(bytes, size, src_p, o_p, err, err_size);
   }];
-  if (!ok)
-    return set_error(c, ANEMLL_ERR_PREDICT, !err.empty() ? err : what + (seen ? ": no data" : ": the array gave no bytes"));
-  return ANEMLL_OK;
+  switch (status) {
+    case kCopied: return ANEMLL_OK;
+    case kCopyRefused: return ANEMLL_ERR_PREDICT;  // the message is in c->err
+    case kCopyNoBytes: return set_error_noalloc(c, ANEMLL_ERR_PREDICT, o.what.c_str(), ": no data");
+    default: return set_error_noalloc(c, ANEMLL_ERR_PREDICT, o.what.c_str(), ": the array gave no bytes");
+  }
 }
 
 int predict_impl(Ctx* c, anemll_binding* bh, anemll_state* sh) {
@@ -731,26 +859,36 @@ int predict_impl(Ctx* c, anemll_binding* bh, anemll_state* sh) {
   auto run = [&](MLPredictionOptions* options) -> id<MLFeatureProvider> {
     error = nil;
     if (stateful) {
+#if ANEMLL_HAVE_MLSTATE_API
       if (@available(macOS 15.0, *)) {
         return [b->ml predictionFromFeatures:b->features usingState:(MLState*)s->state options:options error:&error];
       }
-      return nil;  // unreachable: states only exist on macOS 15+
+#endif
+      return nil;  // unreachable: states are only made on macOS 15+, by a build with its SDK
     }
     return [b->ml predictionFromFeatures:b->features options:options error:&error];
   };
-  result = run(b->use_backings ? b->options : b->plain_options);
-  if (result == nil && b->use_backings) {
+  bool with_backings = b->use_backings;
+  result = run(with_backings ? b->options : b->plain_options);
+  if (result == nil && with_backings) {
     // Core ML may refuse a backing (the documentation leaves which ones to the
-    // engine it picks). Run once more without and keep that for this binding;
-    // rerunning is harmless for ANEMLL models, whose state update at a given
+    // engine it picks). Run once more without; only after several refusals in
+    // a row does this binding give backings up (a one-off failure does not).
+    // Rerunning is harmless for ANEMLL models, whose state update at a given
     // position is idempotent.
     const std::string first = describe(error);
     result = run(b->plain_options);
     if (result == nil)
       return set_error(c, ANEMLL_ERR_PREDICT, m.label + ": prediction failed: " + describe(error) +
                                                   " (with output backings: " + first + ")");
-    b->use_backings = false;
-    c->stats.backing_fallbacks++;
+    with_backings = false;
+    c->stats.backing_retries++;
+    if (++b->backing_failures >= kMaxBackingFailures) {
+      b->use_backings = false;
+      c->stats.backing_fallbacks++;
+    }
+  } else if (result != nil && with_backings) {
+    b->backing_failures = 0;
   }
   if (result == nil) return set_error(c, ANEMLL_ERR_PREDICT, m.label + ": prediction failed: " + describe(error));
 
@@ -759,16 +897,16 @@ int predict_impl(Ctx* c, anemll_binding* bh, anemll_state* sh) {
     MLMultiArray* arr = fv.multiArrayValue;
     if (arr == nil)
       return set_error(c, ANEMLL_ERR_PREDICT, m.label + ": the prediction returned no multi-array '" + o.name + "'");
-    if (b->use_backings && arr == o.array) {  // identity: Core ML wrote into our backing
+    if (with_backings && arr == o.array) {  // identity: Core ML wrote into our backing
       if (o.backing == Backing::kMultiArray) {
         c->stats.outputs_in_place++;
         continue;
       }
-      if (int rc = copy_from_pixels(c, *b, o)) return rc;
+      if (int rc = copy_from_pixels(c, o)) return rc;
       c->stats.outputs_copied++;
       continue;
     }
-    if (int rc = copy_from_array(c, *b, o, arr)) return rc;
+    if (int rc = copy_from_array(c, o, arr)) return rc;
     c->stats.outputs_copied++;
   }
   c->stats.predictions++;
@@ -825,13 +963,125 @@ void write_err(char* err, size_t size, const std::string& msg) {
   if (err && size) std::snprintf(err, size, "%s", msg.c_str());
 }
 
+// -------------------------------------------------------------- compute plan
+// Devices in report order; "unassigned" ops have no device usage (constants).
+enum PlanDevice { kNeuralEngine = 0, kGPU, kCPU, kUnassigned, kPlanDevices };
+const char* const kPlanDeviceNames[kPlanDevices] = {"neural_engine", "gpu", "cpu", "unassigned"};
+
+struct PlanTally {
+  uint64_t ops[kPlanDevices] = {};
+  double cost[kPlanDevices] = {};
+};
+
+[[maybe_unused]] std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char ch : s) {
+    if (ch == '"' || ch == '\\') {
+      out += '\\';
+      out += static_cast<char>(ch);
+    } else if (ch < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", ch);
+      out += buf;
+    } else {
+      out += static_cast<char>(ch);
+    }
+  }
+  return out + "\"";
+}
+
+[[maybe_unused]] std::string tally_json(const PlanTally& t) {
+  std::string out = "{\"ops\": {";
+  for (int d = 0; d < kPlanDevices; ++d)
+    out += std::string(d ? ", " : "") + "\"" + kPlanDeviceNames[d] + "\": " + std::to_string(t.ops[d]);
+  out += "}, \"cost\": {";
+  for (int d = 0; d < kPlanDevices; ++d) {
+    char num[48];
+    std::snprintf(num, sizeof num, "%.9g", t.cost[d]);
+    out += std::string(d ? ", " : "") + "\"" + kPlanDeviceNames[d] + "\": " + num;
+  }
+  return out + "}}";
+}
+
+#if ANEMLL_HAVE_COMPUTE_PLAN_API
+API_AVAILABLE(macos(14.4))
+PlanDevice device_of(id<MLComputeDeviceProtocol> device) {
+  if (device == nil) return kUnassigned;
+  if ([device isKindOfClass:[MLNeuralEngineComputeDevice class]]) return kNeuralEngine;
+  if ([device isKindOfClass:[MLGPUComputeDevice class]]) return kGPU;
+  if ([device isKindOfClass:[MLCPUComputeDevice class]]) return kCPU;
+  return kUnassigned;
+}
+
+// Every operation of a block, nested blocks (loops, conditions) included.
+API_AVAILABLE(macos(14.4))
+void tally_block(MLComputePlan* plan, MLModelStructureProgramBlock* block, PlanTally* t, int depth) {
+  if (block == nil || depth > 64) return;
+  NSArray<MLModelStructureProgramOperation*>* ops = block.operations;
+  for (NSUInteger i = 0; i < ops.count; ++i) {
+    MLModelStructureProgramOperation* op = [ops objectAtIndex:i];
+    MLComputePlanDeviceUsage* usage = [plan computeDeviceUsageForMLProgramOperation:op];
+    const PlanDevice d = usage == nil ? kUnassigned : device_of(usage.preferredComputeDevice);
+    t->ops[d]++;
+    MLComputePlanCost* cost = [plan estimatedCostOfMLProgramOperation:op];
+    if (cost != nil) t->cost[d] += cost.weight;
+    NSArray<MLModelStructureProgramBlock*>* nested = op.blocks;
+    for (NSUInteger k = 0; k < nested.count; ++k) tally_block(plan, [nested objectAtIndex:k], t, depth + 1);
+  }
+}
+
+// {"functions": {name: {"ops": {...}, "cost": {...}}}} for one compiled model.
+API_AVAILABLE(macos(14.4))
+int compute_plan_json(Ctx* c, const std::string& path, const std::string& fn, std::string* out) {
+  std::string compiled;
+  if (int rc = resolve_compiled(c, path, &compiled)) return rc;
+  MLModelConfiguration* config = [[MLModelConfiguration alloc] init];
+  config.computeUnits = c->units;
+  __block MLComputePlan* plan = nil;
+  __block NSError* plan_error = nil;
+  dispatch_semaphore_t done = dispatch_semaphore_create(0);
+  [MLComputePlan loadContentsOfURL:[NSURL fileURLWithPath:ns(compiled) isDirectory:YES]
+                     configuration:config
+                 completionHandler:^(MLComputePlan* got, NSError* e) {
+                   plan = got;  // plain assignments: nothing here can throw
+                   plan_error = e;
+                   dispatch_semaphore_signal(done);
+                 }];
+  if (!wait_for(done, 1800)) return set_error(c, ANEMLL_ERR_LOAD, path + ": Core ML gave no compute plan within 30 minutes");
+  if (plan == nil) return set_error(c, ANEMLL_ERR_LOAD, path + ": Core ML cannot make its compute plan: " + describe(plan_error));
+  MLModelStructureProgram* program = plan.modelStructure.program;
+  if (program == nil) return set_error(c, ANEMLL_ERR_UNSUPPORTED, path + ": not an ML program (no per-operation plan)");
+  NSDictionary<NSString*, MLModelStructureProgramFunction*>* functions = program.functions;
+  std::vector<std::string> names;
+  NSArray<NSString*>* keys = functions.allKeys;
+  for (NSUInteger i = 0; i < keys.count; ++i) names.push_back(str([keys objectAtIndex:i]));
+  std::sort(names.begin(), names.end());
+  if (!fn.empty() && std::find(names.begin(), names.end(), fn) == names.end()) {
+    std::string all;
+    for (const std::string& n : names) all += (all.empty() ? "" : ", ") + n;
+    return set_error(c, ANEMLL_ERR_INVALID, path + ": no function '" + fn + "' (functions: " + all + ")");
+  }
+  std::string json = "{\"functions\": {";
+  bool first = true;
+  for (const std::string& name : names) {
+    if (!fn.empty() && name != fn) continue;
+    PlanTally t;
+    tally_block(plan, [functions objectForKey:ns(name)].block, &t, 0);
+    json += std::string(first ? "" : ", ") + json_string(name) + ": " + tally_json(t);
+    first = false;
+  }
+  *out = json + "}}";
+  return ANEMLL_OK;
+}
+#endif
+
 }  // namespace
 
 extern "C" void anemll_coreml_options_init(anemll_coreml_options* o) {
   if (!o) return;
   std::memset(o, 0, sizeof *o);
   o->struct_size = sizeof *o;
-  o->compute_units = ANEMLL_COREML_ALL;
+  o->compute_units = ANEMLL_COREML_CPU_AND_NE;  // as ANEMLL (ModelLoader.swift, chat.py)
   o->output_backing = ANEMLL_COREML_BACKING_AUTO;
   o->cache_dir = nullptr;
 }
@@ -905,4 +1155,58 @@ extern "C" int anemll_coreml_backend_stats(const anemll_backend* backend, anemll
     return ANEMLL_ERR_INVALID;
   *out = as_ctx(backend->ctx)->stats;
   return ANEMLL_OK;
+}
+
+extern "C" char* anemll_coreml_compute_plan(const char* path, const char* function_name, int32_t compute_units,
+                                           const char* cache_dir, char* err, size_t err_size) {
+  if (!path || !*path) {
+    write_err(err, err_size, "compute plan: empty model path");
+    return nullptr;
+  }
+  if (compute_units < ANEMLL_COREML_CPU_ONLY || compute_units > ANEMLL_COREML_CPU_AND_NE) {
+    write_err(err, err_size, "compute plan: compute_units " + std::to_string(compute_units) + " is not one of 0..3");
+    return nullptr;
+  }
+  @autoreleasepool {
+    try {
+      @try {
+#if ANEMLL_HAVE_COMPUTE_PLAN_API
+        if (@available(macOS 14.4, *)) {
+          std::unique_ptr<Ctx> c(new Ctx());
+          c->err[0] = '\0';
+          c->cache_dir = cache_dir ? cache_dir : "";
+          c->units = static_cast<MLComputeUnits>(compute_units);
+          std::string json;
+          if (compute_plan_json(c.get(), path, function_name ? function_name : "", &json) != ANEMLL_OK) {
+            write_err(err, err_size, std::string("compute plan: ") + c->err);
+            return nullptr;
+          }
+          char* out = static_cast<char*>(std::malloc(json.size() + 1));
+          if (!out) {
+            write_err(err, err_size, "compute plan: out of memory");
+            return nullptr;
+          }
+          std::memcpy(out, json.c_str(), json.size() + 1);
+          return out;
+        } else {
+          write_err(err, err_size, "compute plan: MLComputePlan needs macOS 14.4 or newer; this is " + os_version());
+          return nullptr;
+        }
+#else
+        (void)function_name;
+        (void)cache_dir;
+        write_err(err, err_size,
+                  "compute plan: needs MLComputePlan (macOS 14.4), and this build of anemll_fast was compiled with "
+                  "an older SDK: rebuild it with Xcode 15.3 or newer");
+        return nullptr;
+#endif
+      } @catch (NSException* e) {
+        write_err(err, err_size, "compute plan: Objective-C exception " + str(e.name) + ": " + str(e.reason));
+        return nullptr;
+      }
+    } catch (...) {
+      if (err && err_size) std::snprintf(err, err_size, "%s", "compute plan: out of memory or internal error");
+      return nullptr;
+    }
+  }
 }

@@ -1,5 +1,7 @@
 #include "engine/engine.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -10,7 +12,16 @@
 namespace anemll {
 namespace {
 
-constexpr size_t kAlign = 64;
+// Buffers are page-aligned: Core ML binds them as MLMultiArrays and outputs
+// (MLPredictionOptions.h: "use page-aligned address"; 16 KiB pages on Apple
+// silicon). Never less than a cache line.
+size_t buffer_alignment() {
+  static const size_t align = [] {
+    const long page = sysconf(_SC_PAGESIZE);
+    return page >= 64 ? static_cast<size_t>(page) : size_t{64};
+  }();
+  return align;
+}
 constexpr uint16_t kHalfZero = 0x0000u, kHalfOne = 0x3C00u;
 
 // What the engine feeds to (or expects from) one named tensor.
@@ -88,8 +99,9 @@ int Engine::fail(int status, std::string msg) {
 Buffer* Engine::alloc(size_t nbytes) {
   Buffer b;
   b.nbytes = nbytes;
-  const size_t rounded = (std::max<size_t>(nbytes, 1) + kAlign - 1) / kAlign * kAlign;
-  if (posix_memalign(&b.data, kAlign, rounded) != 0) return nullptr;
+  const size_t align = buffer_alignment();
+  const size_t rounded = (std::max<size_t>(nbytes, 1) + align - 1) / align * align;
+  if (posix_memalign(&b.data, align, rounded) != 0) return nullptr;
   std::memset(b.data, 0, rounded);
   buffers_.push_back(b);
   return &buffers_.back();

@@ -18,9 +18,35 @@
  * run of the same test compiles against the real SDK with
  * -mmacosx-version-min=13.0 -Werror=unguarded-availability(-new), which checks
  * every @available guard.
+ *
+ * SDK variants. `@available` is a run-time check only: a symbol the SDK lacks
+ * fails the build whatever the guard. ANEMLL_SDK_DECLS_MACOS picks the SDK
+ * these declarations stand for (default 150000, the macOS 15 SDK):
+ *   140400  the macOS 14.4 SDK (Xcode 15.3): no MLState, newState, usingState:,
+ *           functionName, stateDescriptionsByName, MLStateConstraint;
+ *   140000  the macOS 14.0 SDK as well without MLComputePlan / MLModelStructure
+ *           and the completion-handler compile.
+ * The header then defines ANEMLL_SDK_DECLS_HAVE_MLSTATE and
+ * ANEMLL_SDK_DECLS_HAVE_COMPUTE_PLAN (0 or 1), which the backend uses where a
+ * real SDK answers __has_include(<CoreML/MLState.h>) and
+ * __has_include(<CoreML/MLComputePlan.h>).
  */
 #ifndef ANEMLL_FAST_APPLE_SDK_DECLS_H
 #define ANEMLL_FAST_APPLE_SDK_DECLS_H
+
+#ifndef ANEMLL_SDK_DECLS_MACOS
+#define ANEMLL_SDK_DECLS_MACOS 150000
+#endif
+#if ANEMLL_SDK_DECLS_MACOS >= 150000
+#define ANEMLL_SDK_DECLS_HAVE_MLSTATE 1
+#else
+#define ANEMLL_SDK_DECLS_HAVE_MLSTATE 0
+#endif
+#if ANEMLL_SDK_DECLS_MACOS >= 140400
+#define ANEMLL_SDK_DECLS_HAVE_COMPUTE_PLAN 1
+#else
+#define ANEMLL_SDK_DECLS_HAVE_COMPUTE_PLAN 0
+#endif
 
 #if defined(__APPLE__)
 #error "apple_sdk_decls.h is for syntax checks off Apple platforms; include the real SDK headers on macOS"
@@ -73,6 +99,13 @@ typedef FourCharCode OSType;
 typedef unsigned char Boolean;
 #define nil nullptr /* objc.h: __DARWIN_NULL, nullptr in C++11 */
 
+/* ------------------------------------------------- dispatch (object.h etc.) */
+/* Under ARC dispatch objects are Objective-C objects (OS_OBJECT_USE_OBJC). */
+typedef uint64_t dispatch_time_t;
+#define DISPATCH_TIME_NOW (0ull)
+#define DISPATCH_TIME_FOREVER (~0ull)
+#define NSEC_PER_SEC 1000000000ull
+
 /* --------------------------------------------------------- CoreFoundation */
 typedef const struct __CFAllocator* CFAllocatorRef;
 typedef const struct __CFString* CFStringRef;
@@ -89,6 +122,8 @@ NS_ASSUME_NONNULL_BEGIN
 
 @protocol NSObject
 - (BOOL)isEqual:(id)object;
+- (BOOL)isKindOfClass:(Class)aClass;
+- (BOOL)respondsToSelector:(SEL)aSelector;
 @end
 
 @protocol NSCopying
@@ -107,7 +142,13 @@ __attribute__((objc_root_class))
 }
 + (instancetype)alloc;
 + (instancetype)new;
++ (Class)class;
 - (instancetype)init;
+@end
+
+/* NSKeyValueCoding.h */
+@interface NSObject (NSKeyValueCoding)
+- (nullable id)valueForKey:(NSString*)key;
 @end
 
 @interface NSString : NSObject <NSCopying, NSSecureCoding>
@@ -171,10 +212,22 @@ typedef NSString* NSExceptionName NS_STRING_ENUM;
 @property (nullable, readonly, copy) NSString* reason;
 @end
 
+FOUNDATION_EXPORT SEL NSSelectorFromString(NSString* aSelectorName);
+
 @interface NSProcessInfo : NSObject
 @property (class, readonly, strong) NSProcessInfo* processInfo;
 @property (readonly, copy) NSString* operatingSystemVersionString;
 @end
+
+@protocol OS_dispatch_object <NSObject>
+@end
+@protocol OS_dispatch_semaphore <OS_dispatch_object>
+@end
+typedef NSObject<OS_dispatch_semaphore>* dispatch_semaphore_t;
+extern "C" dispatch_semaphore_t dispatch_semaphore_create(intptr_t value);
+extern "C" intptr_t dispatch_semaphore_wait(dispatch_semaphore_t dsema, dispatch_time_t timeout);
+extern "C" intptr_t dispatch_semaphore_signal(dispatch_semaphore_t dsema);
+extern "C" dispatch_time_t dispatch_time(dispatch_time_t when, int64_t delta);
 
 NS_ASSUME_NONNULL_END
 
@@ -240,7 +293,9 @@ typedef NS_ENUM(NSInteger, MLFeatureType){
     MLFeatureTypeMultiArray = 5,
     MLFeatureTypeDictionary = 6,
     MLFeatureTypeSequence API_AVAILABLE(macos(10.14), ios(12.0), watchos(5.0), tvos(12.0)) = 7,
+#if ANEMLL_SDK_DECLS_HAVE_MLSTATE
     MLFeatureTypeState API_AVAILABLE(macos(15.0), ios(18.0), watchos(11.0), tvos(18.0)) = 8,
+#endif
 } API_AVAILABLE(macos(10.13), ios(11.0), watchos(4.0), tvos(11.0));
 
 /* MLMultiArray.h */
@@ -313,6 +368,7 @@ ML_EXPORT
 @property (readonly, nonatomic) MLMultiArrayDataType dataType;
 @end
 
+#if ANEMLL_SDK_DECLS_HAVE_MLSTATE
 /* MLStateConstraint.h */
 API_AVAILABLE(macos(15.0), ios(18.0), watchos(11.0), tvos(18.0))
 ML_EXPORT
@@ -320,6 +376,7 @@ ML_EXPORT
 @property (readonly, nonatomic) NSArray<NSNumber*>* bufferShape NS_REFINED_FOR_SWIFT API_AVAILABLE(macos(15.0), ios(18.0), watchos(11.0), tvos(18.0));
 @property (readonly, nonatomic) MLMultiArrayDataType dataType API_AVAILABLE(macos(15.0), ios(18.0), watchos(11.0), tvos(18.0));
 @end
+#endif /* ANEMLL_SDK_DECLS_HAVE_MLSTATE */
 
 /* MLFeatureDescription.h */
 API_AVAILABLE(macos(10.13), ios(11.0), watchos(4.0), tvos(11.0))
@@ -334,7 +391,9 @@ ML_EXPORT
 API_AVAILABLE(macos(10.13), ios(11.0), watchos(4.0), tvos(11.0))
 @interface MLFeatureDescription (MLFeatureValueConstraints)
 @property (readonly, nullable, nonatomic) MLMultiArrayConstraint* multiArrayConstraint;
+#if ANEMLL_SDK_DECLS_HAVE_MLSTATE
 @property (readonly, nullable, nonatomic) MLStateConstraint* stateConstraint API_AVAILABLE(macos(15.0), ios(18.0), watchos(11.0), tvos(18.0));
+#endif
 @end
 
 /* MLModelDescription.h */
@@ -343,7 +402,9 @@ ML_EXPORT
 @interface MLModelDescription : NSObject <NSSecureCoding>
 @property (readonly, nonatomic) NSDictionary<NSString*, MLFeatureDescription*>* inputDescriptionsByName;
 @property (readonly, nonatomic) NSDictionary<NSString*, MLFeatureDescription*>* outputDescriptionsByName;
+#if ANEMLL_SDK_DECLS_HAVE_MLSTATE
 @property (readonly, nonatomic) NSDictionary<NSString*, MLFeatureDescription*>* stateDescriptionsByName API_AVAILABLE(macos(15.0), ios(18.0), watchos(11.0), tvos(18.0));
+#endif
 @end
 
 /* MLModelConfiguration.h */
@@ -361,11 +422,13 @@ ML_EXPORT
 @property (readwrite) MLComputeUnits computeUnits;
 @end
 
+#if ANEMLL_SDK_DECLS_HAVE_MLSTATE
 API_AVAILABLE(macos(15.0), ios(18.0), watchos(11.0), tvos(18.0))
 ML_EXPORT
 @interface MLModelConfiguration (MultiFunctions)
 @property (readwrite, nullable, copy, nonatomic) NSString* functionName API_AVAILABLE(macos(15.0), ios(18.0), watchos(11.0), tvos(18.0));
 @end
+#endif
 
 /* MLPredictionOptions.h */
 API_AVAILABLE(macos(10.13), ios(11.0), watchos(4.0), tvos(11.0))
@@ -374,6 +437,7 @@ ML_EXPORT
 @property (readwrite, copy, nonatomic) NSDictionary<NSString*, id>* outputBackings API_AVAILABLE(macos(11.0), ios(16.0), watchos(9.0), tvos(16.0));
 @end
 
+#if ANEMLL_SDK_DECLS_HAVE_MLSTATE
 /* MLState.h */
 API_AVAILABLE(macos(15.0), ios(18.0), watchos(11.0), tvos(18.0))
 ML_EXPORT NS_SWIFT_SENDABLE
@@ -385,6 +449,7 @@ __attribute__((objc_subclassing_restricted))
 - (instancetype)init NS_UNAVAILABLE;
 + (instancetype)new NS_UNAVAILABLE;
 @end
+#endif /* ANEMLL_SDK_DECLS_HAVE_MLSTATE */
 
 /* MLModel.h */
 API_AVAILABLE(macos(10.13), ios(11.0), watchos(4.0), tvos(11.0))
@@ -410,6 +475,16 @@ ML_EXPORT
                    macos(10.13, API_TO_BE_DEPRECATED), ios(11.0, API_TO_BE_DEPRECATED), tvos(11.0, API_TO_BE_DEPRECATED));
 @end
 
+#if ANEMLL_SDK_DECLS_HAVE_COMPUTE_PLAN
+API_AVAILABLE(macos(14.4), ios(17.4), watchos(10.4), tvos(17.4))
+@interface MLModel (MLModelCompilationAsync)
++ (void)compileModelAtURL:(NSURL*)modelURL
+        completionHandler:(void (^)(NSURL* _Nullable compiledModelURL, NSError* _Nullable error))handler
+    API_AVAILABLE(macos(14.4), ios(17.4), watchos(10.4), tvos(17.4));
+@end
+#endif
+
+#if ANEMLL_SDK_DECLS_HAVE_MLSTATE
 /* MLModel+MLState.h */
 API_AVAILABLE(macos(15.0), ios(18.0), watchos(11.0), tvos(18.0))
 ML_EXPORT
@@ -421,6 +496,119 @@ ML_EXPORT
                                                    error:(NSError* __autoreleasing*)error
     NS_SWIFT_NAME(prediction(from:using:options:)) API_AVAILABLE(macos(15.0), ios(18.0), watchos(11.0), tvos(18.0));
 @end
+#endif /* ANEMLL_SDK_DECLS_HAVE_MLSTATE */
+
+/* MLComputeDeviceProtocol.h, MLCPUComputeDevice.h, MLGPUComputeDevice.h, MLNeuralEngineComputeDevice.h (macOS 14.0) */
+API_AVAILABLE(macos(14.0), ios(17.0), watchos(10.0), tvos(17.0))
+@protocol MLComputeDeviceProtocol <NSObject>
+@end
+
+API_AVAILABLE(macos(14.0), ios(17.0), watchos(10.0), tvos(17.0))
+ML_EXPORT NS_REFINED_FOR_SWIFT
+@interface MLCPUComputeDevice : NSObject <MLComputeDeviceProtocol>
+- (instancetype)init NS_UNAVAILABLE;
++ (instancetype)new NS_UNAVAILABLE;
+@end
+
+API_AVAILABLE(macos(14.0), ios(17.0), watchos(10.0), tvos(17.0))
+ML_EXPORT NS_REFINED_FOR_SWIFT
+@interface MLGPUComputeDevice : NSObject <MLComputeDeviceProtocol>
+- (instancetype)init NS_UNAVAILABLE;
++ (instancetype)new NS_UNAVAILABLE;
+@end
+
+API_AVAILABLE(macos(14.0), ios(17.0), watchos(10.0), tvos(17.0))
+ML_EXPORT NS_REFINED_FOR_SWIFT
+@interface MLNeuralEngineComputeDevice : NSObject <MLComputeDeviceProtocol>
+@property (readonly, nonatomic) NSInteger totalCoreCount;
+- (instancetype)init NS_UNAVAILABLE;
++ (instancetype)new NS_UNAVAILABLE;
+@end
+
+#if ANEMLL_SDK_DECLS_HAVE_COMPUTE_PLAN
+/* MLModelStructure*.h, MLComputePlan*.h (macOS 14.4) */
+@class MLModelStructureProgramBlock;
+
+API_AVAILABLE(macos(14.4), ios(17.4), watchos(10.4), tvos(17.4))
+ML_EXPORT NS_SWIFT_SENDABLE NS_REFINED_FOR_SWIFT
+__attribute__((objc_subclassing_restricted))
+@interface MLModelStructureProgramOperation : NSObject
+@property (readonly, copy, nonatomic) NSString* operatorName;
+@property (readonly, copy, nonatomic) NSArray<MLModelStructureProgramBlock*>* blocks;
+- (instancetype)init NS_UNAVAILABLE;
++ (instancetype)new NS_UNAVAILABLE;
+@end
+
+API_AVAILABLE(macos(14.4), ios(17.4), watchos(10.4), tvos(17.4))
+ML_EXPORT NS_SWIFT_SENDABLE NS_REFINED_FOR_SWIFT
+__attribute__((objc_subclassing_restricted))
+@interface MLModelStructureProgramBlock : NSObject
+@property (readonly, copy, nonatomic) NSArray<NSString*>* outputNames;
+@property (readonly, copy, nonatomic) NSArray<MLModelStructureProgramOperation*>* operations;
+- (instancetype)init NS_UNAVAILABLE;
++ (instancetype)new NS_UNAVAILABLE;
+@end
+
+API_AVAILABLE(macos(14.4), ios(17.4), watchos(10.4), tvos(17.4))
+ML_EXPORT NS_SWIFT_SENDABLE NS_REFINED_FOR_SWIFT
+__attribute__((objc_subclassing_restricted))
+@interface MLModelStructureProgramFunction : NSObject
+@property (readonly, strong, nonatomic) MLModelStructureProgramBlock* block;
+- (instancetype)init NS_UNAVAILABLE;
++ (instancetype)new NS_UNAVAILABLE;
+@end
+
+API_AVAILABLE(macos(14.4), ios(17.4), watchos(10.4), tvos(17.4))
+ML_EXPORT NS_SWIFT_SENDABLE NS_REFINED_FOR_SWIFT
+__attribute__((objc_subclassing_restricted))
+@interface MLModelStructureProgram : NSObject
+@property (readonly, copy, nonatomic) NSDictionary<NSString*, MLModelStructureProgramFunction*>* functions;
+- (instancetype)init NS_UNAVAILABLE;
++ (instancetype)new NS_UNAVAILABLE;
+@end
+
+API_AVAILABLE(macos(14.4), ios(17.4), watchos(10.4), tvos(17.4))
+ML_EXPORT NS_SWIFT_SENDABLE NS_REFINED_FOR_SWIFT
+__attribute__((objc_subclassing_restricted))
+@interface MLModelStructure : NSObject
+@property (readonly, strong, nonatomic, nullable) MLModelStructureProgram* program;
+- (instancetype)init NS_UNAVAILABLE;
++ (instancetype)new NS_UNAVAILABLE;
+@end
+
+API_AVAILABLE(macos(14.4), ios(17.4), watchos(10.4), tvos(17.4))
+ML_EXPORT NS_SWIFT_SENDABLE NS_REFINED_FOR_SWIFT
+__attribute__((objc_subclassing_restricted))
+@interface MLComputePlanDeviceUsage : NSObject
+@property (readonly, copy, nonatomic) NSArray<id<MLComputeDeviceProtocol>>* supportedComputeDevices;
+@property (readonly, strong, nonatomic) id<MLComputeDeviceProtocol> preferredComputeDevice;
+- (instancetype)init NS_UNAVAILABLE;
++ (instancetype)new NS_UNAVAILABLE;
+@end
+
+API_AVAILABLE(macos(14.4), ios(17.4), watchos(10.4), tvos(17.4))
+ML_EXPORT NS_SWIFT_SENDABLE NS_REFINED_FOR_SWIFT
+__attribute__((objc_subclassing_restricted))
+@interface MLComputePlanCost : NSObject
+@property (readonly, assign, nonatomic) double weight;
+- (instancetype)init NS_UNAVAILABLE;
++ (instancetype)new NS_UNAVAILABLE;
+@end
+
+API_AVAILABLE(macos(14.4), ios(17.4), watchos(10.4), tvos(17.4))
+ML_EXPORT NS_SWIFT_SENDABLE NS_REFINED_FOR_SWIFT
+__attribute__((objc_subclassing_restricted))
+@interface MLComputePlan : NSObject
++ (void)loadContentsOfURL:(NSURL*)url
+            configuration:(MLModelConfiguration*)configuration
+        completionHandler:(void (^)(MLComputePlan* _Nullable computePlan, NSError* _Nullable error))handler;
+- (nullable MLComputePlanCost*)estimatedCostOfMLProgramOperation:(MLModelStructureProgramOperation*)operation;
+- (nullable MLComputePlanDeviceUsage*)computeDeviceUsageForMLProgramOperation:(MLModelStructureProgramOperation*)operation;
+@property (readonly, strong, nonatomic) MLModelStructure* modelStructure;
+- (instancetype)init NS_UNAVAILABLE;
++ (instancetype)new NS_UNAVAILABLE;
+@end
+#endif /* ANEMLL_SDK_DECLS_HAVE_COMPUTE_PLAN */
 
 NS_ASSUME_NONNULL_END
 
