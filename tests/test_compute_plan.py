@@ -149,3 +149,28 @@ def test_cli_compute_plan_error_off_macos(tiny):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "inspect: error:" in r.stderr and "MLComputePlan" in r.stderr and "macOS 14.4" in r.stderr
+
+
+def test_default_compute_units_are_cpu_and_ne_everywhere():
+    """As ANEMLL (ModelLoader.swift, chat.py): the API, the CLI, both Core ML backends, the native options."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from anemll_fast.backends import coremltools_backend as ctb
+    from anemll_fast.cli import build_parser
+
+    assert inspect.signature(anemll_fast.load).parameters["compute_units"].default == "cpu_and_ne"
+    assert inspect.signature(ctb.load).parameters["compute_units"].default == "cpu_and_ne"
+    assert ctb.CoreMLToolsBackend().compute_units == "cpu_and_ne"
+    parser = build_parser()
+    for cmd in (["generate", "--prompt", "x"], ["inspect", "--compute-plan", "x"]):
+        assert parser.parse_args(cmd).compute_units == "cpu_and_ne"
+    from anemll_fast import _native
+
+    assert "compute_units='cpu_and_ne'" in _native.coreml_compute_plan.__doc__
+    # The native default (options_init in the .mm, and the header's stub elsewhere): not runnable here.
+    csrc = Path(__file__).resolve().parents[1] / "csrc" / "coreml"
+    for f in ("coreml_backend.mm", "coreml_backend.h"):
+        inits = re.findall(r"compute_units = (ANEMLL_COREML_\w+);", (csrc / f).read_text())
+        assert inits and set(inits) == {"ANEMLL_COREML_CPU_AND_NE"}, (f, inits)
