@@ -27,8 +27,19 @@ cdef extern from "backends/backend_abi.h" nogil:
     size_t anemll_dtype_size(int32_t dtype)
 
 
+cdef extern from "backends/host_buffers.h" namespace "anemll" nogil:
+    cdef struct HostBuffers:
+        int64_t row_pad
+        uint64_t allocs
+        uint64_t frees
+        uint64_t maps
+        uint64_t unmaps
+        int64_t mapped
+
+
 cdef extern from "backends/null_backend.h" namespace "anemll" nogil:
-    anemll_backend* new_null_backend()
+    anemll_backend* new_null_backend(int64_t buffer_row_pad)
+    const HostBuffers* null_backend_buffers(const anemll_backend* backend)
     void delete_backend(anemll_backend* backend)
 
 
@@ -42,7 +53,8 @@ cdef extern from "backends/callback_backend.h" namespace "anemll" nogil:
                     int64_t*, char*, size_t) noexcept
         int (*predict)(void*, int64_t, int64_t, char*, size_t) noexcept
         void (*release)(void*, int, int64_t) noexcept
-    anemll_backend* new_callback_backend(const CallbackHooks& hooks)
+    anemll_backend* new_callback_backend(const CallbackHooks& hooks, int64_t buffer_row_pad)
+    const HostBuffers* callback_backend_buffers(const anemll_backend* backend)
 
 
 cdef extern from "engine/alloc_hook.h" namespace "anemll" nogil:
@@ -120,6 +132,9 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         cbool argmax_head()
         int n_parts()
         const LogitsPart* parts()
+        int map_logits()
+        void unmap_logits()
+        int64_t backend_buffers()
         const string& prefill_mode()
         int64_t state_count()
         int64_t embed_calls

@@ -67,12 +67,16 @@ def alloc_probe_once():
     alloc_probe()
 
 
-def _view(size_t address, size_t nbytes, dtype, shape):
-    """A writable numpy view over native memory (no copy)."""
+def _view(size_t address, size_t nbytes, dtype, shape, strides=None):
+    """A writable numpy view over native memory (no copy); strides in elements (None: dense)."""
     if nbytes == 0:
         return np.zeros(shape, dtype=dtype)
     raw = (ctypes.c_char * nbytes).from_address(address)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    flat = np.frombuffer(raw, dtype=dtype)
+    if strides is None:
+        return flat.reshape(shape)
+    item = flat.itemsize
+    return np.lib.stride_tricks.as_strided(flat, shape=shape, strides=tuple(s * item for s in strides))
 
 
 cdef void _write_err(char* err, size_t size, str msg) noexcept:
@@ -103,12 +107,34 @@ cdef class Backend:
     def _take_pending(self):
         return None
 
+    def buffer_stats(self):
+        """Counters of the test backends' own buffers (buffer_row_pad), else None."""
+        cdef const HostBuffers* hb = NULL
+        if self.be != NULL:
+            hb = null_backend_buffers(self.be)
+            if hb == NULL:
+                hb = callback_backend_buffers(self.be)
+        if hb == NULL:
+            return None
+        return {"row_pad": hb.row_pad, "allocs": hb.allocs, "frees": hb.frees, "maps": hb.maps,
+                "unmaps": hb.unmaps, "mapped": hb.mapped}
+
+
+cdef int64_t _row_pad(buffer_row_pad) except -2:
+    if buffer_row_pad is None:
+        return -1
+    if int(buffer_row_pad) < 0:
+        raise ValueError(f"buffer_row_pad: must be >= 0, got {buffer_row_pad!r}")
+    return int(buffer_row_pad)
+
 
 cdef class NullBackend(Backend):
-    """Predictions return at once: measures host overhead."""
+    """Predictions return at once: measures host overhead. With buffer_row_pad, it also provides the
+    tensors passed between models and the logits in its own memory, rows padded by that many elements
+    (as the Core ML backend's pixel buffers are)."""
 
-    def __cinit__(self):
-        self.be = new_null_backend()
+    def __cinit__(self, buffer_row_pad=None):
+        self.be = new_null_backend(_row_pad(buffer_row_pad))
         if self.be == NULL:
             raise MemoryError()
 
@@ -222,7 +248,8 @@ cdef dict _views(const anemll_tensor* ts, int32_t n):
     cdef int32_t i
     for i in range(n):
         shape = tuple(ts[i].shape[k] for k in range(ts[i].rank))
-        out[ts[i].name.decode()] = _view(<size_t>ts[i].data, ts[i].nbytes, _NP_OF_CODE[ts[i].dtype], shape)
+        strides = tuple(ts[i].strides[k] for k in range(ts[i].rank))
+        out[ts[i].name.decode()] = _view(<size_t>ts[i].data, ts[i].nbytes, _NP_OF_CODE[ts[i].dtype], shape, strides)
     return out
 
 
@@ -281,7 +308,7 @@ cdef class CallbackBackend(Backend):
     cdef public object pending
     cdef int64_t next_id
 
-    def __cinit__(self, target):
+    def __cinit__(self, target, buffer_row_pad=None):
         cdef CallbackHooks hooks
         self.target = target
         self.objects = {}
@@ -294,7 +321,7 @@ cdef class CallbackBackend(Backend):
         hooks.bind = _cb_bind
         hooks.predict = _cb_predict
         hooks.release = _cb_release
-        self.be = new_callback_backend(hooks)
+        self.be = new_callback_backend(hooks, _row_pad(buffer_row_pad))
         if self.be == NULL:
             raise MemoryError()
 
@@ -489,14 +516,27 @@ cdef class NativeEngine:
 
     def logits(self):
         """A copy of the last step's logits, concatenated (for inspection, not the hot path)."""
-        cdef const LogitsPart* ps = self.eng.parts()
-        out = []
-        for i in range(self.eng.n_parts()):
-            out.append(_view(<size_t>ps[i].data, ps[i].size * 2, np.float16, (ps[i].size,)).copy())
+        cdef const LogitsPart* ps
+        cdef int rc = self.eng.map_logits()
+        if rc != 0:
+            self._raise(rc)
+        try:
+            ps = self.eng.parts()
+            out = []
+            for i in range(self.eng.n_parts()):
+                out.append(_view(<size_t>ps[i].data, ps[i].size * 2, np.float16, (ps[i].size,)).copy())
+        finally:
+            self.eng.unmap_logits()
         return np.concatenate(out) if out else np.zeros(0, np.float16)
 
+    @property
+    def backend_buffers(self):
+        """How many of the engine's tensors live in backend memory (alloc_buffer)."""
+        return self.eng.backend_buffers()
+
     def logits_views(self):
-        """Writable zero-copy views of the logits parts (tests and debugging only)."""
+        """Writable zero-copy views of the logits parts (tests and debugging only; with logits in
+        backend memory they point where the sampler last read them)."""
         cdef const LogitsPart* ps = self.eng.parts()
         return [_view(<size_t>ps[i].data, ps[i].size * 2, np.float16, (ps[i].size,))
                 for i in range(self.eng.n_parts())]

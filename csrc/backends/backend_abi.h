@@ -10,6 +10,10 @@
  *   4. calls `predict` on a binding, with a state or NULL, as often as needed,
  *   5. frees everything in reverse order and finally calls `destroy`.
  * A model may be bound several times (e.g. embeddings at [1,1] and [1,batch]).
+ * A backend may also provide the memory of the tensors passed between models
+ * and of the logits (alloc_buffer below, optional): the engine then binds that
+ * memory, so that an accelerator writes each part's output where the next part
+ * reads it, and reads logits in place between map_buffer and unmap_buffer.
  *
  * Every call returning int returns ANEMLL_OK (0) or an anemll_status; the
  * message of the last failure is then `last_error(ctx)` (valid until the next
@@ -67,6 +71,7 @@ typedef struct anemll_tensor {
 typedef struct anemll_model anemll_model;
 typedef struct anemll_state anemll_state;
 typedef struct anemll_binding anemll_binding;
+typedef struct anemll_buffer anemll_buffer;
 
 typedef struct anemll_backend {
   uint32_t abi_version; /* ANEMLL_BACKEND_ABI_VERSION */
@@ -96,7 +101,30 @@ typedef struct anemll_backend {
   const char* (*last_error)(void* ctx);
   /* Release the backend context itself. */
   void (*destroy)(void* ctx);
+
+  /* Optional: present when struct_size covers them and they are not NULL.
+   * Memory for a tensor the engine passes from one model to the next or reads
+   * after a prediction, allocated where the accelerator writes natively (Core
+   * ML: an IOSurface-backed pixel buffer). `t` gives name, dtype, rank and
+   * shape; the backend fills t->strides (elements; rows may be padded, the last
+   * stride is 1), t->data and t->nbytes. ANEMLL_OK with *out NULL: nothing
+   * special for this tensor, the engine uses its own memory. The engine binds
+   * t->data with exactly these strides wherever the tensor goes (the backend
+   * recognises it by address), writes it never, and touches it on the host
+   * only between map_buffer (which gives the address to use, possibly another
+   * than t->data) and unmap_buffer, which must not allocate. A buffer outlives
+   * every binding that uses it. */
+  int (*alloc_buffer)(void* ctx, anemll_tensor* t, anemll_buffer** out);
+  int (*map_buffer)(void* ctx, anemll_buffer* buffer, void** data);
+  void (*unmap_buffer)(void* ctx, anemll_buffer* buffer);
+  void (*free_buffer)(void* ctx, anemll_buffer* buffer);
 } anemll_backend;
+
+/* Whether `b` provides buffers (alloc_buffer and its companions). */
+static inline int anemll_backend_has_buffers(const anemll_backend* b) {
+  return b->struct_size >= offsetof(anemll_backend, free_buffer) + sizeof(b->free_buffer) && b->alloc_buffer &&
+         b->map_buffer && b->unmap_buffer && b->free_buffer;
+}
 
 /* Size in bytes of one element of `dtype`, 0 if unknown. */
 static inline size_t anemll_dtype_size(int32_t dtype) {

@@ -4,11 +4,14 @@
 #include <cstring>
 #include <new>
 
+#include "backends/host_buffers.h"
+
 namespace anemll {
 namespace {
 
 struct Ctx {
   CallbackHooks hooks;
+  HostBuffers buffers;
   // Fixed buffer: reporting an error must not allocate.
   char err[2048];
 };
@@ -91,10 +94,20 @@ void cb_free_state(void* ctx, anemll_state* s) { release(ctx, 1, s); }
 void cb_free_model(void* ctx, anemll_model* m) { release(ctx, 0, m); }
 const char* cb_last_error(void* ctx) { return as_ctx(ctx)->err; }
 void cb_destroy(void* ctx) { delete as_ctx(ctx); }
+int cb_alloc_buffer(void* ctx, anemll_tensor* t, anemll_buffer** out) {
+  return host_alloc_buffer(&as_ctx(ctx)->buffers, t, out);
+}
+int cb_map_buffer(void* ctx, anemll_buffer* b, void** data) { return host_map_buffer(&as_ctx(ctx)->buffers, b, data); }
+void cb_unmap_buffer(void* ctx, anemll_buffer* b) { host_unmap_buffer(&as_ctx(ctx)->buffers, b); }
+void cb_free_buffer(void* ctx, anemll_buffer* b) { host_free_buffer(&as_ctx(ctx)->buffers, b); }
 
 }  // namespace
 
-anemll_backend* new_callback_backend(const CallbackHooks& hooks) {
+const HostBuffers* callback_backend_buffers(const anemll_backend* backend) {
+  return backend && backend->destroy == cb_destroy && backend->alloc_buffer ? &as_ctx(backend->ctx)->buffers : nullptr;
+}
+
+anemll_backend* new_callback_backend(const CallbackHooks& hooks, int64_t buffer_row_pad) {
   auto* c = new (std::nothrow) Ctx();
   auto* b = new (std::nothrow) anemll_backend();
   if (!c || !b) {
@@ -118,6 +131,13 @@ anemll_backend* new_callback_backend(const CallbackHooks& hooks) {
   b->free_model = cb_free_model;
   b->last_error = cb_last_error;
   b->destroy = cb_destroy;
+  if (buffer_row_pad >= 0) {
+    c->buffers.row_pad = buffer_row_pad;
+    b->alloc_buffer = cb_alloc_buffer;
+    b->map_buffer = cb_map_buffer;
+    b->unmap_buffer = cb_unmap_buffer;
+    b->free_buffer = cb_free_buffer;
+  }
   return b;
 }
 

@@ -27,7 +27,12 @@ struct CallbackHooks {
   void (*release)(void* user, int kind, int64_t id);
 };
 
+struct HostBuffers;
+
 // A new callback backend over `hooks`; release with backend->destroy(ctx) then delete.
-anemll_backend* new_callback_backend(const CallbackHooks& hooks);
+// buffer_row_pad >= 0: it provides backend buffers with padded rows (host_buffers.h).
+anemll_backend* new_callback_backend(const CallbackHooks& hooks, int64_t buffer_row_pad = -1);
+// Its buffer counters (NULL without buffers or for another backend).
+const HostBuffers* callback_backend_buffers(const anemll_backend* backend);
 
 }  // namespace anemll

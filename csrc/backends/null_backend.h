@@ -6,8 +6,14 @@
 
 namespace anemll {
 
+struct HostBuffers;
+
 // A new null backend; release it with backend->destroy(backend->ctx) and delete.
-anemll_backend* new_null_backend();
+// buffer_row_pad >= 0: it provides backend buffers (host_buffers.h) whose rows
+// carry that many elements of padding.
+anemll_backend* new_null_backend(int64_t buffer_row_pad = -1);
+// Its buffer counters (NULL without buffers or for another backend).
+const HostBuffers* null_backend_buffers(const anemll_backend* backend);
 
 }  // namespace anemll
 

@@ -85,10 +85,72 @@ bool same_states(const ComponentDesc& a, const ComponentDesc& b) {
 }  // namespace
 
 Engine::~Engine() {
+  unmap_logits();
   for (anemll_binding* b : bindings_) be_->free_binding(be_->ctx, b);
   for (anemll_state* s : states_) be_->free_state(be_->ctx, s);
   for (anemll_model* m : models_) be_->free_model(be_->ctx, m);
+  for (BackendBuffer& b : bufs_) be_->free_buffer(be_->ctx, b.handle);
   for (Buffer& b : buffers_) std::free(b.data);
+}
+
+Engine::BackendBuffer* Engine::backend_alloc(const char* name, int32_t dtype, const std::vector<int64_t>& shape) {
+  if (!anemll_backend_has_buffers(be_) || shape.empty() || shape.size() > ANEMLL_MAX_RANK ||
+      bufs_.size() == bufs_.capacity())
+    return nullptr;
+  anemll_tensor t{};
+  t.name = name;
+  t.dtype = dtype;
+  t.rank = static_cast<int32_t>(shape.size());
+  for (int32_t i = 0; i < t.rank; ++i) t.shape[i] = shape[static_cast<size_t>(i)];
+  anemll_buffer* h = nullptr;
+  // A backend that declines (or fails) leaves the tensor in the engine's own memory.
+  if (be_->alloc_buffer(be_->ctx, &t, &h) != ANEMLL_OK || !h) return nullptr;
+  int64_t last = 0;
+  bool sound = t.data != nullptr && t.strides[t.rank - 1] == 1;
+  for (int32_t i = 0; sound && i < t.rank; ++i) {
+    sound = t.strides[i] >= 0;
+    last += (t.shape[i] - 1) * t.strides[i];
+  }
+  if (!sound || static_cast<uint64_t>(last + 1) * anemll_dtype_size(dtype) > t.nbytes) {
+    be_->free_buffer(be_->ctx, h);
+    return nullptr;
+  }
+  BackendBuffer b;
+  b.handle = h;
+  b.data = t.data;
+  b.shape = shape;
+  b.strides.assign(t.strides, t.strides + t.rank);
+  b.nbytes = t.nbytes;
+  bufs_.push_back(std::move(b));
+  return &bufs_.back();
+}
+
+const Engine::BackendBuffer* Engine::backend_buffer_at(const void* data) const {
+  for (const BackendBuffer& b : bufs_)
+    if (b.data == data) return &b;
+  return nullptr;
+}
+
+int Engine::map_logits() {
+  if (logits_mapped_) return kOk;
+  for (size_t k = 0; k < logits_bufs_.size(); ++k) {
+    BackendBuffer& b = bufs_[static_cast<size_t>(logits_bufs_[k])];
+    void* base = nullptr;
+    if (be_->map_buffer(be_->ctx, b.handle, &base) != ANEMLL_OK || !base) {
+      for (size_t j = 0; j < k; ++j) be_->unmap_buffer(be_->ctx, bufs_[static_cast<size_t>(logits_bufs_[j])].handle);
+      return fail(kBackendError, std::string("lm_head: cannot map a logits buffer: ") + be_->last_error(be_->ctx));
+    }
+    for (int r = 0; r < b.n_rows; ++r)
+      parts_[static_cast<size_t>(b.first_part + r)].data = static_cast<uint16_t*>(base) + b.row_offsets[static_cast<size_t>(r)];
+  }
+  logits_mapped_ = true;
+  return kOk;
+}
+
+void Engine::unmap_logits() {
+  if (!logits_mapped_) return;
+  for (int i : logits_bufs_) be_->unmap_buffer(be_->ctx, bufs_[static_cast<size_t>(i)].handle);
+  logits_mapped_ = false;
 }
 
 int Engine::fail(int status, std::string msg) {
@@ -124,7 +186,8 @@ int Engine::predict(Binding& b) {
 }
 
 int Engine::init(const PipelineDesc& d) {
-  buffers_.reserve(64);  // pointers into buffers_ must stay valid
+  buffers_.reserve(64);  // pointers into buffers_ and bufs_ must stay valid
+  bufs_.reserve(64);
   B_ = d.batch_size;
   ctx_ = d.context_length;
   H_ = d.hidden_size;
@@ -200,6 +263,22 @@ int Engine::init(const PipelineDesc& d) {
     }
   }
 
+  // A tensor over backend memory takes that memory's layout: its strides when
+  // the shapes agree, dense ones when a single row is all there is.
+  auto use_buffer_layout = [&](anemll_tensor& t, const std::string& where) -> int {
+    const BackendBuffer* bb = backend_buffer_at(t.data);
+    if (!bb) return kOk;
+    t.nbytes = bb->nbytes;
+    const std::vector<int64_t> shape(t.shape, t.shape + t.rank);
+    if (shape == bb->shape) {
+      for (int32_t i = 0; i < t.rank; ++i) t.strides[i] = bb->strides[static_cast<size_t>(i)];
+      return kOk;
+    }
+    if (t.rank >= 1 && product(shape) == t.shape[t.rank - 1] && t.shape[t.rank - 1] == bb->shape.back()) return kOk;
+    return fail(kConfigError, where + ".shape: " + shape_str(shape) + " cannot view the backend buffer of shape " +
+                                  shape_str(bb->shape) + " it shares");
+  };
+
   // Binding helper: match declared tensors to engine slots, checking dtype and size.
   auto bind = [&](Binding& b, const ComponentDesc& c, anemll_model* m, anemll_state* st,
                   const std::vector<Slot>& in_slots, const std::vector<Slot>& out_slots) -> int {
@@ -229,6 +308,7 @@ int Engine::init(const PipelineDesc& d) {
         return fail(kConfigError, where + ".inputs." + t.name + ".shape: " + shape_str(t.shapes.front()) +
                                       " does not hold the " + std::to_string(s->count) + " elements the engine feeds");
       ins.push_back(make_tensor(t, *shape, s->data));
+      if (int rc = use_buffer_layout(ins.back(), where + ".inputs." + t.name)) return rc;
     }
     for (const Slot& s : out_slots)
       if (s.required && !find(c.outputs, s.name))
@@ -254,6 +334,7 @@ int Engine::init(const PipelineDesc& d) {
                                       std::to_string(product(declared)) + " elements, the engine expects " +
                                       std::to_string(s->count));
       outs.push_back(make_tensor(t, declared, s->data));
+      if (int rc = use_buffer_layout(outs.back(), where + ".outputs." + t.name)) return rc;
     }
     if (be_->bind(be_->ctx, m, ins.data(), static_cast<int32_t>(ins.size()), outs.data(),
                   static_cast<int32_t>(outs.size()), &b.handle) != ANEMLL_OK || !b.handle)
@@ -278,6 +359,12 @@ int Engine::init(const PipelineDesc& d) {
                                   std::to_string(B_) + "]");
   emb_decode_padded_ = !takes1;
   const int64_t emb_d_n = takes1 ? 1 : B_;
+  // Decode hidden states in backend memory (one row: every part that writes or
+  // reads them sees the same layout): each part writes where the next reads.
+  if (!emb_decode_padded_)
+    for (uint16_t*& h : hid_d_)
+      if (BackendBuffer* bb = backend_alloc("hidden_states", ANEMLL_DTYPE_FLOAT16, {1, 1, H_}))
+        h = static_cast<uint16_t*>(bb->data);
   // The hidden output's seq dim follows the input_ids length of each binding.
   auto with_count = [](const ComponentDesc& c, const std::string& out_name, int64_t n) {
     ComponentDesc copy = c;
@@ -366,10 +453,32 @@ int Engine::init(const PipelineDesc& d) {
       const TensorDesc* t = find(d.lm_head.outputs, name);
       if (!t) return fail(kConfigError, "components." + d.lm_head.label + ".outputs." + name + ": missing output");
       const int64_t n = product(t->shapes.front());
-      uint16_t* buf = f16(n);
-      if (!buf) return fail(kConfigError, "out of memory");
-      head_out.push_back({name, buf, ANEMLL_DTYPE_FLOAT16, n, true});
-      parts_.push_back({buf, n, offset});
+      if (BackendBuffer* bb = backend_alloc(name.c_str(), ANEMLL_DTYPE_FLOAT16, t->shapes.front())) {
+        // The sampler reads the logits where the backend keeps them: one part per
+        // contiguous row (rows may be padded), addressed from the mapped base.
+        const size_t rank = bb->shape.size();
+        const int64_t row = bb->shape.back();
+        bb->first_part = static_cast<int>(parts_.size());
+        bb->n_rows = static_cast<int>(n / row);
+        std::vector<int64_t> idx(rank, 0);
+        for (int r = 0; r < bb->n_rows; ++r) {
+          int64_t off = 0;
+          for (size_t k = 0; k + 1 < rank; ++k) off += idx[k] * bb->strides[k];
+          bb->row_offsets.push_back(off);
+          parts_.push_back({static_cast<uint16_t*>(bb->data) + off, row, offset + r * row});
+          for (size_t k = rank - 1; k-- > 0;) {  // next row: odometer over the leading dimensions
+            if (++idx[k] < bb->shape[k]) break;
+            idx[k] = 0;
+          }
+        }
+        logits_bufs_.push_back(static_cast<int>(bb - bufs_.data()));
+        head_out.push_back({name, bb->data, ANEMLL_DTYPE_FLOAT16, n, true});
+      } else {
+        uint16_t* buf = f16(n);
+        if (!buf) return fail(kConfigError, "out of memory");
+        head_out.push_back({name, buf, ANEMLL_DTYPE_FLOAT16, n, true});
+        parts_.push_back({buf, n, offset});
+      }
       offset += n;
     }
     if (offset != V_)
@@ -543,8 +652,10 @@ int Engine::run_head_and_sample(int64_t pos, int32_t* next) {
     *next = best;
     return kOk;
   }
-  if (sampler_.sample(parts_.data(), static_cast<int>(parts_.size()), history_.data(), pos + 1, next) != 0)
-    return fail(kInvalidArgument, std::string("sampler: ") + sampler_.error());
+  if (int rc = map_logits()) return rc;
+  const int sampled = sampler_.sample(parts_.data(), static_cast<int>(parts_.size()), history_.data(), pos + 1, next);
+  unmap_logits();
+  if (sampled != 0) return fail(kInvalidArgument, std::string("sampler: ") + sampler_.error());
   return kOk;
 }
 

@@ -65,6 +65,11 @@ class Engine {
   bool argmax_head() const { return argmax_head_; }
   int n_parts() const { return static_cast<int>(parts_.size()); }
   const LogitsPart* parts() const { return parts_.data(); }
+  // Logits in backend memory are readable only between these (no-ops otherwise;
+  // the sampler's reads are bracketed inside step()).
+  int map_logits();
+  void unmap_logits();
+  int64_t backend_buffers() const { return static_cast<int64_t>(bufs_.size()); }
   const std::string& prefill_mode() const { return prefill_mode_; }
   int64_t state_count() const { return static_cast<int64_t>(states_.size()); }
   // Counters of backend predictions, for tests and benchmarks.
@@ -78,8 +83,22 @@ class Engine {
     std::string label;
   };
 
+  // Memory the backend provides (backend_abi.h alloc_buffer), bound as is.
+  struct BackendBuffer {
+    anemll_buffer* handle = nullptr;
+    void* data = nullptr;  // the binding key
+    std::vector<int64_t> shape, strides;
+    size_t nbytes = 0;
+    // Logits: the contiguous rows, with their first vocabulary id, as parts.
+    int first_part = -1, n_rows = 0;
+    std::vector<int64_t> row_offsets;  // elements from the mapped base
+  };
+
   int fail(int status, std::string msg);
   Buffer* alloc(size_t nbytes);
+  // Backend memory for a tensor of `shape` (nullptr: use alloc()).
+  BackendBuffer* backend_alloc(const char* name, int32_t dtype, const std::vector<int64_t>& shape);
+  const BackendBuffer* backend_buffer_at(const void* data) const;
   int load(const ComponentDesc& c, anemll_model** out);
   int bind(Binding* b, const ComponentDesc& c, anemll_model* m, anemll_state* st,
            const std::vector<std::pair<std::string, const void*>>& in_names, std::vector<anemll_tensor>& ins,
@@ -108,6 +127,9 @@ class Engine {
   std::vector<anemll_model*> models_;
   std::vector<anemll_state*> states_;
   std::vector<anemll_binding*> bindings_;
+  std::vector<BackendBuffer> bufs_;  // reserved once: pointers into it stay valid
+  std::vector<int> logits_bufs_;     // indices into bufs_
+  bool logits_mapped_ = false;
 
   // Shared buffers (pointers into buffers_).
   int32_t *ids_d_ = nullptr, *ids_p_ = nullptr;
