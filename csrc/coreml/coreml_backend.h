@@ -39,9 +39,12 @@ typedef enum anemll_coreml_output_backing {
   ANEMLL_COREML_BACKING_AUTO = 0,
   /* An MLMultiArray over the engine's own buffer: no copy when Core ML uses it. */
   ANEMLL_COREML_BACKING_MULTIARRAY = 1,
-  /* An IOSurface-backed fp16 CVPixelBuffer (the ANE's native output memory),
-   * copied once into the engine's buffer honouring its row stride. fp16 outputs
-   * only; others fall back to MULTIARRAY. */
+  /* An IOSurface-backed fp16 CVPixelBuffer (the ANE's native output memory).
+   * The engine's decode hidden states and logits are such buffers themselves
+   * (alloc_buffer): each part writes the array the next part reads, and the
+   * sampler reads the logits in place. Other fp16 outputs get their own pixel
+   * buffer, copied once into the engine's buffer honouring its row stride;
+   * other dtypes fall back to MULTIARRAY. */
   ANEMLL_COREML_BACKING_PIXEL_BUFFER = 2,
   /* No backing: outputs are copied from whatever Core ML returns. */
   ANEMLL_COREML_BACKING_NONE = 3

@@ -17,6 +17,11 @@
 //               reused for every prediction, and output backings: an
 //               MLMultiArray over the engine's buffer, or an IOSurface-backed
 //               fp16 CVPixelBuffer where the Neural Engine runs the model.
+//   buffers     alloc_buffer: the engine's decode hidden states and logits in
+//               IOSurface-backed fp16 pixel buffers. A part's output backing
+//               is then the very MLMultiArray the next part takes as input, so
+//               hidden states never cross the host, and the sampler reads the
+//               logits where the Neural Engine wrote them (map_buffer locks).
 //   predict     @autoreleasepool, stateful or stateless prediction; outputs are
 //               left in place when Core ML used the engine's buffer (checked by
 //               identity), else copied once honouring the returned array's own
@@ -86,6 +91,23 @@ const char kBackendName[] = "coreml";
 constexpr uint32_t kModelMagic = 0x434d4d44u;    // 'CMMD'
 constexpr uint32_t kStateMagic = 0x434d5354u;    // 'CMST'
 constexpr uint32_t kBindingMagic = 0x434d4244u;  // 'CMBD'
+constexpr uint32_t kBufferMagic = 0x434d4246u;   // 'CMBF'
+// Lock flags for reading and writing (no flag: Core Video's "not read-only").
+const CVPixelBufferLockFlags kLockReadWrite = static_cast<CVPixelBufferLockFlags>(0);
+
+// A pixel buffer the engine binds as its own memory (alloc_buffer), known by
+// its address; one MLMultiArray per shape it is bound with.
+struct SharedBuffer {
+  uint32_t magic = kBufferMagic;
+  CVPixelBufferRef pixels = nullptr;  // our +1 reference
+  void* key = nullptr;                // base address at creation: what the engine binds
+  std::vector<std::vector<int64_t>> view_shapes;
+  std::vector<MLMultiArray*> views;
+  ~SharedBuffer() {
+    views.clear();  // the arrays retain the pixel buffer; drop them before our reference
+    if (pixels) CVPixelBufferRelease(pixels);
+  }
+};
 
 // ------------------------------------------------------------------ handles
 struct Ctx {
@@ -93,6 +115,7 @@ struct Ctx {
   std::string cache_dir;  // "" = default root
   MLComputeUnits units = MLComputeUnitsCPUAndNeuralEngine;
   anemll_coreml_stats stats{};
+  std::vector<SharedBuffer*> buffers;  // alloc_buffer's, until free_buffer
   // Fixed buffer: reporting an error must not allocate (it may report bad_alloc).
   char err[4096];
 };
@@ -120,7 +143,9 @@ struct State {
   std::vector<std::string> names;
 };
 
-enum class Backing { kNone, kMultiArray, kPixelBuffer };
+// kShared: the engine bound a pixel buffer from alloc_buffer; Core ML writes it
+// in place and the next part reads that very array.
+enum class Backing { kNone, kMultiArray, kPixelBuffer, kShared };
 
 struct Output {
   std::string name;
@@ -134,6 +159,7 @@ struct Output {
   Backing backing = Backing::kNone;
   MLMultiArray* array = nil;          // the backing object handed to Core ML
   CVPixelBufferRef pixels = nullptr;  // our +1 reference for kPixelBuffer
+  CVPixelBufferRef shared = nullptr;  // kShared: the engine's buffer is this pixel buffer (not ours to release)
   anemll::coreml_copy::Plan pixel_plan;  // pixel rows (bytesPerRow apart) -> engine buffer
 };
 
@@ -569,12 +595,17 @@ bool ane_may_run(MLComputeUnits u) { return u == MLComputeUnitsAll || u == MLCom
 
 // An IOSurface-backed fp16 pixel buffer shaped [prod(shape[:-1]), shape[-1]]
 // wrapped as an MLMultiArray; nil (and pixels NULL) when Core Video refuses.
-MLMultiArray* pixel_backing(const Output& o, CVPixelBufferRef* pixels) {
-  *pixels = nullptr;
-  if (o.shape.empty()) return nil;
-  const int64_t width = o.shape.back();
-  int64_t height = 1;
-  for (size_t i = 0; i + 1 < o.shape.size(); ++i) height *= o.shape[i];
+// A pixel buffer's geometry for a shape: width = last dim, height = the rest.
+bool pixel_geometry(const std::vector<int64_t>& shape, int64_t* width, int64_t* height) {
+  if (shape.empty()) return false;
+  *width = shape.back();
+  *height = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) *height *= shape[i];
+  return *width > 0 && *height > 0;
+}
+
+// An IOSurface-backed OneComponent16Half pixel buffer (+1), or NULL.
+CVPixelBufferRef create_pixels(int64_t width, int64_t height) {
   NSDictionary* surface_props = [[NSDictionary alloc] init];  // present and empty: allocate via IOSurface
   id<NSCopying> keys[1] = {(__bridge NSString*)kCVPixelBufferIOSurfacePropertiesKey};
   id values[1] = {surface_props};
@@ -582,20 +613,56 @@ MLMultiArray* pixel_backing(const Output& o, CVPixelBufferRef* pixels) {
   CVPixelBufferRef pb = nullptr;
   const CVReturn rc = CVPixelBufferCreate(kCFAllocatorDefault, static_cast<size_t>(width), static_cast<size_t>(height),
                                           kCVPixelFormatType_OneComponent16Half, (__bridge CFDictionaryRef)attrs, &pb);
-  if (rc != kCVReturnSuccess || pb == nullptr) return nil;
-  // Declared nonnull: Core ML reports a buffer it cannot wrap by throwing, not
-  // by returning nil. Either way the output falls back to a plain backing.
-  MLMultiArray* arr = nil;
+  return rc == kCVReturnSuccess ? pb : nullptr;
+}
+
+// The pixel buffer as an MLMultiArray of `shape`, or nil. Declared nonnull:
+// Core ML reports a buffer it cannot wrap by throwing, not by returning nil;
+// either way the caller falls back to a plain backing.
+MLMultiArray* wrap_pixels(CVPixelBufferRef pb, const std::vector<int64_t>& shape) {
   @try {
-    arr = [[MLMultiArray alloc] initWithPixelBuffer:pb shape:to_ns(o.shape.data(), static_cast<int32_t>(o.shape.size()))];
+    return [[MLMultiArray alloc] initWithPixelBuffer:pb shape:to_ns(shape.data(), static_cast<int32_t>(shape.size()))];
   } @catch (NSException* e) {
-    arr = nil;
+    return nil;
   }
+}
+
+MLMultiArray* pixel_backing(const Output& o, CVPixelBufferRef* pixels) {
+  *pixels = nullptr;
+  int64_t width, height;
+  if (!pixel_geometry(o.shape, &width, &height)) return nil;
+  CVPixelBufferRef pb = create_pixels(width, height);
+  if (pb == nullptr) return nil;
+  MLMultiArray* arr = wrap_pixels(pb, o.shape);
   if (arr == nil) {
     CVPixelBufferRelease(pb);
     return nil;
   }
   *pixels = pb;
+  return arr;
+}
+
+SharedBuffer* shared_at(Ctx* c, const void* data) {
+  for (SharedBuffer* sb : c->buffers)
+    if (sb->key == data) return sb;
+  return nullptr;
+}
+
+// The shared buffer as an MLMultiArray of `shape` (the same object for every
+// binding of that shape), or nil when the shape does not fit its geometry.
+MLMultiArray* shared_view(SharedBuffer* sb, const int64_t* shape, int32_t rank) {
+  const std::vector<int64_t> s(shape, shape + rank);
+  for (size_t i = 0; i < sb->view_shapes.size(); ++i)
+    if (sb->view_shapes[i] == s) return sb->views[i];
+  int64_t width, height;
+  if (!pixel_geometry(s, &width, &height) || static_cast<size_t>(width) != CVPixelBufferGetWidth(sb->pixels) ||
+      static_cast<size_t>(height) != CVPixelBufferGetHeight(sb->pixels))
+    return nil;
+  MLMultiArray* arr = wrap_pixels(sb->pixels, s);
+  if (arr != nil) {
+    sb->view_shapes.push_back(s);
+    sb->views.push_back(arr);
+  }
   return arr;
 }
 
@@ -660,12 +727,22 @@ int bind_impl(Ctx* c, anemll_model* mh, const anemll_tensor* inputs, int32_t n_i
                                                   anemll_dtype_name(t.dtype) + ", the model takes " +
                                                   ml_dtype_text(d.multiArrayConstraint.dataType));
     NSError* error = nil;
-    MLMultiArray* arr = [[MLMultiArray alloc] initWithDataPointer:t.data
-                                                            shape:to_ns(t.shape, t.rank)
-                                                         dataType:dt
-                                                          strides:to_ns(t.strides, t.rank)
-                                                      deallocator:nil
-                                                            error:&error];
+    MLMultiArray* arr = nil;
+    if (SharedBuffer* sb = shared_at(c, t.data)) {
+      // The previous part's output backing itself: no host copy in between.
+      arr = shared_view(sb, t.shape, t.rank);
+      if (arr == nil)
+        return set_error(c, ANEMLL_ERR_INVALID, m->label + ": input '" + name + "': shape " +
+                                                    anemll::coreml_copy::shape_str(std::vector<int64_t>(t.shape, t.shape + t.rank)) +
+                                                    " does not fit the pixel buffer it shares");
+    } else {
+      arr = [[MLMultiArray alloc] initWithDataPointer:t.data
+                                                shape:to_ns(t.shape, t.rank)
+                                             dataType:dt
+                                              strides:to_ns(t.strides, t.rank)
+                                          deallocator:nil
+                                                error:&error];
+    }
     if (arr == nil)
       return set_error(c, ANEMLL_ERR_INVALID, m->label + ": input '" + name + "': cannot wrap the buffer: " + describe(error));
     MLFeatureValue* fv = [MLFeatureValue featureValueWithMultiArray:arr];
@@ -721,6 +798,20 @@ int bind_impl(Ctx* c, anemll_model* mh, const anemll_tensor* inputs, int32_t n_i
       return set_error(c, ANEMLL_ERR_INVALID, m->label + ": output '" + o.name + "': the model produces " +
                                                   ml_dtype_text(model_dt) + ", the engine reads " +
                                                   anemll_dtype_name(o.dtype));
+    SharedBuffer* sb = shared_at(c, t.data);
+    if (sb) {
+      // Engine memory that is a pixel buffer: the backing is the array the
+      // next part reads. A refused backing is copied into it (locked).
+      o.shared = sb->pixels;
+      o.array = shared_view(sb, t.shape, t.rank);
+      if (o.array == nil || model_d != ANEMLL_DTYPE_FLOAT16)
+        return set_error(c, ANEMLL_ERR_INVALID, o.what + ": shape " + anemll::coreml_copy::shape_str(o.shape) + " " +
+                                                    ml_dtype_text(model_dt) + " does not fit the pixel buffer it shares");
+      o.backing = [d isAllowedValue:[MLFeatureValue featureValueWithMultiArray:o.array]] ? Backing::kShared : Backing::kNone;
+      if (o.backing == Backing::kShared) [backings setObject:o.array forKey:o.ns_name];
+      b->outputs.push_back(std::move(o));
+      continue;
+    }
     Backing want = Backing::kNone;
     if (mode == ANEMLL_COREML_BACKING_PIXEL_BUFFER ||
         (mode == ANEMLL_COREML_BACKING_AUTO && ane_may_run(c->units)))
@@ -791,13 +882,13 @@ int copy_from_pixels(Ctx* c, const Output& o) {
 // The body of getBytesWithHandler: plans and runs the copy of `bytes`, or
 // leaves a message in err. noexcept: it runs inside Core ML's frames.
 enum CopyStatus { kCopyNotCalled = 0, kCopied, kCopyRefused, kCopyNoBytes };
-int copy_bytes(const void* bytes, NSInteger size, anemll::coreml_copy::Layout* src, const Output* o, char* err,
-               size_t err_size) noexcept {
+int copy_bytes(const void* bytes, NSInteger size, anemll::coreml_copy::Layout* src, const Output* o, void* dst,
+               char* err, size_t err_size) noexcept {
   if (bytes == nullptr || size <= 0) return kCopyNoBytes;
   src->nbytes = static_cast<size_t>(size);
   anemll::coreml_copy::Plan plan;
   if (!anemll::coreml_copy::plan(*src, o->dst, o->what.c_str(), &plan, err, err_size)) return kCopyRefused;
-  anemll::coreml_copy::run(plan, bytes, o->data);
+  anemll::coreml_copy::run(plan, bytes, dst);
   return kCopied;
 }
 
@@ -818,14 +909,22 @@ int copy_from_array(Ctx* c, const Output& o, MLMultiArray* arr) {
     src.shape[k] = [shape objectAtIndex:static_cast<NSUInteger>(k)].longLongValue;
     src.strides[k] = [strides objectAtIndex:static_cast<NSUInteger>(k)].longLongValue;
   }
+  void* dst = o.data;
+  if (o.shared) {  // engine memory that is a pixel buffer: writable only while locked
+    if (CVPixelBufferLockBaseAddress(o.shared, kLockReadWrite) != kCVReturnSuccess)
+      return set_error_noalloc(c, ANEMLL_ERR_PREDICT, o.what.c_str(), ": cannot lock the pixel buffer it writes");
+    dst = CVPixelBufferGetBaseAddress(o.shared);
+  }
   __block int status = kCopyNotCalled;
   anemll::coreml_copy::Layout* src_p = &src;
   const Output* o_p = &o;
   char* err = c->err;
   const size_t err_size = sizeof c->err;
-  [arr getBytesWithHandler:^(const void* bytes, NSInteger size) {
-    status = copy_bytes(bytes, size, src_p, o_p, err, err_size);
-  }];
+  if (dst != nullptr)
+    [arr getBytesWithHandler:^(const void* bytes, NSInteger size) {
+      status = copy_bytes(bytes, size, src_p, o_p, dst, err, err_size);
+    }];
+  if (o.shared) CVPixelBufferUnlockBaseAddress(o.shared, kLockReadWrite);
   switch (status) {
     case kCopied: return ANEMLL_OK;
     case kCopyRefused: return ANEMLL_ERR_PREDICT;  // the message is in c->err
@@ -898,7 +997,7 @@ int predict_impl(Ctx* c, anemll_binding* bh, anemll_state* sh) {
     if (arr == nil)
       return set_error(c, ANEMLL_ERR_PREDICT, m.label + ": the prediction returned no multi-array '" + o.name + "'");
     if (with_backings && arr == o.array) {  // identity: Core ML wrote into our backing
-      if (o.backing == Backing::kMultiArray) {
+      if (o.backing == Backing::kMultiArray || o.backing == Backing::kShared) {
         c->stats.outputs_in_place++;
         continue;
       }
@@ -947,6 +1046,77 @@ void release_handle(void* ctx, T* h, uint32_t magic) {
   guarded(c, "free", ANEMLL_ERR_INVALID, [&] {
     h->magic = 0;
     delete h;  // ARC releases the Objective-C members here, inside the pool
+    return ANEMLL_OK;
+  });
+}
+
+// alloc_buffer: fp16 tensors get an IOSurface-backed pixel buffer when the
+// Neural Engine may run (pixel backings in use); others stay engine memory.
+int alloc_buffer_impl(Ctx* c, anemll_tensor* t, anemll_buffer** out) {
+  if (!t || !out) return set_error(c, ANEMLL_ERR_INVALID, "alloc_buffer: NULL argument");
+  *out = nullptr;
+  const int32_t mode = c->opts.output_backing;
+  const bool pixels_wanted = mode == ANEMLL_COREML_BACKING_PIXEL_BUFFER ||
+                             (mode == ANEMLL_COREML_BACKING_AUTO && ane_may_run(c->units));
+  if (!pixels_wanted || t->dtype != ANEMLL_DTYPE_FLOAT16 || t->rank < 1 || t->rank > ANEMLL_MAX_RANK) return ANEMLL_OK;
+  const std::vector<int64_t> shape(t->shape, t->shape + t->rank);
+  int64_t width, height;
+  if (!pixel_geometry(shape, &width, &height)) return ANEMLL_OK;
+  std::unique_ptr<SharedBuffer> sb(new SharedBuffer());
+  sb->pixels = create_pixels(width, height);
+  if (sb->pixels == nullptr || shared_view(sb.get(), t->shape, t->rank) == nil) return ANEMLL_OK;  // decline
+  const size_t bpr = CVPixelBufferGetBytesPerRow(sb->pixels);
+  if (bpr % 2 != 0 || CVPixelBufferLockBaseAddress(sb->pixels, kLockReadWrite) != kCVReturnSuccess) return ANEMLL_OK;
+  sb->key = CVPixelBufferGetBaseAddress(sb->pixels);
+  if (sb->key) std::memset(sb->key, 0, bpr * static_cast<size_t>(height));
+  CVPixelBufferUnlockBaseAddress(sb->pixels, kLockReadWrite);
+  if (!sb->key) return ANEMLL_OK;
+  t->strides[t->rank - 1] = 1;
+  if (t->rank >= 2) {
+    t->strides[t->rank - 2] = static_cast<int64_t>(bpr / 2);
+    for (int32_t k = t->rank - 2; k-- > 0;) t->strides[k] = t->strides[k + 1] * t->shape[k + 1];
+  }
+  t->data = sb->key;
+  t->nbytes = bpr * static_cast<size_t>(height);
+  c->buffers.push_back(sb.get());
+  *out = reinterpret_cast<anemll_buffer*>(sb.release());
+  return ANEMLL_OK;
+}
+
+int cm_alloc_buffer(void* ctx, anemll_tensor* t, anemll_buffer** out) {
+  Ctx* c = as_ctx(ctx);
+  return guarded(c, "alloc_buffer", ANEMLL_ERR_INVALID, [&] { return alloc_buffer_impl(c, t, out); });
+}
+
+// Called around every host read of the logits: Core Video calls only, no
+// allocation. Read-write: the sampler may write and restore entries.
+int cm_map_buffer(void* ctx, anemll_buffer* b, void** data) {
+  Ctx* c = as_ctx(ctx);
+  auto* sb = reinterpret_cast<SharedBuffer*>(b);
+  if (!c || !sb || sb->magic != kBufferMagic || !data) return ANEMLL_ERR_INVALID;
+  if (CVPixelBufferLockBaseAddress(sb->pixels, kLockReadWrite) != kCVReturnSuccess)
+    return set_error_noalloc(c, ANEMLL_ERR_PREDICT, "map_buffer: cannot lock the pixel buffer");
+  *data = CVPixelBufferGetBaseAddress(sb->pixels);
+  if (*data == nullptr) {
+    CVPixelBufferUnlockBaseAddress(sb->pixels, kLockReadWrite);
+    return set_error_noalloc(c, ANEMLL_ERR_PREDICT, "map_buffer: the pixel buffer has no base address");
+  }
+  return ANEMLL_OK;
+}
+
+void cm_unmap_buffer(void*, anemll_buffer* b) {
+  auto* sb = reinterpret_cast<SharedBuffer*>(b);
+  if (sb && sb->magic == kBufferMagic) CVPixelBufferUnlockBaseAddress(sb->pixels, kLockReadWrite);
+}
+
+void cm_free_buffer(void* ctx, anemll_buffer* b) {
+  Ctx* c = as_ctx(ctx);
+  auto* sb = reinterpret_cast<SharedBuffer*>(b);
+  if (!c || !sb || sb->magic != kBufferMagic) return;
+  c->buffers.erase(std::remove(c->buffers.begin(), c->buffers.end(), sb), c->buffers.end());
+  guarded(c, "free_buffer", ANEMLL_ERR_INVALID, [&] {
+    sb->magic = 0;
+    delete sb;  // ARC releases the arrays here, inside the pool
     return ANEMLL_OK;
   });
 }
@@ -1133,6 +1303,10 @@ extern "C" anemll_backend* anemll_coreml_backend_create(const anemll_coreml_opti
           b->free_model = cm_free_model;
           b->last_error = cm_last_error;
           b->destroy = cm_destroy;
+          b->alloc_buffer = cm_alloc_buffer;
+          b->map_buffer = cm_map_buffer;
+          b->unmap_buffer = cm_unmap_buffer;
+          b->free_buffer = cm_free_buffer;
           return b;
         } else {
           write_err(err, err_size, "coreml backend: needs macOS 13 or newer (macOS 15 for stateful models); this is " +
