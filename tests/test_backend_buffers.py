@@ -14,7 +14,7 @@ from anemll_fast.config import ModelConfig
 from anemll_fast.engine import Engine
 from anemll_fast.sampling import SamplingSettings
 from anemll_fast.testing.tiny import build_tiny_model
-from test_native import null_config
+from test_native import allocations_in_decode_steps, null_config
 
 PAD = 7  # odd on purpose: rows never line up by accident
 
@@ -42,19 +42,7 @@ def test_no_allocation_per_decode_step_with_backend_buffers(sampling):
     rng = np.random.default_rng(0)
     for part in eng._eng.logits_views():
         part[:] = rng.normal(size=part.shape).astype(np.float16)
-    eng.prefill(list(range(20)))
-    tok = eng.step(19, 19)
-    _native.alloc_counting(True)
-    try:
-        before = _native.alloc_counter()
-        pos = 20
-        for _ in range(50):
-            tok = eng._eng.step(tok, pos)
-            pos += 1
-        used = _native.alloc_counter() - before
-    finally:
-        _native.alloc_counting(False)
-    assert used == 0
+    assert allocations_in_decode_steps(eng) == 0
     stats = backend.buffer_stats()
     assert stats["maps"] == stats["unmaps"] >= 8 * 51 and stats["mapped"] == 0
     eng.close()

@@ -1133,6 +1133,28 @@ void write_err(char* err, size_t size, const std::string& msg) {
   if (err && size) std::snprintf(err, size, "%s", msg.c_str());
 }
 
+// guarded() for the entry points that return a pointer and report into the
+// caller's buffer: NULL and a message on any exception, the pool outermost.
+template <class T, class F>
+T* guarded_ptr(char* err, size_t err_size, const char* what, F&& body) {
+  @autoreleasepool {
+    try {
+      @try {
+        return body();
+      } @catch (NSException* e) {
+        write_err(err, err_size, std::string(what) + ": Objective-C exception " + str(e.name) + ": " + str(e.reason));
+        return nullptr;
+      } @catch (id e) {
+        write_err(err, err_size, std::string(what) + ": unknown Objective-C exception");
+        return nullptr;
+      }
+    } catch (...) {
+      if (err && err_size) std::snprintf(err, err_size, "%s: out of memory or internal error", what);
+      return nullptr;
+    }
+  }
+}
+
 // -------------------------------------------------------------- compute plan
 // Devices in report order; "unassigned" ops have no device usage (constants).
 enum PlanDevice { kNeuralEngine = 0, kGPU, kCPU, kUnassigned, kPlanDevices };
@@ -1258,70 +1280,60 @@ extern "C" void anemll_coreml_options_init(anemll_coreml_options* o) {
 
 extern "C" anemll_backend* anemll_coreml_backend_create(const anemll_coreml_options* options, char* err,
                                                         size_t err_size) {
-  try {
-    @try {
-      @autoreleasepool {
-        anemll_coreml_options o;
-        anemll_coreml_options_init(&o);
-        if (options) {
-          if (options->struct_size < sizeof(anemll_coreml_options)) {
-            write_err(err, err_size, "coreml backend: options.struct_size " + std::to_string(options->struct_size) +
-                                         " is smaller than this build's " + std::to_string(sizeof(anemll_coreml_options)));
-            return nullptr;
-          }
-          o = *options;
-        }
-        if (o.compute_units < ANEMLL_COREML_CPU_ONLY || o.compute_units > ANEMLL_COREML_CPU_AND_NE) {
-          write_err(err, err_size, "coreml backend: compute_units " + std::to_string(o.compute_units) +
-                                       " is not one of cpu_only (0), cpu_and_gpu (1), all (2), cpu_and_ne (3)");
-          return nullptr;
-        }
-        if (o.output_backing < ANEMLL_COREML_BACKING_AUTO || o.output_backing > ANEMLL_COREML_BACKING_NONE) {
-          write_err(err, err_size, "coreml backend: output_backing " + std::to_string(o.output_backing) +
-                                       " is not one of auto (0), multiarray (1), pixel_buffer (2), none (3)");
-          return nullptr;
-        }
-        if (@available(macOS 13.0, *)) {
-          auto* c = new Ctx();
-          c->opts = o;
-          c->cache_dir = o.cache_dir ? o.cache_dir : "";
-          c->opts.cache_dir = nullptr;  // the caller's string is not kept
-          c->units = static_cast<MLComputeUnits>(o.compute_units);
-          c->err[0] = '\0';
-          auto* b = new anemll_backend();
-          b->abi_version = ANEMLL_BACKEND_ABI_VERSION;
-          b->struct_size = sizeof(anemll_backend);
-          b->name = kBackendName;
-          b->ctx = c;
-          b->load = cm_load;
-          b->make_state = cm_make_state;
-          b->reset_state = cm_reset_state;
-          b->bind = cm_bind;
-          b->predict = cm_predict;
-          b->free_binding = cm_free_binding;
-          b->free_state = cm_free_state;
-          b->free_model = cm_free_model;
-          b->last_error = cm_last_error;
-          b->destroy = cm_destroy;
-          b->alloc_buffer = cm_alloc_buffer;
-          b->map_buffer = cm_map_buffer;
-          b->unmap_buffer = cm_unmap_buffer;
-          b->free_buffer = cm_free_buffer;
-          return b;
-        } else {
-          write_err(err, err_size, "coreml backend: needs macOS 13 or newer (macOS 15 for stateful models); this is " +
-                                       os_version());
-          return nullptr;
-        }
+  return guarded_ptr<anemll_backend>(err, err_size, "coreml backend", [&]() -> anemll_backend* {
+    anemll_coreml_options o;
+    anemll_coreml_options_init(&o);
+    if (options) {
+      if (options->struct_size < sizeof(anemll_coreml_options)) {
+        write_err(err, err_size, "coreml backend: options.struct_size " + std::to_string(options->struct_size) +
+                                     " is smaller than this build's " + std::to_string(sizeof(anemll_coreml_options)));
+        return nullptr;
       }
-    } @catch (NSException* e) {
-      write_err(err, err_size, "coreml backend: Objective-C exception " + str(e.name) + ": " + str(e.reason));
+      o = *options;
+    }
+    if (o.compute_units < ANEMLL_COREML_CPU_ONLY || o.compute_units > ANEMLL_COREML_CPU_AND_NE) {
+      write_err(err, err_size, "coreml backend: compute_units " + std::to_string(o.compute_units) +
+                                   " is not one of cpu_only (0), cpu_and_gpu (1), all (2), cpu_and_ne (3)");
       return nullptr;
     }
-  } catch (...) {
-    if (err && err_size) std::snprintf(err, err_size, "%s", "coreml backend: out of memory or internal error");
-    return nullptr;
-  }
+    if (o.output_backing < ANEMLL_COREML_BACKING_AUTO || o.output_backing > ANEMLL_COREML_BACKING_NONE) {
+      write_err(err, err_size, "coreml backend: output_backing " + std::to_string(o.output_backing) +
+                                   " is not one of auto (0), multiarray (1), pixel_buffer (2), none (3)");
+      return nullptr;
+    }
+    if (@available(macOS 13.0, *)) {
+      auto* c = new Ctx();
+      c->opts = o;
+      c->cache_dir = o.cache_dir ? o.cache_dir : "";
+      c->opts.cache_dir = nullptr;  // the caller's string is not kept
+      c->units = static_cast<MLComputeUnits>(o.compute_units);
+      c->err[0] = '\0';
+      auto* b = new anemll_backend();
+      b->abi_version = ANEMLL_BACKEND_ABI_VERSION;
+      b->struct_size = sizeof(anemll_backend);
+      b->name = kBackendName;
+      b->ctx = c;
+      b->load = cm_load;
+      b->make_state = cm_make_state;
+      b->reset_state = cm_reset_state;
+      b->bind = cm_bind;
+      b->predict = cm_predict;
+      b->free_binding = cm_free_binding;
+      b->free_state = cm_free_state;
+      b->free_model = cm_free_model;
+      b->last_error = cm_last_error;
+      b->destroy = cm_destroy;
+      b->alloc_buffer = cm_alloc_buffer;
+      b->map_buffer = cm_map_buffer;
+      b->unmap_buffer = cm_unmap_buffer;
+      b->free_buffer = cm_free_buffer;
+      return b;
+    } else {
+      write_err(err, err_size, "coreml backend: needs macOS 13 or newer (macOS 15 for stateful models); this is " +
+                                   os_version());
+      return nullptr;
+    }
+  });
 }
 
 extern "C" int anemll_coreml_backend_stats(const anemll_backend* backend, anemll_coreml_stats* out) {
@@ -1341,46 +1353,36 @@ extern "C" char* anemll_coreml_compute_plan(const char* path, const char* functi
     write_err(err, err_size, "compute plan: compute_units " + std::to_string(compute_units) + " is not one of 0..3");
     return nullptr;
   }
-  @autoreleasepool {
-    try {
-      @try {
+  return guarded_ptr<char>(err, err_size, "compute plan", [&]() -> char* {
 #if ANEMLL_HAVE_COMPUTE_PLAN_API
-        if (@available(macOS 14.4, *)) {
-          std::unique_ptr<Ctx> c(new Ctx());
-          c->err[0] = '\0';
-          c->cache_dir = cache_dir ? cache_dir : "";
-          c->units = static_cast<MLComputeUnits>(compute_units);
-          std::string json;
-          if (compute_plan_json(c.get(), path, function_name ? function_name : "", &json) != ANEMLL_OK) {
-            write_err(err, err_size, std::string("compute plan: ") + c->err);
-            return nullptr;
-          }
-          char* out = static_cast<char*>(std::malloc(json.size() + 1));
-          if (!out) {
-            write_err(err, err_size, "compute plan: out of memory");
-            return nullptr;
-          }
-          std::memcpy(out, json.c_str(), json.size() + 1);
-          return out;
-        } else {
-          write_err(err, err_size, "compute plan: MLComputePlan needs macOS 14.4 or newer; this is " + os_version());
-          return nullptr;
-        }
-#else
-        (void)function_name;
-        (void)cache_dir;
-        write_err(err, err_size,
-                  "compute plan: needs MLComputePlan (macOS 14.4), and this build of anemll_fast was compiled with "
-                  "an older SDK: rebuild it with Xcode 15.3 or newer");
-        return nullptr;
-#endif
-      } @catch (NSException* e) {
-        write_err(err, err_size, "compute plan: Objective-C exception " + str(e.name) + ": " + str(e.reason));
+    if (@available(macOS 14.4, *)) {
+      std::unique_ptr<Ctx> c(new Ctx());
+      c->err[0] = '\0';
+      c->cache_dir = cache_dir ? cache_dir : "";
+      c->units = static_cast<MLComputeUnits>(compute_units);
+      std::string json;
+      if (compute_plan_json(c.get(), path, function_name ? function_name : "", &json) != ANEMLL_OK) {
+        write_err(err, err_size, std::string("compute plan: ") + c->err);
         return nullptr;
       }
-    } catch (...) {
-      if (err && err_size) std::snprintf(err, err_size, "%s", "compute plan: out of memory or internal error");
+      char* out = static_cast<char*>(std::malloc(json.size() + 1));
+      if (!out) {
+        write_err(err, err_size, "compute plan: out of memory");
+        return nullptr;
+      }
+      std::memcpy(out, json.c_str(), json.size() + 1);
+      return out;
+    } else {
+      write_err(err, err_size, "compute plan: MLComputePlan needs macOS 14.4 or newer; this is " + os_version());
       return nullptr;
     }
-  }
+#else
+    (void)function_name;
+    (void)cache_dir;
+    write_err(err, err_size,
+              "compute plan: needs MLComputePlan (macOS 14.4), and this build of anemll_fast was compiled with an "
+              "older SDK: rebuild it with Xcode 15.3 or newer");
+    return nullptr;
+#endif
+  });
 }
