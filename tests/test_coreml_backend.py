@@ -187,3 +187,19 @@ def test_native_coreml_bad_options():
         cls(compute_units="gpu_only")
     with pytest.raises(ValueError, match="output_backing"):
         cls(output_backing="surface")
+
+
+@pytest.mark.parametrize("units,backing,pixels", [("cpu_and_ne", "pixel_buffer", True), ("cpu_and_ne", "auto", True),
+                                                  ("cpu_only", "auto", False), ("cpu_and_ne", "multiarray", False)])
+def test_native_coreml_hidden_states_and_logits_live_in_pixel_buffers(config, units, backing, pixels):
+    """On the pixel path the engine binds the backend's IOSurface buffers: two decode hidden-state buffers and
+    one per logits part (each part writes the array the next reads; the sampler reads logits in place)."""
+    from anemll_fast.engine import Engine
+
+    cls = _native_coreml()
+    backend = cls(compute_units=units, output_backing=backing)
+    with Engine(config, backend) as eng:
+        expected = 2 + len(config.logits_outputs) if pixels else 0
+        assert eng._eng.backend_buffers == expected
+    ref, cm = _generate_both(config, cls(compute_units=units, output_backing=backing), list(range(3, 12)), 5)
+    _agree(ref, cm)
