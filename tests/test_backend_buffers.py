@@ -38,7 +38,7 @@ def test_bad_row_pad_is_refused():
 def test_no_allocation_per_decode_step_with_backend_buffers(sampling):
     backend = _native.NullBackend(buffer_row_pad=PAD)
     eng = Engine(null_config(parts=8), backend, sampling=sampling)
-    assert eng._eng.backend_buffers == 2 + 8  # two decode hidden-state buffers, eight logits parts
+    assert eng._eng.backend_buffers == 2 + 2 + 8  # decode and batch-prefill hidden states, eight logits parts
     rng = np.random.default_rng(0)
     for part in eng._eng.logits_views():
         part[:] = rng.normal(size=part.shape).astype(np.float16)
@@ -46,7 +46,7 @@ def test_no_allocation_per_decode_step_with_backend_buffers(sampling):
     stats = backend.buffer_stats()
     assert stats["maps"] == stats["unmaps"] >= 8 * 51 and stats["mapped"] == 0
     eng.close()
-    assert backend.buffer_stats()["frees"] == backend.buffer_stats()["allocs"] == 10
+    assert backend.buffer_stats()["frees"] == backend.buffer_stats()["allocs"] == 12
 
 
 def test_real_model_on_padded_backend_buffers_matches_the_reference(tiny):
@@ -55,7 +55,8 @@ def test_real_model_on_padded_backend_buffers_matches_the_reference(tiny):
     plain = Engine(config, "reference")
     backend = _native.CallbackBackend(reference, buffer_row_pad=PAD)
     padded = Engine(config, backend)
-    assert padded._eng.backend_buffers == 2 + 4
+    assert padded.prefill_mode == "batch"
+    assert padded._eng.backend_buffers == 2 + 2 + 4  # prefill hidden states [1, 8, 64] in padded rows too
     expected = tiny.reference().greedy(prompt, 6)
     assert plain.generate(prompt, 6) == expected[:6]
     assert padded.generate(prompt, 6) == expected[:6]
@@ -109,7 +110,7 @@ def test_sampler_reads_padded_multirow_logits_in_place():
               for i in range(parts)}
     backend = _native.CallbackBackend(_FakeHead(config, logits), buffer_row_pad=PAD)
     eng = Engine(config, backend)
-    assert eng._eng.backend_buffers == 2 + parts
+    assert eng._eng.backend_buffers == 2 + 2 + parts
     assert eng.generate([1, 2, 3], 2) == [best, best]
     np.testing.assert_array_equal(eng.logits(), full)
     # Sampling reads the same values: top-k 1 at any temperature is the argmax.

@@ -199,7 +199,8 @@ def test_native_coreml_hidden_states_and_logits_live_in_pixel_buffers(config, un
     cls = _native_coreml()
     backend = cls(compute_units=units, output_backing=backing)
     with Engine(config, backend) as eng:
-        expected = 2 + len(config.logits_outputs) if pixels else 0
+        prefill = 2 if eng.prefill_mode == "batch" else 0
+        expected = 2 + prefill + len(config.logits_outputs) if pixels else 0
         assert eng._eng.backend_buffers == expected
     ref, cm = _generate_both(config, cls(compute_units=units, output_backing=backing), list(range(3, 12)), 5)
     _agree(ref, cm)

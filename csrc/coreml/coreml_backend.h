@@ -40,7 +40,7 @@ typedef enum anemll_coreml_output_backing {
   /* An MLMultiArray over the engine's own buffer: no copy when Core ML uses it. */
   ANEMLL_COREML_BACKING_MULTIARRAY = 1,
   /* An IOSurface-backed fp16 CVPixelBuffer (the ANE's native output memory).
-   * The engine's decode hidden states and logits are such buffers themselves
+   * The engine's hidden states and logits are such buffers themselves
    * (alloc_buffer): each part writes the array the next part reads, and the
    * sampler reads the logits in place. Other fp16 outputs get their own pixel
    * buffer, copied once into the engine's buffer honouring its row stride;

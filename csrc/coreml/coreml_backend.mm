@@ -17,7 +17,7 @@
 //               reused for every prediction, and output backings: an
 //               MLMultiArray over the engine's buffer, or an IOSurface-backed
 //               fp16 CVPixelBuffer where the Neural Engine runs the model.
-//   buffers     alloc_buffer: the engine's decode hidden states and logits in
+//   buffers     alloc_buffer: the engine's hidden states and logits in
 //               IOSurface-backed fp16 pixel buffers. A part's output backing
 //               is then the very MLMultiArray the next part takes as input, so
 //               hidden states never cross the host, and the sampler reads the

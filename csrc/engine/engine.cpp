@@ -401,6 +401,10 @@ int Engine::init(const PipelineDesc& d) {
     return fail(kConfigError, "components." + d.embeddings.label + ".inputs.input_ids.shape: does not accept [1, " +
                                   std::to_string(B_) + "] needed by batch prefill");
   if (S_prefill_ == B_) {
+    // Batch prefill hidden states, likewise (rows may be padded: the engine never reads them).
+    for (uint16_t*& h : hid_p_)
+      if (BackendBuffer* bb = backend_alloc("hidden_states", ANEMLL_DTYPE_FLOAT16, {1, B_, H_}))
+        h = static_cast<uint16_t*>(bb->data);
     ComponentDesc c = with_count(d.embeddings, emb_out, B_);
     if (int rc = bind(emb_p_, c, emb_m, nullptr, {{"input_ids", ids_p_, ANEMLL_DTYPE_INT32, B_, true}},
                       {{emb_out, hid_p_[0], ANEMLL_DTYPE_FLOAT16, B_ * H_, true}}))
