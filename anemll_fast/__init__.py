@@ -2,7 +2,7 @@
 import logging as _logging
 import sys as _sys
 
-from anemll_fast.errors import AnemllError, ConfigError, HubError
+from anemll_fast.errors import AnemllError, ConfigError, HubError, ModelClosedError
 
 # Imported eagerly: the module `anemll_fast.generate` would otherwise shadow the
 # function of the same name once something imports the module.
@@ -46,5 +46,6 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(f"anemll_fast.{module}"), name)
 
 
-__all__ = ["AnemllError", "ConfigError", "GenerationResponse", "HubError", "__version__", "generate",
+__all__ = ["AnemllError", "ConfigError", "GenerationResponse", "HubError", "ModelClosedError", "__version__",
+           "generate",
            "stream_generate"] + [n for n in _LAZY if n != "hub"]

@@ -118,6 +118,7 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         vector[string] logits_outputs
         vector[int64_t] part_sizes
         cbool sequential_prefill
+        int64_t valid_vocab
     cdef cppclass Engine:
         Engine(const anemll_backend* backend)
         int init(const PipelineDesc& desc)
@@ -125,8 +126,11 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         int prefill(const int32_t* tokens, int64_t n, int64_t start)
         int step(int32_t token, int64_t pos, int32_t* next)
         int configure_sampler(const SamplerConfig& cfg)
+        string sampler_rng_state()
+        int set_sampler_rng_state(const string& state)
         const string& error()
         int64_t length()
+        int64_t valid_vocab()
         const int32_t* history()
         const Sampler& sampler()
         cbool argmax_head()

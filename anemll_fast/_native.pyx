@@ -454,6 +454,7 @@ cdef class NativeEngine:
         for size in desc.get("part_sizes") or ():
             d.part_sizes.push_back(size)
         d.sequential_prefill = bool(desc.get("sequential_prefill", False))
+        d.valid_vocab = desc.get("valid_vocab") or 0
         self.eng = new Engine(backend.be)
         rc = self.eng.init(d)
         if rc != 0:
@@ -509,6 +510,15 @@ cdef class NativeEngine:
         if rc != 0:
             self._raise(rc)
 
+    def sampler_rng_state(self):
+        """The sampler's RNG position (bytes), for set_sampler_rng_state."""
+        return self.eng.sampler_rng_state()
+
+    def set_sampler_rng_state(self, bytes state):
+        cdef int rc = self.eng.set_sampler_rng_state(state)
+        if rc != 0:
+            self._raise(rc)
+
     def last_logprobs(self):
         """(chosen logprob, [(id, logprob), ...]) of the last step, when requested."""
         cdef const Sampler* s = &self.eng.sampler()
@@ -544,6 +554,11 @@ cdef class NativeEngine:
     @property
     def length(self):
         return self.eng.length()
+
+    @property
+    def valid_vocab(self):
+        """Ids below this are sampled and accepted; the rest of the vocabulary is masked."""
+        return self.eng.valid_vocab()
 
     @property
     def history(self):

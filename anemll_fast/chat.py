@@ -26,9 +26,42 @@ class ChatSession:
         """Forget the conversation (the system prompt stays)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def prompt_ids(self) -> List[int]:
-        text = self.model.apply_chat_template(self.messages, enable_thinking=self.enable_thinking)
+    def prompt_ids(self, messages: Optional[List[Dict[str, Any]]] = None) -> List[int]:
+        text = self.model.apply_chat_template(self.messages if messages is None else messages,
+                                              enable_thinking=self.enable_thinking)
         return self.model.tokenizer.encode(text, add_special_tokens=False)
+
+    def _fitting_prompt_ids(self, settings: SamplingSettings) -> List[int]:
+        """The prompt of the history; with context_shift, the oldest turns (never
+        the system prompt nor the new message) are dropped until it fits."""
+        ctx = self.model.context_length
+        msgs = list(self.messages)  # turns are dropped only once the prompt fits
+        ids = self.prompt_ids(msgs)
+        if len(ids) <= ctx and not self.context_shift:
+            return ids
+        # Leave room for a reply (up to a quarter of the context) before shifting mid-reply.
+        room = ctx - min(settings.max_tokens, ctx // 4)
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        while len(ids) > (room if self.context_shift else ctx):
+            if not self.context_shift:
+                raise ValueError(
+                    f"chat: the conversation ({len(ids)} tokens) no longer fits the context length {ctx}; "
+                    "call reset() (/reset in the chat program) to start over, or use context_shift=True "
+                    "to drop the oldest turns")
+            last = len(msgs) - 1  # the new message
+            if first >= last:  # nothing older left to drop
+                if len(ids) <= ctx:
+                    break  # the reply will shift the context as it goes
+                raise ValueError(f"chat: the message alone ({len(ids)} tokens with the system prompt) does not "
+                                 f"fit the context length {ctx}")
+            # One turn: the oldest user message and every reply up to the next user message.
+            end = first + 1
+            while end < last and msgs[end]["role"] != "user":
+                end += 1
+            del msgs[first:end]
+            ids = self.prompt_ids(msgs)
+        self.messages[:] = msgs
+        return ids
 
     def stream(self, content: str, **overrides: Any) -> Iterator[GenerationResponse]:
         """Send a user message; stream the reply. The reply joins the history at the end."""
@@ -37,7 +70,7 @@ class ChatSession:
         settings = self.settings if not overrides else settings_from(None, {**self.settings.__dict__, **overrides})
         self.messages.append({"role": "user", "content": content})
         try:
-            ids = self.prompt_ids()
+            ids = self._fitting_prompt_ids(settings)
         except Exception:
             self.messages.pop()
             raise

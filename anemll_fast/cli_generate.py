@@ -83,13 +83,26 @@ def load_from_args(args: argparse.Namespace) -> Any:
     return model
 
 
+def parse_prompt_ids(text: str) -> List[int]:
+    """`--prompt-ids 1,2,3`: every comma-separated field an integer (no empty ones)."""
+    fields = text.split(",")
+    ids = []
+    for k, field in enumerate(fields):
+        field = field.strip()
+        if not field or not field.lstrip("-").isdigit() or not field.isascii():
+            what = "an empty field" if not field else f"{field!r}"
+            raise AnemllError(f"--prompt-ids: field {k + 1} is {what}, not an integer "
+                              f"(expected comma-separated token ids like 1,2,3; got {text!r})")
+        ids.append(int(field))
+    return ids
+
+
 def _prompt_ids(model: Any, args: argparse.Namespace) -> List[int]:
     if args.prompt_ids is not None:
-        try:
-            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-        except ValueError:
-            raise AnemllError(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}") from None
-        return model.encode(ids)
+        if args.prompt is not None or args.system is not None:
+            raise AnemllError("--prompt-ids: give either token ids or --prompt/--system text, not both "
+                              "(the ids bypass the tokenizer and the chat template)")
+        return model.encode(parse_prompt_ids(args.prompt_ids))
     if args.prompt is None:
         raise AnemllError("give --prompt TEXT or --prompt-ids 1,2,3")
     if args.no_template or model.tokenizer.chat_template is None:
@@ -151,9 +164,15 @@ def run_chat(args: argparse.Namespace) -> int:
             if interactive:
                 sys.stdout.write("\n>>> ")
                 sys.stdout.flush()
-            line = sys.stdin.readline()
-            if not line:
+            raw = sys.stdin.buffer.readline()  # bytes: a non-UTF-8 line must not end the session
+            if not raw:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                print(f"[error: the input is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                      "line ignored]", file=sys.stderr)
+                continue
             text = line.strip()
             if not text:
                 continue

@@ -48,8 +48,10 @@ def _component(config: ModelConfig, label: str, comp: ComponentConfig) -> Dict[s
     }
 
 
-def pipeline_desc(config: ModelConfig, sequential_prefill: bool = False) -> Dict[str, Any]:
-    """The plain description NativeEngine takes, from a validated ModelConfig."""
+def pipeline_desc(config: ModelConfig, sequential_prefill: bool = False,
+                  valid_vocab: Optional[int] = None) -> Dict[str, Any]:
+    """The plain description NativeEngine takes, from a validated ModelConfig.
+    `valid_vocab`: ids the tokenizer has (the rest of the LM head is masked natively)."""
     config.validate(check_files=False)
 
     def chunks(role: str) -> List[Dict[str, Any]]:
@@ -69,6 +71,7 @@ def pipeline_desc(config: ModelConfig, sequential_prefill: bool = False) -> Dict
         "logits_outputs": [] if config.argmax_in_model else list(config.logits_outputs),
         "part_sizes": list(config.lm_head_chunk_sizes) if config.argmax_in_model else [],
         "sequential_prefill": bool(sequential_prefill),
+        "valid_vocab": int(valid_vocab or 0),
     }
 
 
@@ -104,12 +107,24 @@ class Engine:
         *,
         sequential_prefill: bool = False,
         sampling: Optional[SamplingSettings] = None,
+        valid_vocab: Optional[int] = None,
     ) -> None:
+        """`valid_vocab`: how many ids the tokenizer has, when fewer than the LM
+        head's vocab_size (real Qwen3: 151,669 of 151,936); ids past it are
+        never sampled and refused as input."""
         self.config = config
         self.context_length = config.shapes.context_length
         self.vocab_size = config.shapes.vocab_size
+        if valid_vocab is not None and (isinstance(valid_vocab, bool) or not isinstance(valid_vocab, int)
+                                        or not 0 < valid_vocab):
+            raise ValueError(f"valid_vocab: expected a positive integer, got {valid_vocab!r}")
+        if valid_vocab is not None and valid_vocab > self.vocab_size:
+            raise ConfigError(
+                f"tokenizer: it has {valid_vocab} tokens but the model's vocab_size is only {self.vocab_size} "
+                f"({config.model_dir}): the tokenizer belongs to another model")
+        self.valid_vocab = valid_vocab or self.vocab_size
         self._backend = make_backend(backend)
-        self._eng = _native().NativeEngine(pipeline_desc(config, sequential_prefill), self._backend)
+        self._eng = _native().NativeEngine(pipeline_desc(config, sequential_prefill, valid_vocab), self._backend)
         self.sampling = SamplingSettings()
         self.finish_reason: Optional[str] = None
         if sampling is not None:
@@ -122,11 +137,19 @@ class Engine:
             sampling = SamplingSettings(**kwargs)
         elif kwargs:
             raise TypeError("set_sampling: pass either a SamplingSettings or keywords, not both")
-        bad = [t for t in sampling.logit_bias if t >= self.vocab_size]
+        bad = [t for t in sampling.logit_bias if t >= self.valid_vocab]
         if bad:
-            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.valid_vocab})")
         self._eng.configure_sampler(sampling.to_native())
         self.sampling = sampling
+
+    @property
+    def rng_state(self) -> bytes:
+        """The sampler's random stream position (restore with set_rng_state)."""
+        return self._eng.sampler_rng_state()
+
+    def set_rng_state(self, state: bytes) -> None:
+        self._eng.set_sampler_rng_state(state)
 
     def reset(self) -> None:
         """Forget the KV cache (a new conversation)."""
@@ -254,10 +277,12 @@ class Engine:
         arr = np.asarray(tokens)
         if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
             raise EngineInputError(f"{what}: expected a 1-D sequence of integer token ids")
-        bad = np.nonzero((arr < 0) | (arr >= self.vocab_size))[0]
+        bad = np.nonzero((arr < 0) | (arr >= self.valid_vocab))[0]
         if bad.size:
             i = int(bad[0])
             raise EngineInputError(
-                f"{what}: token id {int(arr[i])} at index {i} is outside the vocabulary [0, {self.vocab_size})"
+                f"{what}: token id {int(arr[i])} at index {i} is outside the vocabulary [0, {self.valid_vocab})"
+                + (" (the tokenizer's; the model's LM head pads to "
+                   f"{self.vocab_size})" if self.valid_vocab < self.vocab_size else "")
             )
         return arr.astype(np.int32, copy=False)

@@ -11,3 +11,7 @@ class ConfigError(AnemllError, ValueError):
 
 class HubError(AnemllError):
     """A model could not be resolved, downloaded or unpacked."""
+
+
+class ModelClosedError(AnemllError, ValueError):
+    """The model was closed (a generation suspended meanwhile cannot go on)."""

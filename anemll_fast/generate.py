@@ -53,23 +53,51 @@ def settings_from(settings: Optional[SamplingSettings], kwargs: Dict[str, Any]) 
     return settings.validate()
 
 
+class _Turn:
+    """One generation's claim on a shared model: what its KV cache and sampler must hold."""
+
+    def __init__(self, settings: SamplingSettings) -> None:
+        self.settings = settings
+        self.rng_state: Optional[bytes] = None  # saved when another generation takes over
+
+
+def _claim(model: Any, turn: _Turn, history: List[int], pos: int) -> int:
+    """Make the engine hold `turn`'s sampler and its KV cache for history[:pos]
+    (with model.lock held); the number of tokens prefilled for it."""
+    engine = model.live_engine()
+    if model.owner is turn and engine.length == pos:
+        return 0  # nobody else ran since this generation's last step
+    if model.owner is not turn:
+        prev = model.owner
+        if prev is not None:
+            prev.rng_state = engine.rng_state
+        engine.set_sampling(turn.settings)
+        if turn.rng_state is not None:
+            engine.set_rng_state(turn.rng_state)
+        model.owner = turn
+    start = engine.cached_prefix(history[:pos])
+    if start < pos:
+        engine.prefill(history[start:pos], start)
+    return pos - start
+
+
 def stream_tokens(
     model: Any, ids: List[int], settings: SamplingSettings, *, context_shift: bool = False,
 ) -> Iterator[GenerationResponse]:
-    """Stream the continuation of prompt ids (the KV cache's common prefix is reused)."""
-    engine = model.engine
+    """Stream the continuation of prompt ids (the KV cache's common prefix is reused).
+
+    Each step runs under model.lock; a generation resumed after another one
+    used the model (another thread, or another suspended iterator) re-prefills
+    its tokens and restores its random stream, so it yields what it would have
+    alone. After model.close(), resuming raises ModelClosedError.
+    """
     tok = model.tokenizer
-    if engine is None:
-        raise ValueError("model: closed")
     ctx = model.context_length
     if len(ids) > ctx:
         raise ValueError(f"prompt: {len(ids)} tokens do not fit the context length {ctx}")
-    engine.set_sampling(settings)
-    stop_ids = sorted(tok.eos_token_ids)
+    turn = _Turn(settings)
+    stop_ids = tok.eos_token_ids
     detok = StreamingDetokenizer(lambda t: tok.decode(t, skip_special_tokens=True), settings.stop)
-    # Positions whose tokens are already in the KV cache are not prefilled again.
-    start = engine.cached_prefix(ids)
-    model.last_prefill_tokens = len(ids) - start
     t0 = time.perf_counter()
     ttft = 0.0
     generated = 0
@@ -78,6 +106,12 @@ def stream_tokens(
     want_logprobs = settings.logprobs is not None
     history = list(ids)
     budget = settings.max_tokens
+    with model.lock:
+        # Positions whose tokens are already in the KV cache are not prefilled again.
+        start = model.live_engine().cached_prefix(ids)
+        model.last_prefill_tokens = len(ids) - start
+        if budget == 0:
+            _claim(model, turn, history, len(ids))
 
     def response(text: str, token: Optional[int], logprobs: Any, finish_reason: Optional[str]) -> GenerationResponse:
         now = time.perf_counter()
@@ -91,37 +125,36 @@ def stream_tokens(
             prefill_tokens=len(ids) - start,
         )
 
-    feed = ids
-    feed_start: Optional[int] = start
-    while True:
-        stream = engine.generate_tokens(feed, budget - generated, start=feed_start, stop_ids=stop_ids)
-        for token in stream:
-            generated += 1
-            if generated == 1:
-                ttft = time.perf_counter() - t0
-                gen_start = time.perf_counter()
-            logprobs = engine.last_logprobs() if want_logprobs else None
-            if token in tok.eos_token_ids:
-                finish = "stop"
+    # ANEMLL models produce the first token from infer on the last prompt position.
+    pos = len(ids) - 1
+    while generated < budget:
+        if pos >= ctx:
+            if not context_shift:
+                finish = "context"
                 break
-            history.append(token)
-            text = detok.add(token)
-            if detok.stopped is not None:
-                finish = "stop"
-                yield response(text, token, logprobs, None)
-                break
-            yield response(text, token, logprobs, None)
-        else:
-            finish = engine.finish_reason
-        if finish == "context" and context_shift and generated < budget:
             # As ANEMLL's chat_full.py: keep the most recent half of the window and go on.
-            keep = history[-(ctx // 2):]
-            engine.reset()
-            feed, feed_start = keep, 0
-            model.last_prefill_tokens += len(keep)
-            continue
-        break
-    # Close the engine's generator so that its cache length is final.
+            history = history[-(ctx // 2):]
+            pos = len(history) - 1
+            model.last_prefill_tokens += len(history)
+        with model.lock:
+            _claim(model, turn, history, pos)
+            token = model.engine.step(history[pos], pos)
+            logprobs = model.engine.last_logprobs() if want_logprobs else None
+        pos += 1
+        generated += 1
+        if generated == 1:
+            ttft = time.perf_counter() - t0
+            gen_start = time.perf_counter()
+        if token in stop_ids:
+            finish = "stop"
+            break
+        history.append(token)
+        text = detok.add(token)
+        if detok.stopped is not None:
+            finish = "stop"
+            yield response(text, token, logprobs, None)
+            break
+        yield response(text, token, logprobs, None)
     yield response(detok.finish(), None, None, finish or "length")
 
 
@@ -143,5 +176,8 @@ def stream_generate(model: Any, prompt: Prompt, settings: Optional[SamplingSetti
 
 def generate(model: Any, prompt: Prompt, settings: Optional[SamplingSettings] = None, *,
              context_shift: bool = False, **kwargs: Any) -> str:
-    """The text generated after `prompt` (see stream_generate)."""
-    return "".join(r.text for r in stream_generate(model, prompt, settings, context_shift=context_shift, **kwargs))
+    """The text generated after `prompt` (see stream_generate). The whole
+    generation holds model.lock, so concurrent generate() calls run one after the other."""
+    stream = stream_generate(model, prompt, settings, context_shift=context_shift, **kwargs)
+    with model.lock:
+        return "".join(r.text for r in stream)

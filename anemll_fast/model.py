@@ -4,12 +4,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from anemll_fast.config import ModelConfig
-from anemll_fast.errors import AnemllError
+from anemll_fast.errors import AnemllError, ModelClosedError
 from anemll_fast.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -63,7 +64,15 @@ def _backend_object(name: str, compute_units: str) -> Any:
 
 
 class Model:
-    """A loaded model. Use as a context manager, or call close()."""
+    """A loaded model. Use as a context manager, or call close().
+
+    One model may be shared by threads: `lock` (reentrant) serializes its use,
+    each step of a generation runs under it, and generate() holds it for the
+    whole generation. A generation that finds the KV cache changed by another
+    one (threads, or interleaved stream_generate iterators) re-prefills what it
+    needs and restores its sampler, so its tokens are those it would have
+    produced alone.
+    """
 
     def __init__(
         self,
@@ -80,13 +89,26 @@ class Model:
         self.tokenizer = tokenizer
         self.backend = backend
         self.compute_units = compute_units
+        self.lock = threading.RLock()
         self.engine = Engine(config, _backend_object(backend, compute_units),
-                             sequential_prefill=sequential_prefill)
+                             sequential_prefill=sequential_prefill, valid_vocab=tokenizer.vocab_size)
         self.last_prefill_tokens = 0  # tokens the last generation prefilled (cache reuse shows here)
+        self.owner: Any = None  # the generation whose tokens the KV cache and sampler hold
 
     @property
     def context_length(self) -> int:
         return self.config.shapes.context_length
+
+    @property
+    def valid_vocab(self) -> int:
+        """Token ids the model may take and produce: those the tokenizer has."""
+        return min(self.tokenizer.vocab_size, self.config.shapes.vocab_size)
+
+    def live_engine(self) -> Any:
+        """The engine, or ModelClosedError once close() ran (call with `lock` held)."""
+        if self.engine is None:
+            raise ModelClosedError(f"model: closed ({self.config.model_dir}); load it again to generate")
+        return self.engine
 
     def encode(self, prompt: Union[str, Sequence[int]]) -> List[int]:
         """Token ids of a text prompt (as is, no chat template), or checked ids."""
@@ -95,16 +117,7 @@ class Model:
             if not ids:
                 raise ValueError("prompt: encodes to no tokens")
             return ids
-        try:
-            ids = [int(i) for i in prompt]
-        except (TypeError, ValueError):
-            raise ValueError("prompt: expected a string or a sequence of token ids") from None
-        if not ids:
-            raise ValueError("prompt: empty")
-        for i in ids:
-            if not 0 <= i < self.config.shapes.vocab_size:
-                raise ValueError(f"prompt: token id {i} is outside the vocabulary (0..{self.config.shapes.vocab_size - 1})")
-        return ids
+        return check_token_ids(prompt, self.valid_vocab, "prompt")
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
@@ -134,9 +147,12 @@ class Model:
         return compute_plan(self.config, self.compute_units)
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None  # type: ignore[assignment]
+        """Release the engine (waits for a step running in another thread)."""
+        with self.lock:
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None  # type: ignore[assignment]
+                self.owner = None
 
     def __enter__(self) -> "Model":
         return self
@@ -146,6 +162,31 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({str(self.config.model_dir)!r}, backend={self.backend!r})"
+
+
+def check_token_ids(ids: Any, vocab: int, what: str = "prompt") -> List[int]:
+    """`ids` as a list of ints in [0, vocab): integers only (no floats, strings,
+    bools or bytes, which int() would silently turn into ids)."""
+    import numpy as np
+
+    if isinstance(ids, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{what}: got {type(ids).__name__}; pass text as str or token ids as a list of int")
+    if isinstance(ids, np.ndarray) and ids.ndim != 1:
+        raise ValueError(f"{what}: expected a 1-D sequence of token ids, got an array of shape {ids.shape}")
+    try:
+        items = list(ids)
+    except TypeError:
+        raise ValueError(f"{what}: expected a string or a sequence of token ids, got {type(ids).__name__}") from None
+    if not items:
+        raise ValueError(f"{what}: empty")
+    out = []
+    for k, i in enumerate(items):
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise ValueError(f"{what}: item {k} is {i!r} ({type(i).__name__}), not an integer token id")
+        if not 0 <= i < vocab:
+            raise ValueError(f"{what}: token id {int(i)} at index {k} is outside the vocabulary (0..{vocab - 1})")
+        out.append(int(i))
+    return out
 
 
 def _config_for(path_or_repo: Union[str, os.PathLike, None], overrides: Optional[Dict[str, str]]) -> ModelConfig:

@@ -8,10 +8,16 @@ top-p -> min-p -> a draw from a seeded RNG.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 _U64 = 1 << 64
+_I32_MAX = (1 << 31) - 1
+# The native sampler works in float32 with int32 counts: each field's range
+# (besides what makes sense) keeps it representable there.
+_FLT_MIN = 1.1754943508222875e-38  # smallest normal float32
+LIMIT = 1e4  # bound of temperature, penalties and biases (far past any useful value)
 
 
 @dataclass
@@ -37,42 +43,49 @@ class SamplingSettings:
     def validate(self) -> "SamplingSettings":
         def number(name: str) -> float:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name}: expected a number, got {value!r}")
-            if not math.isfinite(value):
+            try:
+                out = float(value)
+            except OverflowError:
+                out = math.inf
+            if not math.isfinite(out):
                 raise ValueError(f"{name}: must be finite, got {value!r}")
-            return float(value)
+            return out
 
         def integer(name: str, optional: bool = False) -> Optional[int]:
             value = getattr(self, name)
             if value is None and optional:
                 return None
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name}: expected an integer, got {value!r}")
-            return value
+            return int(value)
 
-        if number("temperature") < 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature!r}")
-        if integer("top_k") < 0:  # type: ignore[operator]
-            raise ValueError(f"top_k: must be >= 0, got {self.top_k!r}")
-        if not 0.0 < number("top_p") <= 1.0:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
-        if not 0.0 <= number("min_p") <= 1.0:
-            raise ValueError(f"min_p: must be in [0, 1], got {self.min_p!r}")
-        if number("repetition_penalty") <= 0:
-            raise ValueError(f"repetition_penalty: must be > 0, got {self.repetition_penalty!r}")
-        number("presence_penalty")
-        number("frequency_penalty")
-        window = integer("penalty_window", optional=True)
-        if window is not None and window < 0:
-            raise ValueError(f"penalty_window: must be >= 0 or None (whole history), got {window!r}")
+        def within(name: str, value: Optional[float], lo: float, hi: float, shown: str) -> None:
+            if value is not None and not lo <= value <= hi:
+                raise ValueError(f"{name}: must be in {shown}, got {getattr(self, name)!r}")
+
+        within("temperature", number("temperature"), 0.0, LIMIT, f"[0, {LIMIT:g}] (0: greedy)")
+        within("top_k", integer("top_k"), 0, _I32_MAX, "[0, 2**31-1] (0: off)")
+        top_p = number("top_p")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p: must be in (0, 1] (1: off), got {self.top_p!r}")
+        within("min_p", number("min_p"), 0.0, 1.0, "[0, 1] (0: off)")
+        within("repetition_penalty", number("repetition_penalty"), 1 / LIMIT, LIMIT,
+               f"[{1 / LIMIT:g}, {LIMIT:g}] (1: off)")
+        within("presence_penalty", number("presence_penalty"), -LIMIT, LIMIT, f"[-{LIMIT:g}, {LIMIT:g}]")
+        within("frequency_penalty", number("frequency_penalty"), -LIMIT, LIMIT, f"[-{LIMIT:g}, {LIMIT:g}]")
+        within("penalty_window", integer("penalty_window", optional=True), 0, _I32_MAX,
+               "[0, 2**31-1] or None (whole history)")
         if not isinstance(self.logit_bias, Mapping):
             raise ValueError(f"logit_bias: expected a mapping of token id to bias, got {self.logit_bias!r}")
         for tok, bias in self.logit_bias.items():
-            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+            if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok <= _I32_MAX:
                 raise ValueError(f"logit_bias: token id {tok!r} must be a non-negative integer")
-            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias) or bias == math.inf:
-                raise ValueError(f"logit_bias: bias {bias!r} of token {tok} must be finite or -inf")
+            if (isinstance(bias, bool) or not isinstance(bias, (int, float))
+                    or not (bias == -math.inf or -LIMIT <= bias <= LIMIT)):
+                raise ValueError(f"logit_bias: bias {bias!r} of token {tok} must be in [-{LIMIT:g}, {LIMIT:g}] "
+                                 "or -inf (never)")
         seed = integer("seed", optional=True)
         if seed is not None and not 0 <= seed < _U64:
             raise ValueError(f"seed: must be in [0, 2**64), got {seed!r}")
@@ -98,7 +111,8 @@ class SamplingSettings:
         return {
             "temperature": float(self.temperature),
             "top_k": int(self.top_k),
-            "top_p": float(self.top_p),
+            # A top_p below float32's range keeps only the best token, as the smallest float32 does.
+            "top_p": max(float(self.top_p), _FLT_MIN),
             "min_p": float(self.min_p),
             "repetition_penalty": float(self.repetition_penalty),
             "presence_penalty": float(self.presence_penalty),

@@ -23,6 +23,18 @@ def _read_json(path: Path) -> Dict[str, Any]:
     return data
 
 
+def check_text(text: str, what: str = "text") -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate, e.g. from
+    undecodable bytes read with errors="surrogateescape"): it has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise TokenizerError(
+            f"{what}: character {exc.start} is a lone surrogate U+{ord(bad):04X}, not valid Unicode "
+            "(undecodable bytes? the input must be UTF-8)") from None
+
+
 def _token_text(value: Any) -> Optional[str]:
     """Special tokens are strings or {"content": ...} objects."""
     if isinstance(value, str):
@@ -98,6 +110,7 @@ class Tokenizer:
         """Ids of `text`; a BOS is prepended when the model asks for one."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_text(text)
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos_token and self.bos_token is not None:
             bos = self._tok.token_to_id(self.bos_token)

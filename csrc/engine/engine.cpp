@@ -143,6 +143,8 @@ int Engine::map_logits() {
     for (int r = 0; r < b.n_rows; ++r)
       parts_[static_cast<size_t>(b.first_part + r)].data = static_cast<uint16_t*>(base) + b.row_offsets[static_cast<size_t>(r)];
   }
+  // sample_parts_ is parts_ cut at the tokenizer's size: a prefix, re-pointed with it.
+  for (size_t i = 0; i < sample_parts_.size(); ++i) sample_parts_[i].data = parts_[i].data;
   logits_mapped_ = true;
   return kOk;
 }
@@ -199,6 +201,10 @@ int Engine::init(const PipelineDesc& d) {
   if (!d.ffn_prefill.empty() && d.ffn_prefill.size() != d.ffn_infer.size())
     return fail(kConfigError, "components.ffn_prefill: chunk count differs from components.ffn_infer");
   if (B_ > ctx_) return fail(kConfigError, "shapes.batch_size: larger than context_length");
+  valid_ = d.valid_vocab == 0 ? V_ : d.valid_vocab;
+  if (valid_ < 1 || valid_ > V_)
+    return fail(kConfigError, "valid_vocab: " + std::to_string(d.valid_vocab) + " is not in [1, vocab_size " +
+                                  std::to_string(V_) + "]");
 
   // Shared buffers.
   auto i32 = [&](int64_t n) { Buffer* b = alloc(static_cast<size_t>(n) * 4); return b ? static_cast<int32_t*>(b->data) : nullptr; };
@@ -488,6 +494,8 @@ int Engine::init(const PipelineDesc& d) {
     if (offset != V_)
       return fail(kConfigError, "components." + d.lm_head.label + ".outputs: the logits parts hold " +
                                     std::to_string(offset) + " entries but shapes.vocab_size is " + std::to_string(V_));
+    for (const LogitsPart& p : parts_)
+      if (p.offset < valid_) sample_parts_.push_back({p.data, std::min(p.size, valid_ - p.offset), p.offset});
   } else {
     const TensorDesc* it = find(d.lm_head.outputs, "argmax_idx");
     const TensorDesc* vt = find(d.lm_head.outputs, "argmax_val");
@@ -529,10 +537,10 @@ int Engine::init(const PipelineDesc& d) {
 }
 
 int Engine::configure_sampler(const SamplerConfig& cfg) {
-  std::string err = sampler_.configure(cfg, V_, ctx_);
+  std::string err = sampler_.configure(cfg, valid_, ctx_);
   if (!err.empty()) return fail(kInvalidArgument, err);
   if (argmax_head_ && sampler_.wants_logits()) {
-    sampler_.configure(SamplerConfig{}, V_, ctx_);
+    sampler_.configure(SamplerConfig{}, valid_, ctx_);
     return fail(kInvalidArgument,
                 "sampler: this model's LM head outputs only argmax_idx/argmax_val, so it supports greedy "
                 "decoding only (temperature 0, no penalties, logit_bias or logprobs)");
@@ -603,9 +611,9 @@ int Engine::prefill(const int32_t* tokens, int64_t n, int64_t start) {
     return fail(kInvalidArgument, "prefill: " + std::to_string(n) + " tokens from position " + std::to_string(start) +
                                       " do not fit the context length " + std::to_string(ctx_));
   for (int64_t i = 0; i < n; ++i)
-    if (tokens[i] < 0 || tokens[i] >= V_)
+    if (tokens[i] < 0 || tokens[i] >= valid_)
       return fail(kInvalidArgument, "prefill: token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
-                                        " is outside the vocabulary [0, " + std::to_string(V_) + ")");
+                                        " is outside the vocabulary [0, " + std::to_string(valid_) + ")");
   length_ = start;  // cache beyond start is about to be overwritten
   int64_t p = start;
   const int64_t end = start + n;
@@ -646,6 +654,8 @@ int Engine::run_head_and_sample(int64_t pos, int32_t* next) {
       else
         return fail(kBackendError, head_.label + ": argmax_idx[" + std::to_string(p) + "] = " + std::to_string(idx) +
                                        " is outside part " + std::to_string(p) + " (size " + std::to_string(part_sizes_[p]) + ")");
+      // An in-model argmax cannot be masked: a winner past the tokenizer drops its part.
+      if (global >= valid_) continue;
       const float v = amax_val_dtype_ == ANEMLL_DTYPE_FLOAT16 ? half_to_float(static_cast<uint16_t*>(amax_val_)[p])
                                                              : static_cast<float*>(amax_val_)[p];
       if (best < 0 || v > best_v) {
@@ -653,20 +663,24 @@ int Engine::run_head_and_sample(int64_t pos, int32_t* next) {
         best_v = v;
       }
     }
+    if (best < 0)
+      return fail(kBackendError, head_.label + ": every part's argmax is past the tokenizer's vocabulary (" +
+                                     std::to_string(valid_) + " ids)");
     *next = best;
     return kOk;
   }
   if (int rc = map_logits()) return rc;
-  const int sampled = sampler_.sample(parts_.data(), static_cast<int>(parts_.size()), history_.data(), pos + 1, next);
+  const int sampled = sampler_.sample(sample_parts_.data(), static_cast<int>(sample_parts_.size()), history_.data(),
+                                      pos + 1, next);
   unmap_logits();
   if (sampled != 0) return fail(kInvalidArgument, std::string("sampler: ") + sampler_.error());
   return kOk;
 }
 
 int Engine::step(int32_t token, int64_t pos, int32_t* next) {
-  if (token < 0 || token >= V_)
+  if (token < 0 || token >= valid_)
     return fail(kInvalidArgument, "step: token id " + std::to_string(token) + " is outside the vocabulary [0, " +
-                                      std::to_string(V_) + ")");
+                                      std::to_string(valid_) + ")");
   if (pos < 0 || pos >= ctx_)
     return fail(kInvalidArgument, "step: position " + std::to_string(pos) + " is past the context length " +
                                       std::to_string(ctx_));

@@ -34,6 +34,10 @@ struct PipelineDesc {
   std::vector<std::string> logits_outputs;  // in vocabulary order; empty for argmax heads
   std::vector<int64_t> part_sizes;          // argmax heads: vocabulary entries per part
   bool sequential_prefill = false;          // feed prompts one token at a time through infer
+  // Ids the tokenizer knows: [0, valid_vocab). 0 = all of vocab_size. Ids past it
+  // (padding rows of the LM head, e.g. Qwen3's 151,936 vs 151,669) are never
+  // sampled nor accepted as input.
+  int64_t valid_vocab = 0;
 };
 
 enum Status : int { kOk = 0, kInvalidArgument = 1, kConfigError = 2, kBackendError = 3 };
@@ -57,9 +61,14 @@ class Engine {
   // Feeds `token` at `pos` (pos <= length()) and samples the next token.
   int step(int32_t token, int64_t pos, int32_t* next);
   int configure_sampler(const SamplerConfig& cfg);
+  std::string sampler_rng_state() const { return sampler_.rng_state(); }
+  int set_sampler_rng_state(const std::string& state) {
+    return sampler_.set_rng_state(state) ? kOk : fail(kInvalidArgument, "sampler: invalid RNG state");
+  }
 
   const std::string& error() const { return error_; }
   int64_t length() const { return length_; }
+  int64_t valid_vocab() const { return valid_; }
   const int32_t* history() const { return history_.data(); }
   const Sampler& sampler() const { return sampler_; }
   bool argmax_head() const { return argmax_head_; }
@@ -115,6 +124,7 @@ class Engine {
   const anemll_backend* be_;
   std::string error_;
   int64_t B_ = 0, ctx_ = 0, H_ = 0, V_ = 0;
+  int64_t valid_ = 0;  // ids >= valid_ are masked (see PipelineDesc::valid_vocab)
   int n_chunks_ = 0;
   int64_t S_prefill_ = 0;  // seq len of the prefill function (B or 1), 0 = unused
   std::string prefill_mode_;
@@ -143,6 +153,8 @@ class Engine {
   Binding emb_d_, emb_p_, head_;
   std::vector<Binding> infer_, prefill_;
   std::vector<LogitsPart> parts_;
+  // parts_ cut at valid_: what the sampler reads, so the mask costs nothing per step.
+  std::vector<LogitsPart> sample_parts_;
   int32_t* amax_idx_ = nullptr;
   void* amax_val_ = nullptr;
   int32_t amax_val_dtype_ = 0;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <sstream>
 
 #include "engine/fp16.h"
 
@@ -124,6 +125,20 @@ int64_t argmax_parts(const LogitsPart* parts, int n_parts) {
   for (int64_t i = 0; i < best_len; ++i)
     if (masked_key(best_block[i]) == best) return best_base + i;
   return -1;  // unreachable
+}
+
+std::string Sampler::rng_state() const {
+  std::ostringstream out;
+  out << rng_;
+  return out.str();
+}
+
+bool Sampler::set_rng_state(const std::string& state) {
+  std::istringstream in(state);
+  std::mt19937_64 rng;
+  if (!(in >> rng)) return false;
+  rng_ = rng;
+  return true;
 }
 
 std::string Sampler::configure(const SamplerConfig& cfg, int64_t vocab, int64_t max_history) {
@@ -459,9 +474,11 @@ int Sampler::vocab_pick(const LogitsPart* parts, int n_parts, int32_t* token) {
     // last (the order in which the draw walks them).
     const double min_w = static_cast<double>(cfg_.min_p);
     int32_t kb = -1;
+    // The best value always stays (its weight, rounded, may fall just under 1:
+    // min_p = 1 must keep the top token); draw() applies the exact cut.
     for (int32_t idx = hi_; idx >= stop; --idx) {
       if (!h[idx]) continue;
-      if (w[idx] < min_w) break;
+      if (kb >= 0 && w[idx] < min_w * w[kb]) break;
       kb = idx;
     }
     if (kb >= 0) gather_at_least(parts, n_parts, kb);
@@ -577,8 +594,11 @@ int Sampler::draw(float vmax, double inv_t, double z_all, bool weighted, int32_t
       }
     }
   }
-  // min-p relative to the best (weight 1 after subtracting vmax).
-  const double min_w = static_cast<double>(cfg_.min_p);
+  // min-p relative to the best kept weight (about 1 after subtracting vmax, but
+  // not exactly: comparing with 1 would drop every token at min_p = 1).
+  double wbest = 0.0;
+  for (size_t i = 0; i < keep; ++i) wbest = std::max(wbest, cum_[i]);
+  const double min_w = static_cast<double>(cfg_.min_p) * wbest;
   double total = 0.0;
   for (size_t i = 0; i < keep; ++i) {
     if (cum_[i] < min_w) cum_[i] = 0.0;
@@ -592,6 +612,10 @@ int Sampler::draw(float vmax, double inv_t, double z_all, bool weighted, int32_t
     acc += cum_[i];
     pick = cand_[i].id;
     if (u < acc) break;
+  }
+  if (pick < 0) {
+    error_ = "no token left to sample after top-p and min-p";
+    return -1;
   }
   *token = pick;
   return 0;

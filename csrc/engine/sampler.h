@@ -56,6 +56,10 @@ class Sampler {
   // Validates and preallocates everything sample() needs; "" or an error message.
   std::string configure(const SamplerConfig& cfg, int64_t vocab_size, int64_t max_history);
   void reseed(uint64_t seed) { rng_.seed(seed); }
+  // The RNG's position as text, and back: a generation interrupted by another
+  // one on the same engine resumes its random stream where it was.
+  std::string rng_state() const;
+  bool set_rng_state(const std::string& state);
   bool greedy() const { return cfg_.temperature == 0.0f || cfg_.top_k == 1; }
   bool wants_logits() const;  // false when an in-model argmax suffices
   const SamplerConfig& config() const { return cfg_; }
