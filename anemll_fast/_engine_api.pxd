@@ -124,6 +124,7 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         int init(const PipelineDesc& desc)
         int reset()
         int prefill(const int32_t* tokens, int64_t n, int64_t start)
+        int replay(const int32_t* tokens, int64_t n, int64_t start)
         int step(int32_t token, int64_t pos, int32_t* next)
         int configure_sampler(const SamplerConfig& cfg)
         string sampler_rng_state()

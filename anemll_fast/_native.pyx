@@ -482,7 +482,8 @@ cdef class NativeEngine:
         if rc != 0:
             self._raise(rc)
 
-    def prefill(self, tokens, int64_t start=0):
+    def prefill(self, tokens, int64_t start=0, bint one_by_one=False):
+        """Write the KV cache for tokens from `start`; `one_by_one`: through infer, as decode steps do."""
         ids = np.ascontiguousarray(tokens, dtype=np.int32)
         if ids.ndim != 1:
             raise ValueError("tokens: expected a 1-D sequence of token ids")
@@ -490,7 +491,7 @@ cdef class NativeEngine:
         cdef int64_t n = ids.size
         cdef int rc
         with nogil:
-            rc = self.eng.prefill(ptr, n, start)
+            rc = self.eng.replay(ptr, n, start) if one_by_one else self.eng.prefill(ptr, n, start)
         if rc != 0:
             self._raise(rc)
 

@@ -155,9 +155,10 @@ class Engine:
         """Forget the KV cache (a new conversation)."""
         self._eng.reset()
 
-    def prefill(self, tokens: Sequence[int], start: int = 0) -> None:
-        """Write the KV cache for `tokens` at positions start, start+1, ... (start <= length)."""
-        self._eng.prefill(self._ids(tokens, "tokens"), int(start))
+    def prefill(self, tokens: Sequence[int], start: int = 0, *, one_by_one: bool = False) -> None:
+        """Write the KV cache for `tokens` at positions start, start+1, ... (start <= length).
+        `one_by_one`: feed them through infer as decode steps do (their exact numerics)."""
+        self._eng.prefill(self._ids(tokens, "tokens"), int(start), bool(one_by_one))
 
     def step(self, token: int, pos: int) -> int:
         """Feed `token` at position `pos` (<= length) and return the sampled next token."""

@@ -56,17 +56,19 @@ def settings_from(settings: Optional[SamplingSettings], kwargs: Dict[str, Any]) 
 class _Turn:
     """One generation's claim on a shared model: what its KV cache and sampler must hold."""
 
-    def __init__(self, settings: SamplingSettings) -> None:
+    def __init__(self, settings: SamplingSettings, prompt_end: int) -> None:
         self.settings = settings
         self.rng_state: Optional[bytes] = None  # saved when another generation takes over
+        # Positions before prompt_end were prefilled; later ones were fed by decode steps.
+        self.prompt_end = prompt_end
 
 
-def _claim(model: Any, turn: _Turn, history: List[int], pos: int) -> int:
+def _claim(model: Any, turn: _Turn, history: List[int], pos: int) -> None:
     """Make the engine hold `turn`'s sampler and its KV cache for history[:pos]
-    (with model.lock held); the number of tokens prefilled for it."""
+    (with model.lock held)."""
     engine = model.live_engine()
     if model.owner is turn and engine.length == pos:
-        return 0  # nobody else ran since this generation's last step
+        return  # nobody else ran since this generation's last step
     if model.owner is not turn:
         prev = model.owner
         if prev is not None:
@@ -75,10 +77,15 @@ def _claim(model: Any, turn: _Turn, history: List[int], pos: int) -> int:
         if turn.rng_state is not None:
             engine.set_rng_state(turn.rng_state)
         model.owner = turn
-    start = engine.cached_prefix(history[:pos])
+    # Rebuild the cache as it was first written: a batch prefill and a decode
+    # step differ in the last bits, which can flip a sampled token. So the prompt
+    # part is prefilled again, and generated tokens are fed one by one.
+    start = min(engine.cached_prefix(history[:pos]), turn.prompt_end)
+    if start < min(turn.prompt_end, pos):
+        engine.prefill(history[start:turn.prompt_end], start)
+        start = turn.prompt_end
     if start < pos:
-        engine.prefill(history[start:pos], start)
-    return pos - start
+        engine.prefill(history[start:pos], start, one_by_one=True)
 
 
 def stream_tokens(
@@ -95,7 +102,7 @@ def stream_tokens(
     ctx = model.context_length
     if len(ids) > ctx:
         raise ValueError(f"prompt: {len(ids)} tokens do not fit the context length {ctx}")
-    turn = _Turn(settings)
+    turn = _Turn(settings, len(ids) - 1)
     stop_ids = tok.eos_token_ids
     detok = StreamingDetokenizer(lambda t: tok.decode(t, skip_special_tokens=True), settings.stop)
     t0 = time.perf_counter()
@@ -134,7 +141,7 @@ def stream_tokens(
                 break
             # As ANEMLL's chat_full.py: keep the most recent half of the window and go on.
             history = history[-(ctx // 2):]
-            pos = len(history) - 1
+            pos = turn.prompt_end = len(history) - 1
             model.last_prefill_tokens += len(history)
         with model.lock:
             _claim(model, turn, history, pos)

@@ -602,7 +602,11 @@ int Engine::run_prefill_batch(const int32_t* tokens, int64_t count, int64_t pos)
   return kOk;
 }
 
-int Engine::prefill(const int32_t* tokens, int64_t n, int64_t start) {
+int Engine::prefill(const int32_t* tokens, int64_t n, int64_t start) { return feed(tokens, n, start, false); }
+
+int Engine::replay(const int32_t* tokens, int64_t n, int64_t start) { return feed(tokens, n, start, true); }
+
+int Engine::feed(const int32_t* tokens, int64_t n, int64_t start, bool one_by_one) {
   if (n <= 0) return fail(kInvalidArgument, "prefill: the prompt is empty");
   if (start < 0 || start > length_)
     return fail(kInvalidArgument, "prefill: start position " + std::to_string(start) + " leaves a gap: only " +
@@ -620,10 +624,10 @@ int Engine::prefill(const int32_t* tokens, int64_t n, int64_t start) {
   while (p < end) {
     int rc;
     int64_t done;
-    if (prefill_mode_ == "batch" && p + B_ <= ctx_) {
+    if (!one_by_one && prefill_mode_ == "batch" && p + B_ <= ctx_) {
       done = std::min(B_, end - p);
       rc = run_prefill_batch(tokens + (p - start), done, p);
-    } else if (prefill_mode_ == "sequential") {
+    } else if (!one_by_one && prefill_mode_ == "sequential") {
       done = 1;
       rc = run_prefill_single(tokens[p - start], p);
     } else {

@@ -58,6 +58,9 @@ class Engine {
   int reset();  // zero the KV cache: a new conversation
   // Writes the KV cache for tokens at positions start .. start+n-1 (start <= length()).
   int prefill(const int32_t* tokens, int64_t n, int64_t start);
+  // As prefill, but one token at a time through infer, as decode steps feed
+  // them: rebuilds a generation's cache with the very numerics it had.
+  int replay(const int32_t* tokens, int64_t n, int64_t start);
   // Feeds `token` at `pos` (pos <= length()) and samples the next token.
   int step(int32_t token, int64_t pos, int32_t* next);
   int configure_sampler(const SamplerConfig& cfg);
@@ -113,6 +116,7 @@ class Engine {
            const std::vector<std::pair<std::string, const void*>>& in_names, std::vector<anemll_tensor>& ins,
            std::vector<anemll_tensor>& outs);
   int predict(Binding& b);
+  int feed(const int32_t* tokens, int64_t n, int64_t start, bool one_by_one);
   // One token through the embeddings and `chunks` (infer_ or prefill_ of a sequential model).
   int run_one_token(int32_t token, int64_t pos, std::vector<Binding>& chunks, int64_t& calls);
   int run_infer(int32_t token, int64_t pos);  // embeddings + chunks, hidden left in hid_d_
