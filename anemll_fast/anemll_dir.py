@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from anemll_fast.config import ComponentConfig, ModelConfig, Shapes, TensorSpec
 from anemll_fast.errors import ConfigError
 from anemll_fast.hub import safe_unzip
+from anemll_fast.text_files import read_utf8
 from anemll_fast.model_io import MODEL_SUFFIXES, ModelIO, read_model_io
 
 _CHUNK_RE = re.compile(r"_chunk_(\d+)of(\d+)$")
@@ -25,8 +26,9 @@ def read_meta(path: Union[str, Path]) -> Dict[str, Any]:
     import yaml
 
     path = Path(path)
+    text = read_utf8(path, ConfigError)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model_info"), dict):

@@ -563,7 +563,9 @@ class ModelConfig:
             json_path = Path(source)
             if not json_path.is_file():
                 raise ConfigError(f"model config file {str(json_path)!r} does not exist")
-            text = json_path.read_text(encoding="utf-8")
+            from anemll_fast.text_files import read_utf8
+
+            text = read_utf8(json_path, ConfigError)
         else:
             text = source
         try:

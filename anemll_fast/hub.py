@@ -92,9 +92,31 @@ def unzip_parts(directory: Union[str, os.PathLike]) -> List[Path]:
     return done
 
 
-def is_unpacked(target: Union[str, os.PathLike]) -> bool:
-    target = Path(target)
-    return (target / _COMPLETE_MARK).is_file()
+def is_unpacked(target: Union[str, os.PathLike], archive: Union[str, os.PathLike, None] = None) -> bool:
+    """True when `target` was completely unpacked (from `archive` as it is now, when given)."""
+    mark = Path(target) / _COMPLETE_MARK
+    if not mark.is_file():
+        return False
+    if archive is None:
+        return True
+    try:
+        return mark.read_text(encoding="utf-8", errors="replace").strip() == _archive_key(Path(archive))
+    except OSError:
+        return False
+
+
+def _archive_key(archive: Path) -> str:
+    """What identifies the archive a directory was unpacked from: a replaced
+    archive (new size or modification time) is unpacked again."""
+    st = archive.stat()
+    return f"{archive.name} size={st.st_size} mtime_ns={st.st_mtime_ns}"
+
+
+def _umask() -> int:
+    # No way to read the umask without setting it; restored at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def safe_unzip(archive: Union[str, os.PathLike], target: Union[str, os.PathLike]) -> Path:
@@ -108,15 +130,21 @@ def safe_unzip(archive: Union[str, os.PathLike], target: Union[str, os.PathLike]
     """
     archive = Path(archive)
     target = Path(target)
+    stale = False
     if target.exists():
         # We only ever rename a finished directory into place, so an existing
         # one is either ours (marked) or the user's own unpacked bundle.
-        if is_unpacked(target) or (target / "model.mil").is_file():
+        if is_unpacked(target):
+            if is_unpacked(target, archive):
+                return target
+            stale = True  # the archive was replaced since: unpack it again
+        elif (target / "model.mil").is_file():
             return target
-        raise HubError(
-            f"{target} exists but is not a complete compiled model (no model.mil); "
-            f"remove it to unpack {archive.name} again"
-        )
+        else:
+            raise HubError(
+                f"{target} exists but is not a complete compiled model (no model.mil); "
+                f"remove it to unpack {archive.name} again"
+            )
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -134,6 +162,10 @@ def safe_unzip(archive: Union[str, os.PathLike], target: Union[str, os.PathLike]
             if str(rel) in (".", ""):
                 continue
             plan.append((info, rel))
+        if not any(str(rel) == "model.mil" and not info.is_dir() for info, rel in plan):
+            what = "is empty" if not plan else "holds no model.mil at the bundle's root"
+            raise HubError(f"{archive}: {what}, so it is not a compiled Core ML model (.mlmodelc)")
+        key = _archive_key(archive)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             for info, rel in plan:
@@ -146,8 +178,17 @@ def safe_unzip(archive: Union[str, os.PathLike], target: Union[str, os.PathLike]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(dest, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
-            (tmp / _COMPLETE_MARK).write_text(archive.name + "\n", encoding="utf-8")
-            os.replace(tmp, target)
+            (tmp / _COMPLETE_MARK).write_text(key + "\n", encoding="utf-8")
+            # mkdtemp makes it 0700: give it the mode any new directory gets, so that
+            # other users can load a model unpacked in a shared place.
+            os.chmod(tmp, 0o777 & ~_umask())
+            if stale:
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+                os.replace(target, old / target.name)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise HubError(f"{archive}: corrupt zip archive ({exc})") from None

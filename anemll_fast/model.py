@@ -129,6 +129,7 @@ class Model:
             self.tokenizer.chat_template, messages,
             add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
             bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
+            template_name=getattr(self.tokenizer, "chat_template_source", None),
         )
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, enable_thinking: Optional[bool] = None,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
 
 from anemll_fast.errors import AnemllError
+from anemll_fast.text_files import read_utf8
 
 
 class TokenizerError(AnemllError, ValueError):
@@ -71,8 +72,10 @@ class Tokenizer:
     # ------------------------------------------------------------ metadata
     def _find_chat_template(self) -> Optional[str]:
         jinja = self.directory / "chat_template.jinja"
+        self.chat_template_source = str(jinja)  # where the template comes from, for messages
         if jinja.is_file():
-            return jinja.read_text(encoding="utf-8")
+            return read_utf8(jinja, TokenizerError)
+        self.chat_template_source = str(self.directory / "tokenizer_config.json")
         template = self.config.get("chat_template")
         if isinstance(template, list):  # named templates: take "default"
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -288,6 +288,8 @@ class _Parser:
                 if t.text == "?" or t.kind == "id":
                     dims.append(None)  # flexible or symbolic dimension
                 elif t.kind == "num" and re.fullmatch(r"\d+", t.text):
+                    if len(t.text) > 18 and int(t.text) >= 1 << 63:
+                        raise self.error(f"dimension {t.text} does not fit 64 bits", t)
                     dims.append(int(t.text))
                 else:
                     raise self.error("expected a dimension", t)
