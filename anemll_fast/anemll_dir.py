@@ -7,6 +7,7 @@ without `_lutN`. FFN chunks are `*_chunk_NNofMM`; 0.3.4's `ffn:` names no chunk.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -17,6 +18,7 @@ from anemll_fast.hub import safe_unzip
 from anemll_fast.text_files import read_utf8
 from anemll_fast.model_io import MODEL_SUFFIXES, ModelIO, read_model_io
 
+log = logging.getLogger("anemll_fast")
 _CHUNK_RE = re.compile(r"_chunk_(\d+)of(\d+)$")
 _LUT_RE = re.compile(r"_lut\d+$")
 
@@ -192,9 +194,11 @@ def config_from_anemll_dir(path: Union[str, Path], overrides: Optional[Dict[str,
     infer: List[ComponentConfig] = []
     chunk_stems = _chunk_names(_stem(ffn_name), num_chunks, directory)
     missing = [s for s in chunk_stems if find_part(directory, s) is None]
+    ios: Dict[Path, ModelIO] = {}  # read once, checked again below
     if not missing:
         for stem in chunk_stems:
             io = read_model_io(find_part(directory, stem))  # type: ignore[arg-type]
+            ios[io.path.resolve()] = io
             if not {"prefill", "infer"} <= set(io.functions):
                 raise ConfigError(
                     f"{io.path}: FFN chunk must have functions 'prefill' and 'infer', has {list(io.functions)}"
@@ -211,6 +215,8 @@ def config_from_anemll_dir(path: Union[str, Path], overrides: Optional[Dict[str,
             )
         prefill, infer = split
     _check_chunk_count(directory, chunk_stems, num_chunks)
+    for chunks in (infer, prefill):
+        _check_chunk_ranges(directory, [directory / c.file_path for c in chunks], num_chunks, ios)
 
     # Embeddings and head are called through their default function.
     embeddings = _component(directory, emb_io, None, emb_io.function(None))
@@ -238,7 +244,48 @@ def config_from_anemll_dir(path: Union[str, Path], overrides: Optional[Dict[str,
         model_dir=directory,
     )
     config.validate()
+    if meta_path.is_file():
+        _check_meta_against_files(meta_path, params, config)
     return config
+
+
+def _check_meta_against_files(meta_path: Path, params: Dict[str, Any], config: ModelConfig) -> None:
+    """meta.yaml's sizes must be those of the model files: ANEMLL's runner feeds
+    the models buffers of meta.yaml's sizes, so a contradiction fails or, worse,
+    runs wrong. Named: the field, both values and the file."""
+    s = config.shapes
+    ffn = config.ffn_prefill[0] if config.ffn_prefill else config.ffn_infer[0]
+    head = config.lm_head.file_path  # type: ignore[union-attr]
+    checks = [
+        ("context_length", s.context_length, f"{config.ffn_infer[0].file_path} (causal_mask's last dimension)"),
+        ("batch_size", s.batch_size, f"{ffn.file_path} (prefill hidden_states)"),
+        ("split_lm_head", config.logits_parts, f"{head} (its logits outputs)" if not config.argmax_in_model
+         else f"{head} (argmax_idx)"),
+    ]
+    if not config.argmax_in_model:
+        checks.append(("vocab_size", s.vocab_size, f"{head} (its logits outputs)"))
+    for key, actual, source in checks:
+        if key in params and params[key] is not None:
+            given = _positive_int(params[key], f"{meta_path}: model_info.parameters.{key}")
+            if given != actual:
+                raise ConfigError(f"{meta_path}: model_info.parameters.{key} is {given}, but the model files say "
+                                  f"{actual}: {source}")
+    sizes = params.get("lm_head_chunk_sizes")
+    if sizes is not None and not config.argmax_in_model:
+        if not isinstance(sizes, list):
+            raise ConfigError(f"{meta_path}: model_info.parameters.lm_head_chunk_sizes must be a list, got {sizes!r}")
+        given_sizes = [_positive_int(x, f"{meta_path}: model_info.parameters.lm_head_chunk_sizes") for x in sizes]
+        if given_sizes != config.lm_head_chunk_sizes:
+            raise ConfigError(f"{meta_path}: model_info.parameters.lm_head_chunk_sizes is {given_sizes}, but the "
+                              f"model files say {config.lm_head_chunk_sizes}: {head} (its logits outputs)")
+    # The parts' own metadata: ANEMLL's runner lets meta.yaml win, so only a warning.
+    for comp in [*config.ffn_infer[:1], config.lm_head]:
+        io = read_model_io(config.path_of(comp))  # type: ignore[arg-type]
+        for key, actual in (("context_length", s.context_length), ("batch_size", s.batch_size)):
+            value = io.metadata.get(f"com.anemll.{key}")
+            if value is not None and str(value).strip() != str(actual):
+                log.warning("%s: metadata com.anemll.%s is %s, but meta.yaml and the model's shapes say %s "
+                            "(meta.yaml wins, as in ANEMLL)", io.path, key, value, actual)
 
 
 def _split_chunks(
@@ -279,6 +326,88 @@ def _check_chunk_count(directory: Path, chunk_stems: List[str], num_chunks: int)
             f"{directory}/meta.yaml: num_chunks is {num_chunks} but chunk files of "
             f"{sorted(others)} chunks are present"
         )
+
+
+def _meta_int(io: ModelIO, key: str) -> Optional[int]:
+    value = io.metadata.get(f"com.anemll.{key}")
+    if value is None:
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{io.path}: metadata com.anemll.{key} is {value!r}, not an integer") from None
+
+
+def _weights_fingerprint(path: Path) -> Optional[Tuple[int, str]]:
+    """Size and a hash of the program and of the start, middle and end of the
+    weight file of a part: enough to tell a copied chunk, reading 3 MiB."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if (path / "model.mil").is_file():
+        h.update((path / "model.mil").read_bytes())
+    spec_path = path / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    if spec_path.is_file():
+        from coremltools.proto import Model_pb2
+
+        spec = Model_pb2.Model()
+        spec.ParseFromString(spec_path.read_bytes())
+        spec.description.metadata.Clear()  # the program, not what is said about it
+        h.update(spec.SerializeToString(deterministic=True))
+    for rel in ("weights/weight.bin", "Data/com.apple.CoreML/weights/weight.bin"):
+        weights = path / rel
+        if weights.is_file():
+            size = weights.stat().st_size
+            with open(weights, "rb") as f:
+                for at in sorted({0, max(0, size // 2 - (1 << 19)), max(0, size - (1 << 20))}):
+                    f.seek(at)
+                    h.update(f.read(1 << 20))
+            return size, h.hexdigest()
+    return None
+
+
+def _check_chunk_ranges(directory: Path, paths: List[Path], num_chunks: int, ios: Dict[Path, ModelIO]) -> None:
+    """Each chunk file holds its own layer range: chunk i of n by its name
+    (`_chunk_02of04`), by ANEMLL's metadata (com.anemll.chunk_no, num_chunks)
+    and, where the converter recorded them, its layers (first_layer,
+    num_layers); and no two chunks carry the same weights (a copied file
+    renamed would run one range twice and skip another, writing wrong text)."""
+    if len(paths) < 2 and num_chunks < 2:
+        return
+    ranges = []
+    seen: Dict[Tuple[int, str], Path] = {}
+    for i, path in enumerate(paths, start=1):
+        io = ios.get(path.resolve()) or read_model_io(path)
+        where = f"{directory}: FFN chunk {path.name}"
+        m = _CHUNK_RE.search(_stem(path.name))
+        if m and (int(m.group(1)), int(m.group(2))) != (i, num_chunks):
+            raise ConfigError(f"{where}: its name says chunk {int(m.group(1))} of {int(m.group(2))}, "
+                              f"but it is loaded as chunk {i} of {num_chunks}")
+        chunk_no, total = _meta_int(io, "chunk_no"), _meta_int(io, "num_chunks")
+        if chunk_no is not None and chunk_no != i:
+            raise ConfigError(f"{where}: its metadata (com.anemll.chunk_no) says it is chunk {chunk_no}, "
+                              f"but it is loaded as chunk {i} of {num_chunks}: a copy of chunk {chunk_no}? "
+                              f"The layer range of chunk {i} would be missing and that of chunk {chunk_no} "
+                              "run twice")
+        if total is not None and total != num_chunks:
+            raise ConfigError(f"{where}: its metadata (com.anemll.num_chunks) says {total} chunks, "
+                              f"meta.yaml and the file names say {num_chunks}")
+        first, count = _meta_int(io, "first_layer"), _meta_int(io, "num_layers")
+        ranges.append((first, count, path.name))
+        fingerprint = _weights_fingerprint(path)
+        if fingerprint is not None:
+            if fingerprint in seen:
+                raise ConfigError(f"{where}: has the very weights of {seen[fingerprint].name}: a copy? "
+                                  "Each chunk must hold its own layer range")
+            seen[fingerprint] = path
+    if all(f is not None and c is not None for f, c, _ in ranges):
+        expected = 0
+        for first, count, name in ranges:
+            if first != expected:
+                what = "overlaps the previous chunk's" if first < expected else "leaves out layers"
+                raise ConfigError(f"{directory}: FFN chunk {name} starts at layer {first}, expected {expected}: "
+                                  f"its range {what} (com.anemll.first_layer / num_layers)")
+            expected = first + count
 
 
 def _shapes(

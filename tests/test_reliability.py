@@ -428,3 +428,210 @@ def test_chat_without_context_shift_says_how_to_recover(model, baseline):
     assert session.messages == [] and kept
     session.send("ok")
     still_same(model, baseline)
+
+
+# ------------------------------------------------------------ chat templates
+@pytest.mark.parametrize("template, why", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "more than"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
+    ("{% for m in messages recursive %}{{ loop([m]) }}{% endfor %}", "recursion"),
+    ("{{ 'x' * 10**9 }}", "1,000,000,000"),
+    ("{{ 10**9 * ['x'] }}", "list"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "str of"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "str of"),
+    ("{{ 'a'.ljust(10**9) }}", "argument"),
+    ("{{ '%2000000000d' % 1 }}", "format width"),
+    ("{{ '{:>2000000000}'.format(1) }}", "format width"),
+    ("{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}", "output"),
+])
+def test_runaway_templates_are_bounded_and_named(model, baseline, monkeypatch, template, why):
+    import anemll_fast.chat_template as ct
+
+    monkeypatch.setattr(ct, "RENDER_TIMEOUT", 0.5)
+    monkeypatch.setattr(model.tokenizer, "chat_template", template)
+    with pytest.raises(ct.TemplateError, match=why) as info:
+        model.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert "tokenizer_config.json" in str(info.value)  # names the template's file
+    monkeypatch.undo()
+    assert model.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<|im_start|>user")
+    still_same(model, baseline)
+
+
+def test_ordinary_template_features_still_render():
+    from anemll_fast.chat_template import render
+
+    t = ("{% for m in messages %}{{ '%-5s|' % m.role }}{{ '{:>3}'.format(loop.index) }}{{ 'ab' * 2 }}"
+         "{{ m.content + '!' }}{{ m.content ~ '?' }}{% endfor %}{{ range(3)|list|length }}")
+    assert render(t, [{"role": "user", "content": "hi"}]) == "user |  1ababhi!hi?3"
+
+
+# ------------------------------------------------------------- model files
+def test_non_utf8_meta_yaml_is_named(tiny, tmp_path):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny.path, copy)
+    meta = copy / "meta.yaml"
+    meta.write_bytes(meta.read_bytes() + b"# caf\xe9\n")
+    with pytest.raises(anemll_fast.ConfigError, match="meta.yaml: not UTF-8 text \\(byte 0xe9"):
+        anemll_fast.load(copy, backend="reference")
+    (copy / "chat_template.jinja").write_bytes(b"{{ '\xff' }}")
+    meta.write_bytes((tiny.path / "meta.yaml").read_bytes())
+    with pytest.raises(TokenizerError, match="chat_template.jinja: not UTF-8"):
+        anemll_fast.load(copy, backend="reference")
+
+
+def test_mil_dimension_past_64_bits_is_named(tmp_path):
+    from anemll_fast.mil.errors import MilFormatError
+    from anemll_fast.mil.text_parser import parse_mil_text
+
+    text = ("program(1.3)\n[buildInfo = dict<string, string>({})]\n{\n"
+            "    func main<ios18>(tensor<fp16, [1, 9223372036854775808]> x) {\n"
+            "        tensor<fp16, [1, 4]> y = identity(x = x)[name = string(\"y\")];\n"
+            "    } -> (y);\n}\n")
+    with pytest.raises(MilFormatError, match="bad.mil: line 4.*9223372036854775808 does not fit 64 bits"):
+        parse_mil_text(text, source="bad.mil")
+    ok = parse_mil_text(text.replace("9223372036854775808", "4"), source="ok.mil")
+    assert ok is not None
+
+
+# -------------------------------------------------------------- zip parts
+def _zip(path, files):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_unzipped_part_gets_the_umask_mode(tmp_path):
+    import os
+    import stat
+
+    from anemll_fast import hub
+
+    archive = _zip(tmp_path / "a.mlmodelc.zip", {"a.mlmodelc/model.mil": "x", "a.mlmodelc/w/weight.bin": "y"})
+    old = os.umask(0o022)
+    try:
+        target = hub.safe_unzip(archive, tmp_path / "a.mlmodelc")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755  # not mkdtemp's 0700
+    assert stat.S_IMODE((target / "w").stat().st_mode) == 0o755
+    assert stat.S_IMODE((target / "model.mil").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("files, why", [({}, "is empty"), ({"e.mlmodelc/readme.txt": "x"}, "no model.mil")])
+def test_empty_or_partial_zip_is_not_a_complete_unpack(tmp_path, files, why):
+    from anemll_fast import hub
+    from anemll_fast.errors import HubError
+
+    archive = _zip(tmp_path / "e.mlmodelc.zip", files)
+    with pytest.raises(HubError, match=why) as info:
+        hub.safe_unzip(archive, tmp_path / "e.mlmodelc")
+    assert "e.mlmodelc.zip" in str(info.value)
+    assert not (tmp_path / "e.mlmodelc").exists()
+
+
+def test_replaced_archive_is_unpacked_again(tmp_path):
+    import os
+
+    from anemll_fast import hub
+
+    archive = _zip(tmp_path / "r.mlmodelc.zip", {"r.mlmodelc/model.mil": "old"})
+    target = hub.safe_unzip(archive, tmp_path / "r.mlmodelc")
+    assert (target / "model.mil").read_text() == "old"
+    assert hub.safe_unzip(archive, target) == target  # unchanged: kept
+    _zip(archive, {"r.mlmodelc/model.mil": "new!"})
+    st = archive.stat()
+    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    hub.safe_unzip(archive, target)
+    assert (target / "model.mil").read_text() == "new!"
+    assert hub.is_unpacked(target, archive)
+    assert not list(tmp_path.glob(".r.mlmodelc.*"))  # no partial or stale directory left
+
+
+# ------------------------------------------------------ chunks and meta.yaml
+def _copy_model(tiny, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny.path, dst)
+    return dst
+
+
+def _edit_metadata(package, **changes):
+    """Set (or with None, drop) user-defined metadata of an .mlpackage part."""
+    from coremltools.proto import Model_pb2
+
+    spec_path = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    for key, value in changes.items():
+        if value is None:
+            spec.description.metadata.userDefined.pop(f"com.anemll.{key}", None)
+        else:
+            spec.description.metadata.userDefined[f"com.anemll.{key}"] = str(value)
+    spec_path.write_bytes(spec.SerializeToString())
+
+
+CHUNK1, CHUNK2 = "qwen_FFN_PF_chunk_01of02.mlpackage", "qwen_FFN_PF_chunk_02of02.mlpackage"
+
+
+def test_chunk_replaced_by_a_copy_of_another_is_refused(tiny, tmp_path, model, baseline):
+    import shutil
+
+    d = _copy_model(tiny, tmp_path)
+    shutil.rmtree(d / CHUNK2)
+    shutil.copytree(d / CHUNK1, d / CHUNK2)  # the issue's reproducer
+    with pytest.raises(anemll_fast.ConfigError, match=f"{CHUNK2}: its metadata \\(com.anemll.chunk_no\\) says "
+                                                      "it is chunk 1, but it is loaded as chunk 2 of 2"):
+        anemll_fast.load(d, backend="reference")
+    # Without ANEMLL's chunk metadata, the copy is still told by its content.
+    _edit_metadata(d / CHUNK2, chunk_no=None, first_layer=None, num_layers=None)
+    with pytest.raises(anemll_fast.ConfigError, match=f"{CHUNK2}: has the very weights of {CHUNK1}"):
+        anemll_fast.load(d, backend="reference")
+    still_same(model, baseline)
+
+
+@pytest.mark.parametrize("changes, why", [
+    (dict(first_layer=0), "starts at layer 0, expected 1: its range overlaps"),
+    (dict(first_layer=2), "starts at layer 2, expected 1: its range leaves out layers"),
+    (dict(num_chunks=3), "says 3 chunks"),
+    (dict(chunk_no=7), "says it is chunk 7"),
+])
+def test_chunk_layer_ranges_from_metadata(tiny, tmp_path, changes, why):
+    d = _copy_model(tiny, tmp_path)
+    _edit_metadata(d / CHUNK2, **changes)
+    with pytest.raises(anemll_fast.ConfigError, match=why) as info:
+        anemll_fast.load(d, backend="reference")
+    assert CHUNK2 in str(info.value)
+
+
+@pytest.mark.parametrize("field, value, actual", [
+    ("context_length", 64, 48), ("batch_size", 4, 8), ("vocab_size", 600, VOCAB), ("split_lm_head", 2, 4),
+    ("lm_head_chunk_sizes", [256, 256], [128, 128, 128, 128]),
+])
+def test_meta_yaml_contradicting_the_files_is_named(tiny, tmp_path, model, baseline, field, value, actual):
+    import yaml
+
+    d = _copy_model(tiny, tmp_path)
+    meta = yaml.safe_load((d / "meta.yaml").read_text())
+    meta["model_info"]["parameters"][field] = value
+    (d / "meta.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(anemll_fast.ConfigError) as info:
+        anemll_fast.load(d, backend="reference")
+    msg = str(info.value)
+    assert f"parameters.{field} is {value}" in msg and str(actual) in msg and str(d / "meta.yaml") in msg
+    still_same(model, baseline)
+
+
+def test_part_metadata_contradicting_meta_yaml_is_a_warning(tiny, tmp_path, caplog):
+    d = _copy_model(tiny, tmp_path)
+    _edit_metadata(d / CHUNK1, context_length=4096)
+    with caplog.at_level("WARNING", logger="anemll_fast"):
+        with anemll_fast.load(d, backend="reference") as m:
+            assert generate_ids(m, PROMPT, max_tokens=2)
+    assert any("com.anemll.context_length is 4096" in r.getMessage() and CHUNK1 in r.getMessage()
+               for r in caplog.records)
