@@ -215,8 +215,8 @@ def config_from_anemll_dir(path: Union[str, Path], overrides: Optional[Dict[str,
             )
         prefill, infer = split
     _check_chunk_count(directory, chunk_stems, num_chunks)
-    for chunks in (infer, prefill):
-        _check_chunk_ranges(directory, [directory / c.file_path for c in chunks], num_chunks, ios)
+    for paths in dict.fromkeys(tuple(directory / c.file_path for c in chunks) for chunks in (infer, prefill)):
+        _check_chunk_ranges(directory, list(paths), num_chunks, ios)  # once when both share the files
 
     # Embeddings and head are called through their default function.
     embeddings = _component(directory, emb_io, None, emb_io.function(None))

@@ -7,6 +7,7 @@ syntaxes ([name = string("x")] and [name = tensor<string, []>("x")]), dict/tuple
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -21,14 +22,17 @@ from anemll_fast.mil.program import (
     Value, Var,
 )
 
-_TOKEN = re.compile(r"""
-    (?P<ws>\s+|//[^\n]*)
-  | (?P<str>"(?:[^"\\]|\\.)*")
-  | (?P<num>[-+]?(?:0[xX][0-9a-fA-F]*\.?[0-9a-fA-F]*(?:[pP][-+]?\d+)?|\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|[-+](?:inf|nan)\b)
-  | (?P<id>[A-Za-z_@][A-Za-z0-9_.@/]*)
-  | (?P<arrow>->)
-  | (?P<punct>[()\[\]{}<>,=;?])
-""", re.VERBOSE)
+# One match per token, with the whitespace and comments before it: half the
+# matches of a separate whitespace token (parsing time is mostly per token).
+_TOKEN = re.compile(r"""(?:\s+|//[^\n]*)*(?:
+    ([A-Za-z_@][A-Za-z0-9_.@/]*)
+  | ([()\[\]{}<>,=;?])
+  | ([-+]?(?:0[xX][0-9a-fA-F]*\.?[0-9a-fA-F]*(?:[pP][-+]?\d+)?|\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|[-+](?:inf|nan)\b)
+  | ("(?:[^"\\]|\\.)*")
+  | (->)
+)""", re.VERBOSE)  # the most frequent kinds first
+_KINDS = (None, "id", "punct", "num", "str", "arrow")  # by group number
+_TRAILER = re.compile(r"(?:\s+|//[^\n]*)*")
 
 _SCALAR_TYPES = set(NUMPY_DTYPES)
 _MAX_DEPTH = 64
@@ -43,17 +47,19 @@ class _Tok:
 
 def tokenize(text: str, source: str) -> List[_Tok]:
     toks: List[_Tok] = []
-    pos, n = 0, len(text)
-    while pos < n:
-        m = _TOKEN.match(text, pos)
-        if m is None:
-            line = text.count("\n", 0, pos) + 1
-            raise MilFormatError(f"{source}: line {line}: unexpected character {text[pos]!r}")
-        kind = m.lastgroup or ""
-        if kind != "ws":
-            toks.append(_Tok(kind, m.group(), pos))
-        pos = m.end()
-    toks.append(_Tok("eof", "", n))
+    append = toks.append
+    end = 0
+    for m in _TOKEN.finditer(text):
+        if m.start() != end:
+            break  # an unexpected character between tokens
+        k = m.lastindex
+        append(_Tok(_KINDS[k], m.group(k), m.start(k)))
+        end = m.end()
+    end = _TRAILER.match(text, end).end()
+    if end != len(text):
+        line = text.count("\n", 0, end) + 1
+        raise MilFormatError(f"{source}: line {line}: unexpected character {text[end]!r}")
+    toks += [_Tok("eof", "", len(text))] * 3  # so that peek(k) needs no bounds check
     return toks
 
 
@@ -77,8 +83,9 @@ class _Parser:
         got = tok.text if tok.kind != "eof" else "end of file"
         return MilFormatError(f"{self.source}: line {line}, column {col}: {msg} (at {got!r})")
 
+    # The hottest code of a load (called per token): kept to plain indexing.
     def peek(self, k: int = 0) -> _Tok:
-        return self.toks[min(self.i + k, len(self.toks) - 1)]
+        return self.toks[self.i + k]  # k <= 2: the token list ends with three eof tokens
 
     def next(self) -> _Tok:
         t = self.toks[self.i]
@@ -87,16 +94,19 @@ class _Parser:
         return t
 
     def accept(self, text: str) -> bool:
-        if self.peek().text == text and self.peek().kind != "str":
+        t = self.toks[self.i]
+        if t.text == text and t.kind != "str":
             self.i += 1
             return True
         return False
 
     def expect(self, text: str) -> _Tok:
-        t = self.peek()
+        t = self.toks[self.i]
         if t.text != text or t.kind == "str":
             raise self.error(f"expected {text!r}")
-        return self.next()
+        if t.kind != "eof":
+            self.i += 1
+        return t
 
     def ident(self, what: str = "a name") -> str:
         t = self.peek()
@@ -465,11 +475,18 @@ def parse_mil_text(text: str, source: str = "model.mil", model_dir: str = ".",
     with read_weights=False they become zero placeholders (structure only, e.g. op histograms)."""
     own = blobs is None
     cache = BlobCache() if own else blobs
+    # A model.mil of a 135M model is ~400k tokens and ~1M small objects, none
+    # in reference cycles: with the cyclic GC running, its passes over the
+    # growing heap took half the load time (measured: benchmarks/bench_mil_load.py).
+    gc_was_on = gc.isenabled()
+    gc.disable()
     try:
         return _Parser(text, source, model_dir, cache, read_weights).program(default_function)
     except RecursionError as e:
         raise MilFormatError(f"{source}: nesting too deep") from e
     finally:
+        if gc_was_on:
+            gc.enable()
         if own:
             cache.close()
 
