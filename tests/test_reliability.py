@@ -635,3 +635,37 @@ def test_part_metadata_contradicting_meta_yaml_is_a_warning(tiny, tmp_path, capl
             assert generate_ids(m, PROMPT, max_tokens=2)
     assert any("com.anemll.context_length is 4096" in r.getMessage() and CHUNK1 in r.getMessage()
                for r in caplog.records)
+
+
+# ------------------------------------------------------------------- soak
+def _rss_bytes():
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_soak_5000_decode_steps_with_context_shift_keep_rss_flat(tmp_path):
+    import os
+
+    # As small as a model gets, so that 5,000 steps (a context shift every ~16) take seconds.
+    t = build_tiny_model(tmp_path / "soak", arch="llama", context_length=32, batch_size=4, hidden_size=16,
+                         num_heads=2, num_kv_heads=1, intermediate_size=32, num_layers=1, vocab_size=260,
+                         split_lm_head=1)
+    with anemll_fast.load(t.path, backend="reference") as m:
+        no_end = {i: -math.inf for i in m.tokenizer.eos_token_ids}
+        stream = stream_generate(m, [5, 6, 7], max_tokens=5000, context_shift=True, logit_bias=no_end,
+                                 temperature=1.0, seed=1, repetition_penalty=1.1)
+        steps, warm_rss, warm_fds = 0, None, None
+        for r in stream:
+            if r.token is None:
+                break
+            steps += 1
+            if steps == 500:  # after warm-up: every buffer, cache and interned object exists
+                warm_rss, warm_fds = _rss_bytes(), len(os.listdir("/proc/self/fd"))
+        assert steps == 5000 and r.finish_reason == "length"
+        growth = _rss_bytes() - warm_rss
+        assert growth < 5 * 1024 * 1024, f"RSS grew by {growth / 1e6:.1f} MB over 4,500 decode steps"
+        assert len(os.listdir("/proc/self/fd")) <= warm_fds
