@@ -3,8 +3,11 @@ generation_config.json say (special tokens, end-of-turn ids, chat template)."""
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
+
+import numpy as np
 
 from anemll_fast.errors import AnemllError
 from anemll_fast.text_files import read_utf8
@@ -123,7 +126,7 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         self.check_ids(ids)
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """The raw bytes of `ids` (byte-level BPE can split a character)."""
@@ -138,7 +141,7 @@ class Tokenizer:
     def check_ids(self, ids: Iterable[int]) -> None:
         n = self.vocab_size
         for i in ids:
-            if not isinstance(i, int) or isinstance(i, bool) or i < 0 or i >= n:
+            if not isinstance(i, numbers.Integral) or isinstance(i, (bool, np.bool_)) or i < 0 or i >= n:
                 raise TokenizerError(f"token id {i!r} is outside the vocabulary (0..{n - 1})")
 
     def is_end_of_turn(self, token_id: int) -> bool:

@@ -669,3 +669,37 @@ def test_soak_5000_decode_steps_with_context_shift_keep_rss_flat(tmp_path):
         growth = _rss_bytes() - warm_rss
         assert growth < 5 * 1024 * 1024, f"RSS grew by {growth / 1e6:.1f} MB over 4,500 decode steps"
         assert len(os.listdir("/proc/self/fd")) <= warm_fds
+
+
+def test_no_sampler_setting_yields_an_invalid_id():
+    """Random settings (extremes included) over random logits with -inf and NaN entries:
+    always an id of the vocabulary, or a named error when nothing is left to sample."""
+    from anemll_fast import _native
+
+    rng = np.random.default_rng(12)
+    for trial in range(300):
+        v = int(rng.integers(2, 300))
+        logits = (rng.standard_normal(v) * rng.choice([0.01, 1, 30, 1000])).astype(np.float16)
+        logits[rng.random(v) < rng.choice([0, 0.5, 0.99])] = -np.inf
+        logits[rng.random(v) < 0.05] = np.nan
+        settings = SamplingSettings(
+            temperature=float(rng.choice([0, 1e-30, 0.1, 1, 100, 10000])),
+            top_k=int(rng.choice([0, 1, 2, 40, 10**6])), top_p=float(rng.choice([1e-300, 0.01, 0.5, 1.0])),
+            min_p=float(rng.choice([0, 1e-300, 0.5, 1.0])),
+            repetition_penalty=float(rng.choice([1e-4, 1, 1.3, 1e4])),
+            presence_penalty=float(rng.choice([-1e4, 0, 2])), frequency_penalty=float(rng.choice([0, 1e4])),
+            penalty_window=int(rng.choice([0, 3, 64])), seed=trial,
+            logit_bias={int(rng.integers(0, v)): float(rng.choice([-np.inf, -1e4, 5, 1e4]))})
+        s = _native.NativeSampler(v, settings.to_native())
+        history = rng.integers(0, v, 8)
+        alive = np.isfinite(logits.astype(np.float32))
+        for tok, bias in settings.logit_bias.items():
+            alive[tok] &= bias > -np.inf
+        finite = alive.any()
+        try:
+            token = s.sample([logits.copy()], history)
+        except ValueError as exc:
+            assert not finite, (trial, settings, exc)
+            assert "no token left" in str(exc)
+            continue
+        assert 0 <= token < v, (trial, settings, token)
