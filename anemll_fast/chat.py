@@ -9,11 +9,16 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from anemll_fast.generate import GenerationResponse, settings_from, stream_tokens
 from anemll_fast.sampling import SamplingSettings
+from anemll_fast.tokenizer import check_text
 
 
 class ChatSession:
     def __init__(self, model: Any, *, system: Optional[str] = None, enable_thinking: Optional[bool] = None,
                  context_shift: bool = False, settings: Optional[SamplingSettings] = None, **kwargs: Any) -> None:
+        if system is not None:
+            if not isinstance(system, str):
+                raise ValueError(f"system: expected a string, got {type(system).__name__}")
+            check_text(system, "system")  # refused now, not at every turn
         self.model = model
         self.system = system
         self.enable_thinking = enable_thinking

@@ -90,8 +90,12 @@ class Model:
         self.backend = backend
         self.compute_units = compute_units
         self.lock = threading.RLock()
+        if tokenizer.vocab_size > config.shapes.vocab_size:
+            log.warning("anemll_fast: the tokenizer in %s has %d tokens, more than the model's vocab_size %d: "
+                        "ids past %d are refused", tokenizer.directory, tokenizer.vocab_size,
+                        config.shapes.vocab_size, config.shapes.vocab_size - 1)
         self.engine = Engine(config, _backend_object(backend, compute_units),
-                             sequential_prefill=sequential_prefill, valid_vocab=tokenizer.vocab_size)
+                             sequential_prefill=sequential_prefill, valid_vocab=self.valid_vocab)
         self.last_prefill_tokens = 0  # tokens the last generation prefilled (cache reuse shows here)
         self.owner: Any = None  # the generation whose tokens the KV cache and sampler hold
 

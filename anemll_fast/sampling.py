@@ -95,6 +95,11 @@ class SamplingSettings:
             self.stop = (self.stop,)
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(x, str) and x for x in self.stop):
             raise ValueError(f"stop: expected a list of non-empty strings, got {self.stop!r}")
+        for x in self.stop:
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"stop: {x!r} holds a lone surrogate: it is not valid Unicode text") from None
         self.stop = tuple(self.stop)
         n = integer("logprobs", optional=True)
         if n is not None and not 0 <= n <= 1024:

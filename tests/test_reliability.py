@@ -288,6 +288,10 @@ def test_lone_surrogate_prompt_is_refused(model, baseline):
         session.send("hi \ud800")
     assert session.messages == []  # the session goes on
     assert isinstance(session.send("hi"), str) and len(session.messages) == 2
+    with pytest.raises(TokenizerError, match="system: character 2 is a lone surrogate"):
+        ChatSession(model, system="ok\udc80")
+    with pytest.raises(ValueError, match="stop"):
+        generate(model, PROMPT, stop=["\ud800"])
     still_same(model, baseline)
 
 
