@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from anemll_fast.errors import AnemllError
+from anemll_fast.tokenizer import check_text
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -158,6 +159,7 @@ def check_messages(messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]
         content = message.get("content")
         if not isinstance(content, str):
             raise TemplateError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        check_text(content, f"messages[{i}].content", TemplateError)
         out.append(dict(message))
     return out
 

@@ -12,6 +12,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from anemll_fast.errors import AnemllError
+from anemll_fast.tokenizer import check_text
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -105,6 +106,9 @@ def _prompt_ids(model: Any, args: argparse.Namespace) -> List[int]:
         return model.encode(parse_prompt_ids(args.prompt_ids))
     if args.prompt is None:
         raise AnemllError("give --prompt TEXT or --prompt-ids 1,2,3")
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
+        if text is not None:
+            check_text(text, flag)  # named here, not at its place in the templated prompt
     if args.no_template or model.tokenizer.chat_template is None:
         return model.encode(args.prompt)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])

@@ -27,14 +27,14 @@ def _read_json(path: Path) -> Dict[str, Any]:
     return data
 
 
-def check_text(text: str, what: str = "text") -> None:
+def check_text(text: str, what: str = "text", error: Optional[type] = None) -> None:
     """Refuse text that is not valid Unicode (a lone surrogate, e.g. from
     undecodable bytes read with errors="surrogateescape"): it has no UTF-8 form."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         bad = text[exc.start]
-        raise TokenizerError(
+        raise (error or TokenizerError)(
             f"{what}: character {exc.start} is a lone surrogate U+{ord(bad):04X}, not valid Unicode "
             "(undecodable bytes? the input must be UTF-8)") from None
 

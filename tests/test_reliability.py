@@ -284,7 +284,7 @@ def test_lone_surrogate_prompt_is_refused(model, baseline):
     with pytest.raises(TokenizerError, match="U\\+DCFF"):
         generate(model, "abc\udcffdef", max_tokens=2)
     session = ChatSession(model, max_tokens=2)
-    with pytest.raises(TokenizerError, match="surrogate"):
+    with pytest.raises(ValueError, match="messages\\[0\\].content: character 3 is a lone surrogate U\\+D800"):
         session.send("hi \ud800")
     assert session.messages == []  # the session goes on
     assert isinstance(session.send("hi"), str) and len(session.messages) == 2
@@ -300,7 +300,7 @@ def test_cli_non_utf8_argument_is_refused(tiny, capsys):
     rc = cli.main(["generate", "--model", str(tiny.path), "--backend", "reference", "--prompt", text,
                    "--max-tokens", "2"])
     err = capsys.readouterr().err
-    assert rc == 2 and "surrogate" in err and "UTF-8" in err
+    assert rc == 2 and "--prompt: character 3 is a lone surrogate" in err and "UTF-8" in err
 
 
 def test_chat_survives_non_utf8_stdin(tiny, capsys, monkeypatch):
