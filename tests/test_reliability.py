@@ -124,6 +124,15 @@ class _TailArgmax:
         return model
 
 
+def test_engine_valid_vocab_argument(model):
+    with pytest.raises(anemll_fast.ConfigError, match=f"tokenizer: it has {VOCAB + 1} tokens but the model's "
+                                                      f"vocab_size is only {VOCAB}"):
+        anemll_fast.Engine(model.config, "reference", valid_vocab=VOCAB + 1)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="valid_vocab"):
+            anemll_fast.Engine(model.config, "reference", valid_vocab=bad)
+
+
 def test_argmax_head_never_returns_an_id_past_the_tokenizer(tmp_path, monkeypatch):
     t = build_tiny_model(tmp_path / "a", arch="llama", context_length=16, batch_size=4, split_lm_head=2,
                          argmax_head=True, vocab_size=VOCAB, seed=2, num_layers=1)
