@@ -86,6 +86,24 @@ def test_tail_past_the_tokenizer_is_never_sampled(model, baseline):
     still_same(model, baseline)
 
 
+def test_mask_holds_with_logits_in_padded_backend_buffers(model):
+    """Logits the backend keeps in its own (padded, mapped per step) buffers are masked alike."""
+    from anemll_fast import _native
+    from anemll_fast.backends import reference
+
+    sampling = SamplingSettings(temperature=50.0, seed=1)
+    plain = anemll_fast.Engine(model.config, "reference", valid_vocab=TOKENS, sampling=sampling)
+    backend = _native.CallbackBackend(reference, buffer_row_pad=8)
+    padded = anemll_fast.Engine(model.config, backend, valid_vocab=TOKENS, sampling=sampling)
+    try:
+        out = padded.generate(PROMPT, 30)
+        assert max(out) < TOKENS and out == plain.generate(PROMPT, 30)
+        assert backend.buffer_stats()["maps"] >= 30  # the sampler read mapped backend memory
+    finally:
+        plain.close()
+        padded.close()
+
+
 @pytest.mark.parametrize("bad", [[TOKENS], [1, VOCAB - 1], [-1]])
 def test_prompt_ids_past_the_tokenizer_are_refused(model, baseline, bad):
     with pytest.raises(ValueError, match=f"token id {bad[-1]}"):
