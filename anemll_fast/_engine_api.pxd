@@ -84,6 +84,7 @@ cdef extern from "engine/sampler.h" namespace "anemll" nogil:
     cdef cppclass Sampler:
         string configure(const SamplerConfig& cfg, int64_t vocab, int64_t max_history)
         void reseed(uint64_t seed)
+        void set_token_mask(const uint32_t* words, int64_t n_bits)
         int sample(LogitsPart* parts, int n_parts, const int32_t* history, int64_t history_len,
                    int32_t* token)
         const char* error()
@@ -125,6 +126,7 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         int prefill(const int32_t* tokens, int64_t n, int64_t start)
         int step(int32_t token, int64_t pos, int32_t* next)
         int configure_sampler(const SamplerConfig& cfg)
+        int set_token_mask(const uint32_t* words, int64_t n_bits)
         const string& error()
         int64_t length()
         const int32_t* history()

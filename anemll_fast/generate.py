@@ -55,8 +55,10 @@ def settings_from(settings: Optional[SamplingSettings], kwargs: Dict[str, Any]) 
 
 def stream_tokens(
     model: Any, ids: List[int], settings: SamplingSettings, *, context_shift: bool = False,
+    constraint: Any = None,
 ) -> Iterator[GenerationResponse]:
-    """Stream the continuation of prompt ids (the KV cache's common prefix is reused)."""
+    """Stream the continuation of prompt ids (the KV cache's common prefix is reused).
+    `constraint`: a grammar (anemll_fast.grammar.Grammar) masking every step natively."""
     engine = model.engine
     tok = model.tokenizer
     if engine is None:
@@ -94,7 +96,8 @@ def stream_tokens(
     feed = ids
     feed_start: Optional[int] = start
     while True:
-        stream = engine.generate_tokens(feed, budget - generated, start=feed_start, stop_ids=stop_ids)
+        stream = engine.generate_tokens(feed, budget - generated, start=feed_start, stop_ids=stop_ids,
+                                        constraint=constraint)
         for token in stream:
             generated += 1
             if generated == 1:
@@ -126,7 +129,8 @@ def stream_tokens(
 
 
 def stream_generate(model: Any, prompt: Prompt, settings: Optional[SamplingSettings] = None, *,
-                    context_shift: bool = False, **kwargs: Any) -> Iterator[GenerationResponse]:
+                    context_shift: bool = False, response_format: Optional[Dict[str, Any]] = None,
+                    **kwargs: Any) -> Iterator[GenerationResponse]:
     """Stream the continuation of `prompt` (text as is, or token ids).
 
     Sampling settings come as a SamplingSettings or as keywords (temperature,
@@ -134,14 +138,22 @@ def stream_generate(model: Any, prompt: Prompt, settings: Optional[SamplingSetti
     frequency_penalty, penalty_window, logit_bias, seed, logprobs,
     max_tokens, stop). With `context_shift`, a full context keeps its most
     recent half and generation continues; otherwise it ends with
-    finish_reason "context".
+    finish_reason "context". `response_format` is OpenAI's:
+    {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
+    constrain the output with a grammar (needs llguidance).
     """
     s = settings_from(settings, kwargs)
     ids = model.encode(prompt)
-    return stream_tokens(model, ids, s, context_shift=context_shift)
+    grammar = None
+    if response_format is not None:
+        from anemll_fast.grammar import Grammar
+
+        grammar = Grammar.from_response_format(model.tokenizer, response_format)
+    return stream_tokens(model, ids, s, context_shift=context_shift, constraint=grammar)
 
 
 def generate(model: Any, prompt: Prompt, settings: Optional[SamplingSettings] = None, *,
-             context_shift: bool = False, **kwargs: Any) -> str:
+             context_shift: bool = False, response_format: Optional[Dict[str, Any]] = None, **kwargs: Any) -> str:
     """The text generated after `prompt` (see stream_generate)."""
-    return "".join(r.text for r in stream_generate(model, prompt, settings, context_shift=context_shift, **kwargs))
+    return "".join(r.text for r in stream_generate(model, prompt, settings, context_shift=context_shift,
+                                                   response_format=response_format, **kwargs))

@@ -57,6 +57,8 @@ class Engine {
   // Feeds `token` at `pos` (pos <= length()) and samples the next token.
   int step(int32_t token, int64_t pos, int32_t* next);
   int configure_sampler(const SamplerConfig& cfg);
+  // The sampler's per-step token mask (see Sampler::set_token_mask); nullptr clears it.
+  int set_token_mask(const uint32_t* words, int64_t n_bits);
 
   const std::string& error() const { return error_; }
   int64_t length() const { return length_; }
