@@ -83,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
     from anemll_fast.server.pool import ModelPool, Worker, parse_model_args
 
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack: a hang explains itself
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (ValueError, OSError):  # stderr is no real file (embedded, captured)
+            pass
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("anemll_fast").setLevel(args.log_level.upper())
