@@ -190,40 +190,51 @@ void Sampler::set_token_mask(const uint32_t* words, int64_t n_bits) {
   if (mask_ && mask_saved_.size() < static_cast<size_t>(vocab_)) mask_saved_.resize(static_cast<size_t>(vocab_));
 }
 
-void Sampler::apply_token_mask(LogitsPart* parts, int n_parts) {
-  // Word by word: a run of 32 allowed tokens costs one compare, a run of 32
-  // forbidden ones one fill (a JSON grammar forbids most of the vocabulary).
-  uint16_t* saved = mask_saved_.data();
+template <class Visit>
+void Sampler::for_each_masked_run(LogitsPart* parts, int n_parts, Visit visit) const {
+  // Word by word: visit(data, count, allowed bits) for every run of at most 32
+  // tokens that has a forbidden one; fully allowed runs cost one compare.
   for (int p = 0; p < n_parts; ++p) {
     uint16_t* d = parts[p].data;
     const int64_t size = parts[p].size, offset = parts[p].offset;
-    std::copy(d, d + size, saved + offset);
     int64_t i = 0;
     while (i < size) {
       const int64_t g = offset + i;
-      if (g >= mask_bits_) {
-        std::fill(d + i, d + size, kHalfNegInf);
+      if (g >= mask_bits_) {  // past the mask: never sampled
+        for (int64_t j = i; j < size; j += 32) visit(d + j, std::min<int64_t>(32, size - j), 0u);
         break;
       }
       const int64_t bit = g & 31;
       const int64_t run = std::min<int64_t>({32 - bit, size - i, mask_bits_ - g});
       const uint32_t ones = run == 32 ? 0xFFFFFFFFu : ((1u << run) - 1u);
       const uint32_t allowed = (mask_[g >> 5] >> bit) & ones;
-      if (allowed == 0) {
-        std::fill(d + i, d + i + run, kHalfNegInf);
-      } else if (allowed != ones) {
-        for (int64_t j = 0; j < run; ++j)
-          if (!((allowed >> j) & 1u)) d[i + j] = kHalfNegInf;
-      }
+      if (allowed != ones) visit(d + i, run, allowed);
       i += run;
     }
   }
 }
 
+void Sampler::apply_token_mask(LogitsPart* parts, int n_parts) {
+  // The overwritten runs are saved in order, so that restore_token_mask puts them back.
+  uint16_t* saved = mask_saved_.data();
+  for_each_masked_run(parts, n_parts, [&](uint16_t* d, int64_t n, uint32_t allowed) {
+    std::copy(d, d + n, saved);
+    saved += n;
+    if (allowed == 0) {
+      std::fill(d, d + n, kHalfNegInf);
+      return;
+    }
+    for (uint32_t forbid = ~allowed & (n == 32 ? 0xFFFFFFFFu : ((1u << n) - 1u)); forbid; forbid &= forbid - 1)
+      d[__builtin_ctz(forbid)] = kHalfNegInf;
+  });
+}
+
 void Sampler::restore_token_mask(LogitsPart* parts, int n_parts) {
   const uint16_t* saved = mask_saved_.data();
-  for (int p = 0; p < n_parts; ++p)
-    std::copy(saved + parts[p].offset, saved + parts[p].offset + parts[p].size, parts[p].data);
+  for_each_masked_run(parts, n_parts, [&](uint16_t* d, int64_t n, uint32_t) {
+    std::copy(saved, saved + n, d);
+    saved += n;
+  });
 }
 
 float Sampler::raw(const LogitsPart* parts, int n_parts, int32_t tok, uint16_t** slot) const {

@@ -99,7 +99,9 @@ class Sampler {
   // top-p cut, min-p, the draw over cand_ (weights in cum_ if `weighted`).
   int draw(float vmax, double inv_t, double z_all, bool weighted, int32_t* token);
   void compute_logprobs(const LogitsPart* parts, int n_parts, int32_t token);
-  void apply_token_mask(LogitsPart* parts, int n_parts);    // saves the parts into mask_saved_
+  template <class Visit>
+  void for_each_masked_run(LogitsPart* parts, int n_parts, Visit visit) const;
+  void apply_token_mask(LogitsPart* parts, int n_parts);  // saves what it overwrites into mask_saved_
   void restore_token_mask(LogitsPart* parts, int n_parts);
 
   SamplerConfig cfg_;
