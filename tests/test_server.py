@@ -1,5 +1,6 @@
 """`anemll-fast serve`: the real server process on a loopback port, driven by the official `openai` client."""
 import json
+import re
 
 import pytest
 
@@ -49,6 +50,9 @@ def server(models):
     yield proc
     log = proc.stop()
     assert "Traceback" not in log, log[-3000:]
+    # One line per request: id, model, tokens, tokens/s.
+    assert re.search(r"chatcmpl-\w+ tiny prompt=\d+ cached=\d+ completion=\d+ [\d.]+ tok/s [\d.]+ s finish=", log)
+    assert re.search(r"cmpl-\w+ other prompt=\d+ cached=\d+ completion=6 ", log)
 
 
 @pytest.fixture(scope="module")

@@ -255,3 +255,41 @@ def test_model_specs_and_pool_resolution():
     two = ModelPool(specs, max_models=2, loader=Fake)
     two.get(specs[0]), two.get(specs[1])
     assert two.resident() == ["qwen", "/models/llama"]
+
+
+def test_request_timeouts_in_process(tmp_path):
+    """--timeout: a generation running past it is a 504 (the engine stays usable); a request
+    still queued when it passes is a 503; both with Retry-After."""
+    pytest.importorskip("fastapi")
+    from starlette.testclient import TestClient
+
+    import anemll_fast
+    from anemll_fast.server.app import ServerOptions, build_app
+    from anemll_fast.server.pool import ModelPool, Worker, parse_model_args
+    from anemll_fast.testing.tiny import build_tiny_model
+
+    tiny = build_tiny_model(tmp_path / "m", context_length=256, batch_size=16, vocab_size=300)
+    pool = ModelPool(parse_model_args([f"t={tiny.path}"]),
+                     loader=lambda source: anemll_fast.load(source, backend="reference"))
+    worker = Worker(pool, max_queue=4)
+    worker.run_sync(lambda: pool.get(pool.specs[0]))
+    app = build_app(pool, worker, ServerOptions(timeout=0.4))
+    slow = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 250, "cache_prompt": False}
+    try:
+        with TestClient(app) as c:
+            r = c.post("/v1/chat/completions", json=slow)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+            assert r.headers["retry-after"] == "1"
+            # The engine busy with something that cannot stop (a model loading): the request
+            # times out while still queued.
+            import time
+
+            busy = worker._executor.submit(time.sleep, 1.0)
+            queued = c.post("/v1/chat/completions", json={**slow, "max_tokens": 2})
+            assert queued.status_code == 503 and queued.json()["error"]["type"] == "timeout_error"
+            busy.result()
+            ok = c.post("/v1/chat/completions", json={**slow, "max_tokens": 3})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+            assert worker.pending == 0
+    finally:
+        worker.shutdown()
