@@ -36,7 +36,8 @@ def qwen3_tiny(path, tokenizer_dir, **kw):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("server_models")
-    a = qwen3_tiny(root / "a", qwen3_tokenizer_dir(), context_length=CONTEXT, batch_size=64, seed=0)
+    a = qwen3_tiny(root / "a", qwen3_tokenizer_dir(), context_length=CONTEXT, batch_size=64, seed=0, hidden_size=32,
+                   num_heads=2, num_kv_heads=1, intermediate_size=64, num_layers=1)
     # A second model (byte-level tokenizer, ChatML without tools) for model switching.
     b = build_tiny_model(root / "b", context_length=128, batch_size=16, vocab_size=384, seed=1)
     return a, b
@@ -50,9 +51,6 @@ def server(models):
     yield proc
     log = proc.stop()
     assert "Traceback" not in log, log[-3000:]
-    # One line per request: id, model, tokens, tokens/s.
-    assert re.search(r"chatcmpl-\w+ tiny prompt=\d+ cached=\d+ completion=\d+ [\d.]+ tok/s [\d.]+ s finish=", log)
-    assert re.search(r"cmpl-\w+ other prompt=\d+ cached=\d+ completion=6 ", log)
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +272,7 @@ BAD = [
     ({"messages": HI, "top_p": 1.5}, 400, "top_p"),
     ({"messages": HI, "min_p": 2}, 400, "min_p"),
     ({"messages": HI, "top_k": -1}, 400, "top_k"),
+    ({"messages": HI, "top_k": 2**40}, 400, "top_k"),
     ({"messages": HI, "presence_penalty": 5}, 400, "presence_penalty"),
     ({"messages": HI, "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"messages": HI, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
@@ -303,6 +302,7 @@ BAD = [
      "response_format"),
     ({"messages": HI, "stream": "yes"}, 400, "stream"),
     ({"messages": HI, "chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs"),
+    ({"messages": HI, "chat_template_kwargs": {"self": 1}}, 400, "chat_template_kwargs"),
 ]
 
 
@@ -354,6 +354,12 @@ def test_malformed_bodies(http):
     assert http.get("/health").status_code == 200
 
 
+def test_one_log_line_per_request(client, server):
+    r = client.completions.create(model="tiny", prompt="abc", max_tokens=3)
+    line = next(ln for ln in server.log().splitlines() if r.id in ln)
+    assert re.search(r"cmpl-\w+ tiny prompt=\d+ cached=\d+ completion=3 [\d.]+ tok/s [\d.]+ s finish=length$", line)
+
+
 def test_server_survives_everything_above(http):
     r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": HI, "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
@@ -371,7 +377,7 @@ def test_schemathesis_finds_no_server_error(server):
         operation = schema[path][method]
         strategy = operation.as_strategy()
 
-        @settings(max_examples=25 if method == "POST" else 3, deadline=None, database=None,
+        @settings(max_examples=15 if method == "POST" else 3, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=strategy)
         def check(case):
@@ -493,9 +499,9 @@ def test_load_concurrent_streams_disconnects_and_queue_limits(busy_server):
         assert not any(t.is_alive() for t in threads)
 
     server_proc = psutil.Process(busy_server.pid)
-    round_of_load(4)  # warm-up: allocator pools, caches
+    round_of_load(3)  # warm-up: allocator pools, caches
     rss_warm = server_proc.memory_info().rss
-    round_of_load(10)
+    round_of_load(6)
     rss_after = server_proc.memory_info().rss
 
     assert 500 not in statuses and set(statuses) <= {200, 429}

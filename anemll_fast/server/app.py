@@ -115,6 +115,8 @@ def prepare_chat(req: ChatCompletionRequest, model: Any) -> Prepared:
             raise ApiError(400, f"chat_template_kwargs: {reserved!r} cannot be overridden", param="chat_template_kwargs")
     try:
         text = model.apply_chat_template(messages, tools=offered or None, **kwargs)
+    except TypeError as exc:  # a keyword that names one of apply_chat_template's own parameters
+        raise ApiError(400, f"chat_template_kwargs: {exc}", param="chat_template_kwargs") from None
     except TemplateError as exc:
         message = str(exc)
         param = "tools" if "tools[" in message or "tools must" in message else "messages"
@@ -196,7 +198,7 @@ def generation_work(prepare: Callable[[Any], Prepared]) -> Callable[[Job, Any], 
                     return
                 produced += 1
                 job.emit("token", response)
-        except ValueError as exc:  # a grammar the model cannot follow, a bad setting found late
+        except (ValueError, OverflowError) as exc:  # a grammar the model cannot follow, a bad setting found late
             job.emit("error", bad_request(exc, "response_format"))
         finally:
             stream.close()  # the engine stays usable: its cache is valid up to the last token fed
