@@ -513,6 +513,9 @@ def test_load_concurrent_streams_disconnects_and_queue_limits(busy_server):
             alone = c.post("/v1/chat/completions", json={**body(client_no, i), "stream": False})
             assert alone.status_code == 200
             assert alone.json()["choices"][0]["message"]["content"] == text, (client_no, i)
+        deadline = time.monotonic() + 10
+        while c.get("/health").json()["queue"] and time.monotonic() < deadline:
+            time.sleep(0.05)  # the worker's bookkeeping ends just after the last response
         assert c.get("/health").json()["queue"] == 0
     assert rss_after - rss_warm < 40 * 2**20, (rss_warm, rss_after)
     # A client that left stopped its generation long before its 200 tokens.

@@ -261,6 +261,8 @@ def test_request_timeouts_in_process(tmp_path):
     """--timeout: a generation running past it is a 504 (the engine stays usable); a request
     still queued when it passes is a 503; both with Retry-After."""
     pytest.importorskip("fastapi")
+    import time
+
     from starlette.testclient import TestClient
 
     import anemll_fast
@@ -269,8 +271,15 @@ def test_request_timeouts_in_process(tmp_path):
     from anemll_fast.testing.tiny import build_tiny_model
 
     tiny = build_tiny_model(tmp_path / "m", context_length=256, batch_size=16, vocab_size=300)
-    pool = ModelPool(parse_model_args([f"t={tiny.path}"]),
-                     loader=lambda source: anemll_fast.load(source, backend="reference"))
+
+    def slow_model(source):
+        # Each decode step takes at least 10 ms: 250 tokens outlast the 0.4 s timeout on any machine.
+        model = anemll_fast.load(source, backend="reference")
+        step = model.engine.step
+        model.engine.step = lambda token, pos: (time.sleep(0.01), step(token, pos))[1]
+        return model
+
+    pool = ModelPool(parse_model_args([f"t={tiny.path}"]), loader=slow_model)
     worker = Worker(pool, max_queue=4)
     worker.run_sync(lambda: pool.get(pool.specs[0]))
     app = build_app(pool, worker, ServerOptions(timeout=0.4))
@@ -282,14 +291,15 @@ def test_request_timeouts_in_process(tmp_path):
             assert r.headers["retry-after"] == "1"
             # The engine busy with something that cannot stop (a model loading): the request
             # times out while still queued.
-            import time
-
             busy = worker._executor.submit(time.sleep, 1.0)
             queued = c.post("/v1/chat/completions", json={**slow, "max_tokens": 2})
             assert queued.status_code == 503 and queued.json()["error"]["type"] == "timeout_error"
             busy.result()
             ok = c.post("/v1/chat/completions", json={**slow, "max_tokens": 3})
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+            deadline = time.monotonic() + 10
+            while worker.pending and time.monotonic() < deadline:  # the worker's bookkeeping ends just after
+                time.sleep(0.01)
             assert worker.pending == 0
     finally:
         worker.shutdown()
