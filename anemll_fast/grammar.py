@@ -66,7 +66,6 @@ class Grammar:
             raise GrammarError(f"grammar: {self._matcher.get_error()}")
         self.n_bits = int(lt.vocab_size)
         self.mask = np.full((self.n_bits + 31) // 32, -1, dtype=np.int32)
-        self._tokenizer = tokenizer
 
     # ------------------------------------------------------------ builders
     @classmethod

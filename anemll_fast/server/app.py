@@ -240,7 +240,6 @@ def _chat_logprobs(r: Any, text_of: _TokenText) -> Optional[Dict[str, Any]]:
 class _CompletionLogprobs:
     def __init__(self, text_of: _TokenText) -> None:
         self.text_of = text_of
-        self.offset = 0
 
     def piece(self, r: Any, text_before: int) -> Optional[Dict[str, Any]]:
         if r.token is None or r.logprobs is None:
