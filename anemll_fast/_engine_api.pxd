@@ -84,6 +84,7 @@ cdef extern from "engine/sampler.h" namespace "anemll" nogil:
     cdef cppclass Sampler:
         string configure(const SamplerConfig& cfg, int64_t vocab, int64_t max_history)
         void reseed(uint64_t seed)
+        void set_token_mask(const uint32_t* words, int64_t n_bits)
         int sample(LogitsPart* parts, int n_parts, const int32_t* history, int64_t history_len,
                    int32_t* token)
         const char* error()
@@ -129,6 +130,7 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         int configure_sampler(const SamplerConfig& cfg)
         string sampler_rng_state()
         int set_sampler_rng_state(const string& state)
+        int set_token_mask(const uint32_t* words, int64_t n_bits)
         const string& error()
         int64_t length()
         int64_t valid_vocab()

@@ -4,7 +4,7 @@
 NativeEngine runs the pipeline; NullBackend and CallbackBackend are the two
 backends built here (the CoreML one comes from csrc/coreml on macOS).
 """
-from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy
 from libcpp.string cimport string
@@ -372,10 +372,23 @@ cdef _parts_of(list arrays, vector[LogitsPart]& parts):
     return offset
 
 
+cdef size_t _mask_address(words, int64_t n_bits) except? 0:
+    """The address of a token mask's words (bit t%32 of word t//32: token t allowed)."""
+    if not (isinstance(words, np.ndarray) and words.ndim == 1 and words.dtype in (np.int32, np.uint32)
+            and words.flags.c_contiguous):
+        raise ValueError("token mask: expected a 1-D C-contiguous int32 or uint32 numpy array")
+    if n_bits <= 0:
+        raise ValueError(f"token mask: n_bits must be > 0, got {n_bits}")
+    if words.size * 32 < n_bits:
+        raise ValueError(f"token mask: {words.size} words hold {words.size * 32} bits, fewer than n_bits={n_bits}")
+    return <size_t>words.ctypes.data
+
+
 cdef class NativeSampler:
     """The engine's sampler on its own, over given fp16 logits parts (for tests)."""
     cdef Sampler s
     cdef int64_t vocab
+    cdef object mask  # keeps the token mask's words alive while the sampler points at them
 
     def __init__(self, int64_t vocab_size, dict settings, int64_t max_history=4096):
         cdef string err = self.s.configure(_sampler_config(settings), vocab_size, max_history)
@@ -394,6 +407,18 @@ cdef class NativeSampler:
         if rc != 0:
             raise ValueError(self.s.error().decode())
         return token
+
+    def set_token_mask(self, words, int64_t n_bits=-1):
+        """Allow only the tokens whose bit is set (None: no mask); see NativeEngine.set_token_mask."""
+        if words is None:
+            self.s.set_token_mask(NULL, 0)
+            self.mask = None
+            return
+        if n_bits < 0:
+            n_bits = words.size * 32 if isinstance(words, np.ndarray) else 0
+        cdef size_t address = _mask_address(words, n_bits)
+        self.s.set_token_mask(<const uint32_t*>address, n_bits)
+        self.mask = words
 
     def logprobs(self):
         """(chosen logprob, [(id, logprob), ...]) of the last sample."""
@@ -434,6 +459,7 @@ cdef class NativeEngine:
     """The C++ pipeline. `desc` is the plain dict built by anemll_fast.engine."""
     cdef Engine* eng
     cdef readonly Backend backend
+    cdef object mask  # keeps the token mask's words alive while the sampler points at them
 
     def __cinit__(self, dict desc, Backend backend):
         cdef PipelineDesc d
@@ -519,6 +545,23 @@ cdef class NativeEngine:
         cdef int rc = self.eng.set_sampler_rng_state(state)
         if rc != 0:
             self._raise(rc)
+    def set_token_mask(self, words, int64_t n_bits=-1):
+        """Allow only the tokens whose bit is set in `words` (bit t%32 of word t//32)
+        from the next step on; tokens at or past n_bits (default: all the words' bits)
+        are never sampled. The sampler reads `words` in place at every step, so a
+        grammar rewrites them between steps with no call here. None removes the mask."""
+        cdef int rc
+        if words is None:
+            rc = self.eng.set_token_mask(NULL, 0)
+            self.mask = None
+            return
+        if n_bits < 0:
+            n_bits = words.size * 32 if isinstance(words, np.ndarray) else 0
+        cdef size_t address = _mask_address(words, n_bits)
+        rc = self.eng.set_token_mask(<const uint32_t*>address, n_bits)
+        if rc != 0:
+            self._raise(rc)
+        self.mask = words
 
     def last_logprobs(self):
         """(chosen logprob, [(id, logprob), ...]) of the last step, when requested."""

@@ -17,6 +17,7 @@ _SUBCOMMANDS = [
     "anemll_fast.cli_generate",
     "anemll_fast.inspect",
     "anemll_fast.convert.cli",
+    "anemll_fast.server.cli",
 ]
 
 

@@ -6,7 +6,7 @@ allocated and bound once. Text, tokenizers and chat live in the façade above.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -76,6 +76,22 @@ def pipeline_desc(config: ModelConfig, sequential_prefill: bool = False,
 
 
 BackendLike = Union[str, Any]
+
+
+class TokenConstraint(Protocol):
+    """What constrains a generation token by token (anemll_fast.grammar.Grammar is one).
+
+    `mask` is a bitmask of allowed tokens (bit t%32 of word t//32) over `n_bits`
+    tokens; the native sampler reads it in place at every step, so `fill_mask()`
+    rewrites it before each step and `accept(token)` advances after it.
+    """
+
+    mask: np.ndarray
+    n_bits: int
+
+    def fill_mask(self) -> None: ...
+
+    def accept(self, token: int) -> None: ...
 
 
 def make_backend(backend: BackendLike):
@@ -151,6 +167,12 @@ class Engine:
     def set_rng_state(self, state: bytes) -> None:
         self._eng.set_sampler_rng_state(state)
 
+    def set_token_mask(self, words: Optional[np.ndarray], n_bits: int = -1) -> None:
+        """Allow only tokens whose bit is set in `words` (uint32/int32, bit t%32 of word
+        t//32) from the next step on, read in place at every step; tokens at or past
+        `n_bits` are never sampled. None removes the mask."""
+        self._eng.set_token_mask(words, n_bits)
+
     def reset(self) -> None:
         """Forget the KV cache (a new conversation)."""
         self._eng.reset()
@@ -211,12 +233,15 @@ class Engine:
         *,
         start: Optional[int] = None,
         stop_ids: Sequence[int] = (),
+        constraint: Optional[TokenConstraint] = None,
     ) -> Iterator[int]:
         """Yield up to `max_new_tokens` tokens following `prompt`.
 
         `start`: positions already cached (default: the longest cached common
         prefix of `prompt`), so a continuation prefills only the new tokens.
-        Sets `finish_reason` to "stop", "length" or "context" when done.
+        `constraint` (a grammar) masks every step's tokens natively and is told
+        each token chosen. Sets `finish_reason` to "stop", "length" or
+        "context" when done.
         """
         ids = self._ids(prompt, "prompt")
         n = len(ids)
@@ -239,12 +264,29 @@ class Engine:
         if max_new_tokens == 0:
             self.finish_reason = "length"
             return
+        if constraint is None:
+            yield from self._decode(ids, max_new_tokens, stops, None)
+            return
+        self.set_token_mask(constraint.mask, constraint.n_bits)
+        try:
+            yield from self._decode(ids, max_new_tokens, stops, constraint)
+        finally:
+            if self._eng is not None:
+                self.set_token_mask(None)
+
+    def _decode(self, ids: np.ndarray, max_new_tokens: int, stops: set,
+                constraint: Optional[TokenConstraint]) -> Iterator[int]:
+        n = len(ids)
         # ANEMLL models produce the first token from infer on the last prompt position.
+        if constraint is not None:
+            constraint.fill_mask()
         token = self.step(int(ids[-1]), n - 1)
         pos = n
         produced = 1
-        yield token
         while True:
+            if constraint is not None:
+                constraint.accept(token)
+            yield token
             if token in stops:
                 self.finish_reason = "stop"
                 return
@@ -254,10 +296,11 @@ class Engine:
             if pos >= self.context_length:
                 self.finish_reason = "context"
                 return
+            if constraint is not None:
+                constraint.fill_mask()
             token = self.step(token, pos)
             pos += 1
             produced += 1
-            yield token
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, **kwargs: Any) -> List[int]:
         """All tokens of generate_tokens as a list."""

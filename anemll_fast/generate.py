@@ -90,6 +90,7 @@ def _claim(model: Any, turn: _Turn, history: List[int], pos: int) -> None:
 
 def stream_tokens(
     model: Any, ids: List[int], settings: SamplingSettings, *, context_shift: bool = False,
+    constraint: Any = None,
 ) -> Iterator[GenerationResponse]:
     """Stream the continuation of prompt ids (the KV cache's common prefix is reused).
 
@@ -97,6 +98,8 @@ def stream_tokens(
     used the model (another thread, or another suspended iterator) re-prefills
     its tokens and restores its random stream, so it yields what it would have
     alone. After model.close(), resuming raises ModelClosedError.
+    `constraint`: a grammar (anemll_fast.grammar.Grammar) masking every step natively;
+    the mask is set for this generation's own steps only.
     """
     tok = model.tokenizer
     ctx = model.context_length
@@ -145,8 +148,18 @@ def stream_tokens(
             model.last_prefill_tokens += len(history)
         with model.lock:
             _claim(model, turn, history, pos)
-            token = model.engine.step(history[pos], pos)
-            logprobs = model.engine.last_logprobs() if want_logprobs else None
+            engine = model.engine
+            if constraint is not None:
+                constraint.fill_mask()
+                engine.set_token_mask(constraint.mask, constraint.n_bits)
+            try:
+                token = engine.step(history[pos], pos)
+            finally:
+                if constraint is not None:
+                    engine.set_token_mask(None)
+            logprobs = engine.last_logprobs() if want_logprobs else None
+        if constraint is not None:
+            constraint.accept(token)
         pos += 1
         generated += 1
         if generated == 1:
@@ -166,7 +179,8 @@ def stream_tokens(
 
 
 def stream_generate(model: Any, prompt: Prompt, settings: Optional[SamplingSettings] = None, *,
-                    context_shift: bool = False, **kwargs: Any) -> Iterator[GenerationResponse]:
+                    context_shift: bool = False, response_format: Optional[Dict[str, Any]] = None,
+                    **kwargs: Any) -> Iterator[GenerationResponse]:
     """Stream the continuation of `prompt` (text as is, or token ids).
 
     Sampling settings come as a SamplingSettings or as keywords (temperature,
@@ -174,17 +188,25 @@ def stream_generate(model: Any, prompt: Prompt, settings: Optional[SamplingSetti
     frequency_penalty, penalty_window, logit_bias, seed, logprobs,
     max_tokens, stop). With `context_shift`, a full context keeps its most
     recent half and generation continues; otherwise it ends with
-    finish_reason "context".
+    finish_reason "context". `response_format` is OpenAI's:
+    {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
+    constrain the output with a grammar (needs llguidance).
     """
     s = settings_from(settings, kwargs)
     ids = model.encode(prompt)
-    return stream_tokens(model, ids, s, context_shift=context_shift)
+    grammar = None
+    if response_format is not None:
+        from anemll_fast.grammar import Grammar
+
+        grammar = Grammar.from_response_format(model.tokenizer, response_format)
+    return stream_tokens(model, ids, s, context_shift=context_shift, constraint=grammar)
 
 
 def generate(model: Any, prompt: Prompt, settings: Optional[SamplingSettings] = None, *,
-             context_shift: bool = False, **kwargs: Any) -> str:
+             context_shift: bool = False, response_format: Optional[Dict[str, Any]] = None, **kwargs: Any) -> str:
     """The text generated after `prompt` (see stream_generate). The whole
     generation holds model.lock, so concurrent generate() calls run one after the other."""
-    stream = stream_generate(model, prompt, settings, context_shift=context_shift, **kwargs)
+    stream = stream_generate(model, prompt, settings, context_shift=context_shift,
+                             response_format=response_format, **kwargs)
     with model.lock:
         return "".join(r.text for r in stream)

@@ -125,15 +125,19 @@ class Model:
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-        enable_thinking: Optional[bool] = None,
+        enable_thinking: Optional[bool] = None, tools: Optional[Sequence[Mapping[str, Any]]] = None,
+        **template_kwargs: Any,
     ) -> str:
+        """The prompt text of OpenAI-style chat `messages` (content strings, text parts, or None
+        with tool_calls), with `tools` and any extra template variables."""
         from anemll_fast.chat_template import render
 
         return render(
             self.tokenizer.chat_template, messages,
             add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
             bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
-            template_name=getattr(self.tokenizer, "chat_template_source", None),
+            template_name=getattr(self.tokenizer, "chat_template_source", None), tools=tools,
+            **template_kwargs,
         )
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, enable_thinking: Optional[bool] = None,

@@ -132,6 +132,10 @@ class Tokenizer:
         """The raw bytes of `ids` (byte-level BPE can split a character)."""
         return self.decode(ids, skip_special_tokens=False).encode("utf-8", "surrogatepass")
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (for libraries that build their own view, e.g. llguidance)."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
 

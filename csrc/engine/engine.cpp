@@ -548,6 +548,16 @@ int Engine::configure_sampler(const SamplerConfig& cfg) {
   return kOk;
 }
 
+int Engine::set_token_mask(const uint32_t* words, int64_t n_bits) {
+  if (words != nullptr && n_bits <= 0) return fail(kInvalidArgument, "token mask: n_bits must be > 0");
+  if (words != nullptr && argmax_head_)
+    return fail(kInvalidArgument,
+                "token mask: this model's LM head outputs only argmax_idx/argmax_val, so a grammar "
+                "(structured output) cannot constrain it");
+  sampler_.set_token_mask(words, words != nullptr ? n_bits : 0);
+  return kOk;
+}
+
 int Engine::reset() {
   for (anemll_state* s : states_)
     if (be_->reset_state(be_->ctx, s) != ANEMLL_OK)

@@ -68,6 +68,8 @@ class Engine {
   int set_sampler_rng_state(const std::string& state) {
     return sampler_.set_rng_state(state) ? kOk : fail(kInvalidArgument, "sampler: invalid RNG state");
   }
+  // The sampler's per-step token mask (see Sampler::set_token_mask); nullptr clears it.
+  int set_token_mask(const uint32_t* words, int64_t n_bits);
 
   const std::string& error() const { return error_; }
   int64_t length() const { return length_; }

@@ -190,12 +190,66 @@ std::string Sampler::configure(const SamplerConfig& cfg, int64_t vocab, int64_t 
   hi_ = -1;
   top_ids.assign(static_cast<size_t>(std::max(cfg.top_logprobs, 0)), -1);
   top_logprobs.assign(static_cast<size_t>(std::max(cfg.top_logprobs, 0)), 0.0f);
+  if (mask_) mask_saved_.resize(static_cast<size_t>(vocab));
   return "";
 }
 
 bool Sampler::wants_logits() const {
-  return !greedy() || !cfg_.bias_tokens.empty() || cfg_.repetition_penalty != 1.0f ||
+  return mask_ != nullptr || !greedy() || !cfg_.bias_tokens.empty() || cfg_.repetition_penalty != 1.0f ||
          cfg_.presence_penalty != 0.0f || cfg_.frequency_penalty != 0.0f || cfg_.top_logprobs >= 0;
+}
+
+void Sampler::set_token_mask(const uint32_t* words, int64_t n_bits) {
+  mask_ = n_bits > 0 ? words : nullptr;
+  mask_bits_ = mask_ ? n_bits : 0;
+  if (mask_ && mask_saved_.size() < static_cast<size_t>(vocab_)) mask_saved_.resize(static_cast<size_t>(vocab_));
+}
+
+template <class Visit>
+void Sampler::for_each_masked_run(LogitsPart* parts, int n_parts, Visit visit) const {
+  // Word by word: visit(data, count, allowed bits) for every run of at most 32
+  // tokens that has a forbidden one; fully allowed runs cost one compare.
+  for (int p = 0; p < n_parts; ++p) {
+    uint16_t* d = parts[p].data;
+    const int64_t size = parts[p].size, offset = parts[p].offset;
+    int64_t i = 0;
+    while (i < size) {
+      const int64_t g = offset + i;
+      if (g >= mask_bits_) {  // past the mask: never sampled
+        for (int64_t j = i; j < size; j += 32) visit(d + j, std::min<int64_t>(32, size - j), 0u);
+        break;
+      }
+      const int64_t bit = g & 31;
+      const int64_t run = std::min<int64_t>({32 - bit, size - i, mask_bits_ - g});
+      const uint32_t ones = run == 32 ? 0xFFFFFFFFu : ((1u << run) - 1u);
+      const uint32_t allowed = (mask_[g >> 5] >> bit) & ones;
+      if (allowed != ones) visit(d + i, run, allowed);
+      i += run;
+    }
+  }
+}
+
+void Sampler::apply_token_mask(LogitsPart* parts, int n_parts) {
+  // The overwritten runs are saved in order, so that restore_token_mask puts them back.
+  uint16_t* saved = mask_saved_.data();
+  for_each_masked_run(parts, n_parts, [&](uint16_t* d, int64_t n, uint32_t allowed) {
+    std::copy(d, d + n, saved);
+    saved += n;
+    if (allowed == 0) {
+      std::fill(d, d + n, kHalfNegInf);
+      return;
+    }
+    for (uint32_t forbid = ~allowed & (n == 32 ? 0xFFFFFFFFu : ((1u << n) - 1u)); forbid; forbid &= forbid - 1)
+      d[__builtin_ctz(forbid)] = kHalfNegInf;
+  });
+}
+
+void Sampler::restore_token_mask(LogitsPart* parts, int n_parts) {
+  const uint16_t* saved = mask_saved_.data();
+  for_each_masked_run(parts, n_parts, [&](uint16_t* d, int64_t n, uint32_t) {
+    std::copy(saved, saved + n, d);
+    saved += n;
+  });
 }
 
 float Sampler::raw(const LogitsPart* parts, int n_parts, int32_t tok, uint16_t** slot) const {
@@ -413,7 +467,7 @@ int Sampler::vocab_pick(const LogitsPart* parts, int n_parts, int32_t* token) {
     }
   if (vmax == ninf) {
     clear_histogram();
-    error_ = "no token left to sample: every logit is -inf or NaN after logit_bias and penalties";
+    error_ = "no token left to sample: every logit is -inf or NaN after the token mask, logit_bias and penalties";
     return -1;
   }
   auto weight = [&](float v) {
@@ -556,7 +610,7 @@ int Sampler::stochastic_pick(const LogitsPart* parts, int n_parts, int32_t* toke
     cand_.resize(static_cast<size_t>(cfg_.top_k));
   }
   if (cand_.empty()) {
-    error_ = "no token left to sample: every logit is -inf or NaN after logit_bias and penalties";
+    error_ = "no token left to sample: every logit is -inf or NaN after the token mask, logit_bias and penalties";
     return -1;
   }
   const double inv_t = 1.0 / static_cast<double>(cfg_.temperature);
@@ -655,6 +709,8 @@ void Sampler::compute_logprobs(const LogitsPart* parts, int n_parts, int32_t tok
 int Sampler::sample(LogitsPart* parts, int n_parts, const int32_t* history, int64_t history_len,
                     int32_t* token) {
   error_ = "";
+  // 0. The token mask: forbidden tokens read -inf for everything below.
+  if (mask_) apply_token_mask(parts, n_parts);
   // 1. Sparse overrides: bias, then penalties. Their slots read -inf meanwhile.
   for (size_t i = 0; i < cfg_.bias_tokens.size(); ++i) {
     uint16_t* slot;
@@ -692,7 +748,7 @@ int Sampler::sample(LogitsPart* parts, int n_parts, const int32_t* history, int6
   if (greedy()) {
     *token = greedy_pick(parts, n_parts);
     if (*token < 0) {
-      error_ = "no token left to choose: every logit is -inf or NaN after logit_bias and penalties";
+      error_ = "no token left to choose: every logit is -inf or NaN after the token mask, logit_bias and penalties";
       rc = -1;
     }
   } else {
@@ -707,6 +763,7 @@ int Sampler::sample(LogitsPart* parts, int n_parts, const int32_t* history, int6
   over_.clear();
   over_slot_.clear();
   over_bits_.clear();
+  if (mask_) restore_token_mask(parts, n_parts);
   if (rc == 0 && cfg_.top_logprobs >= 0) compute_logprobs(parts, n_parts, *token);
   return rc;
 }

@@ -16,6 +16,10 @@
 // found per distinct value; only the tokens above the threshold are gathered.
 // Log-probabilities are those of the model's raw distribution (log-softmax of
 // the unmodified logits).
+//
+// A token mask (a grammar's allow-list, set per step with set_token_mask)
+// comes first in the chain: forbidden tokens read -inf for the whole chain, and
+// the logits are restored afterwards like every other override.
 #pragma once
 
 #include <cstdint>
@@ -62,6 +66,13 @@ class Sampler {
   bool set_rng_state(const std::string& state);
   bool greedy() const { return cfg_.temperature == 0.0f || cfg_.top_k == 1; }
   bool wants_logits() const;  // false when an in-model argmax suffices
+
+  // A per-step allow-list: bit (t % 32) of words[t / 32] set means token t may
+  // be sampled; tokens at or past n_bits never are. The caller owns `words` and
+  // may rewrite them between steps (a grammar matcher does, once per token);
+  // nullptr removes the mask. Sizes the scratch once: sample() stays allocation-free.
+  void set_token_mask(const uint32_t* words, int64_t n_bits);
+  bool has_token_mask() const { return mask_ != nullptr; }
   const SamplerConfig& config() const { return cfg_; }
 
   // Picks the next token from the parts (which together cover [0, vocab)).
@@ -92,6 +103,10 @@ class Sampler {
   // top-p cut, min-p, the draw over cand_ (weights in cum_ if `weighted`).
   int draw(float vmax, double inv_t, double z_all, bool weighted, int32_t* token);
   void compute_logprobs(const LogitsPart* parts, int n_parts, int32_t token);
+  template <class Visit>
+  void for_each_masked_run(LogitsPart* parts, int n_parts, Visit visit) const;
+  void apply_token_mask(LogitsPart* parts, int n_parts);  // saves what it overwrites into mask_saved_
+  void restore_token_mask(LogitsPart* parts, int n_parts);
 
   SamplerConfig cfg_;
   int64_t vocab_ = 0;
@@ -114,6 +129,9 @@ class Sampler {
   int32_t lo_ = 0, hi_ = -1;
   std::vector<Candidate> ovs_;  // finite overrides, best first
   double rpow_[128];             // powers of one value step's weight ratio
+  const uint32_t* mask_ = nullptr;
+  int64_t mask_bits_ = 0;
+  std::vector<uint16_t> mask_saved_;  // the raw logits while the mask is applied
 };
 
 // Index of the largest logit across parts (lowest id on ties, NaN ignored);
