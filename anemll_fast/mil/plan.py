@@ -255,7 +255,7 @@ class Plan:
             fins = [round_to(v.type.dtype if isinstance(v.type, TensorType) else "", kernel.exact)
                     for v in op.outputs]
             # Constant folding: an op of constants (not a state op) is evaluated once, now.
-            if op.type not in _STATE_OPS and all(
+            if op.type not in _STATE_OPS and kernel.pure and all(
                     isinstance(r.binding, Value) or r.binding in consts for r in kernel.args):
                 vals = [compute_form(r.binding) if isinstance(r.binding, Value) else consts[r.binding]
                         for r in kernel.args]

@@ -1,5 +1,7 @@
 """Op implementations, grouped by family; importing this package registers them all."""
-from anemll_fast.mil.ops import constexpr, elementwise, linear, reduction, state, tensor  # noqa: F401
+from anemll_fast.mil.ops import (  # noqa: F401
+    constexpr, elementwise, indexing, linear, random, recurrent, reduction, spatial, state, tensor,
+)
 from anemll_fast.mil.ops.constexpr import CONSTEXPR
 from anemll_fast.mil.ops.registry import OPS, BuildContext, Kernel
 

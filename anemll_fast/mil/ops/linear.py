@@ -164,3 +164,73 @@ def _sdpa(ctx: BuildContext) -> Kernel:
     if has_mask:
         args.append(ctx.ref("attn_mask"))
     return Kernel(run, args)
+
+
+@register("einsum")
+def _einsum(ctx: BuildContext) -> Kernel:
+    eq = str(ctx.scalar("equation")).replace(" ", "")
+    refs = ctx.refs("values")
+    if len(refs) != 2 or "->" not in eq:
+        raise ctx.bad(f"einsum takes two values and an explicit equation (got {len(refs)}, {eq!r})")
+    try:
+        np.einsum(eq, *[np.zeros([1] * len(t)) for t in eq.split("->")[0].split(",")])
+    except ValueError as e:
+        raise ctx.bad(f"equation {eq!r}: {e}") from None
+    return Kernel(lambda a, b: np.einsum(eq, a, b, optimize=True), refs)
+
+
+@register("conv_transpose")
+def _conv_transpose(ctx: BuildContext) -> Kernel:
+    w = np.asarray(ctx.const("weight"), dtype=np.float32)  # [Cin, Cout/groups, *K]
+    bias = ctx.const("bias", None)
+    bias = None if bias is None else np.asarray(bias, dtype=np.float32)
+    groups = int(ctx.scalar("groups", 1))
+    n_sp = w.ndim - 2
+    strides = ctx.ints("strides", None) or [1] * n_sp
+    dilations = ctx.ints("dilations", None) or [1] * n_sp
+    pad = ctx.ints("pad", None) or [0] * (2 * n_sp)
+    pad_type = str(ctx.scalar("pad_type", "valid"))
+    out_shape = ctx.ints("output_shape", None)
+    if pad_type not in ("valid", "same", "custom"):
+        raise ctx.unsupported(f"pad_type {pad_type!r}")
+    if w.shape[0] % groups:
+        raise ctx.bad(f"{w.shape[0]} input channels are not divisible by groups {groups}")
+    k = w.shape[2:]
+
+    def run(x):
+        if x.ndim != n_sp + 2 or x.shape[1] != w.shape[0]:
+            raise ValueError(f"{ctx.label}: input {list(x.shape)} for weight {list(w.shape)}")
+        n, cin = x.shape[:2]
+        sp = x.shape[2:]
+        full = [(sp[i] - 1) * strides[i] + (k[i] - 1) * dilations[i] + 1 for i in range(n_sp)]
+        cg, og = cin // groups, w.shape[1]
+        y = np.zeros((n, og * groups) + tuple(full), np.float32)
+        # every input position scatters its kernel into the output: one matmul per kernel tap
+        for tap in np.ndindex(*k):
+            dst = tuple(slice(tap[i] * dilations[i], tap[i] * dilations[i] + (sp[i] - 1) * strides[i] + 1,
+                              strides[i]) for i in range(n_sp))
+            for g in range(groups):
+                wg = w[(slice(g * cg, (g + 1) * cg), slice(None)) + tap]  # [cg, og]
+                contrib = np.einsum("nc...,co->no...", x[:, g * cg:(g + 1) * cg], wg)
+                y[(slice(None), slice(g * og, (g + 1) * og)) + dst] += contrib
+        sl = []
+        for i in range(n_sp):
+            if out_shape is not None:
+                size = out_shape[2 + i] if len(out_shape) == n_sp + 2 else out_shape[i]
+                before = pad[2 * i] if pad_type == "custom" else max(full[i] - size, 0) // 2
+            elif pad_type == "custom":
+                before, size = pad[2 * i], full[i] - pad[2 * i] - pad[2 * i + 1]
+            elif pad_type == "same":
+                size = sp[i] * strides[i]
+                before = max(full[i] - size, 0) // 2
+            else:
+                before, size = 0, full[i]
+            if before + size > full[i]:  # output_shape asks for more than the kernel covers
+                y = np.pad(y, [(0, 0)] * (2 + i) + [(0, before + size - full[i])] + [(0, 0)] * (n_sp - 1 - i))
+            sl.append(slice(before, before + size))
+        y = y[(slice(None), slice(None)) + tuple(sl)]
+        if bias is not None:
+            y = y + bias.reshape((1, -1) + (1,) * n_sp)
+        return np.ascontiguousarray(y)
+
+    return Kernel(run, [ctx.ref("x")])

@@ -25,12 +25,15 @@ class Kernel:
     exact: the kernel only moves or selects values (reshape, slice, gather...), so its outputs need
     no rounding to the declared float dtype. inplace_arg: index into args of an operand the kernel
     may overwrite when the plan proves nobody reads it afterwards (fn then takes a keyword `inplace`).
+    pure: the same operands always give the same result, so constant operands may be folded at
+    build time (random_* ops are not pure).
     """
 
     fn: Callable[..., Any]
     args: List[Any]
     exact: bool = False
     inplace_arg: Optional[int] = None
+    pure: bool = True
 
 
 Builder = Callable[["BuildContext"], Kernel]
@@ -135,6 +138,21 @@ class BuildContext:
         if v is None:
             return None
         return [int(i) for i in np.asarray(v).reshape(-1)]
+
+    def const_tuple(self, name: str) -> List[Any]:
+        """A tuple input whose members are all constants (e.g. reshape_like's begins)."""
+        binds = self.op.inputs.get(name)
+        if not binds:
+            raise self.bad(f"missing input {name!r}")
+        out = []
+        for b in binds:
+            if isinstance(b, Value):
+                out.append(compute_form(b))
+            elif b in self._consts:
+                out.append(self._consts[b])
+            else:
+                raise self.unsupported(f"a non-constant member of {name!r} ({b})")
+        return out
 
     def ref(self, name: str) -> BindingRef:
         return BindingRef(self._binding(name))

@@ -246,8 +246,17 @@ def _split(ctx: BuildContext) -> Kernel:
 
 @register("tile")
 def _tile(ctx: BuildContext) -> Kernel:
-    reps = tuple(ctx.ints("reps"))
-    return Kernel(lambda x: np.tile(x, reps), [ctx.ref("x")], exact=True)
+    if ctx.is_const("reps"):
+        reps = tuple(ctx.ints("reps"))
+        return Kernel(lambda x: np.tile(x, reps), [ctx.ref("x")], exact=True)
+
+    def run(x, r):
+        reps = [int(v) for v in np.asarray(r).reshape(-1)]
+        if len(reps) != x.ndim or min(reps, default=1) < 0:
+            raise ValueError(f"{ctx.label}: reps {reps} for an input of rank {x.ndim}")
+        return np.tile(x, reps)
+
+    return Kernel(run, [ctx.ref("x"), ctx.ref("reps")], exact=True)
 
 
 @register("band_part")
