@@ -20,7 +20,9 @@ def _rel(paths):
     return sorted(os.path.relpath(p, HERE) for p in paths)
 
 
-cpp_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "**", "*.cpp"), recursive=True))
+cpp_sources = _rel(p for p in glob.glob(os.path.join(HERE, "csrc", "**", "*.cpp"), recursive=True)
+                   if os.sep + "kernels" + os.sep not in p)
+kernel_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "kernels", "*.cpp")))
 mm_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "**", "*.mm"), recursive=True))
 
 
@@ -84,9 +86,22 @@ def _extension():
     )
 
 
+def _kernels_extension():
+    """The reference backend's compressed-weight kernels: a module of their own, with no engine."""
+    extra = ["-O3"] + ([] if IS_MACOS else ["-fvisibility=hidden"])
+    return Extension(
+        "anemll_fast._kernels",
+        sources=["anemll_fast/_kernels.pyx"] + kernel_sources,
+        language="c++",
+        include_dirs=[os.path.join("csrc"), numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=extra,
+    )
+
+
 setup(
     ext_modules=cythonize(
-        [_extension()],
+        [_extension(), _kernels_extension()],
         language_level=3,
         compiler_directives={"boundscheck": False, "wraparound": False, "embedsignature": True},
     ),
