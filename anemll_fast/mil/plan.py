@@ -19,7 +19,7 @@ import numpy as np
 from anemll_fast.mil.blobfile import fp32_to_bf16_bits, bf16_to_fp32
 from anemll_fast.mil.errors import MilError, MilFormatError, MilRuntimeError, UnsupportedOpError
 from anemll_fast.mil.ops import CONSTEXPR, OPS, SUPPORTED_OPS
-from anemll_fast.mil.ops.registry import BindingRef, BuildContext, Kernel, compute_form
+from anemll_fast.mil.ops.registry import BindingRef, BuildContext, Kernel, Stored, compute_form, unwrap
 from anemll_fast.mil.program import NUMPY_DTYPES, Function, Program, StateType, TensorType, Value
 
 _F32 = np.float32
@@ -159,15 +159,59 @@ class Plan:
         self._build(fn)
 
     # ---------------------------------------------------------------- build
-    def _const_of(self, value: Value) -> Any:
-        """Compute form of a stored constant, shared between functions of one program."""
-        key = id(value.data)
+    def _shared(self, key_objs: Tuple[Any, ...], make: Callable[[], Stored]) -> Stored:
+        """One Stored per stored data, shared between the functions of one program."""
+        key = tuple(id(o) for o in key_objs)
         hit = self._const_cache.get(key)
-        if hit is not None and hit[0] is value.data:
+        if hit is not None and all(a is b for a, b in zip(hit[0], key_objs)):
             return hit[1]
-        cf = compute_form(value)
-        self._const_cache[key] = (value.data, cf)
-        return cf
+        st = make()
+        self._const_cache[key] = (key_objs, st)
+        return st
+
+    def _const_of(self, value: Value) -> Stored:
+        """A stored constant; fp16 matrices keep their storage for the native kernels."""
+        data = value.data
+        native = value.dtype == "fp16" and isinstance(data, np.ndarray) and data.ndim >= 2
+        return self._shared((data,), lambda: Stored(lambda: compute_form(value),
+                                                    ("fp16", data) if native else None))
+
+    def _lazy_palette(self, ctx: BuildContext, op: Any, where: str) -> Optional[Stored]:
+        """constexpr_lut_to_dense (iOS18) with one scalar palette per block of rows: kept as indices
+        plus tables for the native kernels, decoded densely only if some other op needs it."""
+        if op.type != "constexpr_lut_to_dense" or ctx.has("shape") or len(op.outputs) != 1:
+            return None
+        b_idx, b_lut = op.inputs.get("indices"), op.inputs.get("lut")
+        if not b_idx or not b_lut or not all(isinstance(b, Value) for b in (b_idx[0], b_lut[0])):
+            return None
+        ind, lut = b_idx[0].data, b_lut[0].data
+        nbits = {"uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6, "uint8": 8}.get(b_idx[0].dtype)
+        if nbits is None or not isinstance(ind, np.ndarray) or not isinstance(lut, np.ndarray):
+            return None
+        r = ind.ndim
+        if lut.ndim != r + 2 or lut.shape[-1] != 1 or any(d != 1 for d in lut.shape[1:r]) or \
+                lut.shape[0] == 0 or ind.shape[0] % lut.shape[0]:
+            return None
+        out = op.outputs[0]
+        if isinstance(out.type, TensorType) and out.type.shape is not None and \
+                tuple(out.type.shape) != tuple(ind.shape):
+            raise MilFormatError(f"{where}: decoded shape {list(ind.shape)} differs from the declared "
+                                 f"{list(out.type.shape)}")
+        dt = out.type.dtype if isinstance(out.type, TensorType) else "fp32"
+
+        def dense() -> Any:
+            try:
+                return round_to(dt, exact=False)(CONSTEXPR[op.type](ctx)[0])
+            except MilError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure decoding constants is a bad file
+                raise MilFormatError(f"{where}: cannot decode constant: {e}") from e
+
+        if ind.size and int(ind.max()) >= lut.shape[r]:
+            raise MilFormatError(f"{where}: cannot decode constant: index {int(ind.max())} outside a "
+                                 f"{lut.shape[r]}-entry palette")
+        table = lut.reshape(lut.shape[0], lut.shape[r]).astype(np.float32)
+        return self._shared((ind, lut), lambda: Stored(dense, ("palette", ind, table, nbits)))
 
     def _build(self, fn: Function) -> None:
         label = f"{self.source}: function {fn.name!r}"
@@ -212,7 +256,7 @@ class Plan:
                 return slots[b]
             if b in consts:
                 if b not in const_slots:
-                    const_slots[b] = new_slot(consts[b])
+                    const_slots[b] = new_slot(unwrap(consts[b]))
                     base[const_slots[b]] = ("const",)
                 return const_slots[b]
             raise MilFormatError(f"{where}: uses undefined variable {b!r}")
@@ -230,6 +274,10 @@ class Plan:
                 consts[op.outputs[0].name] = self._const_of(val)
                 continue
             ctx = BuildContext(op, fn.name, self.source, consts, types)
+            lazy = self._lazy_palette(ctx, op, where)
+            if lazy is not None:
+                consts[op.outputs[0].name] = lazy
+                continue
             if op.type in CONSTEXPR:
                 try:
                     outs = CONSTEXPR[op.type](ctx)
@@ -257,7 +305,7 @@ class Plan:
             # Constant folding: an op of constants (not a state op) is evaluated once, now.
             if op.type not in _STATE_OPS and kernel.pure and all(
                     isinstance(r.binding, Value) or r.binding in consts for r in kernel.args):
-                vals = [compute_form(r.binding) if isinstance(r.binding, Value) else consts[r.binding]
+                vals = [compute_form(r.binding) if isinstance(r.binding, Value) else unwrap(consts[r.binding])
                         for r in kernel.args]
                 try:
                     res = kernel.fn(*vals)

@@ -3,6 +3,7 @@
 // (compressed) form, which is what bounds a decode step.
 #include "kernels/matmul_kernels.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -265,6 +266,11 @@ struct Dispatch {
 };
 
 Dispatch pick() {
+  // ANEMLL_FAST_KERNELS=portable forces the scalar path (to test it on a vector-capable CPU).
+  const char* force = std::getenv("ANEMLL_FAST_KERNELS");
+  if (force != nullptr && std::strcmp(force, "portable") == 0) {
+    return {nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, "portable"};
+  }
 #if AF_X86
   if (cpu_has_avx2()) {
     return {matvec_f16_avx2, matvec_lut4_avx2, decode_f16_avx2, decode_lut_avx2, rows_times_x_avx2,

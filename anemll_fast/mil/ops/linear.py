@@ -11,6 +11,25 @@ from anemll_fast.mil.ops.reduction import softmax
 from anemll_fast.mil.ops.registry import BuildContext, Kernel, register
 
 
+# From this many positions on, a packed weight is decoded in row blocks and multiplied through BLAS
+# (its GEMM beats the per-row kernel once each decoded row is reused this often).
+_BLAS_FROM = 8
+_DECODE_ROWS = 256
+
+
+def packed_times(pw: Any, x2: np.ndarray) -> np.ndarray:
+    """W · x2 for a PackedWeight W [rows, cols] and x2 [cols, n] float32 -> [rows, n]."""
+    n = x2.shape[1]
+    if n < _BLAS_FROM:
+        return pw.matmul(x2)
+    x2 = np.ascontiguousarray(x2, dtype=np.float32)
+    y = np.empty((pw.rows, n), np.float32)
+    for r0 in range(0, pw.rows, _DECODE_ROWS):
+        r1 = min(r0 + _DECODE_ROWS, pw.rows)
+        np.matmul(pw.decode(r0, r1), x2, out=y[r0:r1])
+    return y
+
+
 def _t(a: np.ndarray) -> np.ndarray:
     return np.swapaxes(a, -1, -2) if a.ndim >= 2 else a
 
@@ -36,6 +55,15 @@ def _matmul(ctx: BuildContext) -> Kernel:
 def _linear(ctx: BuildContext) -> Kernel:
     bias = ctx.const("bias", None)
     bias = None if bias is None else np.asarray(bias, dtype=np.float32)
+    st = ctx.stored("weight")
+    pw = st.packed() if st is not None and len(st.shape) == 2 else None
+    if pw is not None:
+        def run_packed(x):
+            x2 = x.reshape(-1, x.shape[-1])
+            y = packed_times(pw, x2.T).T.reshape(x.shape[:-1] + (pw.rows,))
+            return y + bias if bias is not None else y
+
+        return Kernel(run_packed, [ctx.ref("x")])
     if ctx.is_const("weight"):
         wt = np.ascontiguousarray(np.asarray(ctx.const("weight"), dtype=np.float32).T)  # [Din, Dout]
 
@@ -110,6 +138,27 @@ def _conv(ctx: BuildContext) -> Kernel:
     if pad_type not in ("valid", "same", "same_lower", "custom"):
         raise ctx.unsupported(f"pad_type {pad_type!r}")
     wconst = ctx.is_const("weight")
+    st = ctx.stored("weight")
+    n_sp_st = len(st.shape) - 2 if st is not None else -1
+    strides0 = ctx.ints("strides", None) or [1] * max(n_sp_st, 0)
+    pad0 = ctx.ints("pad", None) or [0] * (2 * max(n_sp_st, 0))
+    if st is not None and groups == 1 and n_sp_st >= 0 and all(k == 1 for k in st.shape[2:]) and \
+            all(v == 1 for v in strides0) and (pad_type != "custom" or not any(pad0)) and \
+            st.packed() is not None:
+        # 1x1 conv from the stored (fp16 or palettized) weight: never expanded to float32.
+        pw = st.packed()
+        b2 = None if bias is None else bias.reshape(-1, 1)
+
+        def run_packed(x):
+            n = x.shape[0]
+            xs = x.reshape(n, x.shape[1], -1)
+            ys = [packed_times(pw, xs[i]) for i in range(n)]
+            y = ys[0][None] if n == 1 else np.stack(ys)
+            if b2 is not None:
+                y += b2
+            return y.reshape((n, pw.rows) + x.shape[2:])
+
+        return Kernel(run_packed, [ctx.ref("x")])
     w = np.asarray(ctx.const("weight"), dtype=np.float32) if wconst else None
     rank = w.ndim if w is not None else ctx.in_rank("weight")
     if rank is None:
