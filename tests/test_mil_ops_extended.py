@@ -530,3 +530,128 @@ def test_quantize_dequantize(tmp_path):
     want = np.clip(np.round(x / scale) + zp, -128, 127)
     assert np.array_equal(o["q"], want.astype(np.int8))
     close(o["dq"], scale * (want - zp), 1e-6)
+
+
+def test_cond_and_while_loop(tmp_path):
+    @mb.program(input_specs=[spec((2,)), spec((1,), types.int32)], opset_version=iOS18)
+    def prog(x, n):
+        p = mb.greater(x=mb.reduce_sum(x=x), y=0.0)
+        c = mb.cond(pred=p, _true_fn=lambda: mb.add(x=x, y=1.0), _false_fn=lambda: mb.mul(x=x, y=2.0))
+
+        def cf(i, acc):
+            return mb.less(x=i, y=mb.squeeze(x=n))
+
+        def body(i, acc):
+            return mb.add(x=i, y=1), mb.add(x=mb.mul(x=acc, y=1.5), y=x)
+
+        w = mb.while_loop(_cond=cf, _body=body, loop_vars=(np.int32(0), c))
+        passthrough = mb.cond(pred=p, _true_fn=lambda: mb.identity(x=x), _false_fn=lambda: mb.identity(x=x))
+        return mb.identity(x=w[1], name="loop"), mb.identity(x=w[0], name="iters"), \
+            mb.identity(x=c, name="branch"), mb.identity(x=passthrough, name="pass")
+
+    m, o = run(tmp_path, prog, {"x": np.array([1.0, 2.0], np.float32), "n": np.array([3], np.int32)})
+
+    def expect(x, n):
+        acc = x + 1 if x.sum() > 0 else x * 2
+        for _ in range(n):
+            acc = acc * 1.5 + x
+        return acc
+
+    close(o["branch"], [2.0, 3.0])
+    close(o["loop"], expect(np.array([1.0, 2.0]), 3))
+    assert int(o["iters"]) == 3
+    x = np.array([-3.0, 1.0], np.float32)
+    o = m.predict({"x": x, "n": np.array([0], np.int32)})
+    close(o["branch"], x * 2)
+    close(o["loop"], x * 2)  # zero iterations: the initial value
+    close(o["pass"], x)
+
+
+def test_list_ops_in_a_loop(tmp_path):
+    # a TensorArray-style accumulation: write x * i at index i, then gather everything back
+    @mb.program(input_specs=[spec((3,))], opset_version=iOS18)
+    def prog(x):
+        ls = mb.make_list(init_length=1, dynamic_length=True, elem_shape=(3,), dtype="fp32")
+
+        def cf(i, lst):
+            return mb.less(x=i, y=4)
+
+        def body(i, lst):
+            val = mb.mul(x=x, y=mb.cast(x=i, dtype="fp32"))
+            return mb.add(x=i, y=1), mb.list_write(ls=lst, index=i, value=val)
+
+        i, out = mb.while_loop(_cond=cf, _body=body, loop_vars=(np.int32(0), ls))
+        g = mb.list_gather(ls=out, indices=np.array([3, 0, 2], np.int32), name="gathered")
+        r = mb.list_read(ls=out, index=1, name="read")
+        n = mb.list_length(ls=out)
+        sc = mb.list_scatter(ls=out, indices=np.array([1, 5], np.int32), value=mb.stack(values=[x, x], axis=0))
+        return g, r, mb.cast(x=n, dtype="fp32", name="length"), \
+            mb.list_gather(ls=sc, indices=np.array([1, 4, 5], np.int32), name="scattered")
+
+    x = np.array([1.0, -2.0, 0.5], np.float32)
+    _, o = run(tmp_path, prog, {"x": x})
+    close(o["gathered"], np.stack([x * 3, x * 0, x * 2]))
+    close(o["read"], x * 1)
+    assert float(o["length"]) == 4
+    close(o["scattered"], np.stack([x, np.zeros(3), x]))  # index 4 never written: zeros
+
+
+def test_non_maximum_suppression(tmp_path):
+    boxes = np.array([[[0, 0, 2, 2], [0.1, 0, 2, 2], [5, 5, 1, 1], [5.2, 5, 1, 1], [9, 9, 1, 1]]], np.float32)
+    scores = np.array([[[0.9, 0.1], [0.8, 0.7], [0.3, 0.6], [0.5, 0.2], [0.05, 0.01]]], np.float32)
+
+    @mb.program(input_specs=[spec((1, 5, 4)), spec((1, 5, 2))], opset_version=ct.target.iOS16)
+    def prog(b, s):
+        out = mb.non_maximum_suppression(boxes=b, scores=s, iou_threshold=0.5, score_threshold=0.2,
+                                         max_boxes=4)
+        return (mb.identity(x=out[0], name="boxes"), mb.identity(x=out[1], name="scores"),
+                mb.identity(x=out[2], name="idx"), mb.identity(x=out[3], name="count"))
+
+    @mb.program(input_specs=[spec((1, 4, 5)), spec((1, 2, 5))], opset_version=iOS18)
+    def prog17(b, s):  # iOS17 form: box axis last, no score threshold, no count
+        out = mb.non_maximum_suppression(boxes=b, scores=s, iou_threshold=0.5, max_boxes=4)
+        return (mb.identity(x=out[0], name="boxes"), mb.identity(x=out[2], name="idx"))
+
+    _, o17 = run(tmp_path, prog17, {"b": boxes.transpose(0, 2, 1), "s": scores.transpose(0, 2, 1)}, name="m17")
+    assert o17["idx"].tolist() == [[0, 2, 4, -1]]  # no threshold: box 4 survives
+    close(o17["boxes"][0, :, :3], boxes[0, [0, 2, 4]].T)
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                       compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.EMPTY,
+                       skip_model_load=True)
+    model.save(str(tmp_path / "m16.mlpackage"))
+    o = ReferenceBackend.load(str(tmp_path / "m16.mlpackage")).predict({"b": boxes, "s": scores})
+    # by max score: 0 (0.9), 1 (0.8, overlaps 0 heavily: dropped), 2 (0.6), 3 (0.5, overlaps 2: IoU ~0.67),
+    # 4 below the score threshold
+    assert o["idx"].tolist() == [[0, 2, -1, -1]] and o["count"].tolist() == [2]
+    close(o["boxes"][0, :2], boxes[0, [0, 2]])
+    close(o["scores"][0, :2], scores[0, [0, 2]])
+    close(o["boxes"][0, 2:], np.zeros((2, 4)))
+
+
+def test_conv_quantized_linear_and_lut(tmp_path):
+    wq = RNG.integers(0, 16, (4, 3, 1, 2)).astype(np.uint8)
+    scale, qb = np.float32(0.25), np.float32(-1.0)
+    lut = RNG.standard_normal(16).astype(np.float32)
+
+    @mb.program(input_specs=[spec((1, 3, 2, 5))], opset_version=ct.target.iOS15)
+    def prog(x):
+        return (mb.conv_quantized(x=x, weight=wq, quantization_type="linear", nbits=8, quant_scale=scale,
+                                  quant_bias=qb, name="lin"),
+                mb.conv_quantized(x=x, weight=wq, quantization_type="lut", nbits=4, quant_scale=lut,
+                                  quant_bias=np.float32(0), name="lut"))
+
+    x = r(1, 3, 2, 5)
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS15,
+                       compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.EMPTY,
+                       skip_model_load=True)
+    model.save(str(tmp_path / "q.mlpackage"))
+    o = ReferenceBackend.load(str(tmp_path / "q.mlpackage")).predict({"x": x})
+
+    def conv(w):
+        out = np.zeros((1, 4, 2, 4))
+        for j in range(4):
+            out[0, :, :, j] = np.einsum("ocw,chw->oh", w[:, :, 0], x[0, :, :, j:j + 2])
+        return out
+
+    close(o["lin"], conv(wq * scale + qb), 1e-4)
+    close(o["lut"], conv(lut[wq]), 1e-4)

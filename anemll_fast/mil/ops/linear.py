@@ -194,6 +194,36 @@ def _conv(ctx: BuildContext) -> Kernel:
     return Kernel(run, args)
 
 
+@register("conv_quantized")
+def _conv_quantized(ctx: BuildContext) -> Kernel:
+    """conv over a weight given quantized: linear (W * scale + bias) or lut (W indexes quant_scale)."""
+    kind = str(ctx.scalar("quantization_type"))
+    wq = np.asarray(ctx.const("weight"))
+    scale = np.asarray(ctx.const("quant_scale"), np.float32)
+    qbias = np.asarray(ctx.const("quant_bias"), np.float32)
+    if kind == "linear":
+        shape = [-1] + [1] * (wq.ndim - 1) if scale.size > 1 else [1] * wq.ndim
+        w = wq.astype(np.float32) * scale.reshape(shape) + qbias.reshape(shape if qbias.size > 1 else [1] * wq.ndim)
+    elif kind == "lut":
+        w = scale.reshape(-1)[wq.astype(np.intp)]
+    else:
+        raise ctx.bad(f"quantization_type {kind!r} (linear or lut)")
+    bias = ctx.const("bias", None)
+    bias = None if bias is None else np.asarray(bias, dtype=np.float32)
+    groups = int(ctx.scalar("groups", 1))
+    pad_type = str(ctx.scalar("pad_type", "valid"))
+    n_sp = w.ndim - 2
+    strides = ctx.ints("strides", None) or [1] * n_sp
+    dilations = ctx.ints("dilations", None) or [1] * n_sp
+    pad = ctx.ints("pad", None) or [0] * (2 * n_sp)
+
+    def run(x):
+        pads = _conv_pads(pad_type, pad, x.shape[2:], w.shape[2:], strides, dilations)
+        return conv_nd(x, w, bias, strides, pads, dilations, groups)
+
+    return Kernel(run, [ctx.ref("x")])
+
+
 @register("scaled_dot_product_attention")
 def _sdpa(ctx: BuildContext) -> Kernel:
     has_mask = ctx.has("attn_mask")

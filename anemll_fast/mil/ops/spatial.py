@@ -573,3 +573,72 @@ def _normalized_grid(n: int, cmode: str, align: bool) -> np.ndarray:
         c = (2 * i + 1) / n - 1
     return (c + 1) / 2 if cmode == "normalized_zero_to_one" else c
 
+
+
+# -- non-maximum suppression
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of one center-size box a [4] with boxes b [M, 4] (x, y, width, height)."""
+    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
+    bx0, by0, bx1, by1 = b[:, 0] - b[:, 2] / 2, b[:, 1] - b[:, 3] / 2, b[:, 0] + b[:, 2] / 2, b[:, 1] + b[:, 3] / 2
+    iw = np.clip(np.minimum(ax1, bx1) - np.maximum(ax0, bx0), 0, None)
+    ih = np.clip(np.minimum(ay1, by1) - np.maximum(ay0, by0), 0, None)
+    inter = iw * ih
+    union = a[2] * a[3] + b[:, 2] * b[:, 3] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+@register("non_maximum_suppression")
+def _nms(ctx: BuildContext) -> Kernel:
+    iou_thr = float(ctx.scalar("iou_threshold"))
+    # iOS17 dropped the score threshold and the count output and put the box axis last
+    ios17 = not ctx.has("score_threshold")
+    score_thr = -np.inf if ios17 else float(ctx.scalar("score_threshold"))
+    max_boxes = int(ctx.scalar("max_boxes"))
+    per_class = bool(ctx.scalar("per_class_suppression", False))
+
+    def select(boxes: np.ndarray, scores: np.ndarray) -> List[int]:
+        """Indices kept, highest score first."""
+        if per_class:
+            cands = []
+            for k in range(scores.shape[1]):
+                cands += [(scores[i, k], i) for i in _greedy(boxes, scores[:, k])]
+            cands.sort(key=lambda t: (-t[0], t[1]))
+            out: List[int] = []
+            for _s, i in cands:  # a box kept for several classes is reported once
+                if i not in out:
+                    out.append(i)
+            return out[:max_boxes]
+        return _greedy(boxes, scores.max(axis=1))[:max_boxes]
+
+    def _greedy(boxes: np.ndarray, s: np.ndarray) -> List[int]:
+        order = [int(i) for i in np.argsort(-s, kind="stable") if s[i] >= score_thr]
+        kept: List[int] = []
+        for i in order:
+            if not kept or np.all(_iou(boxes[i], boxes[kept]) <= iou_thr):
+                kept.append(i)
+        return kept
+
+    def run(boxes, scores):
+        boxes, scores = np.asarray(boxes, np.float64), np.asarray(scores, np.float64)
+        if ios17:
+            boxes, scores = np.swapaxes(boxes, 1, 2), np.swapaxes(scores, 1, 2)
+        if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.shape[:2] != boxes.shape[:2]:
+            raise ValueError(f"{ctx.label}: boxes {list(boxes.shape)} and scores {list(scores.shape)} "
+                             f"(expected [n, B, 4] and [n, B, K])")
+        n, _b, k = scores.shape
+        ob = np.zeros((n, max_boxes, 4), np.float32)
+        os_ = np.zeros((n, max_boxes, k), np.float32)
+        oi = np.full((n, max_boxes), -1, np.int32)  # padding: index -1
+        oc = np.zeros(n, np.int32)
+        for b in range(n):
+            keep = select(boxes[b], scores[b])
+            oc[b] = len(keep)
+            ob[b, :len(keep)] = boxes[b, keep]
+            os_[b, :len(keep)] = scores[b, keep]
+            oi[b, :len(keep)] = keep
+        if ios17:
+            return np.swapaxes(ob, 1, 2), np.swapaxes(os_, 1, 2), oi
+        return ob, os_, oi, oc
+
+    return Kernel(run, [ctx.ref("boxes"), ctx.ref("scores")], exact=True)
