@@ -12,13 +12,34 @@ from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
 from anemll_fast.backends.reference import ReferenceBackend  # noqa: E402
-from test_mil_ops import close, r, run, spec  # noqa: E402
+from test_mil_ops import close as _close, run, spec  # noqa: E402
 
 RNG = np.random.default_rng(18)
 iOS18 = ct.target.iOS18
+_FP16_TOL = [0.0]  # tolerance floor while an fp16-precision case runs
 
 
-def test_parametric_activations(tmp_path):
+def r(*shape):
+    """Random inputs that fp16 represents exactly, so fp32 and fp16 cases share expectations."""
+    return RNG.standard_normal(shape).astype(np.float16).astype(np.float32)
+
+
+def close(a, b, tol=1e-5):
+    _close(a, b, max(tol, _FP16_TOL[0]))
+
+
+@pytest.fixture(autouse=True)
+def _precision(request):
+    """Cases parametrized with fp16=True run the program in fp16 (Core ML's precision on the ANE):
+    results are compared at fp16 resolution."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    _FP16_TOL[0] = 2e-2 if params.get("fp16") else 0.0
+    yield
+    _FP16_TOL[0] = 0.0
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_parametric_activations(tmp_path, fp16):
     a = np.array([0.1, -0.3, 0.7], np.float32)
     b = np.array([1.5, 0.5, 2.0], np.float32)
 
@@ -33,7 +54,7 @@ def test_parametric_activations(tmp_path):
                 mb.softplus_parametric(x=mb.expand_dims(x=x, axes=[-1]), alpha=a, beta=b, name="spp"))
 
     x = r(2, 3, 4)
-    _, o = run(tmp_path, prog, {"x": x})
+    _, o = run(tmp_path, prog, {"x": x}, fp16=fp16)
     close(o["clamped"], np.where(x >= 0, np.minimum(x, 0.8), np.minimum(0.3 * x, 0.8)))
     close(o["linear"], 1.5 * x - 0.25)
     close(o["stanh"], 2 * np.tanh(0.5 * x))
@@ -43,7 +64,8 @@ def test_parametric_activations(tmp_path):
     close(o["spp"], (a[None, :, None] * np.log1p(np.exp(b[None, :, None] * x)))[..., None], 1e-5)
 
 
-def test_scatter_family_and_gather_nd(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_scatter_family_and_gather_nd(tmp_path, fp16):
     data = r(4, 3)
     idx = np.array([2, 0, 2], np.int32)           # a duplicate index: modes must accumulate
     upd = r(3, 3)
@@ -64,7 +86,7 @@ def test_scatter_family_and_gather_nd(tmp_path):
                 mb.gather_nd(x=x, indices=np.array([[3, 1], [0, 2]], np.int32), name="gnd"),
                 mb.gather_nd(x=x, indices=np.array([[2], [1]], np.int32), name="gnd_rows"))
 
-    _, o = run(tmp_path, prog, {"x": data})
+    _, o = run(tmp_path, prog, {"x": data}, fp16=fp16)
     want = data.copy()
     for i, j in enumerate(idx):
         want[j] += upd[i]
@@ -100,7 +122,8 @@ def test_gather_nd_batch_dims(tmp_path):
     close(o["g"], np.stack([x[0][[1, 2]], x[1][[0, 0]]]))
 
 
-def test_index_ops(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_index_ops(tmp_path, fp16):
     @mb.program(input_specs=[spec((2, 5)), spec((3,), types.int32)], opset_version=iOS18)
     def prog(x, i):
         return (mb.one_hot(indices=i, one_hot_vector_size=4, axis=0, on_value=3.0, off_value=-1.0,
@@ -117,7 +140,7 @@ def test_index_ops(tmp_path):
 
     x = r(2, 5)
     i = np.array([3, 0, 1], np.int32)
-    _, o = run(tmp_path, prog, {"x": x, "i": i})
+    _, o = run(tmp_path, prog, {"x": x, "i": i}, fp16=fp16)
     oh = np.full((4, 3), -1.0, np.float32)
     oh[i, np.arange(3)] = 3.0
     close(o["oh"], oh)
@@ -173,7 +196,8 @@ def _naive_pixel_shuffle(x, f):
     return out
 
 
-def test_block_moves(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_block_moves(tmp_path, fp16):
     x = r(2, 8, 2, 4)
 
     @mb.program(input_specs=[spec((2, 8, 2, 4))], opset_version=iOS18)
@@ -187,7 +211,7 @@ def test_block_moves(tmp_path):
                 mb.batch_to_space(x=mb.space_to_batch(x=x, block_shape=[2, 2], paddings=[[0, 2], [1, 1]]),
                                   block_shape=[2, 2], crops=[[0, 2], [1, 1]], name="b2s"))
 
-    _, o = run(tmp_path, prog, {"x": x})
+    _, o = run(tmp_path, prog, {"x": x}, fp16=fp16)
     close(o["d2s"], _naive_d2s(x, 2))
     close(o["s2d"], x)
     close(o["ps"], _naive_pixel_shuffle(x, 2))
@@ -218,7 +242,8 @@ def _naive_pool(x, k, s, pads, kind, exclude=False):
     return out
 
 
-def test_pooling(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_pooling(tmp_path, fp16):
     x = r(1, 2, 5, 6)
 
     @mb.program(input_specs=[spec((1, 2, 5, 6))], opset_version=iOS18)
@@ -232,7 +257,7 @@ def test_pooling(tmp_path):
                 mb.max_pool(x=x, kernel_sizes=[2, 2], strides=[2, 2], pad_type="valid", ceil_mode=True,
                             name="maxceil"))
 
-    _, o = run(tmp_path, prog, {"x": x})
+    _, o = run(tmp_path, prog, {"x": x}, fp16=fp16)
     close(o["maxv"], _naive_pool(x, (2, 3), (2, 1), [(0, 0), (0, 0)], "max"))
     close(o["avg_ex"], _naive_pool(x, (3, 3), (1, 2), [(1, 1), (0, 2)], "avg", exclude=True))
     close(o["avg_in"], _naive_pool(x, (3, 3), (1, 2), [(1, 1), (0, 2)], "avg"))
@@ -266,7 +291,8 @@ def test_resize_bilinear_sampling_modes_match_the_doc(tmp_path):
         close(o[f"o{i}"].reshape(-1), DOC_GRIDS[key], 1e-6)
 
 
-def test_upsample_resize_and_crop(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_upsample_resize_and_crop(tmp_path, fp16):
     x = r(1, 2, 3, 4)
 
     @mb.program(input_specs=[spec((1, 2, 3, 4)), spec((2,), types.int32)], opset_version=iOS18)
@@ -282,7 +308,7 @@ def test_upsample_resize_and_crop(tmp_path):
                           name="rs"),
                 mb.crop(x=x, crop_height=[1, 0], crop_width=[1, 2], name="crop"))
 
-    _, o = run(tmp_path, prog, {"x": x, "size": np.array([6, 2], np.int32)})
+    _, o = run(tmp_path, prog, {"x": x, "size": np.array([6, 2], np.int32)}, fp16=fp16)
     close(o["unn"], x[:, :, [0, 0, 1, 1, 2, 2]][..., [0, 0, 1, 2, 2, 3]])
     close(o["ubl"].reshape(-1), x[0, 0, 0, 0] + (x[0, 0, 0, 1] - x[0, 0, 0, 0]) * np.array(DOC_GRIDS[
         ("UNALIGN_CORNERS", 5)], np.float32), 1e-5)
@@ -374,7 +400,8 @@ def test_resample_bilinear_and_affine(tmp_path):
     close(o["aff"], x, 1e-5)  # the identity transform gives the image back
 
 
-def test_instance_and_local_response_norm(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_instance_and_local_response_norm(tmp_path, fp16):
     g, b = r(3), r(3)
 
     @mb.program(input_specs=[spec((2, 3, 4, 5))], opset_version=iOS18)
@@ -383,7 +410,7 @@ def test_instance_and_local_response_norm(tmp_path):
                 mb.local_response_norm(x=x, size=2, alpha=0.5, beta=0.6, k=1.5, name="lrn"))
 
     x = r(2, 3, 4, 5)
-    _, o = run(tmp_path, prog, {"x": x})
+    _, o = run(tmp_path, prog, {"x": x}, fp16=fp16)
     m = x.mean(axis=(2, 3), keepdims=True)
     v = x.var(axis=(2, 3), keepdims=True)
     close(o["inorm"], (x - m) / np.sqrt(v + 1e-2) * g[:, None, None] + b[:, None, None], 1e-4)
@@ -395,7 +422,8 @@ def test_instance_and_local_response_norm(tmp_path):
     close(o["lrn"], want, 1e-4)
 
 
-def test_conv_transpose(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_conv_transpose(tmp_path, fp16):
     w = r(4, 3, 3, 2)  # [Cin, Cout/groups, kh, kw], groups 2 -> Cout 6
     bias = r(6)
 
@@ -407,7 +435,7 @@ def test_conv_transpose(tmp_path):
                                   name="ct_same"))
 
     x = r(1, 4, 3, 4)
-    _, o = run(tmp_path, prog, {"x": x})
+    _, o = run(tmp_path, prog, {"x": x}, fp16=fp16)
 
     def naive(x, w, s, d, groups):
         cin, og, kh, kw = w.shape
@@ -655,3 +683,50 @@ def test_conv_quantized_linear_and_lut(tmp_path):
 
     close(o["lin"], conv(wq * scale + qb), 1e-4)
     close(o["lut"], conv(lut[wq]), 1e-4)
+
+
+def test_sparse_constexprs_joint_with_palettes_and_quantization(tmp_path):
+    """iOS18 joint compression: sparse + palettized and sparse + quantized weights, decoded densely."""
+    from coremltools.converters.mil.mil.types.type_mapping import np_uint1_dtype
+
+    mask = (RNG.random((4, 6)) < 0.5).astype(np_uint1_dtype)
+    nnz = int(mask.sum())
+    idx = RNG.integers(0, 4, nnz).astype(types.np_uint2_dtype)
+    lut = RNG.standard_normal((2, 1, 4, 1)).astype(np.float32)  # a palette per 2 rows
+    qdata = RNG.integers(-8, 8, nnz).astype(np.int8)
+    scale = np.abs(RNG.standard_normal((1, 3))).astype(np.float32)  # a scale per 2 columns
+    offset = RNG.integers(-2, 2, (1, 3)).astype(np.int8)
+
+    @mb.program(input_specs=[spec((4, 6))], opset_version=iOS18)
+    def prog(x):
+        m1, nz1 = mb.constexpr_lut_to_sparse(indices_mask=mask, indices_nonzero_data=idx, lut=lut)
+        w1 = mb.constexpr_sparse_to_dense(nonzero_data=nz1, mask=m1)
+        m2, nz2 = mb.constexpr_sparse_blockwise_shift_scale(data_mask=mask, nonzero_data=qdata, scale=scale,
+                                                           offset=offset)
+        w2 = mb.constexpr_sparse_to_dense(nonzero_data=nz2, mask=m2)
+        return mb.add(x=x, y=w1, name="lut"), mb.add(x=x, y=w2, name="quant")
+
+    x = np.zeros((4, 6), np.float32)
+    _, o = run(tmp_path, prog, {"x": x})
+    rows, cols = np.nonzero(mask)
+    want1 = np.zeros((4, 6), np.float32)
+    want1[rows, cols] = lut[rows // 2, 0, idx.astype(int), 0]
+    want2 = np.zeros((4, 6), np.float32)
+    want2[rows, cols] = (qdata - offset[0, cols // 2]) * scale[0, cols // 2]
+    close(o["lut"], want1)
+    close(o["quant"], want2, 1e-6)
+
+
+# Ops whose cases live in this file (tests/test_mil_op_table.py counts them as covered).
+COVERED_HERE = {
+    "clamped_relu", "linear_activation", "scaled_tanh", "sigmoid_hard", "thresholded_relu", "prelu",
+    "softplus_parametric", "scatter", "scatter_along_axis", "scatter_nd", "gather_nd", "one_hot", "argsort",
+    "reverse", "reverse_sequence", "sliding_windows", "flatten2d", "non_zero", "reshape_like", "einsum",
+    "depth_to_space", "space_to_depth", "pixel_shuffle", "pixel_unshuffle", "space_to_batch", "batch_to_space",
+    "max_pool", "avg_pool", "l2_pool", "resize_bilinear", "upsample_nearest_neighbor", "upsample_bilinear",
+    "resize_nearest_neighbor", "resize", "crop", "crop_resize", "resample", "affine", "instance_norm",
+    "local_response_norm", "conv_transpose", "rnn", "gru", "lstm", "random_uniform", "random_normal",
+    "random_bernoulli", "random_categorical", "quantize", "dequantize", "make_list", "list_write", "list_read",
+    "list_gather", "list_scatter", "list_length", "non_maximum_suppression", "conv_quantized",
+    "constexpr_lut_to_sparse", "constexpr_sparse_blockwise_shift_scale", "cond", "while_loop",
+}
