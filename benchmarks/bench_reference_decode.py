@@ -8,7 +8,8 @@ to fp16 ANEMLL layout in ~/.cache/anemll_fast) is used; --lut-dir is a conversio
 with `--lut-ffn 4 --lut-lmhead 6` (made with `anemll-fast convert` if missing). The PyTorch baseline
 (optional: `pip install torch`) is a plain eager Llama written from the architecture over the GGUF's
 dequantized weights in float32; llama.cpp (optional: `pip install llama-cpp-python`) runs the GGUF.
-Everything runs on one thread; rounds are interleaved so that machine noise hits each side alike.
+Everything runs on one thread, timed in CPU time of that thread (wall time printed too); rounds are
+interleaved so that machine noise hits each side alike.
 RSS after load is measured in a fresh subprocess per model.
 """
 from __future__ import annotations
@@ -185,9 +186,15 @@ def rss_after_load(kind: str, target: str) -> float:
 
 
 def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
+    """CPU seconds of this thread: every side runs on one thread, so this is its own work, unaffected
+    by whatever else the machine runs (wall time is also reported)."""
+    t, w = time.thread_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t
+    WALL.append(time.perf_counter() - w)
+    return time.thread_time() - t
+
+
+WALL: List[float] = []
 
 
 def main() -> int:
@@ -234,7 +241,8 @@ def main() -> int:
                 dec[name].append(args.decode / td)
             tokens[name] = [first[0]] + out
     print(f"\nkernels: {kernel_isa()}; prompt {PROMPT_LEN} tokens, {args.decode} decode steps, "
-          f"{args.rounds} interleaved rounds, one thread")
+          f"{args.rounds} interleaved rounds, one thread; tokens/s of thread CPU time "
+          f"(wall time was {sum(WALL):.0f} s in all)")
     base = "torch fp32" if "torch fp32" in sides else None
     print(f"{'':12s} {'prefill tok/s':>14s} {'decode tok/s':>13s}" + (f" {'decode vs torch':>16s} "
                                                                      f"{'prefill vs torch':>17s}" if base else ""))

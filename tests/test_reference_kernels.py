@@ -190,3 +190,44 @@ def test_backend_keeps_projection_weights_packed(tmp_path, lut):
     assert all(st._cf is None for st in packed)
     if lut is None:
         assert out == m.reference().greedy(prompt, 8)
+
+
+def test_valid_keys_reads_the_mask():
+    from anemll_fast.mil.attention import valid_keys
+
+    m = np.full((1, 1, 3, 8), -np.inf, np.float32)
+    m[0, 0, 0, :2] = 0
+    m[0, 0, 2, :5] = 0
+    assert valid_keys(m) == 5
+    m[0, 0, 1, 7] = -1e4  # finite: a visible (if tiny) weight, so nothing may be cut
+    assert valid_keys(m) == 8
+    assert valid_keys(np.full((1, 4), -np.inf)) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_attention_over_valid_keys_is_bit_exact(tmp_path, monkeypatch, arch):
+    """The fused attention (keys sliced to the mask's visible span) gives bit-identical outputs to
+    the op-by-op chain over the whole context, through prefill and decode."""
+    tiny = pytest.importorskip("anemll_fast.testing.tiny")
+    from anemll_fast.backends.reference import ReferenceBackend
+    from anemll_fast.config import ModelConfig
+    from anemll_fast.mil import plan as plan_mod
+    from anemll_fast.testing.pipeline import PythonPipeline
+
+    m = tiny.build_tiny_model(tmp_path / "m", arch, context_length=48, batch_size=8, num_chunks=2)
+    prompt = [5, 17, 300, 42, 7, 99, 123, 250, 11, 3, 8]
+
+    def run():
+        pipe = PythonPipeline(ModelConfig.from_anemll_dir(m.path), ReferenceBackend)
+        toks, logits = pipe.greedy_with_logits(prompt, 12)
+        fused = sum(f._plan.fused_attention for f in pipe.prefill_fns + pipe.infer_fns)
+        return toks, logits, fused
+
+    toks, logits, fused = run()
+    assert fused > 0, "no attention chain was fused"
+    monkeypatch.setattr(plan_mod, "fuse_attention", lambda steps, outs, consts: (steps, 0))
+    toks0, logits0, fused0 = run()
+    assert fused0 == 0
+    assert toks == toks0
+    for a, b in zip(logits, logits0):
+        assert np.array_equal(a, b)

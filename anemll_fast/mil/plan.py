@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from anemll_fast.mil.blobfile import fp32_to_bf16_bits, bf16_to_fp32
+from anemll_fast.mil.attention import fuse as fuse_attention
 from anemll_fast.mil.errors import MilError, MilFormatError, MilRuntimeError, UnsupportedOpError
 from anemll_fast.mil.ops import CONSTEXPR, CONTROL_FLOW, OPS, SUPPORTED_OPS
 from anemll_fast.mil.ops.registry import BindingRef, BuildContext, Kernel, Stored, compute_form, unwrap
@@ -473,6 +474,7 @@ class Plan:
                 raise MilFormatError(f"{label}: output {o!r} is never defined")
         self.output_slots = out_slots
 
+        raw_steps, self.fused_attention = fuse_attention(raw_steps, out_slots, consts)
         inplace = self._inplace_steps(raw_steps, base, out_slots)
         steps: List[_Step] = []
         for i, (kernel, op, ins, outs, fins) in enumerate(raw_steps):
