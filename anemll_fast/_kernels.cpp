@@ -2034,7 +2034,7 @@ struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight {
 };
 
 
-/* "anemll_fast/_kernels.pyx":111
+/* "anemll_fast/_kernels.pyx":113
  *     @property
  *     def nbytes(self) -> int:
  *         return sum(a.nbytes for a in self._keep)             # <<<<<<<<<<<<<<
@@ -4311,7 +4311,7 @@ namespace {
     PyObject *__pyx_slice[3];
     PyObject *__pyx_tuple[9];
     PyObject *__pyx_codeobj_tab[8];
-    PyObject *__pyx_string_tab[206];
+    PyObject *__pyx_string_tab[207];
     PyObject *__pyx_number_tab[9];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -4524,62 +4524,63 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_ndim __pyx_string_tab[147]
 #define __pyx_n_u_next __pyx_string_tab[148]
 #define __pyx_n_u_np __pyx_string_tab[149]
-#define __pyx_n_u_numpy __pyx_string_tab[150]
-#define __pyx_n_u_obj __pyx_string_tab[151]
-#define __pyx_n_u_out __pyx_string_tab[152]
-#define __pyx_n_u_ov __pyx_string_tab[153]
-#define __pyx_n_u_p __pyx_string_tab[154]
-#define __pyx_n_u_pack __pyx_string_tab[155]
-#define __pyx_n_u_packed __pyx_string_tab[156]
-#define __pyx_n_u_palette __pyx_string_tab[157]
-#define __pyx_n_u_pk __pyx_string_tab[158]
-#define __pyx_n_u_pop __pyx_string_tab[159]
-#define __pyx_n_u_r0 __pyx_string_tab[160]
-#define __pyx_n_u_r1 __pyx_string_tab[161]
-#define __pyx_n_u_rc __pyx_string_tab[162]
-#define __pyx_n_u_register __pyx_string_tab[163]
-#define __pyx_n_u_reshape __pyx_string_tab[164]
-#define __pyx_n_u_return __pyx_string_tab[165]
-#define __pyx_n_u_rows_3 __pyx_string_tab[166]
-#define __pyx_n_u_self __pyx_string_tab[167]
-#define __pyx_n_u_send __pyx_string_tab[168]
-#define __pyx_n_u_setdefault __pyx_string_tab[169]
-#define __pyx_n_u_shape __pyx_string_tab[170]
-#define __pyx_n_u_size __pyx_string_tab[171]
-#define __pyx_n_u_split __pyx_string_tab[172]
-#define __pyx_n_u_start __pyx_string_tab[173]
-#define __pyx_n_u_staticmethod __pyx_string_tab[174]
-#define __pyx_n_u_step __pyx_string_tab[175]
-#define __pyx_n_u_stop __pyx_string_tab[176]
-#define __pyx_n_u_str __pyx_string_tab[177]
-#define __pyx_n_u_struct __pyx_string_tab[178]
-#define __pyx_n_u_sum __pyx_string_tab[179]
-#define __pyx_n_u_t16 __pyx_string_tab[180]
-#define __pyx_n_u_table __pyx_string_tab[181]
-#define __pyx_n_u_tb __pyx_string_tab[182]
-#define __pyx_n_u_throw __pyx_string_tab[183]
-#define __pyx_n_u_u __pyx_string_tab[184]
-#define __pyx_n_u_uint16 __pyx_string_tab[185]
-#define __pyx_n_u_uint8 __pyx_string_tab[186]
-#define __pyx_n_u_unpack __pyx_string_tab[187]
-#define __pyx_n_u_update __pyx_string_tab[188]
-#define __pyx_n_u_value __pyx_string_tab[189]
-#define __pyx_n_u_values __pyx_string_tab[190]
-#define __pyx_n_u_view __pyx_string_tab[191]
-#define __pyx_n_u_weight __pyx_string_tab[192]
-#define __pyx_n_u_x __pyx_string_tab[193]
-#define __pyx_n_u_xa __pyx_string_tab[194]
-#define __pyx_n_u_xv __pyx_string_tab[195]
-#define __pyx_n_u_yv __pyx_string_tab[196]
-#define __pyx_n_u_zeros __pyx_string_tab[197]
-#define __pyx_n_b_O __pyx_string_tab[198]
-#define __pyx_kp_b_iso88591_Q __pyx_string_tab[199]
-#define __pyx_kp_b_iso88591_A_l_B_r_1F_Rs_6_S_QfAS_1_A_TTUUY __pyx_string_tab[200]
-#define __pyx_kp_b_iso88591_A_l_b_AU_3fCr_CvQc_Bc_F_3c_A_UUV __pyx_string_tab[201]
-#define __pyx_kp_b_iso88591_A __pyx_string_tab[202]
-#define __pyx_kp_b_iso88591_A_3b_q __pyx_string_tab[203]
-#define __pyx_kp_b_iso88591_Zq_R_V2Q_2V3a_82S_2V3b_2V1Cs_a __pyx_string_tab[204]
-#define __pyx_kp_b_iso88591_a_4y_3j_4r_F_Q_AXQe1_at1_b_b_Bd __pyx_string_tab[205]
+#define __pyx_n_u_nsub __pyx_string_tab[150]
+#define __pyx_n_u_numpy __pyx_string_tab[151]
+#define __pyx_n_u_obj __pyx_string_tab[152]
+#define __pyx_n_u_out __pyx_string_tab[153]
+#define __pyx_n_u_ov __pyx_string_tab[154]
+#define __pyx_n_u_p __pyx_string_tab[155]
+#define __pyx_n_u_pack __pyx_string_tab[156]
+#define __pyx_n_u_packed __pyx_string_tab[157]
+#define __pyx_n_u_palette __pyx_string_tab[158]
+#define __pyx_n_u_pk __pyx_string_tab[159]
+#define __pyx_n_u_pop __pyx_string_tab[160]
+#define __pyx_n_u_r0 __pyx_string_tab[161]
+#define __pyx_n_u_r1 __pyx_string_tab[162]
+#define __pyx_n_u_rc __pyx_string_tab[163]
+#define __pyx_n_u_register __pyx_string_tab[164]
+#define __pyx_n_u_reshape __pyx_string_tab[165]
+#define __pyx_n_u_return __pyx_string_tab[166]
+#define __pyx_n_u_rows_3 __pyx_string_tab[167]
+#define __pyx_n_u_self __pyx_string_tab[168]
+#define __pyx_n_u_send __pyx_string_tab[169]
+#define __pyx_n_u_setdefault __pyx_string_tab[170]
+#define __pyx_n_u_shape __pyx_string_tab[171]
+#define __pyx_n_u_size __pyx_string_tab[172]
+#define __pyx_n_u_split __pyx_string_tab[173]
+#define __pyx_n_u_start __pyx_string_tab[174]
+#define __pyx_n_u_staticmethod __pyx_string_tab[175]
+#define __pyx_n_u_step __pyx_string_tab[176]
+#define __pyx_n_u_stop __pyx_string_tab[177]
+#define __pyx_n_u_str __pyx_string_tab[178]
+#define __pyx_n_u_struct __pyx_string_tab[179]
+#define __pyx_n_u_sum __pyx_string_tab[180]
+#define __pyx_n_u_t16 __pyx_string_tab[181]
+#define __pyx_n_u_table __pyx_string_tab[182]
+#define __pyx_n_u_tb __pyx_string_tab[183]
+#define __pyx_n_u_throw __pyx_string_tab[184]
+#define __pyx_n_u_u __pyx_string_tab[185]
+#define __pyx_n_u_uint16 __pyx_string_tab[186]
+#define __pyx_n_u_uint8 __pyx_string_tab[187]
+#define __pyx_n_u_unpack __pyx_string_tab[188]
+#define __pyx_n_u_update __pyx_string_tab[189]
+#define __pyx_n_u_value __pyx_string_tab[190]
+#define __pyx_n_u_values __pyx_string_tab[191]
+#define __pyx_n_u_view __pyx_string_tab[192]
+#define __pyx_n_u_weight __pyx_string_tab[193]
+#define __pyx_n_u_x __pyx_string_tab[194]
+#define __pyx_n_u_xa __pyx_string_tab[195]
+#define __pyx_n_u_xv __pyx_string_tab[196]
+#define __pyx_n_u_yv __pyx_string_tab[197]
+#define __pyx_n_u_zeros __pyx_string_tab[198]
+#define __pyx_n_b_O __pyx_string_tab[199]
+#define __pyx_kp_b_iso88591_Q __pyx_string_tab[200]
+#define __pyx_kp_b_iso88591_A_l_B_r_1F_Rs_6_S_QfAS_1_A_TTUUY __pyx_string_tab[201]
+#define __pyx_kp_b_iso88591_A_l_b_AU_3fCr_CvQc_Bc_F_3c_A_UUV __pyx_string_tab[202]
+#define __pyx_kp_b_iso88591_A __pyx_string_tab[203]
+#define __pyx_kp_b_iso88591_A_3b_q __pyx_string_tab[204]
+#define __pyx_kp_b_iso88591_Zq_R_V2Q_2V3a_82S_2V3b_2V1Cs_a __pyx_string_tab[205]
+#define __pyx_kp_b_iso88591_a_4y_3j_4r_F_Q_AXQe1_at1_b_b_Bd __pyx_string_tab[206]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_1 __pyx_number_tab[2]
@@ -4637,7 +4638,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
   for (int i=0; i<9; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
   for (int i=0; i<8; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<206; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<207; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<9; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -4698,7 +4699,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
   for (int i=0; i<9; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
   for (int i=0; i<8; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<206; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<207; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<9; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -21497,6 +21498,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __Pyx_memviewslice __pyx_v_t16 = { 0, 0, { 0 }, { 0 }, { 0 } };
   PyObject *__pyx_v_keep = NULL;
   PyObject *__pyx_v_half = NULL;
+  long __pyx_v_nsub;
   PyObject *__pyx_v_bits = NULL;
   PyObject *__pyx_v_split = NULL;
   PyObject *__pyx_r = NULL;
@@ -21521,14 +21523,17 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   PyObject *__pyx_t_18 = NULL;
   __Pyx_memviewslice __pyx_t_19 = { 0, 0, { 0 }, { 0 }, { 0 } };
   __Pyx_memviewslice __pyx_t_20 = { 0, 0, { 0 }, { 0 }, { 0 } };
-  PyObject *__pyx_t_21 = NULL;
+  long __pyx_t_21;
   PyObject *__pyx_t_22 = NULL;
   PyObject *__pyx_t_23 = NULL;
-  __Pyx_memviewslice __pyx_t_24 = { 0, 0, { 0 }, { 0 }, { 0 } };
-  Py_ssize_t __pyx_t_25;
-  Py_ssize_t __pyx_t_26;
-  int64_t __pyx_t_27;
-  int64_t __pyx_t_28;
+  PyObject *__pyx_t_24 = NULL;
+  PyObject *__pyx_t_25 = NULL;
+  PyObject *__pyx_t_26 = NULL;
+  __Pyx_memviewslice __pyx_t_27 = { 0, 0, { 0 }, { 0 }, { 0 } };
+  Py_ssize_t __pyx_t_28;
+  Py_ssize_t __pyx_t_29;
+  int64_t __pyx_t_30;
+  int64_t __pyx_t_31;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -22468,7 +22473,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *         cdef const uint8_t[:, ::1] t16
  *         keep = (packed, table)             # <<<<<<<<<<<<<<
  *         half = table.astype(np.float16)
- *         if nbits <= 4 and np.array_equal(half.astype(np.float32), table):
+ *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
 */
   __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
@@ -22485,8 +22490,8 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *         cdef const uint8_t[:, ::1] t16
  *         keep = (packed, table)
  *         half = table.astype(np.float16)             # <<<<<<<<<<<<<<
- *         if nbits <= 4 and np.array_equal(half.astype(np.float32), table):
- *             # byte-split fp16 tables for the pshufb path (exact: the tables are fp16 values)
+ *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
+ *             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
 */
   __pyx_t_4 = __pyx_v_table;
   __Pyx_INCREF(__pyx_t_4);
@@ -22510,11 +22515,11 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   /* "anemll_fast/_kernels.pyx":90
  *         keep = (packed, table)
  *         half = table.astype(np.float16)
- *         if nbits <= 4 and np.array_equal(half.astype(np.float32), table):             # <<<<<<<<<<<<<<
- *             # byte-split fp16 tables for the pshufb path (exact: the tables are fp16 values)
- *             bits = np.zeros((table.shape[0], 16), np.uint16)
+ *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):             # <<<<<<<<<<<<<<
+ *             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
+ *             nsub = 1 if nbits <= 4 else 4
 */
-  __pyx_t_12 = (__pyx_v_nbits <= 4);
+  __pyx_t_12 = (__pyx_v_nbits <= 6);
 
   if (__pyx_t_12) {
 
@@ -22577,36 +22582,60 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
 
     /* "anemll_fast/_kernels.pyx":92
- *         if nbits <= 4 and np.array_equal(half.astype(np.float32), table):
- *             # byte-split fp16 tables for the pshufb path (exact: the tables are fp16 values)
- *             bits = np.zeros((table.shape[0], 16), np.uint16)             # <<<<<<<<<<<<<<
- *             bits[:, :table.shape[1]] = half.view(np.uint16)
+ *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
+ *             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
+ *             nsub = 1 if nbits <= 4 else 4             # <<<<<<<<<<<<<<
+ *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
+ *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
+*/
+    __pyx_t_7 = (__pyx_v_nbits <= 4);
+
+    if (__pyx_t_7) {
+
+      __pyx_t_21 = 1;
+    } else {
+
+      __pyx_t_21 = 4;
+    }
+
+    __pyx_v_nsub = __pyx_t_21;
+
+    /* "anemll_fast/_kernels.pyx":93
+ *             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
+ *             nsub = 1 if nbits <= 4 else 4
+ *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)             # <<<<<<<<<<<<<<
+ *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
 */
     __pyx_t_1 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 92, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_zeros); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 92, __pyx_L1_error)
+    __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_zeros); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 93, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_18);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 92, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_15 = __Pyx_GetItemInt(__pyx_t_4, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 92, __pyx_L1_error)
+    __pyx_t_15 = __Pyx_GetItemInt(__pyx_t_4, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 93, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_15);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = PyTuple_New(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 92, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyLong_From_long(__pyx_v_nsub); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
+    __pyx_t_16 = PyTuple_New(3); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_16);
     __Pyx_GIVEREF(__pyx_t_15);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 0, __pyx_t_15) != (0)) __PYX_ERR(0, 92, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 0, __pyx_t_15) != (0)) __PYX_ERR(0, 93, __pyx_L1_error);
+    __Pyx_GIVEREF(__pyx_t_4);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 93, __pyx_L1_error);
     __Pyx_INCREF(__pyx_mstate_global->__pyx_int_16);
     __Pyx_GIVEREF(__pyx_mstate_global->__pyx_int_16);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 1, __pyx_mstate_global->__pyx_int_16) != (0)) __PYX_ERR(0, 92, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 2, __pyx_mstate_global->__pyx_int_16) != (0)) __PYX_ERR(0, 93, __pyx_L1_error);
     __pyx_t_15 = 0;
-    __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 92, __pyx_L1_error)
+    __pyx_t_4 = 0;
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_4);
+    __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 93, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_15);
-    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 92, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_16);
-    __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
+    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
     if (unlikely(PyMethod_Check(__pyx_t_18))) {
@@ -22620,278 +22649,336 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     }
     #endif
     {
-      PyObject *__pyx_callargs[3] = {__pyx_t_1, __pyx_t_4, __pyx_t_16};
+      PyObject *__pyx_callargs[3] = {__pyx_t_1, __pyx_t_16, __pyx_t_15};
       __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_18, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
+      __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
       __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 92, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 93, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __pyx_v_bits = __pyx_t_5;
     __pyx_t_5 = 0;
 
-    /* "anemll_fast/_kernels.pyx":93
- *             # byte-split fp16 tables for the pshufb path (exact: the tables are fp16 values)
- *             bits = np.zeros((table.shape[0], 16), np.uint16)
- *             bits[:, :table.shape[1]] = half.view(np.uint16)             # <<<<<<<<<<<<<<
+    /* "anemll_fast/_kernels.pyx":94
+ *             nsub = 1 if nbits <= 4 else 4
+ *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
+ *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)             # <<<<<<<<<<<<<<
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
- *                                                          (bits >> 8).astype(np.uint8)], axis=1))
+ *                                                          (bits >> 8).astype(np.uint8)], axis=2)
 */
     __pyx_t_18 = __pyx_v_half;
     __Pyx_INCREF(__pyx_t_18);
-    __Pyx_GetModuleGlobalName(__pyx_t_16, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_15);
+    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 94, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_16);
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_16, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
-    __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
+    __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
     __pyx_t_3 = 0;
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_18, __pyx_t_4};
+      PyObject *__pyx_callargs[2] = {__pyx_t_18, __pyx_t_16};
       __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_view, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
-      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 93, __pyx_L1_error)
+      __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 94, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_18 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __pyx_t_18 = __pyx_v_bits;
+    __Pyx_INCREF(__pyx_t_18);
+    __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_15);
+    __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_15, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
+    __pyx_t_3 = 0;
+    {
+      PyObject *__pyx_callargs[3] = {__pyx_t_18, __pyx_t_1, __pyx_mstate_global->__pyx_int_neg_1};
+      __pyx_t_16 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
+      __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+      if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 94, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_16);
+    }
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    __pyx_t_18 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 94, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_18);
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = PySlice_New(Py_None, __pyx_t_18, Py_None); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+    __pyx_t_1 = PySlice_New(Py_None, __pyx_t_18, Py_None); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-    __pyx_t_18 = PyTuple_New(2); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __pyx_t_18 = PyTuple_New(2); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 94, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_18);
     __Pyx_INCREF(__pyx_mstate_global->__pyx_slice[0]);
     __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[0]);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_18, 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(0, 93, __pyx_L1_error);
-    __Pyx_GIVEREF(__pyx_t_4);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_18, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 93, __pyx_L1_error);
-    __pyx_t_4 = 0;
-    if (unlikely((PyObject_SetItem(__pyx_v_bits, __pyx_t_18, __pyx_t_5) < 0))) __PYX_ERR(0, 93, __pyx_L1_error)
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_18, 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
+    __Pyx_GIVEREF(__pyx_t_1);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_18, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
+    __pyx_t_1 = 0;
+    if (unlikely((PyObject_SetItem(__pyx_t_16, __pyx_t_18, __pyx_t_5) < 0))) __PYX_ERR(0, 94, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
     __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-    /* "anemll_fast/_kernels.pyx":94
- *             bits = np.zeros((table.shape[0], 16), np.uint16)
- *             bits[:, :table.shape[1]] = half.view(np.uint16)
+    /* "anemll_fast/_kernels.pyx":95
+ *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
+ *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),             # <<<<<<<<<<<<<<
- *                                                          (bits >> 8).astype(np.uint8)], axis=1))
- *             t16 = split
+ *                                                          (bits >> 8).astype(np.uint8)], axis=2)
+ *                                          .reshape(table.shape[0], -1))
 */
     __pyx_t_18 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 94, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_16, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 95, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_16);
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_1 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 94, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_15);
-    __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 94, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_6);
-    __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-    __pyx_t_17 = __Pyx_PyLong_AndObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_255, 0xFF, 0, 0); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 94, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_17);
-    __pyx_t_2 = __pyx_t_17;
-    __Pyx_INCREF(__pyx_t_2);
-    __Pyx_GetModuleGlobalName(__pyx_t_21, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 94, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_21);
-    __pyx_t_22 = __Pyx_PyObject_GetAttrStr(__pyx_t_21, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 94, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_22);
-    __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
-    __pyx_t_3 = 0;
-    {
-      PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_t_22};
-      __pyx_t_15 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_astype, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-      __Pyx_DECREF(__pyx_t_22); __pyx_t_22 = 0;
-      __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-      if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 94, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_15);
-    }
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_16, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
 
-    /* "anemll_fast/_kernels.pyx":95
- *             bits[:, :table.shape[1]] = half.view(np.uint16)
+    /* "anemll_fast/_kernels.pyx":97
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
- *                                                          (bits >> 8).astype(np.uint8)], axis=1))             # <<<<<<<<<<<<<<
+ *                                                          (bits >> 8).astype(np.uint8)], axis=2)
+ *                                          .reshape(table.shape[0], -1))             # <<<<<<<<<<<<<<
  *             t16 = split
  *             p.w.lut16_bytes = &t16[0, 0]
 */
-    __pyx_t_2 = __Pyx_PyLong_RshiftObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_8, 8, 0, 0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __pyx_t_6 = NULL;
+
+    /* "anemll_fast/_kernels.pyx":95
+ *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
+ *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
+ *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),             # <<<<<<<<<<<<<<
+ *                                                          (bits >> 8).astype(np.uint8)], axis=2)
+ *                                          .reshape(table.shape[0], -1))
+*/
+    __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 95, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_22 = __pyx_t_2;
-    __Pyx_INCREF(__pyx_t_22);
-    __Pyx_GetModuleGlobalName(__pyx_t_21, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 95, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_21);
-    __pyx_t_23 = __Pyx_PyObject_GetAttrStr(__pyx_t_21, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_17);
+    __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+    __pyx_t_23 = __Pyx_PyLong_AndObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_255, 0xFF, 0, 0); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 95, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_23);
-    __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
+    __pyx_t_22 = __pyx_t_23;
+    __Pyx_INCREF(__pyx_t_22);
+    __Pyx_GetModuleGlobalName(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_24);
+    __pyx_t_25 = __Pyx_PyObject_GetAttrStr(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_25)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_25);
+    __Pyx_DECREF(__pyx_t_24); __pyx_t_24 = 0;
     __pyx_t_3 = 0;
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_22, __pyx_t_23};
-      __pyx_t_17 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_astype, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      PyObject *__pyx_callargs[2] = {__pyx_t_22, __pyx_t_25};
+      __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_astype, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_22); __pyx_t_22 = 0;
+      __Pyx_DECREF(__pyx_t_25); __pyx_t_25 = 0;
       __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-      __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-      if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 95, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_17);
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 95, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_2);
     }
 
-    /* "anemll_fast/_kernels.pyx":94
- *             bits = np.zeros((table.shape[0], 16), np.uint16)
- *             bits[:, :table.shape[1]] = half.view(np.uint16)
- *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),             # <<<<<<<<<<<<<<
- *                                                          (bits >> 8).astype(np.uint8)], axis=1))
+    /* "anemll_fast/_kernels.pyx":96
+ *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
+ *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
+ *                                                          (bits >> 8).astype(np.uint8)], axis=2)             # <<<<<<<<<<<<<<
+ *                                          .reshape(table.shape[0], -1))
  *             t16 = split
 */
-    __pyx_t_2 = PyList_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 94, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_2);
-    __Pyx_GIVEREF(__pyx_t_15);
-    if (__Pyx_PyList_SET_ITEM(__pyx_t_2, 0, __pyx_t_15) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
-    __Pyx_GIVEREF(__pyx_t_17);
-    if (__Pyx_PyList_SET_ITEM(__pyx_t_2, 1, __pyx_t_17) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
-    __pyx_t_15 = 0;
-    __pyx_t_17 = 0;
+    __pyx_t_22 = __Pyx_PyLong_RshiftObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_8, 8, 0, 0); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 96, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_22);
+    __pyx_t_25 = __pyx_t_22;
+    __Pyx_INCREF(__pyx_t_25);
+    __Pyx_GetModuleGlobalName(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 96, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_24);
+    __pyx_t_26 = __Pyx_PyObject_GetAttrStr(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_26)) __PYX_ERR(0, 96, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_26);
+    __Pyx_DECREF(__pyx_t_24); __pyx_t_24 = 0;
+    __pyx_t_3 = 0;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_25, __pyx_t_26};
+      __pyx_t_23 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_astype, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_25); __pyx_t_25 = 0;
+      __Pyx_DECREF(__pyx_t_26); __pyx_t_26 = 0;
+      __Pyx_DECREF(__pyx_t_22); __pyx_t_22 = 0;
+      if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 96, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_23);
+    }
+
+    /* "anemll_fast/_kernels.pyx":95
+ *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
+ *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
+ *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),             # <<<<<<<<<<<<<<
+ *                                                          (bits >> 8).astype(np.uint8)], axis=2)
+ *                                          .reshape(table.shape[0], -1))
+*/
+    __pyx_t_22 = PyList_New(2); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_22);
+    __Pyx_GIVEREF(__pyx_t_2);
+    if (__Pyx_PyList_SET_ITEM(__pyx_t_22, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 95, __pyx_L1_error);
+    __Pyx_GIVEREF(__pyx_t_23);
+    if (__Pyx_PyList_SET_ITEM(__pyx_t_22, 1, __pyx_t_23) != (0)) __PYX_ERR(0, 95, __pyx_L1_error);
+    __pyx_t_2 = 0;
+    __pyx_t_23 = 0;
     #if CYTHON_VECTORCALL
     #endif
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
-    if (unlikely(PyMethod_Check(__pyx_t_6))) {
-      __pyx_t_1 = PyMethod_GET_SELF(__pyx_t_6);
-      assert(__pyx_t_1);
-      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_6);
-      __Pyx_INCREF(__pyx_t_1);
+    if (unlikely(PyMethod_Check(__pyx_t_17))) {
+      __pyx_t_6 = PyMethod_GET_SELF(__pyx_t_17);
+      assert(__pyx_t_6);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_17);
+      __Pyx_INCREF(__pyx_t_6);
       __Pyx_INCREF(__pyx__function);
-      __Pyx_DECREF_SET(__pyx_t_6, __pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_17, __pyx__function);
       __pyx_t_3 = 0;
     }
     #endif
     {
-      PyObject *__pyx_callargs[3] = {__pyx_t_1, __pyx_t_2, __pyx_mstate_global->__pyx_int_1};
+      PyObject *__pyx_callargs[3] = {__pyx_t_6, __pyx_t_22, __pyx_mstate_global->__pyx_int_2};
       #if CYTHON_VECTORCALL
-      __pyx_t_17 = __pyx_mstate_global->__pyx_tuple[3];
-      if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 94, __pyx_L1_error)
-      __Pyx_INCREF(__pyx_t_17);
+      __pyx_t_23 = __pyx_mstate_global->__pyx_tuple[3];
+      if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 95, __pyx_L1_error)
+      __Pyx_INCREF(__pyx_t_23);
       #else
       {
         PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_axis};
-        __pyx_t_17 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-        if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 94, __pyx_L1_error)
-        __Pyx_GOTREF(__pyx_t_17);
+        __pyx_t_23 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
+        if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 95, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_23);
       }
       #endif
-      __pyx_t_4 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_17);
-      __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-      __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+      __pyx_t_4 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_17, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_23);
+      __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+      __Pyx_DECREF(__pyx_t_22); __pyx_t_22 = 0;
       #if CYTHON_VECTORCALL
       #endif
+      __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
       __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-      __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 94, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 95, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
+    }
+    __pyx_t_15 = __pyx_t_4;
+    __Pyx_INCREF(__pyx_t_15);
+
+    /* "anemll_fast/_kernels.pyx":97
+ *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
+ *                                                          (bits >> 8).astype(np.uint8)], axis=2)
+ *                                          .reshape(table.shape[0], -1))             # <<<<<<<<<<<<<<
+ *             t16 = split
+ *             p.w.lut16_bytes = &t16[0, 0]
+*/
+    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 97, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_17);
+    __pyx_t_23 = __Pyx_GetItemInt(__pyx_t_17, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 97, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_23);
+    __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
+    __pyx_t_3 = 0;
+    {
+      PyObject *__pyx_callargs[3] = {__pyx_t_15, __pyx_t_23, __pyx_mstate_global->__pyx_int_neg_1};
+      __pyx_t_16 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_15); __pyx_t_15 = 0;
+      __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
+      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+      if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 97, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_16);
     }
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
-    if (unlikely(PyMethod_Check(__pyx_t_16))) {
-      __pyx_t_18 = PyMethod_GET_SELF(__pyx_t_16);
+    if (unlikely(PyMethod_Check(__pyx_t_1))) {
+      __pyx_t_18 = PyMethod_GET_SELF(__pyx_t_1);
       assert(__pyx_t_18);
-      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_16);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_1);
       __Pyx_INCREF(__pyx_t_18);
       __Pyx_INCREF(__pyx__function);
-      __Pyx_DECREF_SET(__pyx_t_16, __pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_1, __pyx__function);
       __pyx_t_3 = 0;
     }
     #endif
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_18, __pyx_t_4};
-      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_16, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      PyObject *__pyx_callargs[2] = {__pyx_t_18, __pyx_t_16};
+      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_1, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
-      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 94, __pyx_L1_error)
+      __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 95, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __pyx_v_split = __pyx_t_5;
     __pyx_t_5 = 0;
 
-    /* "anemll_fast/_kernels.pyx":96
- *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
- *                                                          (bits >> 8).astype(np.uint8)], axis=1))
+    /* "anemll_fast/_kernels.pyx":98
+ *                                                          (bits >> 8).astype(np.uint8)], axis=2)
+ *                                          .reshape(table.shape[0], -1))
  *             t16 = split             # <<<<<<<<<<<<<<
  *             p.w.lut16_bytes = &t16[0, 0]
  *             keep = keep + (split,)
 */
-    __pyx_t_24 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(__pyx_v_split, 0); if (unlikely(!__pyx_t_24.memview)) __PYX_ERR(0, 96, __pyx_L1_error)
-    __pyx_v_t16 = __pyx_t_24;
-    __pyx_t_24.memview = NULL;
-    __pyx_t_24.data = NULL;
+    __pyx_t_27 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(__pyx_v_split, 0); if (unlikely(!__pyx_t_27.memview)) __PYX_ERR(0, 98, __pyx_L1_error)
+    __pyx_v_t16 = __pyx_t_27;
+    __pyx_t_27.memview = NULL;
+    __pyx_t_27.data = NULL;
 
-    /* "anemll_fast/_kernels.pyx":97
- *                                                          (bits >> 8).astype(np.uint8)], axis=1))
+    /* "anemll_fast/_kernels.pyx":99
+ *                                          .reshape(table.shape[0], -1))
  *             t16 = split
  *             p.w.lut16_bytes = &t16[0, 0]             # <<<<<<<<<<<<<<
  *             keep = keep + (split,)
  *         p.w.rows, p.w.cols = rows, cols
 */
-    __pyx_t_25 = 0;
-    __pyx_t_26 = 0;
-    __pyx_v_p->w.lut16_bytes = (&(*((uint8_t const  *) ( /* dim=1 */ ((char *) (((uint8_t const  *) ( /* dim=0 */ (__pyx_v_t16.data + __pyx_t_25 * __pyx_v_t16.strides[0]) )) + __pyx_t_26)) ))));
+    __pyx_t_28 = 0;
+    __pyx_t_29 = 0;
+    __pyx_v_p->w.lut16_bytes = (&(*((uint8_t const  *) ( /* dim=1 */ ((char *) (((uint8_t const  *) ( /* dim=0 */ (__pyx_v_t16.data + __pyx_t_28 * __pyx_v_t16.strides[0]) )) + __pyx_t_29)) ))));
 
-    /* "anemll_fast/_kernels.pyx":98
+    /* "anemll_fast/_kernels.pyx":100
  *             t16 = split
  *             p.w.lut16_bytes = &t16[0, 0]
  *             keep = keep + (split,)             # <<<<<<<<<<<<<<
  *         p.w.rows, p.w.cols = rows, cols
  *         p.w.idx = &pk[0, 0]
 */
-    __pyx_t_5 = PyTuple_New(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 98, __pyx_L1_error)
+    __pyx_t_5 = PyTuple_New(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 100, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_INCREF(__pyx_v_split);
     __Pyx_GIVEREF(__pyx_v_split);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_split) != (0)) __PYX_ERR(0, 98, __pyx_L1_error);
-    __pyx_t_16 = PyNumber_Add(__pyx_v_keep, __pyx_t_5); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 98, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_16);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_split) != (0)) __PYX_ERR(0, 100, __pyx_L1_error);
+    __pyx_t_1 = PyNumber_Add(__pyx_v_keep, __pyx_t_5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 100, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __Pyx_DECREF_SET(__pyx_v_keep, __pyx_t_16);
-    __pyx_t_16 = 0;
+    __Pyx_DECREF_SET(__pyx_v_keep, __pyx_t_1);
+    __pyx_t_1 = 0;
 
     /* "anemll_fast/_kernels.pyx":90
  *         keep = (packed, table)
  *         half = table.astype(np.float16)
- *         if nbits <= 4 and np.array_equal(half.astype(np.float32), table):             # <<<<<<<<<<<<<<
- *             # byte-split fp16 tables for the pshufb path (exact: the tables are fp16 values)
- *             bits = np.zeros((table.shape[0], 16), np.uint16)
+ *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):             # <<<<<<<<<<<<<<
+ *             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
+ *             nsub = 1 if nbits <= 4 else 4
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":99
+  /* "anemll_fast/_kernels.pyx":101
  *             p.w.lut16_bytes = &t16[0, 0]
  *             keep = keep + (split,)
  *         p.w.rows, p.w.cols = rows, cols             # <<<<<<<<<<<<<<
  *         p.w.idx = &pk[0, 0]
  *         p.w.nbits = nbits
 */
-  __pyx_t_27 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_27 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 99, __pyx_L1_error)
-  __pyx_t_28 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_28 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 99, __pyx_L1_error)
-  __pyx_v_p->w.rows = __pyx_t_27;
-  __pyx_v_p->w.cols = __pyx_t_28;
+  __pyx_t_30 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_30 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 101, __pyx_L1_error)
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 101, __pyx_L1_error)
+  __pyx_v_p->w.rows = __pyx_t_30;
+  __pyx_v_p->w.cols = __pyx_t_31;
 
-  /* "anemll_fast/_kernels.pyx":100
+  /* "anemll_fast/_kernels.pyx":102
  *             keep = keep + (split,)
  *         p.w.rows, p.w.cols = rows, cols
  *         p.w.idx = &pk[0, 0]             # <<<<<<<<<<<<<<
  *         p.w.nbits = nbits
  *         p.w.lut = &tb[0, 0]
 */
-  __pyx_t_26 = 0;
-  __pyx_t_25 = 0;
-  __pyx_v_p->w.idx = (&(*((uint8_t const  *) ( /* dim=1 */ ((char *) (((uint8_t const  *) ( /* dim=0 */ (__pyx_v_pk.data + __pyx_t_26 * __pyx_v_pk.strides[0]) )) + __pyx_t_25)) ))));
+  __pyx_t_29 = 0;
+  __pyx_t_28 = 0;
+  __pyx_v_p->w.idx = (&(*((uint8_t const  *) ( /* dim=1 */ ((char *) (((uint8_t const  *) ( /* dim=0 */ (__pyx_v_pk.data + __pyx_t_29 * __pyx_v_pk.strides[0]) )) + __pyx_t_28)) ))));
 
-  /* "anemll_fast/_kernels.pyx":101
+  /* "anemll_fast/_kernels.pyx":103
  *         p.w.rows, p.w.cols = rows, cols
  *         p.w.idx = &pk[0, 0]
  *         p.w.nbits = nbits             # <<<<<<<<<<<<<<
@@ -22900,53 +22987,53 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   __pyx_v_p->w.nbits = __pyx_v_nbits;
 
-  /* "anemll_fast/_kernels.pyx":102
+  /* "anemll_fast/_kernels.pyx":104
  *         p.w.idx = &pk[0, 0]
  *         p.w.nbits = nbits
  *         p.w.lut = &tb[0, 0]             # <<<<<<<<<<<<<<
  *         p.w.entries = table.shape[1]
  *         p.w.rows_per_group = rows // table.shape[0]
 */
-  __pyx_t_25 = 0;
-  __pyx_t_26 = 0;
-  __pyx_v_p->w.lut = (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_tb.data + __pyx_t_25 * __pyx_v_tb.strides[0]) )) + __pyx_t_26)) ))));
+  __pyx_t_28 = 0;
+  __pyx_t_29 = 0;
+  __pyx_v_p->w.lut = (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_tb.data + __pyx_t_28 * __pyx_v_tb.strides[0]) )) + __pyx_t_29)) ))));
 
-  /* "anemll_fast/_kernels.pyx":103
+  /* "anemll_fast/_kernels.pyx":105
  *         p.w.nbits = nbits
  *         p.w.lut = &tb[0, 0]
  *         p.w.entries = table.shape[1]             # <<<<<<<<<<<<<<
  *         p.w.rows_per_group = rows // table.shape[0]
  *         p._keep = keep
 */
-  __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 103, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_16);
-  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_16, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 103, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 105, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 105, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-  __pyx_t_28 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_28 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 103, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 105, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_v_p->w.entries = __pyx_t_28;
+  __pyx_v_p->w.entries = __pyx_t_31;
 
-  /* "anemll_fast/_kernels.pyx":104
+  /* "anemll_fast/_kernels.pyx":106
  *         p.w.lut = &tb[0, 0]
  *         p.w.entries = table.shape[1]
  *         p.w.rows_per_group = rows // table.shape[0]             # <<<<<<<<<<<<<<
  *         p._keep = keep
  *         p.rows, p.cols, p.kind, p.nbits = rows, cols, "palette", nbits
 */
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 104, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 106, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_16 = __Pyx_GetItemInt(__pyx_t_5, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 104, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_16);
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_5, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 106, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = PyNumber_FloorDivide(__pyx_v_rows, __pyx_t_16); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 104, __pyx_L1_error)
+  __pyx_t_5 = PyNumber_FloorDivide(__pyx_v_rows, __pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 106, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-  __pyx_t_28 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_28 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 104, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 106, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_v_p->w.rows_per_group = __pyx_t_28;
+  __pyx_v_p->w.rows_per_group = __pyx_t_31;
 
-  /* "anemll_fast/_kernels.pyx":105
+  /* "anemll_fast/_kernels.pyx":107
  *         p.w.entries = table.shape[1]
  *         p.w.rows_per_group = rows // table.shape[0]
  *         p._keep = keep             # <<<<<<<<<<<<<<
@@ -22958,28 +23045,28 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __Pyx_GOTREF(__pyx_v_p->_keep);
   __Pyx_DECREF_SET(__pyx_v_p->_keep, __pyx_v_keep);
 
-  /* "anemll_fast/_kernels.pyx":106
+  /* "anemll_fast/_kernels.pyx":108
  *         p.w.rows_per_group = rows // table.shape[0]
  *         p._keep = keep
  *         p.rows, p.cols, p.kind, p.nbits = rows, cols, "palette", nbits             # <<<<<<<<<<<<<<
  *         return p
  * 
 */
-  __pyx_t_28 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_28 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 106, __pyx_L1_error)
-  __pyx_t_27 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_27 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 106, __pyx_L1_error)
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 108, __pyx_L1_error)
+  __pyx_t_30 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_30 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 108, __pyx_L1_error)
   __pyx_t_5 = __pyx_mstate_global->__pyx_n_u_palette;
   __Pyx_INCREF(__pyx_t_5);
   __pyx_t_11 = __pyx_v_nbits;
 
-  __pyx_v_p->rows = __pyx_t_28;
-  __pyx_v_p->cols = __pyx_t_27;
+  __pyx_v_p->rows = __pyx_t_31;
+  __pyx_v_p->cols = __pyx_t_30;
   __Pyx_GIVEREF(__pyx_t_5);
   __Pyx_GOTREF(__pyx_v_p->kind);
   __Pyx_DECREF_SET(__pyx_v_p->kind, ((PyObject*)__pyx_t_5));
   __pyx_t_5 = 0;
   __pyx_v_p->nbits = __pyx_t_11;
 
-  /* "anemll_fast/_kernels.pyx":107
+  /* "anemll_fast/_kernels.pyx":109
  *         p._keep = keep
  *         p.rows, p.cols, p.kind, p.nbits = rows, cols, "palette", nbits
  *         return p             # <<<<<<<<<<<<<<
@@ -23018,10 +23105,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __Pyx_XDECREF(__pyx_t_18);
   __PYX_XCLEAR_MEMVIEW(&__pyx_t_19, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_t_20, 1);
-  __Pyx_XDECREF(__pyx_t_21);
   __Pyx_XDECREF(__pyx_t_22);
   __Pyx_XDECREF(__pyx_t_23);
-  __PYX_XCLEAR_MEMVIEW(&__pyx_t_24, 1);
+  __Pyx_XDECREF(__pyx_t_24);
+  __Pyx_XDECREF(__pyx_t_25);
+  __Pyx_XDECREF(__pyx_t_26);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_t_27, 1);
   __Pyx_AddTraceback("anemll_fast._kernels.PackedWeight.from_palette", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __pyx_L0:;
@@ -23037,6 +23126,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_t16, 1);
   __Pyx_XDECREF(__pyx_v_keep);
   __Pyx_XDECREF(__pyx_v_half);
+
   __Pyx_XDECREF(__pyx_v_bits);
   __Pyx_XDECREF(__pyx_v_split);
   __Pyx_XGIVEREF(__pyx_r);
@@ -23044,7 +23134,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":109
+/* "anemll_fast/_kernels.pyx":111
  *         return p
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -23068,7 +23158,7 @@ static PyObject *__pyx_pw_11anemll_fast_8_kernels_12PackedWeight_6nbytes_1__get_
 }
 static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___2generator(__pyx_CoroutineObject *__pyx_generator, CYTHON_UNUSED PyThreadState *__pyx_tstate, PyObject *__pyx_sent_value); /* proto */
 
-/* "anemll_fast/_kernels.pyx":111
+/* "anemll_fast/_kernels.pyx":113
  *     @property
  *     def nbytes(self) -> int:
  *         return sum(a.nbytes for a in self._keep)             # <<<<<<<<<<<<<<
@@ -23088,7 +23178,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   if (unlikely(!__pyx_cur_scope)) {
     __pyx_cur_scope = ((struct __pyx_obj_11anemll_fast_8_kernels___pyx_scope_struct__genexpr *)Py_None);
     __Pyx_INCREF(Py_None);
-    __PYX_ERR(0, 111, __pyx_L1_error)
+    __PYX_ERR(0, 113, __pyx_L1_error)
   } else {
     __Pyx_GOTREF((PyObject *)__pyx_cur_scope);
   }
@@ -23096,7 +23186,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   __Pyx_INCREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   __Pyx_GIVEREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   {
-    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_PackedWeight___get___locals_gene, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels); if (unlikely(!gen)) __PYX_ERR(0, 111, __pyx_L1_error)
+    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_PackedWeight___get___locals_gene, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels); if (unlikely(!gen)) __PYX_ERR(0, 113, __pyx_L1_error)
     __Pyx_DECREF(__pyx_cur_scope);
     __Pyx_RefNannyFinishContext();
     return (PyObject *) gen;
@@ -23135,17 +23225,17 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   __pyx_L3_first_run:;
   if (unlikely(__pyx_sent_value != Py_None)) {
     if (unlikely(__pyx_sent_value)) PyErr_SetString(PyExc_TypeError, "can't send non-None value to a just-started generator");
-    __PYX_ERR(0, 111, __pyx_L1_error)
+    __PYX_ERR(0, 113, __pyx_L1_error)
   }
-  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 111, __pyx_L1_error) }
+  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 113, __pyx_L1_error) }
   if (likely(PyList_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) || PyTuple_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) {
     __pyx_t_1 = __pyx_cur_scope->__pyx_genexpr_arg_0; __Pyx_INCREF(__pyx_t_1);
     __pyx_t_2 = 0;
     __pyx_t_3 = NULL;
   } else {
-    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 111, __pyx_L1_error)
+    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 113, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 111, __pyx_L1_error)
+    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 113, __pyx_L1_error)
   }
   for (;;) {
     if (likely(!__pyx_t_3)) {
@@ -23153,7 +23243,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 111, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 113, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -23163,7 +23253,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 111, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 113, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -23174,13 +23264,13 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
         #endif
         ++__pyx_t_2;
       }
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 111, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 113, __pyx_L1_error)
     } else {
       __pyx_t_4 = __pyx_t_3(__pyx_t_1);
       if (unlikely(!__pyx_t_4)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 111, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 113, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -23191,7 +23281,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
     __Pyx_XDECREF_SET(__pyx_cur_scope->__pyx_v_a, __pyx_t_4);
     __Pyx_GIVEREF(__pyx_t_4);
     __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_a, __pyx_mstate_global->__pyx_n_u_nbytes); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 111, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_a, __pyx_mstate_global->__pyx_n_u_nbytes); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 113, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __pyx_r = __pyx_t_4;
     __pyx_t_4 = 0;
@@ -23213,7 +23303,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
     __Pyx_XGOTREF(__pyx_t_1);
     __pyx_t_2 = __pyx_cur_scope->__pyx_t_1;
     __pyx_t_3 = __pyx_cur_scope->__pyx_t_2;
-    if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 111, __pyx_L1_error)
+    if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 113, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   CYTHON_MAYBE_UNUSED_VAR(__pyx_cur_scope);
@@ -23239,7 +23329,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":109
+/* "anemll_fast/_kernels.pyx":111
  *         return p
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -23260,7 +23350,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__get__", 0);
 
-  /* "anemll_fast/_kernels.pyx":111
+  /* "anemll_fast/_kernels.pyx":113
  *     @property
  *     def nbytes(self) -> int:
  *         return sum(a.nbytes for a in self._keep)             # <<<<<<<<<<<<<<
@@ -23268,7 +23358,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
  *     def matmul(self, x, bias=None, out=None):
 */
   __pyx_t_2 = NULL;
-  __pyx_t_3 = __pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___genexpr(NULL, __pyx_v_self->_keep); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_3 = __pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___genexpr(NULL, __pyx_v_self->_keep); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 113, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_4 = 1;
   {
@@ -23276,7 +23366,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_sum, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 111, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 113, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   {
@@ -23290,7 +23380,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":109
+  /* "anemll_fast/_kernels.pyx":111
  *         return p
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -23312,7 +23402,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":113
+/* "anemll_fast/_kernels.pyx":115
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
@@ -23362,44 +23452,44 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_bias,&__pyx_mstate_global->__pyx_n_u_out,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 113, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 115, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 113, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 115, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 113, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 115, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 113, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 115, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "matmul", 0) < (0)) __PYX_ERR(0, 113, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "matmul", 0) < (0)) __PYX_ERR(0, 115, __pyx_L3_error)
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)Py_None));
       if (!values[2]) values[2] = __Pyx_NewRef(((PyObject *)Py_None));
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, i); __PYX_ERR(0, 113, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, i); __PYX_ERR(0, 115, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 113, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 115, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 113, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 115, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 113, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 115, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -23412,7 +23502,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, __pyx_nargs); __PYX_ERR(0, 113, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, __pyx_nargs); __PYX_ERR(0, 115, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -23471,7 +23561,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   __Pyx_RefNannySetupContext("matmul", 0);
   __Pyx_INCREF(__pyx_v_out);
 
-  /* "anemll_fast/_kernels.pyx":115
+  /* "anemll_fast/_kernels.pyx":117
  *     def matmul(self, x, bias=None, out=None):
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)             # <<<<<<<<<<<<<<
@@ -23479,14 +23569,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *             xa = xa.reshape(-1, 1)
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 115, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 117, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 115, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 117, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 115, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 117, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 115, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 117, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
@@ -23507,13 +23597,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_v_x, __pyx_t_5};
     #if CYTHON_VECTORCALL
     __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 115, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 117, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 115, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 117, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
@@ -23524,42 +23614,42 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 115, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 117, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_xa = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":116
+  /* "anemll_fast/_kernels.pyx":118
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:             # <<<<<<<<<<<<<<
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 116, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_7 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_1, 1, 0)); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 116, __pyx_L1_error)
+  __pyx_t_7 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_1, 1, 0)); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":117
+    /* "anemll_fast/_kernels.pyx":119
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)             # <<<<<<<<<<<<<<
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
 */
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_reshape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 117, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_reshape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 119, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_4 = __Pyx_PyObject_Call(__pyx_t_1, __pyx_mstate_global->__pyx_tuple[6], NULL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 117, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_Call(__pyx_t_1, __pyx_mstate_global->__pyx_tuple[6], NULL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 119, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF_SET(__pyx_v_xa, __pyx_t_4);
     __pyx_t_4 = 0;
 
-    /* "anemll_fast/_kernels.pyx":116
+    /* "anemll_fast/_kernels.pyx":118
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:             # <<<<<<<<<<<<<<
@@ -23568,16 +23658,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":118
+  /* "anemll_fast/_kernels.pyx":120
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:             # <<<<<<<<<<<<<<
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]
 */
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 118, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 120, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 118, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 120, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   if (!__pyx_t_8) {
 
@@ -23587,14 +23677,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 
     goto __pyx_L5_bool_binop_done;
   }
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 118, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 120, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 120, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 118, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 120, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_int(__pyx_t_1, __pyx_t_4, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 118, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_int(__pyx_t_1, __pyx_t_4, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 120, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
@@ -23604,7 +23694,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":119
+    /* "anemll_fast/_kernels.pyx":121
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")             # <<<<<<<<<<<<<<
@@ -23612,21 +23702,21 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *         if out is None:
 */
     __pyx_t_1 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 119, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 121, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 119, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 121, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __pyx_t_3 = __Pyx_PyObject_CallOneArg(__pyx_t_5, __pyx_v_x); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 119, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_CallOneArg(__pyx_t_5, __pyx_v_x); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 121, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_3); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 119, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_3); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 121, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __pyx_t_3 = __Pyx_PyObject_FormatSimple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 119, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_FormatSimple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 121, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __pyx_t_5 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->cols, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 119, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->cols, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 121, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_9[0] = __pyx_mstate_global->__pyx_kp_u_input_of_shape;
     __pyx_t_9[1] = __pyx_t_3;
@@ -23642,7 +23732,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_9[1]);
     #endif
     __pyx_t_2 = __Pyx_PyUnicode_Join(__pyx_t_9, 5, __pyx_t_10, __pyx_t_11);
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 119, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 121, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
@@ -23652,14 +23742,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 119, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 121, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     __Pyx_Raise(__pyx_t_4, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __PYX_ERR(0, 119, __pyx_L1_error)
+    __PYX_ERR(0, 121, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":118
+    /* "anemll_fast/_kernels.pyx":120
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:             # <<<<<<<<<<<<<<
@@ -23668,23 +23758,23 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":120
+  /* "anemll_fast/_kernels.pyx":122
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]             # <<<<<<<<<<<<<<
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)
 */
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 120, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 122, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 120, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 122, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_12 = __Pyx_PyLong_As_int64_t(__pyx_t_2); if (unlikely((__pyx_t_12 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 120, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyLong_As_int64_t(__pyx_t_2); if (unlikely((__pyx_t_12 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 122, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   __pyx_v_n = __pyx_t_12;
 
-  /* "anemll_fast/_kernels.pyx":121
+  /* "anemll_fast/_kernels.pyx":123
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]
  *         if out is None:             # <<<<<<<<<<<<<<
@@ -23695,7 +23785,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":122
+    /* "anemll_fast/_kernels.pyx":124
  *         cdef int64_t n = xa.shape[1]
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)             # <<<<<<<<<<<<<<
@@ -23703,26 +23793,26 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
 */
     __pyx_t_4 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 122, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 124, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 122, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 124, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 122, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 124, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 122, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 124, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 122, __pyx_L1_error)
+    __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 124, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
     __Pyx_GIVEREF(__pyx_t_1);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 122, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 124, __pyx_L1_error);
     __Pyx_GIVEREF(__pyx_t_3);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_3) != (0)) __PYX_ERR(0, 122, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_3) != (0)) __PYX_ERR(0, 124, __pyx_L1_error);
     __pyx_t_1 = 0;
     __pyx_t_3 = 0;
-    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 122, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 124, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 122, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 124, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __pyx_t_6 = 1;
@@ -23744,13 +23834,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 122, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 124, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     __Pyx_DECREF_SET(__pyx_v_out, __pyx_t_2);
     __pyx_t_2 = 0;
 
-    /* "anemll_fast/_kernels.pyx":121
+    /* "anemll_fast/_kernels.pyx":123
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]
  *         if out is None:             # <<<<<<<<<<<<<<
@@ -23760,28 +23850,28 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     goto __pyx_L7;
   }
 
-  /* "anemll_fast/_kernels.pyx":123
+  /* "anemll_fast/_kernels.pyx":125
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:             # <<<<<<<<<<<<<<
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
  *         cdef const float[:, ::1] xv = xa
 */
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_5 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
   __Pyx_GIVEREF(__pyx_t_5);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 123, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 125, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 123, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 125, __pyx_L1_error);
   __pyx_t_5 = 0;
   __pyx_t_1 = 0;
-  __pyx_t_8 = __Pyx_PyObject_RichCompareBool(__pyx_t_2, __pyx_t_13, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_RichCompareBool(__pyx_t_2, __pyx_t_13, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
   if (!__pyx_t_8) {
@@ -23792,14 +23882,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 
     goto __pyx_L8_bool_binop_done;
   }
-  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_dtype); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_dtype); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_object(__pyx_t_13, __pyx_t_1, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_object(__pyx_t_13, __pyx_t_1, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_8) {
@@ -23810,12 +23900,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 
     goto __pyx_L8_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_flags); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_flags); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_c_contiguous); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_c_contiguous); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_t_13); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_t_13); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
   __pyx_t_14 = (!__pyx_t_8);
 
@@ -23827,7 +23917,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":124
+    /* "anemll_fast/_kernels.pyx":126
  *             out = np.empty((self.rows, n), np.float32)
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")             # <<<<<<<<<<<<<<
@@ -23840,14 +23930,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_mstate_global->__pyx_kp_u_out_must_be_a_C_contiguous_float};
       __pyx_t_13 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 124, __pyx_L1_error)
+      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 126, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
     }
     __Pyx_Raise(__pyx_t_13, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-    __PYX_ERR(0, 124, __pyx_L1_error)
+    __PYX_ERR(0, 126, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":123
+    /* "anemll_fast/_kernels.pyx":125
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:             # <<<<<<<<<<<<<<
@@ -23857,31 +23947,31 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   }
   __pyx_L7:;
 
-  /* "anemll_fast/_kernels.pyx":125
+  /* "anemll_fast/_kernels.pyx":127
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
  *         cdef const float[:, ::1] xv = xa             # <<<<<<<<<<<<<<
  *         cdef float[:, ::1] yv = out
  *         cdef const float* bp = NULL
 */
-  __pyx_t_15 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(__pyx_v_xa, 0); if (unlikely(!__pyx_t_15.memview)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_15 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(__pyx_v_xa, 0); if (unlikely(!__pyx_t_15.memview)) __PYX_ERR(0, 127, __pyx_L1_error)
   __pyx_v_xv = __pyx_t_15;
   __pyx_t_15.memview = NULL;
   __pyx_t_15.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":126
+  /* "anemll_fast/_kernels.pyx":128
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
  *         cdef const float[:, ::1] xv = xa
  *         cdef float[:, ::1] yv = out             # <<<<<<<<<<<<<<
  *         cdef const float* bp = NULL
  *         cdef const float[::1] bv
 */
-  __pyx_t_16 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_16.memview)) __PYX_ERR(0, 126, __pyx_L1_error)
+  __pyx_t_16 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_16.memview)) __PYX_ERR(0, 128, __pyx_L1_error)
   __pyx_v_yv = __pyx_t_16;
   __pyx_t_16.memview = NULL;
   __pyx_t_16.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":127
+  /* "anemll_fast/_kernels.pyx":129
  *         cdef const float[:, ::1] xv = xa
  *         cdef float[:, ::1] yv = out
  *         cdef const float* bp = NULL             # <<<<<<<<<<<<<<
@@ -23890,7 +23980,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   __pyx_v_bp = NULL;
 
-  /* "anemll_fast/_kernels.pyx":129
+  /* "anemll_fast/_kernels.pyx":131
  *         cdef const float* bp = NULL
  *         cdef const float[::1] bv
  *         if bias is not None:             # <<<<<<<<<<<<<<
@@ -23901,7 +23991,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":130
+    /* "anemll_fast/_kernels.pyx":132
  *         cdef const float[::1] bv
  *         if bias is not None:
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)             # <<<<<<<<<<<<<<
@@ -23909,14 +23999,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *                 raise ValueError(f"bias of {bv.shape[0]} values for {self.rows} rows")
 */
     __pyx_t_5 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 130, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 130, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 132, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 130, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 130, __pyx_L1_error)
+    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 132, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_17);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     #if CYTHON_VECTORCALL
@@ -23937,13 +24027,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_v_bias, __pyx_t_17};
       #if CYTHON_VECTORCALL
       __pyx_t_4 = __pyx_mstate_global->__pyx_tuple[2];
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 130, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
       __Pyx_INCREF(__pyx_t_4);
       #else
       {
         PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
         __pyx_t_4 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 130, __pyx_L1_error)
+        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
       }
       #endif
@@ -23954,7 +24044,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 130, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 132, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     __pyx_t_1 = __pyx_t_2;
@@ -23965,16 +24055,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __pyx_t_13 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 130, __pyx_L1_error)
+      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 132, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
     }
-    __pyx_t_18 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_13, 0); if (unlikely(!__pyx_t_18.memview)) __PYX_ERR(0, 130, __pyx_L1_error)
+    __pyx_t_18 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_13, 0); if (unlikely(!__pyx_t_18.memview)) __PYX_ERR(0, 132, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
     __pyx_v_bv = __pyx_t_18;
     __pyx_t_18.memview = NULL;
     __pyx_t_18.data = NULL;
 
-    /* "anemll_fast/_kernels.pyx":131
+    /* "anemll_fast/_kernels.pyx":133
  *         if bias is not None:
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
  *             if bv.shape[0] != self.rows:             # <<<<<<<<<<<<<<
@@ -23986,7 +24076,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     if (unlikely(__pyx_t_7)) {
 
 
-      /* "anemll_fast/_kernels.pyx":132
+      /* "anemll_fast/_kernels.pyx":134
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
  *             if bv.shape[0] != self.rows:
  *                 raise ValueError(f"bias of {bv.shape[0]} values for {self.rows} rows")             # <<<<<<<<<<<<<<
@@ -23994,9 +24084,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *         cdef int rc
 */
       __pyx_t_2 = NULL;
-      __pyx_t_1 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_bv.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 132, __pyx_L1_error)
+      __pyx_t_1 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_bv.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 134, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
-      __pyx_t_3 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 132, __pyx_L1_error)
+      __pyx_t_3 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 134, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
       __pyx_t_9[0] = __pyx_mstate_global->__pyx_kp_u_bias_of;
       __pyx_t_9[1] = __pyx_t_1;
@@ -24009,7 +24099,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       #endif
       __pyx_t_11 = 0;
       __pyx_t_4 = __Pyx_PyUnicode_Join(__pyx_t_9, 5, __pyx_t_10, __pyx_t_11);
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 134, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
@@ -24019,14 +24109,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
         __pyx_t_13 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 132, __pyx_L1_error)
+        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 134, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_13);
       }
       __Pyx_Raise(__pyx_t_13, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-      __PYX_ERR(0, 132, __pyx_L1_error)
+      __PYX_ERR(0, 134, __pyx_L1_error)
 
-      /* "anemll_fast/_kernels.pyx":131
+      /* "anemll_fast/_kernels.pyx":133
  *         if bias is not None:
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
  *             if bv.shape[0] != self.rows:             # <<<<<<<<<<<<<<
@@ -24035,7 +24125,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
     }
 
-    /* "anemll_fast/_kernels.pyx":133
+    /* "anemll_fast/_kernels.pyx":135
  *             if bv.shape[0] != self.rows:
  *                 raise ValueError(f"bias of {bv.shape[0]} values for {self.rows} rows")
  *             bp = &bv[0]             # <<<<<<<<<<<<<<
@@ -24045,7 +24135,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     __pyx_t_19 = 0;
     __pyx_v_bp = (&(*((float const  *) ( /* dim=0 */ ((char *) (((float const  *) __pyx_v_bv.data) + __pyx_t_19)) ))));
 
-    /* "anemll_fast/_kernels.pyx":129
+    /* "anemll_fast/_kernels.pyx":131
  *         cdef const float* bp = NULL
  *         cdef const float[::1] bv
  *         if bias is not None:             # <<<<<<<<<<<<<<
@@ -24054,7 +24144,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":135
+  /* "anemll_fast/_kernels.pyx":137
  *             bp = &bv[0]
  *         cdef int rc
  *         if n == 0:             # <<<<<<<<<<<<<<
@@ -24066,7 +24156,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":136
+    /* "anemll_fast/_kernels.pyx":138
  *         cdef int rc
  *         if n == 0:
  *             return out             # <<<<<<<<<<<<<<
@@ -24084,7 +24174,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     }
     goto __pyx_L0;
 
-    /* "anemll_fast/_kernels.pyx":135
+    /* "anemll_fast/_kernels.pyx":137
  *             bp = &bv[0]
  *         cdef int rc
  *         if n == 0:             # <<<<<<<<<<<<<<
@@ -24093,7 +24183,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":137
+  /* "anemll_fast/_kernels.pyx":139
  *         if n == 0:
  *             return out
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -24106,7 +24196,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "anemll_fast/_kernels.pyx":138
+        /* "anemll_fast/_kernels.pyx":140
  *             return out
  *         with nogil:
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])             # <<<<<<<<<<<<<<
@@ -24120,7 +24210,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
         __pyx_v_rc = anemll::kernels::matmul(__pyx_v_self->w, (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_xv.data + __pyx_t_19 * __pyx_v_xv.strides[0]) )) + __pyx_t_20)) )))), __pyx_v_n, __pyx_v_bp, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_yv.data + __pyx_t_21 * __pyx_v_yv.strides[0]) )) + __pyx_t_22)) )))));
       }
 
-      /* "anemll_fast/_kernels.pyx":137
+      /* "anemll_fast/_kernels.pyx":139
  *         if n == 0:
  *             return out
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -24137,7 +24227,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       }
   }
 
-  /* "anemll_fast/_kernels.pyx":139
+  /* "anemll_fast/_kernels.pyx":141
  *         with nogil:
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -24149,7 +24239,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":140
+    /* "anemll_fast/_kernels.pyx":142
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")             # <<<<<<<<<<<<<<
@@ -24162,14 +24252,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_invalid_packed_weight};
       __pyx_t_13 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 140, __pyx_L1_error)
+      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 142, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
     }
     __Pyx_Raise(__pyx_t_13, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-    __PYX_ERR(0, 140, __pyx_L1_error)
+    __PYX_ERR(0, 142, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":139
+    /* "anemll_fast/_kernels.pyx":141
  *         with nogil:
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -24178,7 +24268,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":141
+  /* "anemll_fast/_kernels.pyx":143
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")
  *         return out             # <<<<<<<<<<<<<<
@@ -24196,7 +24286,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   }
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":113
+  /* "anemll_fast/_kernels.pyx":115
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
@@ -24232,7 +24322,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":143
+/* "anemll_fast/_kernels.pyx":145
  *         return out
  * 
  *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
@@ -24281,32 +24371,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_r0,&__pyx_mstate_global->__pyx_n_u_r1,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 143, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 145, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 143, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 145, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 143, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 145, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "decode", 0) < (0)) __PYX_ERR(0, 143, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "decode", 0) < (0)) __PYX_ERR(0, 145, __pyx_L3_error)
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)Py_None));
     } else {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 143, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 145, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 143, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 145, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
@@ -24314,7 +24404,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)Py_None));
     }
     if (values[0]) {
-      __pyx_v_r0 = __Pyx_PyLong_As_int64_t(values[0]); if (unlikely((__pyx_v_r0 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 143, __pyx_L3_error)
+      __pyx_v_r0 = __Pyx_PyLong_As_int64_t(values[0]); if (unlikely((__pyx_v_r0 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 145, __pyx_L3_error)
     } else {
       __pyx_v_r0 = ((int64_t)0);
     }
@@ -24322,7 +24412,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("decode", 0, 0, 2, __pyx_nargs); __PYX_ERR(0, 143, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("decode", 0, 0, 2, __pyx_nargs); __PYX_ERR(0, 145, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -24373,7 +24463,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("decode", 0);
 
-  /* "anemll_fast/_kernels.pyx":145
+  /* "anemll_fast/_kernels.pyx":147
  *     def decode(self, int64_t r0=0, r1=None):
  *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
  *         cdef int64_t end = self.rows if r1 is None else r1             # <<<<<<<<<<<<<<
@@ -24385,13 +24475,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
 
     __pyx_t_1 = __pyx_v_self->rows;
   } else {
-    __pyx_t_3 = __Pyx_PyLong_As_int64_t(__pyx_v_r1); if (unlikely((__pyx_t_3 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 145, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyLong_As_int64_t(__pyx_v_r1); if (unlikely((__pyx_t_3 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 147, __pyx_L1_error)
     __pyx_t_1 = __pyx_t_3;
   }
 
   __pyx_v_end = __pyx_t_1;
 
-  /* "anemll_fast/_kernels.pyx":146
+  /* "anemll_fast/_kernels.pyx":148
  *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
  *         cdef int64_t end = self.rows if r1 is None else r1
  *         if not 0 <= r0 <= end <= self.rows:             # <<<<<<<<<<<<<<
@@ -24411,7 +24501,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   if (unlikely(__pyx_t_4)) {
 
 
-    /* "anemll_fast/_kernels.pyx":147
+    /* "anemll_fast/_kernels.pyx":149
  *         cdef int64_t end = self.rows if r1 is None else r1
  *         if not 0 <= r0 <= end <= self.rows:
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")             # <<<<<<<<<<<<<<
@@ -24419,11 +24509,11 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
  *         if end == r0:
 */
     __pyx_t_6 = NULL;
-    __pyx_t_7 = __Pyx_PyUnicode_From_int64_t(__pyx_v_r0, 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 147, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyUnicode_From_int64_t(__pyx_v_r0, 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 149, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
-    __pyx_t_8 = __Pyx_PyUnicode_From_int64_t(__pyx_v_end, 0, ' ', 'd'); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 147, __pyx_L1_error)
+    __pyx_t_8 = __Pyx_PyUnicode_From_int64_t(__pyx_v_end, 0, ' ', 'd'); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 149, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_8);
-    __pyx_t_9 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 147, __pyx_L1_error)
+    __pyx_t_9 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 149, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_9);
     __pyx_t_10[0] = __pyx_mstate_global->__pyx_kp_u_rows_2;
     __pyx_t_10[1] = __pyx_t_7;
@@ -24438,7 +24528,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
     #endif
     __pyx_t_12 = 0;
     __pyx_t_13 = __Pyx_PyUnicode_Join(__pyx_t_10, 7, __pyx_t_11, __pyx_t_12);
-    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 147, __pyx_L1_error)
+    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 149, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
@@ -24449,14 +24539,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
       __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_14, (2-__pyx_t_14) | (__pyx_t_14*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 147, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 149, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __Pyx_Raise(__pyx_t_5, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __PYX_ERR(0, 147, __pyx_L1_error)
+    __PYX_ERR(0, 149, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":146
+    /* "anemll_fast/_kernels.pyx":148
  *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
  *         cdef int64_t end = self.rows if r1 is None else r1
  *         if not 0 <= r0 <= end <= self.rows:             # <<<<<<<<<<<<<<
@@ -24465,7 +24555,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":148
+  /* "anemll_fast/_kernels.pyx":150
  *         if not 0 <= r0 <= end <= self.rows:
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
  *         out = np.empty((end - r0, self.cols), np.float32)             # <<<<<<<<<<<<<<
@@ -24473,26 +24563,26 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
  *             return out
 */
   __pyx_t_13 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 148, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 150, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 148, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 150, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_6 = __Pyx_PyLong_From_int64_t((__pyx_v_end - __pyx_v_r0)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 148, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyLong_From_int64_t((__pyx_v_end - __pyx_v_r0)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 150, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_8 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 148, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 150, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  __pyx_t_7 = PyTuple_New(2); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 148, __pyx_L1_error)
+  __pyx_t_7 = PyTuple_New(2); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 150, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
   __Pyx_GIVEREF(__pyx_t_6);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 0, __pyx_t_6) != (0)) __PYX_ERR(0, 148, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 0, __pyx_t_6) != (0)) __PYX_ERR(0, 150, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_8);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 1, __pyx_t_8) != (0)) __PYX_ERR(0, 148, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 1, __pyx_t_8) != (0)) __PYX_ERR(0, 150, __pyx_L1_error);
   __pyx_t_6 = 0;
   __pyx_t_8 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 148, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 150, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 148, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 150, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
   __pyx_t_14 = 1;
@@ -24514,13 +24604,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 148, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 150, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
   }
   __pyx_v_out = __pyx_t_5;
   __pyx_t_5 = 0;
 
-  /* "anemll_fast/_kernels.pyx":149
+  /* "anemll_fast/_kernels.pyx":151
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
  *         out = np.empty((end - r0, self.cols), np.float32)
  *         if end == r0:             # <<<<<<<<<<<<<<
@@ -24532,7 +24622,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   if (__pyx_t_4) {
 
 
-    /* "anemll_fast/_kernels.pyx":150
+    /* "anemll_fast/_kernels.pyx":152
  *         out = np.empty((end - r0, self.cols), np.float32)
  *         if end == r0:
  *             return out             # <<<<<<<<<<<<<<
@@ -24550,7 +24640,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
     }
     goto __pyx_L0;
 
-    /* "anemll_fast/_kernels.pyx":149
+    /* "anemll_fast/_kernels.pyx":151
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
  *         out = np.empty((end - r0, self.cols), np.float32)
  *         if end == r0:             # <<<<<<<<<<<<<<
@@ -24559,19 +24649,19 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":151
+  /* "anemll_fast/_kernels.pyx":153
  *         if end == r0:
  *             return out
  *         cdef float[:, ::1] ov = out             # <<<<<<<<<<<<<<
  *         cdef int rc
  *         with nogil:
 */
-  __pyx_t_15 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_15.memview)) __PYX_ERR(0, 151, __pyx_L1_error)
+  __pyx_t_15 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_15.memview)) __PYX_ERR(0, 153, __pyx_L1_error)
   __pyx_v_ov = __pyx_t_15;
   __pyx_t_15.memview = NULL;
   __pyx_t_15.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":153
+  /* "anemll_fast/_kernels.pyx":155
  *         cdef float[:, ::1] ov = out
  *         cdef int rc
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -24584,7 +24674,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "anemll_fast/_kernels.pyx":154
+        /* "anemll_fast/_kernels.pyx":156
  *         cdef int rc
  *         with nogil:
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])             # <<<<<<<<<<<<<<
@@ -24596,7 +24686,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
         __pyx_v_rc = anemll::kernels::decode_rows(__pyx_v_self->w, __pyx_v_r0, __pyx_v_end, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_ov.data + __pyx_t_16 * __pyx_v_ov.strides[0]) )) + __pyx_t_17)) )))));
       }
 
-      /* "anemll_fast/_kernels.pyx":153
+      /* "anemll_fast/_kernels.pyx":155
  *         cdef float[:, ::1] ov = out
  *         cdef int rc
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -24613,7 +24703,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
       }
   }
 
-  /* "anemll_fast/_kernels.pyx":155
+  /* "anemll_fast/_kernels.pyx":157
  *         with nogil:
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -24625,7 +24715,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   if (unlikely(__pyx_t_4)) {
 
 
-    /* "anemll_fast/_kernels.pyx":156
+    /* "anemll_fast/_kernels.pyx":158
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")             # <<<<<<<<<<<<<<
@@ -24637,14 +24727,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
       PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_mstate_global->__pyx_kp_u_invalid_packed_weight};
       __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_14, (2-__pyx_t_14) | (__pyx_t_14*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 156, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 158, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __Pyx_Raise(__pyx_t_5, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __PYX_ERR(0, 156, __pyx_L1_error)
+    __PYX_ERR(0, 158, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":155
+    /* "anemll_fast/_kernels.pyx":157
  *         with nogil:
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -24653,7 +24743,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":157
+  /* "anemll_fast/_kernels.pyx":159
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")
  *         return out             # <<<<<<<<<<<<<<
@@ -24669,7 +24759,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   }
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":143
+  /* "anemll_fast/_kernels.pyx":145
  *         return out
  * 
  *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
@@ -26877,14 +26967,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels___pyx_scope_s
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels___pyx_scope_struct__genexpr", 0);
   /*--- Exttype __pyx_obj_11anemll_fast_8_kernels___pyx_scope_struct__genexpr ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_11anemll_fast_8_kernels___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_11anemll_fast_8_kernels___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr)) __PYX_ERR(0, 113, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr = &__pyx_type_11anemll_fast_8_kernels___pyx_scope_struct__genexpr;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 111, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 113, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr);
@@ -28157,36 +28247,36 @@ __Pyx_RefNannySetupContext("PyInit__kernels", 0);
   if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette, __pyx_t_5) < (0)) __PYX_ERR(0, 61, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "anemll_fast/_kernels.pyx":113
+  /* "anemll_fast/_kernels.pyx":115
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_7matmul, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_matmul, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 113, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_7matmul, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_matmul, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 115, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[7]);
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_matmul, __pyx_t_5) < (0)) __PYX_ERR(0, 113, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_matmul, __pyx_t_5) < (0)) __PYX_ERR(0, 115, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "anemll_fast/_kernels.pyx":143
+  /* "anemll_fast/_kernels.pyx":145
  *         return out
  * 
  *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
  *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
  *         cdef int64_t end = self.rows if r1 is None else r1
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_9decode, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_decode, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 143, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_9decode, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_decode, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 145, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[8]);
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_decode, __pyx_t_5) < (0)) __PYX_ERR(0, 143, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_decode, __pyx_t_5) < (0)) __PYX_ERR(0, 145, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   /* "(tree fragment)":1
@@ -28268,7 +28358,7 @@ static int __Pyx_InitCachedBuiltins(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   __pyx_builtin_staticmethod = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_staticmethod); if (!__pyx_builtin_staticmethod) __PYX_ERR(0, 47, __pyx_L1_error)
-  __pyx_builtin_sum = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_sum); if (!__pyx_builtin_sum) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_builtin_sum = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_sum); if (!__pyx_builtin_sum) __PYX_ERR(0, 113, __pyx_L1_error)
   __pyx_builtin___import__ = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_import); if (!__pyx_builtin___import__) __PYX_ERR(1, 119, __pyx_L1_error)
   __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(1, 175, __pyx_L1_error)
   __pyx_builtin_Ellipsis = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_Ellipsis); if (!__pyx_builtin_Ellipsis) __PYX_ERR(1, 436, __pyx_L1_error)
@@ -28388,7 +28478,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[5]);
 
-  /* "anemll_fast/_kernels.pyx":117
+  /* "anemll_fast/_kernels.pyx":119
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)             # <<<<<<<<<<<<<<
@@ -28397,12 +28487,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_int_neg_1, __pyx_mstate_global->__pyx_int_1};
-    __pyx_mstate_global->__pyx_tuple[6] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[6])) __PYX_ERR(0, 117, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[6] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[6])) __PYX_ERR(0, 119, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[6]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[6]);
 
-  /* "anemll_fast/_kernels.pyx":113
+  /* "anemll_fast/_kernels.pyx":115
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
@@ -28411,12 +28501,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {Py_None, Py_None};
-    __pyx_mstate_global->__pyx_tuple[7] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[7])) __PYX_ERR(0, 113, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[7] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[7])) __PYX_ERR(0, 115, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[7]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[7]);
 
-  /* "anemll_fast/_kernels.pyx":143
+  /* "anemll_fast/_kernels.pyx":145
  *         return out
  * 
  *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
@@ -28425,7 +28515,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_int_0, Py_None};
-    __pyx_mstate_global->__pyx_tuple[8] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[8])) __PYX_ERR(0, 143, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[8] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[8])) __PYX_ERR(0, 145, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[8]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[8]);
@@ -28489,38 +28579,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{5},{17},{8},{11},{28},{5},{61},{12},{15},{1},{14},{2},{12},{12},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{53},{24},{8},{15},{7},{6},{2},{15},{21},{9},{13},{50},{39},{34},{59},{14},{54},{6},{30},{37},{5},{8},{12},{37},{30},{32},{19},{21},{25},{19},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{1},{3},{15},{20},{11},{7},{17},{6},{18},{4},{4},{4},{4},{2},{2},{1},{12},{18},{5},{4},{11},{5},{6},{5},{15},{5},{6},{3},{9},{5},{5},{7},{7},{6},{7},{4},{8},{12},{7},{4},{2},{3},{5},{7},{5},{8},{4},{10},{3},{6},{3},{7},{3},{4},{1},{4},{5},{6},{4},{4},{2},{5},{3},{3},{2},{1},{4},{6},{7},{2},{3},{2},{2},{2},{8},{7},{6},{4},{4},{4},{10},{5},{4},{5},{5},{12},{4},{4},{3},{6},{3},{3},{5},{2},{5},{1},{6},{5},{6},{6},{5},{6},{4},{6},{1},{2},{2},{2},{5}};
-    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{9},{201},{756},{2},{16},{370},{156}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{5},{17},{8},{11},{28},{5},{61},{12},{15},{1},{14},{2},{12},{12},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{53},{24},{8},{15},{7},{6},{2},{15},{21},{9},{13},{50},{39},{34},{59},{14},{54},{6},{30},{37},{5},{8},{12},{37},{30},{32},{19},{21},{25},{19},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{1},{3},{15},{20},{11},{7},{17},{6},{18},{4},{4},{4},{4},{2},{2},{1},{12},{18},{5},{4},{11},{5},{6},{5},{15},{5},{6},{3},{9},{5},{5},{7},{7},{6},{7},{4},{8},{12},{7},{4},{2},{3},{5},{7},{5},{8},{4},{10},{3},{6},{3},{7},{3},{4},{1},{4},{5},{6},{4},{4},{2},{4},{5},{3},{3},{2},{1},{4},{6},{7},{2},{3},{2},{2},{2},{8},{7},{6},{4},{4},{4},{10},{5},{4},{5},{5},{12},{4},{4},{3},{6},{3},{3},{5},{2},{5},{1},{6},{5},{6},{6},{5},{6},{4},{6},{1},{2},{2},{2},{5}};
+    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{9},{201},{800},{2},{16},{370},{156}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2215 bytes) */
-static const char cstring[] = "x\332\215V\317s\333\306\025\016mEQ\032\371\207$[\256\223\361xi\331\226\335H\254)\312\212\223\272\316P\262\224\321\264MMQ\222\035\2536f\t,(X\340\002\304.(2\235Ns\344q\2178\342\210#\2168\362\310#\216<\352O\310\237\320\267\013\222\242\355\246S\215\010\200\273o\337\373\336\367\276\367@\2049z\324F\272c\373\r\312\220\351xH]0:%V\375\230#\307D\310\251\275#:\177\206\034\2373\313 \260\211\\l\023\316\t\"\224{\026a\310p\020u82-\216\220\347\234\262\354\362\200\022b0tT\367\034\337e+#\3537\350\324\342\307\231\211a\265,f\325l\202j\035\224\331=D-l\373$C\363\200{\204 \323\303\365\006\234~\370\360\341\030\305\321\243\025\264\202Vk\020\322\242\206\245\023\266*\375w\020\307\340\256\360\035z\3727\322p\274\316\241ENe\032Ou\207r\253\356;>C\230\032\020\331\223Y}\270,}e\033\014\300\032\304\2300F\000\350\177\355\277\2776\266|\366\375\026\246\222\036\314\230U\247\210;\310#\330Xu\250\335A\r\005\262\005 w)\344m\031\250\341\030\004\270j\273p\026\\-\353\3132\3562\260\301=L\227WP\035\\\215\214\3311v\t\204B\270m1\364\243\0035\341\307P\324\255\016?v(\2025\203\330V\215x\230\023\210&\361\201WO\032Q\364b\373\305\352\372\223u\205\326#\262\310\0141\277\246\333\000\024\370\007\322j\276es\360\316;.a\005\264k\242\216\343#YV\231\205\013v\223\007\3701\241\210\021.\037\320\262\312\031s\313\241\032\034\267h}yH\223\325\"\362\364\016\266\031)`\303\320\300\216\000\034\323-n\214t\327\360\031G5\2515\352\320U\322p9P\205\001};\313?\313\033S\322\260m\315\304\214\377Q;!\036%6+\270\235v\315\302\n>\350\332\226\001\035\312\n\270\246\033\026\223\332 T^\353\272E]_)|DbF\251\213\365\023\310/\003b\261\314\332\260\047M\251\003\264\232\330\2679\3224\217\030\276N4\r\031\276\312K\002\006\240-\013\333\260\013Q,\256i\324o\270\235\202\246;\036)4\340\234\205=\017w\220\211-;\343\322j\270P\340I3\037\362=\376\310\002\344?A\316\326\352\204|M\333\301\274\264\2062\327c\260G\262\321V\020}3jZ\020&i\243\211o\262y\376O\306U\323\036\371\212\023\t\n\333\266\243\203\266\206A\r\314q\341\277\354\216\312e\240\254CX\241\\\335\332\335\335\266m\313e\026{""\241(\177\251\030\237|.hZ\235\000{\205\247\322\217\315\236\025\352\204Bgx\037\030\rK\240+\321k\332\007\273\240H\006B\374\215}\203\350\320p\357-\231\236\323\320\314\342\306\307\213C\322\336\333\000\222\240\242U\322\364\t\325\211\0347\205\363\311\003\301:m\370<\207\266\323~$m\276GLM\033\266\006\210\006\004\"\233\347\374\001\362\2658i\310\005C\236\201?\323\247\272\274\327Gy\300_&\006\371\324\300\026Uw\307\360m\265Gq#\273\313\360\232\006\375\240\351\307D?a~#\3736\364\"\037ecgO>u-\375\004<l\323\221]K\215R\351\243\351c{\344v\244\367\217h\037/\220\266\374\002\264\217\241\260\t\350\037\225C\3238a2\027\213I\345\203\302-J0\364\353H>Z\3157M\030a\347\335^\030u\273\222\235F$>\234}\301\354\274%\206\0132I\314:T\267\234\3028\000\223\023\263\206\031\221\303\002\336\"\254\346\326Z\272\256\235\237\326m0\323\200]\230\273:\251A\315u\333a \027[\206\220\300(|t\307\247<\023\221!\003\251\213L%{m\252F\002a\3006\201\276\003n\325,&\236\347x\246\215\353Lumqc\330\2740\345AO\303Y/\007\342H\213\223\362\0336\3011\266M\313\260\214\266j\350a\037K\361\014/?\223\023B\334\214(\000\004/U\236i\265\201\333\360\332\221\357\234\206E\345\353\206\312:QI\002\255u\240\030\340\252\001!8u\325@\202L\2003\247\345\312\321\230\215\307!\022\367\304u\\\357\221W\364t\217\324-\006\257\026\217\250f\367\010\367=*\307\005#\266\tS\324\200\272\017\207\2462\220\370\230k[R\014\236R\204\2457\010(\302\000/.\343\016|<\370\367\341\255\3447\200!%F^\343\307\340\324\367-\nK\362\372\004\204\013\220|\027f\017Q\277\034\262\237\0172\275l\206\267\333\270\335\352\264~&\236\303\376\376Kn0\365\273\356\327\242\362K\371\327\351O>\277\035\330Q~03\333\335L/\2430\027\376>Z\214\274xn0\363E\267\330\335\021KbO\260 \037l\204s\341RX\215.DKQ%2\343r\\M.&\305\301\354\274\370CPNo\355\247\373\007\351\301O\351O\257\323\327G\351\321?\0063_G\305h;\236\213\357\304\345\301\314\347\335\371\3567\"/\326\304\253\240\022\230a9\334\217\346\242\373qNF\032m\256\213fp1(\312\205/\205\272\335\0209q#\310\0057\000\330\315(\037m\200\277\2731\216[I%1z\017\372\000\374J\267\t""\211\314\214\023\271\334\255\211\0318\002~\257\212\013\351\374]\210u\000\221.\304y\231S\251k\212-\341\005\013\301V\320\n+\241\036-D\233\221\036/\304;I>)%zon\234\023$t\230\036f\t\275M\337j\362\374c1-\364`>(\005$\334\200\024\226\242*\270^\0026\246\023\234\260\336\235\336v\177\261\337L_T\206n\002-*G\373\200\373^\374\257^\271W\355O\367q\277y\006\256\326\273\236X\020\273\301^\300\302{a\013h\22506c=\031A\200\255f\370ix\030\025\323\225\277\364\213\375\362(\203m\300_\016\252\341T\370\034*r\047\332\212X\234\217K\261\221\334\205\014\256\367\314~\271_\031\347\261\252\\\317\001\312\375\344v?\327\277\3367U\265\016%[uQ\rr\322\357\006\200)\017f\257\212\213\342\033(\370Z\000\016\256t}\261)\360\340\3525\270\331a>,\206[\241\247\024\262\030\363d-y\335\363\001\325\354u\261\227\336x\010t\344\243u\200\"\351\310%\327\222j\357b\257\324\303g\347\373\367\242V\274\0277\0073\017\"\010z?\304gP\245\031\t@\206\372!(\006\233\001\036\241\331\024Fp\047\370k\224\213\256E/Aq{\361?{\371\263\331\005P\321!\340;\010\357\253\255\003%1\000\376\2518\010\356\203R\026C\036=\006i\315\307\240O@\236.B\264h>z\0327\223\013\311\275\304\003\206\352\375J\277&\253\364\335\367\252j?\000\275\233\375w\351\2537\351\233\267\222\271\374`\366Rw\257\373\357\000Cy\362a)\304\003\210\374x$\320s9\037\206\357-T@\036CM\177+\312\277\261\363\047ATG\345\325\327\364\213[\220\314\222\222\351\260!n\212\374\307\372\277\037O\307\047\240O\251yQN?\271&\312gSR\0205\361\231h\246S\267\202\327!(\013`\247W\362\252_\017\243\265\250\"\351\\\353\036\212\022\024rvN\314\213\047@^5\314\235\257\327 \2535\231\010T\227Ew#<\226N!\302\021\217\213\240J3)\247\177\336K\367\252i\365e\372\362\325`\346&t\3010\007\251e&\031\233\027w\304\016\324\354y\370\031\324@\306\276t\025\260\361`=8U\255\266\025\235\202\276\347\223o{[=\336/)!\216\304^Q\202\030\314 \t\355v\240z\344\261\314L\241N\027\356A\273\232\321\016T{7y\325\333\3535\245>=\261\250\246F)0\000\311\325E\361\016\250\372\022F\317\246\032R\032\264\334~\177Nz\230\003leQ9SYWEN\226\2638\270tY\356I\037S\200:\027\316+""\022xT\212\014\350\250\265\270\242\332Q\265\235.\346&\240B\r\322)\024NK\t\177\005\371u\242\213p\350]\222\033\214[{\047X\016\257\205\343A\360\n\360\023\331\312\317`R\360^1\233U\323\300\376\024\250\336\010\357\206\307Q-\316M\320)\001J:\3162\224_\201\223}\360\270\037]\207\262x\252\243+\277\201\355?M\034\330\220";
-    PyObject *data = __Pyx_DecompressString(cstring, 2215, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2243 bytes) */
+static const char cstring[] = "x\332\215V\317s\333\306\025\016mUQ\032\371\207$K\256\223\361x)\331\226\325H\254)\311\212\223\272\316P\262\224\321\264MMQ\226\035\2536f\t,(X\340\002\304.(2\235Ns\344q\2178\342\210#\2168\362\310#\216<\352O\350\237\320\267\013\222\242\355\272S\215\010\002\373\343\355\367\276\367}\017D\230\243\207-\244;\266_\247\014\231\216\207\324\005\2433b\325N8rL\204\234\352;\242\363\247\310\3619\263\014\002\223\310\3056\341\234 B\271g\021\206\014\007Q\207#\323\342\010y\316\031\313.\017(!\006C\3075\317\361]\266:\\\375\006\235Y\374$[bXM\213YU\233\240j\033e\353VP\023\333>\311\320<\340\036!\310\364p\255\016\273WVVF(\216\037\256\242U\264V\205#-jX:ak2~\033q\014\341\n\337\243\047\177%u\307k\037Y\344L\246\361Dw(\267j\276\3433\204\251\001\047{2\253\017\207e\254l\202\001X\203\030c\213\021\000\372_\363\357\217\215V>\375a\007SI\017f\314\252Q\304\035\344\021l\2549\324n\243\272\002\331\004\220\373\024\362\266\014Tw\014\002\\\265\\\330\013\241\226\365ey\3562\260\301=L\227WQ\rB\r\027\263\023\354\0228\n\341\226\305\320O\016\324\204\237@Qw\332\374\304\241\010\306\014b[U\342aN\3404\211\017\242zr\021E\317w\237\257m>\336Th=\"\213\314\020\363\253\272\r@\201\177 \255\352[6\207\350\274\355\022V@\373&j;>\222e\225Y\270\260n|\003?!\0241\302\345\rZV9cn9T\203\355\026\255-\017h\262\232D\356\336\3036#\005l\030\032\254#\000\307t\213[C\335\325}\306QUj\215:t\215\324]\016Ta@\337\312\362\317\362\306\224\324m[31\343\177\320N\211G\211\315\nn\273U\265\260\202\017\272\266\345\201\016e\005\\\325\r\213Im\020*\2575\335\242\256\257\024>$1\243\324\305\372)\344\227\001\261X\266\332\260\307\227R\007h5\261os\244i\0361|\235h\0322|\225\227\004\014@\233\026\266a\026N\261\270\246Q\277\356\266\013\232\356x\244P\207}\026\366<\334F&\266\354\214K\253\356B\201\307\227\371\220\357\311G+@\376c\344\354\254\215\311\327\264\035\3147\326Q\026z\004\366X\032m\025\3217C\323\2020I\013\215=I\363\374\237\214+\323\036\373\212\023\t\n\333\266\243\203\266\006\207\032\230\343\302\177\231\035\226\313@\231CX\241T\331\331\337\337\265m\313e\026{\256(\177""\251\030\037\277/hZ\215\000{\205\0472\216\315\236\026j\204\2023\274\017\026\rJ\240+\321k\332\007\263\240H\006B\374\304\274At0\334{C\246\347\3245\263\270\365\361\340\200\264\367&\200$\250h\2054|Bu\"\333M\341\242\363\300a\355\026|\236\201\355\264\237H\213\037\020S\323\006\326\000\321\200@\244y.n _\213\223\272\0340\344\036\3703}\252\313\357\3320\017\370\313\304 \357\352\330\242\352\3331|[\315Q\\\317\276\345\361\232\006~\320\364\023\242\2372\277\236=\r\242\310[i\354\354\316\247\256\245\237B\204]:\\\327T\255T\306h\370\330\036\206\035\352\375#\332G\003\244%\037\200\366\021\0246\006\375\243rh\032\047L\346b1\251|P\270E\t\006\277\016\345\243U}\323\204\026v\341\366\302\320\355Jv\032\221\370p\366\200\331\205%\006\0032I\314\332T\267\234\302\350\000&;f\0253\"\233\005\274EX\325\2556u]\273\330\255\333\260L\003v\241\357\352\244\n5\327m\207\201\\ly\204\004F\341\243;>\345\231\210\014y\220\272\310T\262\327\2462\022\010\003\246\t\370\016\270U\275\230x\236\343\2316\2561\345\332\342\326\300\274\320\345AO\203^/\033\342P\213\343\362\033\230\340\004\333\246eXFK\031z\340c)\236\301\345\027rJ\210\233\021\005\200\340\245\3123\255\326q\013^;\362\235S\267\250|\335PY\047*I\240\3256\024\003B\325\341\010N]\n\355]5%\310\006xs\232\256l\217Y\213\034\240qO]\307\365\036zEO\367H\315b\360z\361\2102\274G\270\357Q\3312\030\261M\350\244\006\324~\3208\325\002\211\221\271\266%\005\341)UXz\235\200*\014\210\3422\356\300\307\203\177\037\336L~\035XR\202\344U~\002A}\337\2420$\257\217A\274\000\311w\241\377\020\365\353!\373\t!S\314\372x\253\205[\315v\363\027\3429\354o\277\346\372\023\277\355|#\312\277\226\376=\371\331\027w\002;\312\367\247\246;\333\351U\024\346\302\337E\013\221\027\317\364\247\276\354\024;{bI\034\010\026\344\203\255p&\\\n+\321\245h)*Gf\\\212+\311\345\244\330\237\236\025\277\017J\351\355\303\364\360E\372\342\347\364\347\327\351\353\343\364\370\357\375\251o\242b\264\033\317\304\213q\251?\365Eg\266\363\255\310\213u\361*(\007fX\n\017\243\231\350~\234\223\047\r\0477E#\270\034\024\345\300WB}\335\0249q3\310""\0057\001\330\255(\037mA\274\2731\216\233I91\272\017z\000\374Z\247\001\211L\215\022\271\332\251\212)\330\002q\257\213K\351\354]8\353\005\234t)\316\313\2346:\246\330\021^0\027\354\004\315\260\034\352\321\\\264\035\351\361\\\274\227\344\223\215D\357\316\214r\202\204\216\322\243,\241\267\351[M\356\177$&\205\036\314\006\033\001\t\267 \205\245\250\002\241\227\200\215\311\004\047\254\273\330\335\355-\364\032\351\363\362 L\240E\245\350\020p\337\213\377\331-u+\275\311\036\3565\316!\324f\307\023sb?8\010Xx/l\002\255\022\306v\254\047C\0100\325\010\177\023\036E\305t\365\317\275b\2574\314`\027\360\227\202J8\021>\203\212,F;\021\213\363\361Fl$w!\203\371\256\331+\365\312\243<\326T\350\031@y\230\334\351\345z\363=SU\353H\262U\023\225 \047\343n\001\230R\177\372\272\270,\276\205\202\257\007\020\340Z\307\027\333\002\367\257\337\200/;\314\207\305p\047\364\224B\026b\236\254\047\257\273>\240\232\236\027\007\351\315\025\240#\037m\002\024IG.\271\221T\272\227\273\033]|~1\177/j\306\007q\243?\365 \202C\357\207\370\034\2524%\001\310\243~\014\212\301v\200\207h\266\205\021,\006\177\211r\321\215\350%(\356 \376G7\177>=\047\036\005\223\201\036\336\204\020\360\260.\216\000\354\213\360\276Zw\024?J.%y\231\207T\301\274\322\332\013\240h7\236\217\315\244\224\034u7%\346\336A\257\321\237\206\264\322\005\200\022\315FO\342\006l\274\227x@_\255W\356Ue\t\277\377A\225\364G\340~\273\367.}\365&}\363\266\277RT\325\224\032$]\345\0008\356J\347\240\363\257\000C)\363\341F\210\373\n\345@\314\027\322?\n\337\033(\203\224\006\372\377N\224>1\363GA\224\373\362\3521\375\3626\344\272\244$=0\317-\221\377\330+\367\343\311\370\024\264,\375!J\351g7D\351|B\212\247*>\027\215t\342v\360:\004\025\002\354\364Z^y\373(Z\217\312\222\372\365\316\221\330\200\242O\317\210Y\361\030\270\255\204\271\213\361*d\265.\023\001%\260\350n\204G2+D8\342q\021\024\014<\247\177:H\017*i\345e\372\362U\177\352\0268f\220\203\324=\223\214\315\212E\261\007\365}\026~\036ru\366\225\353\200\215\007\233\301\231\262\345Nt\006^\230M\276\353\356tyoC\211vh\214\262\022O""\177\nIhw\002\345\247G23\205:\235\273\007\3266\243=h>\373\311\253\356A\267!\265\354\211\005\325a6\002\003\220\\_\020\357\200\252\257\240Mm\253\206\246\201=\017{32\302\014`+\211\362\271\312\272\"\224\316\212\375+W\345\234\2141\001\250s\341\254\"\201G\033\221\001\356[\217\313\312\272\312\242\272\230\031\203\n5H\047P8)\345\3765\344\327\216.\303\246wI\256?j\003{\301rx#\0345\215W\200\237H\333?\205\256\302Ae\252\257M\002\373\023\340\020#\274\033\236D\32587F\247\004(\3518\317P~\rA\016!\342a4\017e\361\224\373\313\237\300\366\037\301R\356\264";
+    PyObject *data = __Pyx_DecompressString(cstring, 2243, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2919 bytes) */
-static const char cstring[] = "\377 at 0x c\377olumns f\367or \000\002a we\377ight of \377 object>\377 outside\377 a  pale\377tte entr\377ies do n\377ot fit  \357rows\000\002 (n\377eeds [gr\337oups,&\005] \357with\"\003div\377isible b\373y \"\003) val\373ue\210\003(tree\277 fragmi\000)\373))}\006[0, ,\367 -bp\000indi\357ces-\212\001y t\375aL\000.: <Me\377moryView\376\303\001<contig\377uous and\017 dir\322\001\007\rH\001\023\003]s\330\000ded\"\010 \234 \346\004\031><(\tA\006>?C\373an\233!assig\377n to rea\377d-only m\332\240\002v\242\000In\365\000id\337 mode\251 xp\\\362 |\000\047c\047t\001\047\231@\377tran\047, g\374\347 %\005shape \377in axis \333No\221@th\322@Cy\337thon \021\000de\377liberate|k\000\320\001cter \"\000\377n PEP-48\3554\212\"re\341As s\217ubcl\246\000\322@\371@b\357uilt[\000typ\377es. If y\047ou \323A\302\001p\316\000%\t\377then set\356[\000e \047\357\002ati\367on_<\000ing\047\356\355$ive\200!Fal\177se.add_\270`\377ean fp16~\360emust b\350a\377non-empt\312\250 a\352`x\372\003\362\003an\377emll_fas\377t/_kerne\377ls.pyxbi\373as\267\204\001colle\375c\177\001s.abcd\333is\230aen\236agc\217inpu\335\204\002\275%\372#pgack\364@\373\204\003is(\003\373dl\037\tno de\377fault __\377reduce__\347 du\323\002\255\001tri\317vial\033\000c\000it\377__numpy.\177_core.m5\000\377iarray f\347ail\340`\217`imp\367ort\033\tumateh\021\016o\260\000\223\047C-\313\204\010\377float32 \256U\003of \227c[\215\206\001,\367 n]\255\206\005inde\223x \003\010\271\205\001 \314\201#\330\206\002[\371u\275\"\305\204\001alloc|\331`n\004data.\013\020\366\247Ed \320\205\003s.AS\377CIIEllip/sisP\356\"W\356\207\002\000\t\337.__ge\273 .<\376b\001ls>.genOexpr\026\014\374$c\360\204\002\373__4\014setst\357ate_\013\022dec\367odei\nfrom\017_f16\003\017\361\210\004\227\n\244@\376\317@Sequenc\345e\353\207\001.\360\207\007\212\000yx_\377PyDict_N\377extRef__l\224\205\004\262`__\351\205\002__\001\005^\355\000item\r\001d0\001^\027\000func\035\001g\300\005x+\000\251c3\001main\003\002\357odulM\002nam\326\002\003ewT\001p~\000ch\037ecksuT""\000\n\001\210#\351_\025\001\325\206\001_\005\002unp\267ick?\000En \005v<\306\211\002\230\001qualO\005\350\204\005X\361\204\006\357%\202\205\006ex\314\001s\267@\362\203\005s\260\010\376.__te\353st\321\001s\235\205\001out\177ineaabc\325e\177_buffer\343\206\010\351.\346\206\005\302\205\002_\371 ala\215s\317\205\002as\337\212\007\n\004\272\210\001a\377syncio.c\353or[\003s\256\211\001bas\375e\251\207\001bitsbp\337bvcc_\235\213\007cl\372\205\000_\333 trace\377backclosr\254`l_\001\362\204\001nat\273`\227unt\277cd\243\211\001\000\002_\307is_\261\215\003\266\210\002\226`od\377eendenum\376\207\212\002errorfl\267ags\261\206\00216\266\206\004f\037ormat\345\212\004\215\211\001\204\204\005\370\217\204\002\360\215\004\376\204\004halfi\217didx\314\206\002\376\214\004\271as\376\000\002izekeep\274\221\211\003\216\000alut\246\204\003m\337axmem\360\213\001mi\325n\353\213\001n\257an\201!nb\375y\212@ndimne\357xtnp\263\210\002obj?outovp\227\211\001\231\211\003\376\372\216\004pkpopr0\377r1rcregi\353st\325\000e\217\214\002ret\367urn\210\217\001self\235s\371\000set\256\211\004\260\214\002s\356\235\000spl\366 tar\376\234\206\002icmetho\275dC\000psto\001\000r\377structsu\357mt16\323\216\002tbt\377hrowuuin\334\020\000\002\0018un\256\212\001up\017date\265\217\002\271\217\003\317\215\001\277\220\003\377xxaxvyvz\377erosO\200\001\330\377\004\n\210+\220Q\200A\377\360\006\000\t\037\230l\250\377!\330\010\014\210B\320\016\377 \240\001\240\030\250\026\250\377r\260\021\330\010\013\2101\377\210F\220#\220R\220s\377\230!\2306\240\021\240#\377\240S\250\002\250#\250Q\377\250f\260A\260S\270\003\377\2701\330\014\022\220*\230\377A\320\035T\320TU\320\377UY\320YZ\320Z[\377\320[\\\330\010+\2501\377\250E\260\021\260\"\260A\377\330\010\t\210\022\2107\220\377!\2202\220X\230Q\230\377f\240A\240T\250\021\250\347&\260\001f\001\025\0054\220qo\230\003\2301*\001\032\220\002\002\377\027\220\001\220\027\230\001\230}\027\226\000\031\250!\2506M\000\377$\260a\260v\270Q\270\357d\300(\310\266\000\017\210q\372\306\000\010\300\006""\016\210b\220\010\3740\000\277\000\020\220\002\320\022$\332i\000Ug\000\002\260\343\000\013\210\3773\210f\220C\220r\230\377\023\230C\230v\240Q\240\377c\250\023\250B\250c\260\377\023\260F\270!\2703\270\347c\300\021\313\006\316\000V\320V\336\313\003^\320^_\220!5\220\377\006\220c\230\022\2303\230\367e\2406\300\000#\250S\260\367\002\260#\213 \006\270a\270\377s\300\"\300E\310\026\310\357q\320PQ\224$\230_\250\367A\250T\205 %\260}\300\377A\300S\310\006\310a\310\373q\340\334 4\210r\220\023\377\220I\230R\230s\240%\363\240v\324 \203\001B\260c\270\374{\005\030\000q\240\005\240V\250\1771\320,K\3101\310\306 \372\274\003E\275\000A\230S\240\004\373\240D\217@\"\250C\250s\377\260!\2603\260d\270$~\277\000\025\300f\310A\310y\005\327\320\035-V\002\021\243\000T\270\177\037\310\001\310\025\310f\251B\377V\330\010\016\210g\220S\353\230\001\352A6\212\000A\330\014\337\020\220\003\2207\356@2\230\376\277\000\017\210u\220B\220a\367\330\020\024\004\000l\240!\240\3371\240C\240r\235b\026\260\177t\2702\270Z\300u\223\000\177\014\025\220R\320\027)\317@\347!\2504\210\000\213!\001\270\024\377\270S\300\003\3003\300a\375\340\026\007%\250v\260R\260\337q\330\010(\250r\000&\240oa\340\010\020\253A\330\010g\001\177G\2301\230B\230a\206\005\377B\220d\230\"\230L\250\337\001\250\024\250W\357`R\260\277{\300!\340\014\023\303`V\277\2302\230U\240&\026\002U\374\336b\266\000\005\220U\230&\240\177\001\240\026\240t\2505\330`\337\022\2601\330\014\267\000\320\026\376k\000\250\022\250<\260q\270\377\002\270%\270r\300\025\300\337g\310Q\310b\242A:?\372\261BG\334 B\310j\320X\357]\320]^\322\204\001!\330\014\177\r\210R\210\177\230a\234@\277!\2403\240a\330w\0005\\\231\204\005\305\204\007V\2401\324\204\tQ\234`\335\021\353\204\0039\220A\003\024;\220ue\315\205\002!\225\205\002\320\013\035\312\0007#\240U\207\205\007\031\220\026\002\362\204\013\177&\260\006\260k\300\021\250!\377q\220A\320\000\024\220A\373\340\004\317\204\001b\220\007\220q?\320\004\035\230Z\240\327`\264\000\367\320\017!\253\206\002V\2502\250}Q\307\206\0012\210V\2203\306@""\277\014\021\220\022\2208\272 S\273\240\001\016\007b\230\003\315 V\276\331Bs\250$\250a\316\206\006.\377\250a\250t\2601\260B\377\260f\270A\320=R\320\377RS\320SW\320WX\337\330\010\031\230\022\274\005\013\210\3674\210s\257\000\014\022\220\";\220F\261@D\240\007\201@x\001\373\r\020\231\000t\2304\230w\376\346\205\002C\250w\260c\270\022\377\2709\300C\300t\3103p\204\204\002\241\205\005\246\000\216`\330\010 \227\001\253\037\230\237\205\0025\326\001\330\262\001\320\377\023%\240Q\240f\250F\377\260\"\260I\270X\300R\377\300q\330\014\017\210r\220\375\026\261\207\0023\230d\240!\330\377\020\026\220j\240\001\240\032\357\2501\250B\240\210\002_\300A\257\300T\310\021>\001\021\231\000A\373\220Q\366\205\0012\210S\220\001\236\313A1\330\r\016Z\001@\001\004\277\230D\240\001\240\022\336\204\002t\377\2503\250d\260!\2602\353\260Q\212\206\002\010\265\207\001c\220\021v\240\010\017\210\357  \240\006\277\204\001\335\033\335\000y\250\0032\000j\270\374\307\205\002\325\206\003F\230\047\240\024\240\276\200\207\006X\240Q\240e\307\206\001>\277\270a\270t\3001\372\205\001b\377\220\006\220b\230\004\230B~\274\000$\240h\250b\2609\004z\312\"\023\202\211\001 \240\001\340\240\003\337\033\230A\230TO\000T\250\315\025\224@r\260\316\206\001\331B3\210\000\213\016";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2919, 3800);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2954 bytes) */
+static const char cstring[] = "\377 at 0x c\377olumns f\367or \000\002a we\377ight of \377 object>\377 outside\377 a  pale\377tte entr\377ies do n\377ot fit  \357rows\000\002 (n\377eeds [gr\337oups,&\005] \357with\"\003div\377isible b\373y \"\003) val\373ue\210\003(tree\277 fragmi\000)\373))}\006[0, ,\367 -bp\000indi\357ces-\212\001y t\375aL\000.: <Me\377moryView\376\303\001<contig\377uous and\017 dir\322\001\007\rH\001\023\003]s\330\000ded\"\010 \234 \346\004\031><(\tA\006>?C\373an\233!assig\377n to rea\377d-only m\332\240\002v\242\000In\365\000id\337 mode\251 xp\\\362 |\000\047c\047t\001\047\231@\377tran\047, g\374\347 %\005shape \377in axis \333No\221@th\322@Cy\337thon \021\000de\377liberate|k\000\320\001cter \"\000\377n PEP-48\3554\212\"re\341As s\217ubcl\246\000\322@\371@b\357uilt[\000typ\377es. If y\047ou \323A\302\001p\316\000%\t\377then set\356[\000e \047\357\002ati\367on_<\000ing\047\356\355$ive\200!Fal\177se.add_\270`\377ean fp16~\360emust b\350a\377non-empt\312\250 a\352`x\372\003\362\003an\377emll_fas\377t/_kerne\377ls.pyxbi\373as\267\204\001colle\375c\177\001s.abcd\333is\230aen\236agc\217inpu\335\204\002\275%\372#pgack\364@\373\204\003is(\003\373dl\037\tno de\377fault __\377reduce__\347 du\323\002\255\001tri\317vial\033\000c\000it\377__numpy.\177_core.m5\000\377iarray f\347ail\340`\217`imp\367ort\033\tumateh\021\016o\260\000\223\047C-\313\204\010\377float32 \256U\003of \227c[\215\206\001,\367 n]\255\206\005inde\223x \003\010\271\205\001 \314\201#\330\206\002[\371u\275\"\305\204\001alloc|\331`n\004data.\013\020\366\247Ed \320\205\003s.AS\377CIIEllip/sisP\356\"W\356\207\002\000\t\337.__ge\273 .<\376b\001ls>.genOexpr\026\014\374$c\360\204\002\373__4\014setst\357ate_\013\022dec\367odei\nfrom\017_f16\003\017\361\210\004\227\n\244@\376\317@Sequenc\345e\353\207\001.\360\207\007\212\000yx_\377PyDict_N\377extRef__l\224\205\004\262`__\351\205\002__\001\005^\355\000item\r\001d0\001^\027\000func\035\001g\300\005x+\000\251c3\001main\003\002\357odulM\002nam\326\002\003ewT\001p~\000ch\037ecksuT""\000\n\001\210#\351_\025\001\325\206\001_\005\002unp\267ick?\000En \005v<\306\211\002\230\001qualO\005\350\204\005X\361\204\006\357%\202\205\006ex\314\001s\267@\362\203\005s\260\010\376.__te\353st\321\001s\235\205\001out\177ineaabc\325e\177_buffer\343\206\010\351.\346\206\005\302\205\002_\371 ala\215s\317\205\002as\337\212\007\n\004\272\210\001a\377syncio.c\353or[\003s\256\211\001bas\375e\251\207\001bitsbp\337bvcc_\235\213\007cl\372\205\000_\333 trace\377backclosr\254`l_\001\362\204\001nat\273`\227unt\277cd\243\211\001\000\002_\307is_\261\215\003\266\210\002\226`od\377eendenum\376\207\212\002errorfl\267ags\261\206\00216\266\206\004f\037ormat\345\212\004\215\211\001\204\204\005\370\217\204\002\360\215\004\376\204\004halfi\217didx\314\206\002\376\214\004\271as\376\000\002izekeep\274\221\211\003\216\000alut\246\204\003m\337axmem\360\213\001mi\325n\353\213\001n\257an\201!nb\375y\212@ndimne\377xtnpnsub\376\267\210\002objouto\343vp\233\211\001\235\211\003\376\216\004pkp\377opr0r1rc\277regist\331\000e~\223\214\002return\214\217\001\337selfs\375\000se\351t\262\211\004\264\214\002s\241\000spl\356\372 tar\240\206\002icm\337ethodC\000ps\373to\001\000rstru\377ctsumt16\376\327\216\002tbthrow\317uuin\020\000\002\0018u\375n\262\212\001update\360\271\217\002\275\217\003\323\215\001\303\220\003xxax\377vyvzeros\377O\200\001\330\004\n\210+\377\220Q\200A\360\006\000\t\377\037\230l\250!\330\010\014\377\210B\320\016 \240\001\240\377\030\250\026\250r\260\021\330\377\010\013\2101\210F\220#\377\220R\220s\230!\2306\377\240\021\240#\240S\250\002\377\250#\250Q\250f\260A\377\260S\270\003\2701\330\014\377\022\220*\230A\320\035T\377\320TU\320UY\320Y\377Z\320Z[\320[\\\330\377\010+\2501\250E\260\021\377\260\"\260A\330\010\t\210\377\022\2107\220!\2202\220\377X\230Q\230f\240A\240\177T\250\021\250&\260\001f\001\376\025\0054\220q\230\003\2301\366*\001\032\220\002\002\027\220\001\220\337\027\230\001\230\027\226\000\031\250\367!\2506M\000$\260a\260\377v\270Q\270d\300(\310\256\266\000\017\210q\306\000""\010\300\006\016\317\210b\220\0100\000\277\000\020\220\257\002\320\022$i\000Ug\000\002\375\260\343\000\013\2103\210f\220\377C\220r\230\023\230C\230\377v\240Q\240c\250\023\250\377B\250c\260\023\260F\270\177!\2703\270c\300\021\313\006\356\316\000V\320V\313\003^\320^\375_\220!5\220\006\220c\230\177\022\2303\230e\2406\300\000\177#\250S\260\002\260#\213 \377\006\270a\270s\300\"\300\377E\310\026\310q\320PQ~\224$\230_\250A\250T\205 \377%\260}\300A\300S\310\277\006\310a\310q\340\334 4\377\210r\220\023\220I\230R?\230s\240%\240v\324 \203\001\317B\260c\270{\005\030\000q\240\377\005\240V\2501\320,K\247\3101\310\306 \274\003E\275\000A\277\230S\240\004\240D\217@\"\377\250C\250s\260!\2603\357\260d\270$\277\000\025\300fw\310A\310y\005\320\035-V\002\375\021\243\000T\270\037\310\001\310\367\025\310f\251BV\330\010\016\277\210g\220S\230\001\352A6\376\212\000A\330\014\020\220\003\220\3557\356@2\230\277\000\017\210u\177\220B\220a\330\020\024\004\000\377l\240!\2401\240C\240\375r\235b\026\260t\2702\270\367Z\300u\223\000\014\025\220Rw\320\027)\317@!\2504\210\000\376\213!\001\270\024\270S\300\003\337\3003\300a\340\026\007%\250\377v\260R\260q\330\010(\375\250r\000&\240a\340\010\020\366\253A\330\010g\001G\2301\230\367B\230a\206\005B\220d\230\377\"\230L\250\001\250\024\250\375W\357`R\260{\300!\340\377\014\023\2205\230\006\230c\363\240\027@\000\n\0002\220V\230\3372\230U\240&#\002V\260\2375\270\002\270!\304\001\202a\025\376\347bU\250\"\250E\260\025\377\260f\270A\270V\3004~\260\001\310R\310q\330\014\324\000\373\320\026\210\000\250\022\250<\260\375q6\000%\270r\300\025\300\337g\310Q\310b\277A:?\372\316BG\371 B\310j\320X\177]\320]^\330)1\311B\346\200\204\001e\300\375\204\002l\000\r\210R\357\210\177\230a\310@!\2403\307\240a\330\241\002\306\204\004\361\204\007V\240\3251\200\205\tQ\310`\021\227\205\0039\220]A\003\024;\220e\371\205\002!\301\205\002w\320\013\035\351\000#\240U\263\205\007\363\031\220\026\002\236\205\013&\260\006\260\367k\300\021\324!q\220A\320\277\000\024\220A\340\004\373\204\001b\377\220""\007\220q\320\004\035\230\337Z\240q\340\010\264\000\320\017}!\327\206\002V\2502\250Q\363\206\001\3372\210V\2203\362@\014\021\357\220\022\2208\331 S\240\001\256\016\007b\230\003\354 V\205bs\357\250$\250a\372\206\006.\250a\277\250t\2601\260B\344!\320\377=R\320RS\320SW\377\320WX\330\010\031\230\022\276\274\005\013\2104\210s\257\000\014\337\022\220\"\220F\335@D\240\267\007\240tw\002\r\020\231\000t\357\2304\230w\222\206\002C\250w\377\260c\270\022\2709\300C\017\300t\3103\260\204\002\315\205\005\246\000\272`\267\330\010 \227\001\037\230\313\205\0025\372\326\001\330\262\001\320\023%\240Q\377\240f\250F\260\"\260I\337\270X\300R\300\351@\017\210\367r\220\026\335\207\0023\230d\240\377!\330\020\026\220j\240\001\277\240\032\2501\250B\314\210\002_\277\300A\300T\310\021>\001\021\356\231\000A\220Q\242\206\0012\210S{\220\001\313A1\330\r\016Z\001\376@\001\004\230D\240\001\240\022\376\212\205\002t\2503\250d\260!\257\2602\260Q\266\206\002\010\341\207\001c\333\220\021\240\010\017\210\357  \240u\006\353\204\001\033\335\000y\250\0032\000\363j\270\363\205\002\201\207\003F\230\047\240\373\024\240\254\207\006X\240Q\240e\276\363\206\001>\270a\270t\343`\010\376\324\210\001\006\220b\230\004\230B~\274\000$\240h\250b\2609\004z\312\"\023\256\211\001 \240\001\340\240\003\337\033\230A\230TO\000T\250\315\025\224@r\260\372\206\001\331B3\210\000\213\016";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2954, 3848);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (3800 bytes) */
-static const char bytes[] = " at 0x columns for  for a weight of  object> outside a  palette entries do not fit  rows rows (needs [groups, entries] with rows divisible by groups) values for (tree fragment))) outside [0, , -bit indices-entry table.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notean fp16 weight must be a non-empty matrix, got shape anemll_fast/_kernels.pyxbias of collections.abcdisableenablegcinput of shape invalid packed weightisenabledlut of shape no default __reduce__ due to non-trivial __cinit__numpy._core.multiarray failed to importnumpy._core.umath failed to importout must be a C-contiguous float32 array of shape [rows, n]palette index palette indices must be a non-empty matrix, got shape rows [unable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisPackedWeightPackedWeight.__get__.<locals>.genexprPackedWeight.__reduce_cython__PackedWeight.__setstate_cython__PackedWeight.decodePackedWeight.from_f16PackedWeight.from_palettePackedWeight.matmulSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineaabcallocate_bufferanemll_fast._kernelsarray_equalasarrayascontiguousarrayastypeasyncio.coroutinesaxisbasebiasbitsbpbvcc_contiguouscline_in_tracebackclosecolsconcatenatecountdecodedtypedtype_is_objectemptyencodeendenumerateerrorflagsfloat16float32formatfortranfp16from_f16from_palettegenexprh""alfididxindexindicesitemsitemsizekeepkernel_isalutmatmulmaxmemviewminmodennamenbitsnbytesndimnextnpnumpyobjoutovppackpackedpalettepkpopr0r1rcregisterreshapereturnrowsselfsendsetdefaultshapesizesplitstartstaticmethodstepstopstrstructsumt16tabletbthrowuuint16uint8unpackupdatevaluevaluesviewweightxxaxvyvzerosO\200\001\330\004\n\210+\220Q\200A\360\006\000\t\037\230l\250!\330\010\014\210B\320\016 \240\001\240\030\250\026\250r\260\021\330\010\013\2101\210F\220#\220R\220s\230!\2306\240\021\240#\240S\250\002\250#\250Q\250f\260A\260S\270\003\2701\330\014\022\220*\230A\320\035T\320TU\320UY\320YZ\320Z[\320[\\\330\010+\2501\250E\260\021\260\"\260A\330\010\t\210\022\2107\220!\2202\220X\230Q\230f\240A\240T\250\021\250&\260\001\260\021\330\010\t\210\022\2107\220!\2204\220q\230\003\2301\330\010\t\210\032\2201\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250!\2506\260\021\260$\260a\260v\270Q\270d\300(\310!\330\010\017\210q\200A\360\010\000\t\037\230l\250!\330\010\016\210b\220\010\230\001\230\021\330\010\020\220\002\320\022$\240A\240U\250&\260\002\260!\330\010\013\2103\210f\220C\220r\230\023\230C\230v\240Q\240c\250\023\250B\250c\260\023\260F\270!\2703\270c\300\021\330\014\022\220*\230A\320\035U\320UV\320VZ\320Z[\320[^\320^_\330\010\013\2105\220\006\220c\230\022\2303\230e\2406\250\021\250#\250S\260\002\260#\260S\270\006\270a\270s\300\"\300E\310\026\310q\320PQ\330\014\022\220*\230A\230_\250A\250T\260\021\260%\260}\300A\300S\310\006\310a\310q\340\010\013\2104\210r\220\023\220I\230R\230s\240%\240v\250Q\250c\260\023\260B\260c\270\021\330\014\022\220*\230A\230R\230q\240\005\240V\2501\320,K\3101\310A\330\010\013\2103\210f\220E\230\023\230A\230S\240\004\240D\250\002\250\"\250C\250s\260!\2603\260d\270$\270c\300\025\300f\310A\310Q\330\014\022\220*\230A\320\035-\250Q\250c\260\021\260#\260T\270\037\310\001\310\025\310f\320TU\320UV\330\010\016\210g\220S\230\001\330\010\013\2106\220\023\220A\330\014\020\220\003\2207\230!\2302\230Q\330\014\017\210u\220B\220a\330\020\024\220B""\220l\240!\2401\240C\240r\250\026\250r\260\026\260t\2702\270Z\300u\310A\330\014\025\220R\320\027)\250\021\250!\2504\250s\260#\260S\270\001\270\024\270S\300\003\3003\300a\340\014\025\220R\320\027)\250\021\250%\250v\260R\260q\330\010(\250\001\330\010&\240a\340\010\020\220\010\230\001\330\010\017\210u\220G\2301\230B\230a\330\010\013\2106\220\023\220B\220d\230\"\230L\250\001\250\024\250W\260A\260R\260{\300!\340\014\023\2202\220V\2302\230U\240&\250\001\250\024\250U\260\"\260A\330\014\020\220\005\220U\230&\240\001\240\026\240t\2505\260\001\260\022\2601\330\014\024\220B\320\026(\250\001\250\022\250<\260q\270\002\270%\270r\300\025\300g\310Q\310b\320PQ\330:?\270s\300\"\300G\3101\310B\310j\320X]\320]^\330\014\022\220!\330\014\r\210R\210\177\230a\230s\240!\2403\240a\330\014\023\2205\230\003\2301\330\010\t\210\022\2107\220!\2202\220X\230V\2401\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\2109\220A\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\210;\220e\2306\240\021\240!\330\010\t\210\022\320\013\035\230U\240#\240U\250&\260\001\260\021\330\010\t\210\031\220!\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250&\260\006\260k\300\021\330\010\017\210q\220A\320\000\024\220A\340\004\013\2103\210b\220\007\220q\320\004\035\230Z\240q\340\010\r\210R\320\017!\240\021\240#\240V\2502\250Q\330\010\013\2102\210V\2203\220a\330\014\021\220\022\2208\2302\230S\240\001\330\010\013\2102\210V\2203\220b\230\003\2302\230V\2401\240C\240s\250$\250a\330\014\022\220*\230A\320\035.\250a\250t\2601\260B\260f\270A\320=R\320RS\320SW\320WX\330\010\031\230\022\2306\240\021\240!\330\010\013\2104\210s\220!\330\014\022\220\"\220F\230\"\230D\240\007\240t\2502\250Q\330\r\020\220\007\220t\2304\230w\240c\250\023\250C\250w\260c\270\022\2709\300C\300t\3103\310f\320TU\330\014\022\220*\230A\230Q\330\010&\240a\330\010 \240\001\330\010\037\230q\340\010\013\2105\220\007\220q\330\014\021\220\022\320\023%\240Q\240f\250F\260\"\260I\270X\300R\300q\330\014\017\210r""\220\026\220q\230\003\2303\230d\240!\330\020\026\220j\240\001\240\032\2501\250B\250f\260A\260_\300A\300T\310\021\330\014\021\220\021\220\"\220A\220Q\340\010\013\2102\210S\220\001\330\014\023\2201\330\r\016\330\014\021\220\026\220q\230\004\230D\240\001\240\022\2401\240C\240t\2503\250d\260!\2602\260Q\260c\270\021\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q\320\004 \240\006\240a\340\010\033\2304\230y\250\003\2503\250j\270\001\330\010\013\2104\210r\220\023\220F\230\047\240\024\240Q\330\014\022\220*\230A\230X\240Q\240e\2501\320,>\270a\270t\3001\330\010\016\210b\220\006\220b\230\004\230B\230d\240$\240h\250b\260\001\330\010\013\2104\210s\220!\330\014\023\2201\330\010 \240\001\340\r\016\330\014\021\220\033\230A\230T\240\024\240T\250\025\250a\250r\260\021\260#\260Q\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q";
+    #else /* compression: none (3848 bytes) */
+static const char bytes[] = " at 0x columns for  for a weight of  object> outside a  palette entries do not fit  rows rows (needs [groups, entries] with rows divisible by groups) values for (tree fragment))) outside [0, , -bit indices-entry table.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notean fp16 weight must be a non-empty matrix, got shape anemll_fast/_kernels.pyxbias of collections.abcdisableenablegcinput of shape invalid packed weightisenabledlut of shape no default __reduce__ due to non-trivial __cinit__numpy._core.multiarray failed to importnumpy._core.umath failed to importout must be a C-contiguous float32 array of shape [rows, n]palette index palette indices must be a non-empty matrix, got shape rows [unable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisPackedWeightPackedWeight.__get__.<locals>.genexprPackedWeight.__reduce_cython__PackedWeight.__setstate_cython__PackedWeight.decodePackedWeight.from_f16PackedWeight.from_palettePackedWeight.matmulSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineaabcallocate_bufferanemll_fast._kernelsarray_equalasarrayascontiguousarrayastypeasyncio.coroutinesaxisbasebiasbitsbpbvcc_contiguouscline_in_tracebackclosecolsconcatenatecountdecodedtypedtype_is_objectemptyencodeendenumerateerrorflagsfloat16float32formatfortranfp16from_f16from_palettegenexprh""alfididxindexindicesitemsitemsizekeepkernel_isalutmatmulmaxmemviewminmodennamenbitsnbytesndimnextnpnsubnumpyobjoutovppackpackedpalettepkpopr0r1rcregisterreshapereturnrowsselfsendsetdefaultshapesizesplitstartstaticmethodstepstopstrstructsumt16tabletbthrowuuint16uint8unpackupdatevaluevaluesviewweightxxaxvyvzerosO\200\001\330\004\n\210+\220Q\200A\360\006\000\t\037\230l\250!\330\010\014\210B\320\016 \240\001\240\030\250\026\250r\260\021\330\010\013\2101\210F\220#\220R\220s\230!\2306\240\021\240#\240S\250\002\250#\250Q\250f\260A\260S\270\003\2701\330\014\022\220*\230A\320\035T\320TU\320UY\320YZ\320Z[\320[\\\330\010+\2501\250E\260\021\260\"\260A\330\010\t\210\022\2107\220!\2202\220X\230Q\230f\240A\240T\250\021\250&\260\001\260\021\330\010\t\210\022\2107\220!\2204\220q\230\003\2301\330\010\t\210\032\2201\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250!\2506\260\021\260$\260a\260v\270Q\270d\300(\310!\330\010\017\210q\200A\360\010\000\t\037\230l\250!\330\010\016\210b\220\010\230\001\230\021\330\010\020\220\002\320\022$\240A\240U\250&\260\002\260!\330\010\013\2103\210f\220C\220r\230\023\230C\230v\240Q\240c\250\023\250B\250c\260\023\260F\270!\2703\270c\300\021\330\014\022\220*\230A\320\035U\320UV\320VZ\320Z[\320[^\320^_\330\010\013\2105\220\006\220c\230\022\2303\230e\2406\250\021\250#\250S\260\002\260#\260S\270\006\270a\270s\300\"\300E\310\026\310q\320PQ\330\014\022\220*\230A\230_\250A\250T\260\021\260%\260}\300A\300S\310\006\310a\310q\340\010\013\2104\210r\220\023\220I\230R\230s\240%\240v\250Q\250c\260\023\260B\260c\270\021\330\014\022\220*\230A\230R\230q\240\005\240V\2501\320,K\3101\310A\330\010\013\2103\210f\220E\230\023\230A\230S\240\004\240D\250\002\250\"\250C\250s\260!\2603\260d\270$\270c\300\025\300f\310A\310Q\330\014\022\220*\230A\320\035-\250Q\250c\260\021\260#\260T\270\037\310\001\310\025\310f\320TU\320UV\330\010\016\210g\220S\230\001\330\010\013\2106\220\023\220A\330\014\020\220\003\2207\230!\2302\230Q\330\014\017\210u\220B\220a\330\020\024""\220B\220l\240!\2401\240C\240r\250\026\250r\260\026\260t\2702\270Z\300u\310A\330\014\025\220R\320\027)\250\021\250!\2504\250s\260#\260S\270\001\270\024\270S\300\003\3003\300a\340\014\025\220R\320\027)\250\021\250%\250v\260R\260q\330\010(\250\001\330\010&\240a\340\010\020\220\010\230\001\330\010\017\210u\220G\2301\230B\230a\330\010\013\2106\220\023\220B\220d\230\"\230L\250\001\250\024\250W\260A\260R\260{\300!\340\014\023\2205\230\006\230c\240\027\250\001\330\014\023\2202\220V\2302\230U\240&\250\001\250\024\250V\2605\270\002\270!\330\014\020\220\010\230\001\230\025\230f\240A\240U\250\"\250E\260\025\260f\270A\270V\3004\300u\310A\310R\310q\330\014\024\220B\320\026(\250\001\250\022\250<\260q\270\002\270%\270r\300\025\300g\310Q\310b\320PQ\330:?\270s\300\"\300G\3101\310B\310j\320X]\320]^\330)1\260\021\260%\260v\270Q\270e\3001\330\014\022\220!\330\014\r\210R\210\177\230a\230s\240!\2403\240a\330\014\023\2205\230\003\2301\330\010\t\210\022\2107\220!\2202\220X\230V\2401\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\2109\220A\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\210;\220e\2306\240\021\240!\330\010\t\210\022\320\013\035\230U\240#\240U\250&\260\001\260\021\330\010\t\210\031\220!\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250&\260\006\260k\300\021\330\010\017\210q\220A\320\000\024\220A\340\004\013\2103\210b\220\007\220q\320\004\035\230Z\240q\340\010\r\210R\320\017!\240\021\240#\240V\2502\250Q\330\010\013\2102\210V\2203\220a\330\014\021\220\022\2208\2302\230S\240\001\330\010\013\2102\210V\2203\220b\230\003\2302\230V\2401\240C\240s\250$\250a\330\014\022\220*\230A\320\035.\250a\250t\2601\260B\260f\270A\320=R\320RS\320SW\320WX\330\010\031\230\022\2306\240\021\240!\330\010\013\2104\210s\220!\330\014\022\220\"\220F\230\"\230D\240\007\240t\2502\250Q\330\r\020\220\007\220t\2304\230w\240c\250\023\250C\250w\260c\270\022\2709\300C\300t\3103\310f\320TU\330\014\022\220*\230A\230Q\330\010&\240a\330\010 \240\001\330""\010\037\230q\340\010\013\2105\220\007\220q\330\014\021\220\022\320\023%\240Q\240f\250F\260\"\260I\270X\300R\300q\330\014\017\210r\220\026\220q\230\003\2303\230d\240!\330\020\026\220j\240\001\240\032\2501\250B\250f\260A\260_\300A\300T\310\021\330\014\021\220\021\220\"\220A\220Q\340\010\013\2102\210S\220\001\330\014\023\2201\330\r\016\330\014\021\220\026\220q\230\004\230D\240\001\240\022\2401\240C\240t\2503\250d\260!\2602\260Q\260c\270\021\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q\320\004 \240\006\240a\340\010\033\2304\230y\250\003\2503\250j\270\001\330\010\013\2104\210r\220\023\220F\230\047\240\024\240Q\330\014\022\220*\230A\230X\240Q\240e\2501\320,>\270a\270t\3001\330\010\016\210b\220\006\220b\230\004\230B\230d\240$\240h\250b\260\001\330\010\013\2104\210s\220!\330\014\023\2201\330\010 \240\001\340\r\016\330\014\021\220\033\230A\230T\240\024\240T\250\025\250a\250r\260\021\260#\260Q\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 198; i++) {
+    for (int i = 0; i < 199; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 51) PyUnicode_InternInPlace(&string);
@@ -28531,8 +28621,8 @@ static const char bytes[] = " at 0x columns for  for a weight of  object> outsid
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 198; i < 206; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-198].length;
+    for (int i = 199; i < 207; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-199].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -28542,14 +28632,14 @@ static const char bytes[] = " at 0x columns for  for a weight of  object> outsid
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 206; i++) {
+    for (Py_ssize_t i = 0; i < 207; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 198;
+      PyObject **table = stringtab + 199;
       for (Py_ssize_t i=0; i<8; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -28638,7 +28728,7 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 111};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 113};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_kp_b_iso88591_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
@@ -28653,17 +28743,17 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
     __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_from_f16, __pyx_mstate->__pyx_kp_b_iso88591_A_l_B_r_1F_Rs_6_S_QfAS_1_A_TTUUY, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 17, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 61};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_indices, __pyx_mstate->__pyx_n_u_lut, __pyx_mstate->__pyx_n_u_nbits, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_idx, __pyx_mstate->__pyx_n_u_table, __pyx_mstate->__pyx_n_u_rows_3, __pyx_mstate->__pyx_n_u_cols, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_packed, __pyx_mstate->__pyx_n_u_pk, __pyx_mstate->__pyx_n_u_tb, __pyx_mstate->__pyx_n_u_t16, __pyx_mstate->__pyx_n_u_keep, __pyx_mstate->__pyx_n_u_half, __pyx_mstate->__pyx_n_u_bits, __pyx_mstate->__pyx_n_u_split};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 18, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 61};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_indices, __pyx_mstate->__pyx_n_u_lut, __pyx_mstate->__pyx_n_u_nbits, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_idx, __pyx_mstate->__pyx_n_u_table, __pyx_mstate->__pyx_n_u_rows_3, __pyx_mstate->__pyx_n_u_cols, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_packed, __pyx_mstate->__pyx_n_u_pk, __pyx_mstate->__pyx_n_u_tb, __pyx_mstate->__pyx_n_u_t16, __pyx_mstate->__pyx_n_u_keep, __pyx_mstate->__pyx_n_u_half, __pyx_mstate->__pyx_n_u_nsub, __pyx_mstate->__pyx_n_u_bits, __pyx_mstate->__pyx_n_u_split};
     __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_from_palette, __pyx_mstate->__pyx_kp_b_iso88591_A_l_b_AU_3fCr_CvQc_Bc_F_3c_A_UUV, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 113};
+    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 115};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_bias, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_xa, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_xv, __pyx_mstate->__pyx_n_u_yv, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_bv, __pyx_mstate->__pyx_n_u_rc};
     __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_matmul, __pyx_mstate->__pyx_kp_b_iso88591_Zq_R_V2Q_2V3a_82S_2V3b_2V1Cs_a, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 143};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 145};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_r0, __pyx_mstate->__pyx_n_u_r1, __pyx_mstate->__pyx_n_u_end, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_ov, __pyx_mstate->__pyx_n_u_rc};
     __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_decode, __pyx_mstate->__pyx_kp_b_iso88591_a_4y_3j_4r_F_Q_AXQe1_at1_b_b_Bd, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
   }

@@ -87,12 +87,14 @@ cdef class PackedWeight:
         cdef const uint8_t[:, ::1] t16
         keep = (packed, table)
         half = table.astype(np.float16)
-        if nbits <= 4 and np.array_equal(half.astype(np.float32), table):
-            # byte-split fp16 tables for the pshufb path (exact: the tables are fp16 values)
-            bits = np.zeros((table.shape[0], 16), np.uint16)
-            bits[:, :table.shape[1]] = half.view(np.uint16)
+        if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
+            # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
+            nsub = 1 if nbits <= 4 else 4
+            bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
+            bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
-                                                         (bits >> 8).astype(np.uint8)], axis=1))
+                                                         (bits >> 8).astype(np.uint8)], axis=2)
+                                         .reshape(table.shape[0], -1))
             t16 = split
             p.w.lut16_bytes = &t16[0, 0]
             keep = keep + (split,)

@@ -208,6 +208,44 @@ AF_AVX2 void matvec_lut4_avx2(const Weight& w, const float* x, float* y) {
   }
 }
 
+// 5- and 6-bit palettes (one uint8 index per weight): four 16-entry sub-tables per byte plane,
+// looked up with pshufb and chosen by the index's top two bits.
+AF_AVX2 void matvec_lut6_avx2(const Weight& w, const float* x, float* y) {
+  const int64_t cols = w.cols;
+  const __m128i low4 = _mm_set1_epi8(0x0F), one = _mm_set1_epi8(1), two = _mm_set1_epi8(2),
+                three = _mm_set1_epi8(3);
+  for (int64_t r = 0; r < w.rows; ++r) {
+    const uint8_t* t = w.lut16_bytes + (r / w.rows_per_group) * 128;
+    __m128i lo[4], hi[4];
+    for (int k = 0; k < 4; ++k) {
+      lo[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 * k));
+      hi[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 * k + 16));
+    }
+    const uint8_t* row = w.idx + r * cols;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= cols; k += 16) {
+      const __m128i id = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
+      const __m128i sub = _mm_and_si128(id, low4);
+      const __m128i sel = _mm_and_si128(_mm_srli_epi16(id, 4), low4);
+      const __m128i m1 = _mm_cmpeq_epi8(sel, one), m2 = _mm_cmpeq_epi8(sel, two), m3 = _mm_cmpeq_epi8(sel, three);
+      __m128i vl = _mm_shuffle_epi8(lo[0], sub), vh = _mm_shuffle_epi8(hi[0], sub);
+      vl = _mm_blendv_epi8(vl, _mm_shuffle_epi8(lo[1], sub), m1);
+      vh = _mm_blendv_epi8(vh, _mm_shuffle_epi8(hi[1], sub), m1);
+      vl = _mm_blendv_epi8(vl, _mm_shuffle_epi8(lo[2], sub), m2);
+      vh = _mm_blendv_epi8(vh, _mm_shuffle_epi8(hi[2], sub), m2);
+      vl = _mm_blendv_epi8(vl, _mm_shuffle_epi8(lo[3], sub), m3);
+      vh = _mm_blendv_epi8(vh, _mm_shuffle_epi8(hi[3], sub), m3);
+      a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_unpacklo_epi8(vl, vh)), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_unpackhi_epi8(vl, vh)), _mm256_loadu_ps(x + k + 8), a1);
+    }
+    float s = hsum(_mm256_add_ps(a0, a1));
+    const float* table = w.lut + (r / w.rows_per_group) * w.entries;
+    for (; k < cols; ++k) s += table[row[k]] * x[k];
+    y[r] = s;
+  }
+}
+
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -259,6 +297,7 @@ void rows_times_x_neon(const float* wr, int nr, int64_t cols, const float* x, in
 struct Dispatch {
   void (*matvec_f16)(const Weight&, const float*, float*);   // optional fused n == 1 paths
   void (*matvec_lut4)(const Weight&, const float*, float*);
+  void (*matvec_lut6)(const Weight&, const float*, float*);
   void (*decode_f16)(const uint16_t*, int64_t, float*);
   void (*decode_lut)(const Weight&, int64_t, float*);
   void (*rows_times_x)(const float*, int, int64_t, const float*, int64_t, float*, int64_t);
@@ -269,17 +308,17 @@ Dispatch pick() {
   // ANEMLL_FAST_KERNELS=portable forces the scalar path (to test it on a vector-capable CPU).
   const char* force = std::getenv("ANEMLL_FAST_KERNELS");
   if (force != nullptr && std::strcmp(force, "portable") == 0) {
-    return {nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, "portable"};
+    return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, "portable"};
   }
 #if AF_X86
   if (cpu_has_avx2()) {
-    return {matvec_f16_avx2, matvec_lut4_avx2, decode_f16_avx2, decode_lut_avx2, rows_times_x_avx2,
+    return {matvec_f16_avx2, matvec_lut4_avx2, matvec_lut6_avx2, decode_f16_avx2, decode_lut_avx2, rows_times_x_avx2,
             "avx2+fma+f16c"};
   }
 #elif AF_NEON
-  return {nullptr, nullptr, decode_f16_neon, decode_lut_portable, rows_times_x_neon, "neon"};
+  return {nullptr, nullptr, nullptr, decode_f16_neon, decode_lut_portable, rows_times_x_neon, "neon"};
 #endif
-  return {nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, "portable"};
+  return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, "portable"};
 }
 
 const Dispatch& dispatch() {
@@ -320,6 +359,10 @@ int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float*
     }
     if (w.idx != nullptr && w.nbits <= 4 && w.lut16_bytes != nullptr && d.matvec_lut4 != nullptr) {
       d.matvec_lut4(w, x, y);
+      return 0;
+    }
+    if (w.idx != nullptr && w.nbits > 4 && w.nbits <= 6 && w.lut16_bytes != nullptr && d.matvec_lut6 != nullptr) {
+      d.matvec_lut6(w, x, y);
       return 0;
     }
   }

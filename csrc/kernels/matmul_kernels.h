@@ -23,8 +23,9 @@ struct Weight {
   const float* lut = nullptr;     // [rows / rows_per_group, entries] fp32
   int64_t entries = 0;
   int64_t rows_per_group = 0;
-  // Optional, for nbits <= 4 when the tables are exactly fp16: per group 32 bytes, the low bytes of
-  // the 16 halves then their high bytes (entries past `entries` are zero).
+  // Optional, for nbits <= 6 when the tables are exactly fp16: per group, for each 16-entry sub-table
+  // (one for nbits <= 4, four for 5-6 bits), 32 bytes: the low bytes of its 16 halves, then their
+  // high bytes (entries past `entries` are zero).
   const uint8_t* lut16_bytes = nullptr;
 };
 
