@@ -20,7 +20,9 @@ def _rel(paths):
     return sorted(os.path.relpath(p, HERE) for p in paths)
 
 
-cpp_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "**", "*.cpp"), recursive=True))
+cpp_sources = _rel(p for p in glob.glob(os.path.join(HERE, "csrc", "**", "*.cpp"), recursive=True)
+                   if os.sep + "kernels" + os.sep not in p)
+kernel_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "kernels", "*.cpp")))
 mm_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "**", "*.mm"), recursive=True))
 
 
@@ -53,26 +55,33 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-def _extension():
-    sources = ["anemll_fast/_native.pyx"] + cpp_sources
-    define_macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
-    extra_compile_args = ["-O3"]
-    extra_link_args = []
+def _platform_flags():
+    """(compile args, link args) every extension shares: optimisation, visibility, stripping."""
+    compile_args = ["-O3"]
+    link_args = []
     # Shipped binaries carry no symbol table (a stripped .so is a fraction of the
     # size); ANEMLL_FAST_KEEP_SYMBOLS=1 keeps them for debugging.
     strip = not os.environ.get("ANEMLL_FAST_KEEP_SYMBOLS")
     if IS_MACOS:
+        compile_args += ["-mmacosx-version-min=13.0"]
+        if strip:
+            link_args += ["-Wl,-x"]  # Apple's ld: drop local symbols (-s is obsolete there)
+    else:
+        compile_args += ["-fvisibility=hidden"]
+        if strip:
+            link_args += ["-s"]
+    return compile_args, link_args
+
+
+def _extension():
+    sources = ["anemll_fast/_native.pyx"] + cpp_sources
+    define_macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+    extra_compile_args, extra_link_args = _platform_flags()
+    if IS_MACOS:
         sources += mm_sources
         define_macros.append(("ANEMLL_FAST_HAVE_COREML", "1"))
-        extra_compile_args += ["-mmacosx-version-min=13.0"]
         for framework in ("CoreML", "Foundation", "CoreVideo", "Accelerate"):
             extra_link_args += ["-framework", framework]
-        if strip:
-            extra_link_args += ["-Wl,-x"]  # Apple's ld: drop local symbols (-s is obsolete there)
-    else:
-        extra_compile_args += ["-fvisibility=hidden"]
-        if strip:
-            extra_link_args += ["-s"]
     return Extension(
         "anemll_fast._native",
         sources=sources,
@@ -84,9 +93,23 @@ def _extension():
     )
 
 
+def _kernels_extension():
+    """The reference backend's compressed-weight kernels: a module of their own, with no engine."""
+    extra_compile_args, extra_link_args = _platform_flags()
+    return Extension(
+        "anemll_fast._kernels",
+        sources=["anemll_fast/_kernels.pyx"] + kernel_sources,
+        language="c++",
+        include_dirs=[os.path.join("csrc"), numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
+    )
+
+
 setup(
     ext_modules=cythonize(
-        [_extension()],
+        [_extension(), _kernels_extension()],
         language_level=3,
         compiler_directives={"boundscheck": False, "wraparound": False, "embedsignature": True},
     ),

@@ -84,7 +84,8 @@ def test_sdist_carries_every_native_source_and_no_generated_file(dists):
                    "anemll_fast/_engine_api.pxd", "anemll_fast/py.typed", "csrc/engine/fp16.h",
                    "csrc/coreml/coreml_backend.mm", "csrc/coreml/sdk_decls/apple_sdk_decls.h"):
         assert needed in rel, needed
-    assert not any(n.endswith("_native.cpp") for n in rel), "the Cython output must be generated at build time"
+    assert not {"anemll_fast/_native.cpp", "anemll_fast/_kernels.cpp"} & rel, \
+        "the Cython output must be generated at build time"
     assert not any(n.endswith((".so", ".o", ".pyc", ".dylib")) for n in rel)
 
 
@@ -97,26 +98,28 @@ def test_wheel_metadata_licence_and_version(dists):
     assert "License :: OSI Approved :: MIT License" in meta
     assert "Project-URL:" in meta and "Requires-Python: >=3.9" in meta
     assert any(n.endswith(".dist-info/LICENSE") or "/licenses/LICENSE" in n for n in names)
-    assert any(n.startswith("anemll_fast/_native") and n.endswith((".so", ".pyd")) for n in names)
-    assert not any(n.endswith("_native.cpp") or n.startswith("csrc/") for n in names)
+    for ext in ("_native", "_kernels"):
+        assert any(n.startswith(f"anemll_fast/{ext}") and n.endswith((".so", ".pyd")) for n in names), ext
+    assert not any(n in ("anemll_fast/_native.cpp", "anemll_fast/_kernels.cpp") or n.startswith("csrc/")
+                   for n in names)
 
 
 @pytest.mark.skipif(not IS_LINUX, reason="the symbol table check reads ELF (Apple's ld drops local symbols: -Wl,-x)")
 def test_wheel_extension_is_stripped(dists, tmp_path):
-    with zipfile.ZipFile(dists["wheel"]) as z:
-        so = next(n for n in z.namelist() if n.startswith("anemll_fast/_native") and n.endswith(".so"))
-        path = Path(z.extract(so, tmp_path))
-    if shutil.which("nm"):
-        r = subprocess.run(["nm", path], capture_output=True, text=True)
-        assert "no symbols" in r.stderr, f"symbols left in {so}: {r.stdout[:300]}"
-    elif shutil.which("file"):
-        assert ", stripped" in subprocess.run(["file", path], capture_output=True, text=True).stdout
-    else:
+    if not (shutil.which("nm") or shutil.which("file")):
         pytest.skip("neither nm nor file is installed")
-    # Only the dynamic symbols the interpreter needs remain exported.
-    if shutil.which("nm"):
-        dyn = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
-        assert "PyInit__native" in dyn
+    for ext in ("_native", "_kernels"):
+        with zipfile.ZipFile(dists["wheel"]) as z:
+            so = next(n for n in z.namelist() if n.startswith(f"anemll_fast/{ext}") and n.endswith(".so"))
+            path = Path(z.extract(so, tmp_path))
+        if shutil.which("nm"):
+            r = subprocess.run(["nm", path], capture_output=True, text=True)
+            assert "no symbols" in r.stderr, f"symbols left in {so}: {r.stdout[:300]}"
+            # Only the dynamic symbols the interpreter needs remain exported.
+            dyn = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
+            assert f"PyInit_{ext}" in dyn
+        else:
+            assert ", stripped" in subprocess.run(["file", path], capture_output=True, text=True).stdout
 
 
 def test_installed_wheel_imports_and_generates(dists, tmp_path):

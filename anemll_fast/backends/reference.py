@@ -123,6 +123,11 @@ class ReferenceModel:
         """Another function of the same file, sharing its decoded weights."""
         return ReferenceModel(self.program, name, self._cache)
 
+    def stored_constants(self) -> List[Any]:
+        """The constants this file's plans hold in stored form (fp16 or palettized weights), shared
+        by all its functions: for diagnostics and for tests of what stays compressed."""
+        return [entry[1] for entry in self._cache["consts"].values()]
+
     def make_state(self) -> ReferenceState:
         return ReferenceState(self.state_specs, self.path)
 

@@ -17,10 +17,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from anemll_fast.mil.blobfile import fp32_to_bf16_bits, bf16_to_fp32
+from anemll_fast.mil.attention import fuse as fuse_attention
 from anemll_fast.mil.errors import MilError, MilFormatError, MilRuntimeError, UnsupportedOpError
-from anemll_fast.mil.ops import CONSTEXPR, OPS, SUPPORTED_OPS
-from anemll_fast.mil.ops.registry import BindingRef, BuildContext, Kernel, compute_form
-from anemll_fast.mil.program import NUMPY_DTYPES, Function, Program, StateType, TensorType, Value
+from anemll_fast.mil.ops import CONSTEXPR, CONTROL_FLOW, OPS, SUPPORTED_OPS
+from anemll_fast.mil.ops.registry import BindingRef, BuildContext, Kernel, Stored, compute_form, unwrap
+from anemll_fast.mil.program import (
+    NUMPY_DTYPES, Block, Function, OtherType, Program, StateType, TensorType, Value, Var,
+)
 
 _F32 = np.float32
 _F16 = np.float16
@@ -31,8 +34,42 @@ _STATE_OPS = frozenset({"read_state", "write_state", "coreml_update_state"})
 _WRITE_STATE = {"write_state": ("input", "data"), "coreml_update_state": ("state", "value")}
 
 
+# A while_loop that has not ended after this many iterations is reported, not run forever.
+MAX_LOOP_ITERATIONS = 10_000_000
+
+
+def _all_ops(ops: Sequence[Any]):
+    for op in ops:
+        yield op
+        for b in op.blocks:
+            yield from _all_ops(b.ops)
+
+
 def unsupported_ops(fn: Function) -> List[str]:
-    return sorted({op.type for op in fn.ops if op.type not in SUPPORTED_OPS})
+    return sorted({op.type for op in _all_ops(fn.ops) if op.type not in SUPPORTED_OPS})
+
+
+def _block_uses(block: Block) -> List[str]:
+    """Names a block reads from outside itself (its ops' and nested blocks' free variables, in order)."""
+    defined = {v.name for v in block.inputs}
+    used: List[str] = []
+
+    def note(name: str) -> None:
+        if name not in defined and name not in used:
+            used.append(name)
+
+    for op in block.ops:
+        for binds in op.inputs.values():
+            for b in binds:
+                if isinstance(b, str):
+                    note(b)
+        for nested in op.blocks:
+            for name in _block_uses(nested):
+                note(name)
+        defined.update(v.name for v in op.outputs)
+    for o in block.outputs:
+        note(o)
+    return used
 
 
 def check_supported(program: Program) -> None:
@@ -159,20 +196,151 @@ class Plan:
         self._build(fn)
 
     # ---------------------------------------------------------------- build
-    def _const_of(self, value: Value) -> Any:
-        """Compute form of a stored constant, shared between functions of one program."""
-        key = id(value.data)
+    def _shared(self, key_objs: Tuple[Any, ...], make: Callable[[], Stored]) -> Stored:
+        """One Stored per stored data, shared between the functions of one program."""
+        key = tuple(id(o) for o in key_objs)
         hit = self._const_cache.get(key)
-        if hit is not None and hit[0] is value.data:
+        if hit is not None and all(a is b for a, b in zip(hit[0], key_objs)):
             return hit[1]
-        cf = compute_form(value)
-        self._const_cache[key] = (value.data, cf)
-        return cf
+        st = make()
+        self._const_cache[key] = (key_objs, st)
+        return st
 
-    def _build(self, fn: Function) -> None:
+    def _const_of(self, value: Value) -> Stored:
+        """A stored constant; fp16 matrices keep their storage for the native kernels."""
+        data = value.data
+        native = value.dtype == "fp16" and isinstance(data, np.ndarray) and data.ndim >= 2
+        return self._shared((data,), lambda: Stored(lambda: compute_form(value),
+                                                    ("fp16", data) if native else None))
+
+    def _sub_plan(self, block: Block, label: str, consts: Dict[str, Any], types: Dict[str, Any],
+                  where: str) -> Tuple["Plan", List[str]]:
+        """A block compiled on its own: inputs are its own then the outer runtime values it reads."""
+        captured = [n for n in _block_uses(block) if n not in consts]
+        missing = [n for n in captured if n not in types]
+        if missing:
+            raise MilFormatError(f"{where}: block uses undefined variable(s) {', '.join(missing)}")
+        fn = Function(label, list(block.inputs) + [Var(n, types[n]) for n in captured], list(block.ops),
+                      list(block.outputs))
+        if any(op.type in _STATE_OPS for op in _all_ops(fn.ops)):
+            raise UnsupportedOpError(f"{where}: state ops inside a control-flow block are not supported")
+        if any(isinstance(types[n], StateType) for n in captured):
+            raise UnsupportedOpError(f"{where}: a state used inside a control-flow block is not supported")
+        sub = Plan.__new__(Plan)
+        sub.function_name = label
+        sub.source = self.source
+        sub._const_cache = self._const_cache
+        sub._build(fn, outer_consts=consts)
+        return sub, captured
+
+    def _control_flow(self, op: Any, fn_name: str, where: str, consts: Dict[str, Any],
+                      types: Dict[str, Any]) -> Kernel:
+        """cond / while_loop: a kernel that runs the compiled blocks on the values it is given."""
+        name = op.outputs[0].name if op.outputs else op.name
+        n_out = len(op.outputs)
+
+        def fresh(results: Sequence[Any], given: Sequence[Any]) -> List[Any]:
+            # a block may hand an input straight back: copy it, so no later in-place op aliases it
+            return [np.array(r, copy=True) if any(r is g for g in given) and isinstance(r, np.ndarray) else r
+                    for r in results]
+
+        def truth(v: Any) -> bool:
+            a = np.asarray(v)
+            if a.size != 1:
+                raise MilRuntimeError(f"{where}: a condition must hold one value, got shape {list(a.shape)}")
+            return bool(a.reshape(()))
+
+        if op.type == "cond":
+            if len(op.blocks) != 2 or op.blocks[0].inputs or op.blocks[1].inputs:
+                raise MilFormatError(f"{where}: cond takes two blocks without inputs, got {len(op.blocks)}")
+            pred = (op.inputs.get("pred") or [None])[0]
+            if pred is None:
+                raise MilFormatError(f"{where}: cond without a pred")
+            (tp, tcap), (fp, fcap) = (self._sub_plan(b, f"{fn_name}/{name}/{k}", consts, types, where)
+                                      for k, b in zip(("true", "false"), op.blocks))
+            for p in (tp, fp):
+                if len(p.output_names) != n_out:
+                    raise MilFormatError(f"{where}: a branch returns {len(p.output_names)} values for "
+                                         f"{n_out} outputs")
+            caps = tcap + [c for c in fcap if c not in tcap]
+
+            def run_cond(pvalue, *vals):
+                env = dict(zip(caps, vals))
+                plan, names = (tp, tcap) if truth(pvalue) else (fp, fcap)
+                given = [env[c] for c in names]
+                res = fresh(plan.run(given, []), given)
+                return res[0] if n_out == 1 else tuple(res)
+
+            return Kernel(run_cond, [BindingRef(pred)] + [BindingRef(c) for c in caps], exact=True)
+
+        loop_vars = op.inputs.get("loop_vars") or []
+        if len(op.blocks) != 2 or not loop_vars:
+            raise MilFormatError(f"{where}: while_loop takes loop_vars, a condition and a body block")
+        cond_b, body_b = op.blocks
+        nv = len(loop_vars)
+        if len(cond_b.inputs) != nv or len(body_b.inputs) != nv or len(cond_b.outputs) != 1 or \
+                len(body_b.outputs) != nv or n_out != nv:
+            raise MilFormatError(f"{where}: while_loop blocks do not match its {nv} loop variables")
+        cp, ccap = self._sub_plan(cond_b, f"{fn_name}/{name}/cond", consts, types, where)
+        bp, bcap = self._sub_plan(body_b, f"{fn_name}/{name}/body", consts, types, where)
+        caps = ccap + [c for c in bcap if c not in ccap]
+
+        def run_loop(*vals):
+            lv = list(vals[:nv])
+            env = dict(zip(caps, vals[nv:]))
+            cvals, bvals = [env[c] for c in ccap], [env[c] for c in bcap]
+            for _ in range(MAX_LOOP_ITERATIONS):
+                if not truth(cp.run(lv + cvals, [])[0]):
+                    break
+                lv = bp.run(lv + bvals, [])
+            else:
+                raise MilRuntimeError(f"{where}: while_loop did not end after {MAX_LOOP_ITERATIONS} iterations")
+            res = fresh(lv, vals)
+            return res[0] if nv == 1 else tuple(res)
+
+        return Kernel(run_loop, [BindingRef(b) for b in loop_vars] + [BindingRef(c) for c in caps], exact=True)
+
+    def _lazy_palette(self, ctx: BuildContext, op: Any, where: str) -> Optional[Stored]:
+        """constexpr_lut_to_dense (iOS18) with one scalar palette per block of rows: kept as indices
+        plus tables for the native kernels, decoded densely only if some other op needs it."""
+        if op.type != "constexpr_lut_to_dense" or ctx.has("shape") or len(op.outputs) != 1:
+            return None
+        b_idx, b_lut = op.inputs.get("indices"), op.inputs.get("lut")
+        if not b_idx or not b_lut or not all(isinstance(b, Value) for b in (b_idx[0], b_lut[0])):
+            return None
+        ind, lut = b_idx[0].data, b_lut[0].data
+        nbits = {"uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6, "uint8": 8}.get(b_idx[0].dtype)
+        if nbits is None or not isinstance(ind, np.ndarray) or not isinstance(lut, np.ndarray):
+            return None
+        r = ind.ndim
+        if lut.ndim != r + 2 or lut.shape[-1] != 1 or any(d != 1 for d in lut.shape[1:r]) or \
+                lut.shape[0] == 0 or ind.shape[0] % lut.shape[0]:
+            return None
+        out = op.outputs[0]
+        if isinstance(out.type, TensorType) and out.type.shape is not None and \
+                tuple(out.type.shape) != tuple(ind.shape):
+            raise MilFormatError(f"{where}: decoded shape {list(ind.shape)} differs from the declared "
+                                 f"{list(out.type.shape)}")
+        dt = out.type.dtype if isinstance(out.type, TensorType) else "fp32"
+
+        def dense() -> Any:
+            try:
+                return round_to(dt, exact=False)(CONSTEXPR[op.type](ctx)[0])
+            except MilError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure decoding constants is a bad file
+                raise MilFormatError(f"{where}: cannot decode constant: {e}") from e
+
+        if ind.size and int(ind.max()) >= lut.shape[r]:
+            raise MilFormatError(f"{where}: cannot decode constant: index {int(ind.max())} outside a "
+                                 f"{lut.shape[r]}-entry palette")
+        table = lut.reshape(lut.shape[0], lut.shape[r]).astype(np.float32)
+        return self._shared((ind, lut), lambda: Stored(dense, ("palette", ind, table, nbits)))
+
+    def _build(self, fn: Function, outer_consts: Optional[Dict[str, Any]] = None) -> None:
         label = f"{self.source}: function {fn.name!r}"
         types: Dict[str, Any] = {v.name: v.type for v in fn.inputs}
-        consts: Dict[str, Any] = {}
+        consts: Dict[str, Any] = dict(outer_consts or {})
         slots: Dict[str, int] = {}
         template: List[Any] = []
 
@@ -192,9 +360,10 @@ class Plan:
                 self.state_names.append(v.name)
                 self.state_slots.append(s)
                 base[s] = ("state", v.name)
-            elif isinstance(v.type, TensorType):
+            elif isinstance(v.type, TensorType) or (outer_consts is not None and isinstance(v.type, OtherType)):
+                # (a block may also take lists and other non-tensor values from its op)
                 self.input_names.append(v.name)
-                self.input_dtypes.append(v.type.dtype)
+                self.input_dtypes.append(v.type.dtype if isinstance(v.type, TensorType) else "")
                 self.input_slots.append(s)
                 base[s] = ("input", v.name)
             else:
@@ -212,7 +381,7 @@ class Plan:
                 return slots[b]
             if b in consts:
                 if b not in const_slots:
-                    const_slots[b] = new_slot(consts[b])
+                    const_slots[b] = new_slot(unwrap(consts[b]))
                     base[const_slots[b]] = ("const",)
                 return const_slots[b]
             raise MilFormatError(f"{where}: uses undefined variable {b!r}")
@@ -229,8 +398,17 @@ class Plan:
                     raise MilFormatError(f"{where}: const without a value")
                 consts[op.outputs[0].name] = self._const_of(val)
                 continue
-            ctx = BuildContext(op, fn.name, self.source, consts, types)
-            if op.type in CONSTEXPR:
+            if op.type in CONTROL_FLOW:
+                kernel = self._control_flow(op, fn.name, where, consts, types)
+                ctx = None
+            else:
+                ctx = BuildContext(op, fn.name, self.source, consts, types)
+                kernel = None
+            lazy = None if ctx is None else self._lazy_palette(ctx, op, where)
+            if lazy is not None:
+                consts[op.outputs[0].name] = lazy
+                continue
+            if ctx is not None and op.type in CONSTEXPR:
                 try:
                     outs = CONSTEXPR[op.type](ctx)
                 except MilError:
@@ -247,7 +425,8 @@ class Plan:
                     consts[v.name] = arr
                 continue
             try:
-                kernel = OPS[op.type](ctx)
+                if kernel is None:
+                    kernel = OPS[op.type](ctx)
             except MilError:
                 raise
             except Exception as e:  # noqa: BLE001 - parameters the op cannot take
@@ -255,9 +434,9 @@ class Plan:
             fins = [round_to(v.type.dtype if isinstance(v.type, TensorType) else "", kernel.exact)
                     for v in op.outputs]
             # Constant folding: an op of constants (not a state op) is evaluated once, now.
-            if op.type not in _STATE_OPS and all(
+            if op.type not in _STATE_OPS and kernel.pure and all(
                     isinstance(r.binding, Value) or r.binding in consts for r in kernel.args):
-                vals = [compute_form(r.binding) if isinstance(r.binding, Value) else consts[r.binding]
+                vals = [compute_form(r.binding) if isinstance(r.binding, Value) else unwrap(consts[r.binding])
                         for r in kernel.args]
                 try:
                     res = kernel.fn(*vals)
@@ -283,6 +462,8 @@ class Plan:
             t = types.get(o)
             if isinstance(t, TensorType):
                 self.output_dtypes.append(t.dtype)
+            elif outer_consts is not None and isinstance(t, OtherType):
+                self.output_dtypes.append("")  # a block may hand lists back to its op
             else:
                 raise MilFormatError(f"{label}: output {o!r} is not a tensor variable")
             if o in slots:
@@ -293,6 +474,7 @@ class Plan:
                 raise MilFormatError(f"{label}: output {o!r} is never defined")
         self.output_slots = out_slots
 
+        raw_steps, self.fused_attention = fuse_attention(raw_steps, out_slots, consts)
         inplace = self._inplace_steps(raw_steps, base, out_slots)
         steps: List[_Step] = []
         for i, (kernel, op, ins, outs, fins) in enumerate(raw_steps):

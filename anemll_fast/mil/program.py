@@ -105,12 +105,22 @@ Binding = Union[str, Value]
 
 
 @dataclass
+class Block:
+    """A nested block of a control-flow op (cond branches, while_loop condition and body)."""
+
+    inputs: List[Var]
+    ops: List["Op"]
+    outputs: List[str]
+
+
+@dataclass
 class Op:
     type: str
     inputs: Dict[str, List[Binding]]
     outputs: List[Var]
     attributes: Dict[str, Value] = field(default_factory=dict)
     name: str = ""
+    blocks: List[Block] = field(default_factory=list)
 
     def const_value(self) -> Optional[Value]:
         """The value of a `const` op (stored as its `val` attribute), else None."""

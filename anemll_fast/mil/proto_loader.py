@@ -13,7 +13,7 @@ import numpy as np
 from anemll_fast.mil.blobfile import BlobCache, placeholder, resolve_blob_path, unpack_bits
 from anemll_fast.mil.errors import MilFormatError
 from anemll_fast.mil.program import (
-    NUMPY_DTYPES, SUB_BYTE_BITS, FeatureSpec, Function, FunctionSpec, Op, OtherType, Program,
+    NUMPY_DTYPES, SUB_BYTE_BITS, Block, FeatureSpec, Function, FunctionSpec, Op, OtherType, Program,
     StateType, TensorType, Value, Var,
 )
 
@@ -235,8 +235,10 @@ class _ProtoLoader:
     def op(self, o: Any, where: str) -> Op:
         outs = [Var(v.name, self.vtype(v.type, f"{where} op {o.type} output {v.name}")) for v in o.outputs]
         label = f"{where}, op {o.type} ({outs[0].name if outs else '?'})"
-        if len(o.blocks):
-            raise MilFormatError(f"{self.source}: {label}: control flow blocks are not supported")
+        blocks = [Block([Var(i.name, self.vtype(i.type, f"{label} block input {i.name}")) for i in b.inputs],
+                        [self.op(x, f"{label} block {k}") for k, x in enumerate(b.operations)],
+                        list(b.outputs))
+                  for b in o.blocks]
         inputs: Dict[str, List[Any]] = {}
         for pname, arg in o.inputs.items():
             binds: List[Any] = []
@@ -249,4 +251,4 @@ class _ProtoLoader:
         attrs = {k: self.value(v, f"{label} attribute {k}") for k, v in o.attributes.items()}
         name_attr = attrs.get("name")
         op_name = name_attr.data if name_attr is not None and isinstance(name_attr.data, str) else ""
-        return Op(o.type, inputs, outs, attrs, op_name)
+        return Op(o.type, inputs, outs, attrs, op_name, blocks)

@@ -100,6 +100,9 @@ class _Writer:
         return "[" + ", ".join(parts) + "]" if parts else ""
 
     def op(self, op: Op) -> str:
+        if op.blocks:
+            # Core ML's compiled text form of nested blocks is not known here: refuse rather than guess.
+            raise MilError(f"cannot write op {op.type} ({op.name}) with control-flow blocks as model.mil text")
         lhs = ", ".join(f"{v.type} {v.name}" for v in op.outputs)
         args = []
         for pname, binds in op.inputs.items():

@@ -80,12 +80,9 @@ def _affine(ctx: BuildContext) -> List[np.ndarray]:
     return [(q - zp) * scale]
 
 
-@_constexpr("constexpr_blockwise_shift_scale")
-def _blockwise(ctx: BuildContext) -> List[np.ndarray]:
-    data = np.asarray(ctx.const("data")).astype(np.float32)
-    scale = np.asarray(ctx.const("scale")).astype(np.float32)
-    offset = ctx.const("offset", None)
-    offset = None if offset is None else np.asarray(offset).astype(np.float32)
+def shift_scale(data: np.ndarray, scale: np.ndarray, offset: Optional[np.ndarray]) -> np.ndarray:
+    """iOS18 blockwise dequantization: scale (and offset) repeat over blocks of data."""
+    data = data.astype(np.float32)
     if scale.ndim != data.ndim:
         raise ValueError(f"scale has rank {scale.ndim}, data has rank {data.ndim}")
     for axis in range(data.ndim):
@@ -99,7 +96,48 @@ def _blockwise(ctx: BuildContext) -> List[np.ndarray]:
                 offset = np.repeat(offset, rep, axis)
     if offset is not None:
         data = data - offset
-    return [scale * data]
+    return scale * data
+
+
+def _offset(ctx: BuildContext) -> Optional[np.ndarray]:
+    offset = ctx.const("offset", None)
+    return None if offset is None else np.asarray(offset).astype(np.float32)
+
+
+@_constexpr("constexpr_blockwise_shift_scale")
+def _blockwise(ctx: BuildContext) -> List[np.ndarray]:
+    scale = np.asarray(ctx.const("scale")).astype(np.float32)
+    return [shift_scale(np.asarray(ctx.const("data")), scale, _offset(ctx))]
+
+
+def _densify(mask: np.ndarray, nonzero: np.ndarray) -> np.ndarray:
+    if int(np.count_nonzero(mask)) != nonzero.size:
+        raise ValueError(f"mask has {int(np.count_nonzero(mask))} ones for {nonzero.size} values")
+    dense = np.zeros(mask.shape, dtype=nonzero.dtype)
+    dense[mask != 0] = nonzero.reshape(-1)
+    return dense
+
+
+@_constexpr("constexpr_lut_to_sparse")
+def _lut_sparse(ctx: BuildContext) -> List[np.ndarray]:
+    # The palette of a nonzero entry depends on its dense position (blockwise LUTs): decode densely,
+    # then keep the (vector-expanded) masked positions.
+    mask = np.asarray(ctx.const("indices_mask")) != 0
+    lut = np.asarray(ctx.const("lut"))
+    dense_idx = _densify(mask, np.asarray(ctx.const("indices_nonzero_data")).astype(np.intp))
+    va = ctx.scalar("vector_axis", None)
+    dense = lut_to_dense(dense_idx, lut, None if va is None else int(va))
+    if lut.shape[-1] > 1:
+        mask = np.repeat(mask, lut.shape[-1], axis=int(va) % mask.ndim)
+    return [mask.astype(np.uint8), dense[mask]]
+
+
+@_constexpr("constexpr_sparse_blockwise_shift_scale")
+def _sparse_blockwise(ctx: BuildContext) -> List[np.ndarray]:
+    mask = np.asarray(ctx.const("data_mask")) != 0
+    dense = _densify(mask, np.asarray(ctx.const("nonzero_data")).astype(np.float32))
+    scale = np.asarray(ctx.const("scale")).astype(np.float32)
+    return [mask.astype(np.uint8), shift_scale(dense, scale, _offset(ctx))[mask]]
 
 
 @_constexpr("constexpr_cast")
@@ -115,8 +153,4 @@ def _sparse(ctx: BuildContext) -> List[np.ndarray]:
         shape = ctx.ints("shape")
         bits = np.unpackbits(mask.astype(np.uint8).reshape(-1), bitorder="little")[: int(np.prod(shape))]
         mask = bits.reshape(shape)
-    out = np.zeros(mask.shape, dtype=nz.dtype)
-    if int(np.count_nonzero(mask)) != nz.size:
-        raise ValueError(f"mask has {int(np.count_nonzero(mask))} ones for {nz.size} values")
-    out[mask != 0] = nz
-    return [out]
+    return [_densify(mask, nz)]

@@ -150,3 +150,94 @@ def _cast(ctx: BuildContext) -> Kernel:
 @register("select")
 def _select(ctx: BuildContext) -> Kernel:
     return Kernel(np.where, [ctx.ref("cond"), ctx.ref("a"), ctx.ref("b")], exact=True)
+
+
+def _per_channel(ctx: BuildContext, name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A [C] parameter broadcast along axis 1 (the channel axis of prelu / softplus_parametric)."""
+    v = np.asarray(ctx.const(name), dtype=np.float32).reshape(-1)
+
+    def shaped(x: np.ndarray) -> np.ndarray:
+        if x.ndim < 2 or v.size not in (1, x.shape[1]):
+            raise ValueError(f"{ctx.label}: {name} has {v.size} values for {x.shape[1] if x.ndim > 1 else 0} "
+                             f"channels")
+        return v.reshape([1, -1] + [1] * (x.ndim - 2))
+
+    return shaped
+
+
+@register("clamped_relu")
+def _clamped_relu(ctx: BuildContext) -> Kernel:
+    a, b = np.float32(ctx.scalar("alpha")), np.float32(ctx.scalar("beta"))
+    return Kernel(lambda x: np.minimum(np.where(x >= 0, x, a * x), b), [ctx.ref("x")])
+
+
+@register("linear_activation")
+def _linear_activation(ctx: BuildContext) -> Kernel:
+    a, b = np.float32(ctx.scalar("alpha")), np.float32(ctx.scalar("beta"))
+    return Kernel(lambda x: x * a + b, [ctx.ref("x")])
+
+
+@register("scaled_tanh")
+def _scaled_tanh(ctx: BuildContext) -> Kernel:
+    a, b = np.float32(ctx.scalar("alpha")), np.float32(ctx.scalar("beta"))
+    return Kernel(lambda x: a * np.tanh(b * x), [ctx.ref("x")])
+
+
+@register("sigmoid_hard")
+def _sigmoid_hard(ctx: BuildContext) -> Kernel:
+    a, b = np.float32(ctx.scalar("alpha")), np.float32(ctx.scalar("beta"))
+    return Kernel(lambda x: np.minimum(np.maximum(a * x + b, 0), 1), [ctx.ref("x")])
+
+
+@register("thresholded_relu")
+def _thresholded_relu(ctx: BuildContext) -> Kernel:
+    a = np.float32(ctx.scalar("alpha", 1.0))
+    return Kernel(lambda x: np.where(x >= a, x, 0).astype(np.float32), [ctx.ref("x")], exact=True)
+
+
+@register("prelu")
+def _prelu(ctx: BuildContext) -> Kernel:
+    alpha = _per_channel(ctx, "alpha")
+    return Kernel(lambda x: np.where(x > 0, x, alpha(x) * x), [ctx.ref("x")])
+
+
+@register("softplus_parametric")
+def _softplus_parametric(ctx: BuildContext) -> Kernel:
+    alpha, beta = _per_channel(ctx, "alpha"), _per_channel(ctx, "beta")
+    return Kernel(lambda x: alpha(x) * np.logaddexp(np.float32(0), beta(x) * x), [ctx.ref("x")])
+
+
+def _affine_param(ctx: BuildContext, name: str, default: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """quantize/dequantize scale or zero point: a scalar, or a vector along `axis`."""
+    v = ctx.const(name, None)
+    v = np.asarray(default if v is None else v, dtype=np.float32)
+    axis = ctx.scalar("axis", None)
+
+    def shaped(x: np.ndarray) -> np.ndarray:
+        if v.size == 1:
+            return v.reshape(())
+        if axis is None:
+            raise ValueError(f"{ctx.label}: a vector {name} needs an axis")
+        a = ctx.axis(int(axis), x.ndim)
+        if v.size != x.shape[a]:
+            raise ValueError(f"{ctx.label}: {name} has {v.size} values for axis {a} of size {x.shape[a]}")
+        return v.reshape([-1 if i == a else 1 for i in range(x.ndim)])
+
+    return shaped
+
+
+@register("quantize")
+def _quantize(ctx: BuildContext) -> Kernel:
+    scale, zp = _affine_param(ctx, "scale", 1.0), _affine_param(ctx, "zero_point", 0.0)
+    out = str(ctx.scalar("output_dtype"))
+    bounds = {"int8": (-128, 127), "uint8": (0, 255)}
+    if out not in bounds:
+        raise ctx.bad(f"output_dtype {out!r} (int8 or uint8)")
+    lo, hi = bounds[out]
+    return Kernel(lambda x: np.clip(np.round(x / scale(x)) + zp(x), lo, hi), [ctx.ref("input")], exact=True)
+
+
+@register("dequantize")
+def _dequantize(ctx: BuildContext) -> Kernel:
+    scale, zp = _affine_param(ctx, "scale", 1.0), _affine_param(ctx, "zero_point", 0.0)
+    return Kernel(lambda x: scale(x) * (np.asarray(x, np.float32) - zp(x)), [ctx.ref("input")])

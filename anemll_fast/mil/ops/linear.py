@@ -11,6 +11,25 @@ from anemll_fast.mil.ops.reduction import softmax
 from anemll_fast.mil.ops.registry import BuildContext, Kernel, register
 
 
+# From this many positions on, a packed weight is decoded in row blocks and multiplied through BLAS
+# (its GEMM beats the per-row kernel once each decoded row is reused this often).
+_BLAS_FROM = 8
+_DECODE_ROWS = 256
+
+
+def packed_times(pw: Any, x2: np.ndarray) -> np.ndarray:
+    """W · x2 for a PackedWeight W [rows, cols] and x2 [cols, n] float32 -> [rows, n]."""
+    n = x2.shape[1]
+    if n < _BLAS_FROM:
+        return pw.matmul(x2)
+    x2 = np.ascontiguousarray(x2, dtype=np.float32)
+    y = np.empty((pw.rows, n), np.float32)
+    for r0 in range(0, pw.rows, _DECODE_ROWS):
+        r1 = min(r0 + _DECODE_ROWS, pw.rows)
+        np.matmul(pw.decode(r0, r1), x2, out=y[r0:r1])
+    return y
+
+
 def _t(a: np.ndarray) -> np.ndarray:
     return np.swapaxes(a, -1, -2) if a.ndim >= 2 else a
 
@@ -36,6 +55,15 @@ def _matmul(ctx: BuildContext) -> Kernel:
 def _linear(ctx: BuildContext) -> Kernel:
     bias = ctx.const("bias", None)
     bias = None if bias is None else np.asarray(bias, dtype=np.float32)
+    st = ctx.stored("weight")
+    pw = st.packed() if st is not None and len(st.shape) == 2 else None
+    if pw is not None:
+        def run_packed(x):
+            x2 = x.reshape(-1, x.shape[-1])
+            y = packed_times(pw, x2.T).T.reshape(x.shape[:-1] + (pw.rows,))
+            return y + bias if bias is not None else y
+
+        return Kernel(run_packed, [ctx.ref("x")])
     if ctx.is_const("weight"):
         wt = np.ascontiguousarray(np.asarray(ctx.const("weight"), dtype=np.float32).T)  # [Din, Dout]
 
@@ -110,6 +138,27 @@ def _conv(ctx: BuildContext) -> Kernel:
     if pad_type not in ("valid", "same", "same_lower", "custom"):
         raise ctx.unsupported(f"pad_type {pad_type!r}")
     wconst = ctx.is_const("weight")
+    st = ctx.stored("weight")
+    n_sp_st = len(st.shape) - 2 if st is not None else -1
+    strides0 = ctx.ints("strides", None) or [1] * max(n_sp_st, 0)
+    pad0 = ctx.ints("pad", None) or [0] * (2 * max(n_sp_st, 0))
+    if st is not None and groups == 1 and n_sp_st >= 0 and all(k == 1 for k in st.shape[2:]) and \
+            all(v == 1 for v in strides0) and (pad_type != "custom" or not any(pad0)) and \
+            st.packed() is not None:
+        # 1x1 conv from the stored (fp16 or palettized) weight: never expanded to float32.
+        pw = st.packed()
+        b2 = None if bias is None else bias.reshape(-1, 1)
+
+        def run_packed(x):
+            n = x.shape[0]
+            xs = x.reshape(n, x.shape[1], -1)
+            ys = [packed_times(pw, xs[i]) for i in range(n)]
+            y = ys[0][None] if n == 1 else np.stack(ys)
+            if b2 is not None:
+                y += b2
+            return y.reshape((n, pw.rows) + x.shape[2:])
+
+        return Kernel(run_packed, [ctx.ref("x")])
     w = np.asarray(ctx.const("weight"), dtype=np.float32) if wconst else None
     rank = w.ndim if w is not None else ctx.in_rank("weight")
     if rank is None:
@@ -145,6 +194,36 @@ def _conv(ctx: BuildContext) -> Kernel:
     return Kernel(run, args)
 
 
+@register("conv_quantized")
+def _conv_quantized(ctx: BuildContext) -> Kernel:
+    """conv over a weight given quantized: linear (W * scale + bias) or lut (W indexes quant_scale)."""
+    kind = str(ctx.scalar("quantization_type"))
+    wq = np.asarray(ctx.const("weight"))
+    scale = np.asarray(ctx.const("quant_scale"), np.float32)
+    qbias = np.asarray(ctx.const("quant_bias"), np.float32)
+    if kind == "linear":
+        shape = [-1] + [1] * (wq.ndim - 1) if scale.size > 1 else [1] * wq.ndim
+        w = wq.astype(np.float32) * scale.reshape(shape) + qbias.reshape(shape if qbias.size > 1 else [1] * wq.ndim)
+    elif kind == "lut":
+        w = scale.reshape(-1)[wq.astype(np.intp)]
+    else:
+        raise ctx.bad(f"quantization_type {kind!r} (linear or lut)")
+    bias = ctx.const("bias", None)
+    bias = None if bias is None else np.asarray(bias, dtype=np.float32)
+    groups = int(ctx.scalar("groups", 1))
+    pad_type = str(ctx.scalar("pad_type", "valid"))
+    n_sp = w.ndim - 2
+    strides = ctx.ints("strides", None) or [1] * n_sp
+    dilations = ctx.ints("dilations", None) or [1] * n_sp
+    pad = ctx.ints("pad", None) or [0] * (2 * n_sp)
+
+    def run(x):
+        pads = _conv_pads(pad_type, pad, x.shape[2:], w.shape[2:], strides, dilations)
+        return conv_nd(x, w, bias, strides, pads, dilations, groups)
+
+    return Kernel(run, [ctx.ref("x")])
+
+
 @register("scaled_dot_product_attention")
 def _sdpa(ctx: BuildContext) -> Kernel:
     has_mask = ctx.has("attn_mask")
@@ -164,3 +243,73 @@ def _sdpa(ctx: BuildContext) -> Kernel:
     if has_mask:
         args.append(ctx.ref("attn_mask"))
     return Kernel(run, args)
+
+
+@register("einsum")
+def _einsum(ctx: BuildContext) -> Kernel:
+    eq = str(ctx.scalar("equation")).replace(" ", "")
+    refs = ctx.refs("values")
+    if len(refs) != 2 or "->" not in eq:
+        raise ctx.bad(f"einsum takes two values and an explicit equation (got {len(refs)}, {eq!r})")
+    try:
+        np.einsum(eq, *[np.zeros([1] * len(t)) for t in eq.split("->")[0].split(",")])
+    except ValueError as e:
+        raise ctx.bad(f"equation {eq!r}: {e}") from None
+    return Kernel(lambda a, b: np.einsum(eq, a, b, optimize=True), refs)
+
+
+@register("conv_transpose")
+def _conv_transpose(ctx: BuildContext) -> Kernel:
+    w = np.asarray(ctx.const("weight"), dtype=np.float32)  # [Cin, Cout/groups, *K]
+    bias = ctx.const("bias", None)
+    bias = None if bias is None else np.asarray(bias, dtype=np.float32)
+    groups = int(ctx.scalar("groups", 1))
+    n_sp = w.ndim - 2
+    strides = ctx.ints("strides", None) or [1] * n_sp
+    dilations = ctx.ints("dilations", None) or [1] * n_sp
+    pad = ctx.ints("pad", None) or [0] * (2 * n_sp)
+    pad_type = str(ctx.scalar("pad_type", "valid"))
+    out_shape = ctx.ints("output_shape", None)
+    if pad_type not in ("valid", "same", "custom"):
+        raise ctx.unsupported(f"pad_type {pad_type!r}")
+    if w.shape[0] % groups:
+        raise ctx.bad(f"{w.shape[0]} input channels are not divisible by groups {groups}")
+    k = w.shape[2:]
+
+    def run(x):
+        if x.ndim != n_sp + 2 or x.shape[1] != w.shape[0]:
+            raise ValueError(f"{ctx.label}: input {list(x.shape)} for weight {list(w.shape)}")
+        n, cin = x.shape[:2]
+        sp = x.shape[2:]
+        full = [(sp[i] - 1) * strides[i] + (k[i] - 1) * dilations[i] + 1 for i in range(n_sp)]
+        cg, og = cin // groups, w.shape[1]
+        y = np.zeros((n, og * groups) + tuple(full), np.float32)
+        # every input position scatters its kernel into the output: one matmul per kernel tap
+        for tap in np.ndindex(*k):
+            dst = tuple(slice(tap[i] * dilations[i], tap[i] * dilations[i] + (sp[i] - 1) * strides[i] + 1,
+                              strides[i]) for i in range(n_sp))
+            for g in range(groups):
+                wg = w[(slice(g * cg, (g + 1) * cg), slice(None)) + tap]  # [cg, og]
+                contrib = np.einsum("nc...,co->no...", x[:, g * cg:(g + 1) * cg], wg)
+                y[(slice(None), slice(g * og, (g + 1) * og)) + dst] += contrib
+        sl = []
+        for i in range(n_sp):
+            if out_shape is not None:
+                size = out_shape[2 + i] if len(out_shape) == n_sp + 2 else out_shape[i]
+                before = pad[2 * i] if pad_type == "custom" else max(full[i] - size, 0) // 2
+            elif pad_type == "custom":
+                before, size = pad[2 * i], full[i] - pad[2 * i] - pad[2 * i + 1]
+            elif pad_type == "same":
+                size = sp[i] * strides[i]
+                before = max(full[i] - size, 0) // 2
+            else:
+                before, size = 0, full[i]
+            if before + size > full[i]:  # output_shape asks for more than the kernel covers
+                y = np.pad(y, [(0, 0)] * (2 + i) + [(0, before + size - full[i])] + [(0, 0)] * (n_sp - 1 - i))
+            sl.append(slice(before, before + size))
+        y = y[(slice(None), slice(None)) + tuple(sl)]
+        if bias is not None:
+            y = y + bias.reshape((1, -1) + (1,) * n_sp)
+        return np.ascontiguousarray(y)
+
+    return Kernel(run, [ctx.ref("x")])

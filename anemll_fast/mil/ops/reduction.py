@@ -1,6 +1,8 @@
 """Reductions, softmax and normalizations (axes may be negative; axes=None reduces everything)."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from anemll_fast.mil.ops.registry import BuildContext, Kernel, register
@@ -129,5 +131,48 @@ def _batch_norm(ctx: BuildContext) -> Kernel:
         if beta is not None:
             y = y + beta.reshape(shape)
         return y
+
+    return Kernel(run, [ctx.ref("x")])
+
+
+def _channel_param(v: Any, x: np.ndarray) -> np.ndarray:
+    return np.asarray(v, dtype=np.float32).reshape([1, -1] + [1] * (x.ndim - 2))
+
+
+@register("instance_norm")
+def _instance_norm(ctx: BuildContext) -> Kernel:
+    gamma, beta = ctx.const("gamma", None), ctx.const("beta", None)
+    eps = np.float32(ctx.scalar("epsilon", 1e-5))
+
+    def run(x):
+        ax = tuple(range(2, x.ndim))  # per sample and channel, over the spatial dims
+        mean = np.mean(x, axis=ax, keepdims=True)
+        d = x - mean
+        y = d / np.sqrt(np.mean(d * d, axis=ax, keepdims=True) + eps)
+        if gamma is not None:
+            y = y * _channel_param(gamma, x)
+        if beta is not None:
+            y = y + _channel_param(beta, x)
+        return y
+
+    return Kernel(run, [ctx.ref("x")])
+
+
+@register("local_response_norm")
+def _local_response_norm(ctx: BuildContext) -> Kernel:
+    size = int(ctx.scalar("size"))
+    alpha = np.float32(ctx.scalar("alpha", 1e-4))
+    beta = np.float32(ctx.scalar("beta", 0.75))
+    k = np.float32(ctx.scalar("k", 1.0))
+    if size < 1:
+        raise ctx.bad(f"size {size} must be positive")
+
+    def run(x):
+        # sum of squares over a window of `size` channels centred on each channel (zero-padded)
+        sq = np.pad(x * x, [(0, 0), ((size - 1) // 2, size // 2)] + [(0, 0)] * (x.ndim - 2))
+        c = np.cumsum(sq, axis=1, dtype=np.float64)
+        c = np.concatenate([np.zeros_like(c[:, :1]), c], axis=1)
+        window = (c[:, size:] - c[:, :-size]).astype(np.float32)
+        return x / (k + alpha / size * window) ** beta
 
     return Kernel(run, [ctx.ref("x")])

@@ -8,7 +8,7 @@ plan rounds outputs to their declared dtype afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,12 +25,15 @@ class Kernel:
     exact: the kernel only moves or selects values (reshape, slice, gather...), so its outputs need
     no rounding to the declared float dtype. inplace_arg: index into args of an operand the kernel
     may overwrite when the plan proves nobody reads it afterwards (fn then takes a keyword `inplace`).
+    pure: the same operands always give the same result, so constant operands may be folded at
+    build time (random_* ops are not pure).
     """
 
     fn: Callable[..., Any]
     args: List[Any]
     exact: bool = False
     inplace_arg: Optional[int] = None
+    pure: bool = True
 
 
 Builder = Callable[["BuildContext"], Kernel]
@@ -54,6 +57,57 @@ def compute_form(value: Value) -> Any:
             return data.astype(np.float32)
         return data
     return data
+
+
+try:  # the native kernels are optional: without them every op runs on numpy/BLAS
+    from anemll_fast._kernels import PackedWeight
+except ImportError:  # pragma: no cover - a build without the extension
+    PackedWeight = None
+
+
+class Stored:
+    """A constant kept in its stored form until an op asks for it.
+
+    `value()` is the compute form (float32 for floats), made on first use and shared by every
+    function that holds this object; ops with native kernels ask for `packed()` instead (fp16 bits
+    or palette indices with per-row-group tables), so a weight is never expanded to float32 at all.
+    """
+
+    __slots__ = ("_make", "_cf", "storage", "_packed")
+
+    def __init__(self, make: Callable[[], Any], storage: Optional[Tuple] = None):
+        self._make = make
+        self._cf: Any = None
+        self.storage = storage  # ("fp16", array) | ("palette", indices, lut[groups, entries], nbits)
+        self._packed: Any = None
+
+    def value(self) -> Any:
+        if self._make is not None:
+            self._cf = self._make()
+            self._make = None
+        return self._cf
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        if self.storage is None:
+            return tuple(np.shape(self.value()))
+        return tuple(self.storage[1].shape)
+
+    def packed(self) -> Any:
+        """A PackedWeight over [shape[0], prod(shape[1:])], or None when there is no native form."""
+        if self._packed is None and self.storage is not None and PackedWeight is not None:
+            kind, data = self.storage[0], self.storage[1]
+            rows = data.shape[0]
+            if kind == "fp16":
+                self._packed = PackedWeight.from_f16(data.reshape(rows, -1))
+            else:
+                self._packed = PackedWeight.from_palette(data.reshape(rows, -1), self.storage[2],
+                                                         self.storage[3])
+        return self._packed
+
+
+def unwrap(v: Any) -> Any:
+    return v.value() if isinstance(v, Stored) else v
 
 
 class BindingRef:
@@ -119,8 +173,18 @@ class BuildContext:
         if isinstance(b, Value):
             return compute_form(b)
         if b in self._consts:
-            return self._consts[b]
+            return unwrap(self._consts[b])
         raise self.unsupported(f"a non-constant {name!r} ({b})")
+
+    def stored(self, name: str) -> Optional[Stored]:
+        """The Stored form of a constant input (for ops with native kernels), else None."""
+        if not self.has(name):
+            return None
+        b = self._binding(name)
+        if isinstance(b, Value):
+            return None
+        v = self._consts.get(b)
+        return v if isinstance(v, Stored) and v.storage is not None else None
 
     def scalar(self, name: str, default: Any = _MISSING) -> Any:
         v = self.const(name, default)
@@ -135,6 +199,21 @@ class BuildContext:
         if v is None:
             return None
         return [int(i) for i in np.asarray(v).reshape(-1)]
+
+    def const_tuple(self, name: str) -> List[Any]:
+        """A tuple input whose members are all constants (e.g. reshape_like's begins)."""
+        binds = self.op.inputs.get(name)
+        if not binds:
+            raise self.bad(f"missing input {name!r}")
+        out = []
+        for b in binds:
+            if isinstance(b, Value):
+                out.append(compute_form(b))
+            elif b in self._consts:
+                out.append(unwrap(self._consts[b]))
+            else:
+                raise self.unsupported(f"a non-constant member of {name!r} ({b})")
+        return out
 
     def ref(self, name: str) -> BindingRef:
         return BindingRef(self._binding(name))

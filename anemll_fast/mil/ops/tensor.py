@@ -187,6 +187,24 @@ def gather(x: np.ndarray, indices: np.ndarray, axis: int, batch_dims: int) -> np
 def _gather(ctx: BuildContext) -> Kernel:
     axis = int(ctx.scalar("axis", 0))
     bd = int(ctx.scalar("batch_dims", 0))
+    st = ctx.stored("x")
+    if st is not None and bd == 0 and axis % len(st.shape) == 0:
+        # Row lookups (embeddings) straight from the stored table: only the rows used are decoded.
+        rows = st.shape[0]
+
+        def run_rows(i):
+            idx = np.asarray(i).astype(np.intp, copy=False)
+            if idx.size and (idx.min() < -rows or idx.max() >= rows):
+                raise IndexError(f"index out of range for {rows} rows")
+            idx = np.where(idx < 0, idx + rows, idx)
+            if st.storage[0] == "fp16":
+                return np.take(st.storage[1], idx, axis=0).astype(np.float32)
+            pw = st.packed()
+            flat = [pw.decode(int(j), int(j) + 1) for j in idx.reshape(-1)]
+            out = np.concatenate(flat) if flat else np.zeros((0, pw.cols), np.float32)
+            return out.reshape(idx.shape + tuple(st.shape[1:]))
+
+        return Kernel(run_rows, [ctx.ref("indices")], exact=True)
     return Kernel(lambda x, i: gather(x, np.asarray(i).astype(np.intp, copy=False), axis, bd),
                   [ctx.ref("x"), ctx.ref("indices")], exact=True)
 
@@ -246,8 +264,17 @@ def _split(ctx: BuildContext) -> Kernel:
 
 @register("tile")
 def _tile(ctx: BuildContext) -> Kernel:
-    reps = tuple(ctx.ints("reps"))
-    return Kernel(lambda x: np.tile(x, reps), [ctx.ref("x")], exact=True)
+    if ctx.is_const("reps"):
+        reps = tuple(ctx.ints("reps"))
+        return Kernel(lambda x: np.tile(x, reps), [ctx.ref("x")], exact=True)
+
+    def run(x, r):
+        reps = [int(v) for v in np.asarray(r).reshape(-1)]
+        if len(reps) != x.ndim or min(reps, default=1) < 0:
+            raise ValueError(f"{ctx.label}: reps {reps} for an input of rank {x.ndim}")
+        return np.tile(x, reps)
+
+    return Kernel(run, [ctx.ref("x"), ctx.ref("reps")], exact=True)
 
 
 @register("band_part")

@@ -1,0 +1,159 @@
+# cython: language_level=3
+"""Thin typed skin over csrc/kernels: compressed-weight matmuls for the reference backend.
+
+Weights stay in their stored form (fp16 bits, or palette indices with per-row-group tables); each
+call decodes a few rows at a time into L1 and multiplies, with the GIL released.
+"""
+from libc.stdint cimport int64_t, uint8_t, uint16_t
+
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from "kernels/matmul_kernels.h" namespace "anemll::kernels" nogil:
+    cdef cppclass Weight:
+        int64_t rows
+        int64_t cols
+        const uint16_t* f16
+        const uint8_t* idx
+        int nbits
+        const float* lut
+        int64_t entries
+        int64_t rows_per_group
+        const uint8_t* lut16_bytes
+    int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float* y)
+    int decode_rows(const Weight& w, int64_t r0, int64_t r1, float* out)
+    const char* isa()
+
+
+def kernel_isa() -> str:
+    """Which vector path runs on this CPU ("avx2+fma+f16c", "neon" or "portable")."""
+    return isa().decode()
+
+
+cdef class PackedWeight:
+    """A [rows, cols] weight kept compressed; `matmul(x)` computes W · x for x of shape [cols, n]."""
+
+    cdef Weight w
+    cdef object _keep   # the arrays the pointers refer to
+    cdef readonly int64_t rows, cols
+    cdef readonly str kind
+    cdef readonly int nbits
+
+    def __cinit__(self):
+        self._keep = ()
+
+    @staticmethod
+    def from_f16(weight):
+        """weight: float16 array [rows, cols] (C-contiguous copy taken if needed)."""
+        cdef PackedWeight p = PackedWeight()
+        a = np.ascontiguousarray(weight, dtype=np.float16)
+        if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+            raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")
+        cdef const uint16_t[:, ::1] bits = a.view(np.uint16)
+        p.w.rows, p.w.cols = a.shape[0], a.shape[1]
+        p.w.f16 = &bits[0, 0]
+        p._keep = (a,)
+        p.rows, p.cols, p.kind, p.nbits = a.shape[0], a.shape[1], "fp16", 16
+        return p
+
+    @staticmethod
+    def from_palette(indices, lut, int nbits):
+        """indices: integer array [rows, cols] (values < lut entries); lut: [groups, entries] floats,
+        one table per block of rows / groups consecutive rows. Indices of <= 4 bits are nibble-packed."""
+        cdef PackedWeight p = PackedWeight()
+        idx = np.asarray(indices)
+        table = np.ascontiguousarray(lut, dtype=np.float32)
+        if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
+            raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")
+        if table.ndim != 2 or table.shape[0] == 0 or idx.shape[0] % table.shape[0]:
+            raise ValueError(f"lut of shape {list(table.shape)} for {idx.shape[0]} rows "
+                             f"(needs [groups, entries] with rows divisible by groups)")
+        if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):
+            raise ValueError(f"{table.shape[1]} palette entries do not fit {nbits}-bit indices")
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[1]):
+            raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
+        rows, cols = idx.shape
+        if nbits <= 4:
+            u = idx.astype(np.uint8)
+            if cols % 2:
+                u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)
+            packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+        else:
+            packed = np.ascontiguousarray(idx, dtype=np.uint8)
+        cdef const uint8_t[:, ::1] pk = packed
+        cdef const float[:, ::1] tb = table
+        cdef const uint8_t[:, ::1] t16
+        keep = (packed, table)
+        half = table.astype(np.float16)
+        if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
+            # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
+            nsub = 1 if nbits <= 4 else 4
+            bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
+            bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
+            split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
+                                                         (bits >> 8).astype(np.uint8)], axis=2)
+                                         .reshape(table.shape[0], -1))
+            t16 = split
+            p.w.lut16_bytes = &t16[0, 0]
+            keep = keep + (split,)
+        p.w.rows, p.w.cols = rows, cols
+        p.w.idx = &pk[0, 0]
+        p.w.nbits = nbits
+        p.w.lut = &tb[0, 0]
+        p.w.entries = table.shape[1]
+        p.w.rows_per_group = rows // table.shape[0]
+        p._keep = keep
+        p.rows, p.cols, p.kind, p.nbits = rows, cols, "palette", nbits
+        return p
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._keep)
+
+    def matmul(self, x, bias=None, out=None):
+        """W · x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
+        xa = np.ascontiguousarray(x, dtype=np.float32)
+        if xa.ndim == 1:
+            xa = xa.reshape(-1, 1)
+        if xa.ndim != 2 or xa.shape[0] != self.cols:
+            raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
+        cdef int64_t n = xa.shape[1]
+        if out is None:
+            out = np.empty((self.rows, n), np.float32)
+        elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
+        cdef const float[:, ::1] xv = xa
+        cdef float[:, ::1] yv = out
+        cdef const float* bp = NULL
+        cdef const float[::1] bv
+        if bias is not None:
+            bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
+            if bv.shape[0] != self.rows:
+                raise ValueError(f"bias of {bv.shape[0]} values for {self.rows} rows")
+            bp = &bv[0]
+        cdef int rc
+        if n == 0:
+            return out
+        with nogil:
+            rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])
+        if rc != 0:
+            raise ValueError("invalid packed weight")
+        return out
+
+    def decode(self, int64_t r0=0, r1=None):
+        """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
+        cdef int64_t end = self.rows if r1 is None else r1
+        if not 0 <= r0 <= end <= self.rows:
+            raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
+        out = np.empty((end - r0, self.cols), np.float32)
+        if end == r0:
+            return out
+        cdef float[:, ::1] ov = out
+        cdef int rc
+        with nogil:
+            rc = decode_rows(self.w, r0, end, &ov[0, 0])
+        if rc != 0:
+            raise ValueError("invalid packed weight")
+        return out

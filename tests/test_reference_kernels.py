@@ -1,0 +1,233 @@
+"""Native compressed-weight kernels (anemll_fast._kernels) and their use by the reference backend.
+
+The kernels are checked against numpy on random shapes (odd sizes, every vector tail), on the
+vector path this CPU runs, on the portable path (forced in a subprocess) and, where an aarch64
+cross compiler and qemu are installed, on the NEON path run under emulation.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anemll_fast._kernels import PackedWeight, kernel_isa
+
+REPO = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(7)
+
+
+def _palette(rows, cols, groups, entries, fp16_tables=True):
+    idx = RNG.integers(0, entries, (rows, cols))
+    lut = RNG.standard_normal((groups, entries)).astype(np.float32)
+    if fp16_tables:
+        lut = lut.astype(np.float16).astype(np.float32)
+    dense = lut[np.arange(rows) // (rows // groups)][np.arange(rows)[:, None], idx]
+    return idx, lut, dense
+
+
+SHAPES = [(1, 1, 1), (4, 8, 1), (7, 13, 3), (33, 40, 1), (64, 47, 9), (130, 96, 1), (5, 17, 16)]
+
+
+@pytest.mark.parametrize("rows,cols,n", SHAPES)
+def test_fp16_matmul_and_decode_match_numpy(rows, cols, n):
+    w = RNG.standard_normal((rows, cols)).astype(np.float16)
+    x = RNG.standard_normal((cols, n)).astype(np.float32)
+    bias = RNG.standard_normal(rows).astype(np.float32)
+    p = PackedWeight.from_f16(w)
+    ref = w.astype(np.float64) @ x
+    scale = np.abs(ref).max() + 1
+    assert np.abs(p.matmul(x) - ref).max() / scale < 1e-5
+    assert np.abs(p.matmul(x, bias=bias) - (ref + bias[:, None])).max() / scale < 1e-5
+    assert np.array_equal(p.decode(), w.astype(np.float32))
+    assert np.array_equal(p.decode(1, rows), w[1:].astype(np.float32))
+
+
+@pytest.mark.parametrize("nbits,entries", [(1, 2), (2, 4), (4, 16), (4, 11), (6, 64), (8, 256)])
+@pytest.mark.parametrize("rows,cols,n,groups", [(8, 33, 1, 2), (12, 64, 1, 3), (16, 31, 5, 16), (4, 16, 17, 1)])
+def test_palette_matmul_and_decode_match_numpy(nbits, entries, rows, cols, n, groups):
+    idx, lut, dense = _palette(rows, cols, groups, entries)
+    x = RNG.standard_normal((cols, n)).astype(np.float32)
+    p = PackedWeight.from_palette(idx, lut, nbits)
+    ref = dense.astype(np.float64) @ x
+    assert np.abs(p.matmul(x) - ref).max() / (np.abs(ref).max() + 1) < 1e-5
+    assert np.array_equal(p.decode(), dense)
+    # 4-bit indices are nibble-packed: half a byte per weight (plus the tables)
+    if nbits <= 4:
+        assert p.nbytes <= rows * ((cols + 1) // 2) + lut.nbytes + 32 * groups
+
+
+def test_palette_with_fp32_tables_is_exact_too():
+    idx, lut, dense = _palette(8, 48, 2, 16, fp16_tables=False)  # not fp16-representable
+    x = RNG.standard_normal((48, 1)).astype(np.float32)
+    p = PackedWeight.from_palette(idx, lut, 4)
+    assert np.abs(p.matmul(x) - dense.astype(np.float64) @ x).max() < 1e-4
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: PackedWeight.from_f16(np.zeros((3,), np.float16)), "non-empty matrix"),
+    (lambda: PackedWeight.from_f16(np.zeros((0, 4), np.float16)), "non-empty matrix"),
+    (lambda: PackedWeight.from_palette(np.zeros((4, 4), int), np.zeros((3, 16), np.float32), 4), "divisible"),
+    (lambda: PackedWeight.from_palette(np.full((4, 4), 16), np.zeros((1, 16), np.float32), 4), "index 16"),
+    (lambda: PackedWeight.from_palette(np.full((4, 4), -1), np.zeros((1, 16), np.float32), 4), "outside"),
+    (lambda: PackedWeight.from_palette(np.zeros((4, 4), int), np.zeros((1, 32), np.float32), 4), "32 palette"),
+    (lambda: PackedWeight.from_palette(np.zeros((4, 4), int), np.zeros((1, 2), np.float32), 9), "9-bit"),
+])
+def test_bad_weights_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_operands_are_refused():
+    p = PackedWeight.from_f16(np.ones((3, 4), np.float16))
+    with pytest.raises(ValueError, match="4 columns"):
+        p.matmul(np.ones((5, 1), np.float32))
+    with pytest.raises(ValueError, match="bias of 2"):
+        p.matmul(np.ones((4, 1), np.float32), bias=np.ones(2))
+    with pytest.raises(ValueError, match="out must be"):
+        p.matmul(np.ones((4, 2), np.float32), out=np.empty((3, 1), np.float32))
+    with pytest.raises(ValueError, match="outside"):
+        p.decode(2, 5)
+
+
+def test_portable_path_matches_in_a_subprocess():
+    code = textwrap.dedent("""
+        import numpy as np
+        from anemll_fast._kernels import PackedWeight, kernel_isa
+        assert kernel_isa() == "portable", kernel_isa()
+        rng = np.random.default_rng(3)
+        w = rng.standard_normal((37, 29)).astype(np.float16)
+        x = rng.standard_normal((29, 3)).astype(np.float32)
+        p = PackedWeight.from_f16(w)
+        assert np.abs(p.matmul(x) - w.astype(np.float64) @ x).max() < 1e-4
+        assert np.abs(p.matmul(x[:, :1]) - w.astype(np.float64) @ x[:, :1]).max() < 1e-4
+        idx = rng.integers(0, 16, (8, 29)); lut = rng.standard_normal((2, 16)).astype(np.float32)
+        dense = lut[np.arange(8) // 4][np.arange(8)[:, None], idx]
+        q = PackedWeight.from_palette(idx, lut, 4)
+        assert np.abs(q.matmul(x) - dense @ x).max() < 1e-4 and np.array_equal(q.decode(), dense)
+        print("ok")
+    """)
+    env = dict(os.environ, ANEMLL_FAST_KERNELS="portable")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=str(REPO))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_this_cpu_runs_a_vector_path():
+    # x86-64 CI machines have AVX2/F16C; anything else must at least say what it runs
+    assert kernel_isa() in ("avx2+fma+f16c", "neon", "portable")
+
+
+NEON_DRIVER = r"""
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+#include "kernels/matmul_kernels.h"
+#include "engine/fp16.h"
+using namespace anemll;
+int main() {
+  if (std::string(kernels::isa()) != "neon") { std::printf("isa %s\n", kernels::isa()); return 2; }
+  unsigned seed = 1;
+  auto rnd = [&]() { seed = seed * 1103515245u + 12345u; return ((seed >> 8) % 2000) / 1000.0f - 1.0f; };
+  for (int64_t rows : {1, 5, 9}) for (int64_t cols : {3, 8, 13}) for (int64_t n : {1, 3, 6}) {
+    std::vector<uint16_t> w(rows * cols); std::vector<float> wf(rows * cols), x(cols * n), y(rows * n);
+    for (size_t i = 0; i < w.size(); ++i) { w[i] = float_to_half(rnd()); wf[i] = half_to_float(w[i]); }
+    for (auto& v : x) v = rnd();
+    kernels::Weight kw; kw.rows = rows; kw.cols = cols; kw.f16 = w.data();
+    if (kernels::matmul(kw, x.data(), n, nullptr, y.data()) != 0) return 3;
+    for (int64_t r = 0; r < rows; ++r) for (int64_t j = 0; j < n; ++j) {
+      double s = 0; for (int64_t k = 0; k < cols; ++k) s += wf[r * cols + k] * x[k * n + j];
+      if (std::fabs(s - y[r * n + j]) > 1e-4) { std::printf("mismatch %lld %lld\n", (long long)r, (long long)j); return 4; }
+    }
+  }
+  std::printf("ok\n");
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None,
+                    reason="optional asset absent: aarch64 cross compiler and qemu-user (NEON kernels)")
+def test_neon_path_runs_under_qemu(tmp_path):
+    src = tmp_path / "neon_driver.cpp"
+    src.write_text(NEON_DRIVER)
+    exe = tmp_path / "neon_driver"
+    build = subprocess.run(["aarch64-linux-gnu-g++", "-std=c++17", "-O2", "-static", f"-I{REPO / 'csrc'}",
+                            str(src), str(REPO / "csrc" / "kernels" / "matmul_kernels.cpp"), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    r = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("lut", [None, 4, 6])
+def test_backend_keeps_projection_weights_packed(tmp_path, lut):
+    """Projections run from fp16 / palette storage and are never expanded to float32; the greedy
+    tokens still equal the numpy reference (test_reference_backend_models covers the logits)."""
+    tiny = pytest.importorskip("anemll_fast.testing.tiny")
+    from anemll_fast.backends.reference import ReferenceBackend
+    from anemll_fast.config import ModelConfig
+    from anemll_fast.mil.ops.registry import Stored
+    from anemll_fast.testing.pipeline import PythonPipeline
+
+    m = tiny.build_tiny_model(tmp_path / "m", "llama", lut_ffn=lut, context_length=32, batch_size=8)
+    pipe = PythonPipeline(ModelConfig.from_anemll_dir(m.path), ReferenceBackend)
+    prompt = [5, 17, 300, 42, 7, 99, 123, 250, 11, 3]
+    out = pipe.greedy(prompt, 8)
+    models = [pipe.embed, pipe.head] + pipe.prefill_fns + pipe.infer_fns
+    stored = [st for mdl in models for st in mdl.stored_constants() if isinstance(st, Stored)]
+    kinds = {st.storage[0] for st in stored if st.storage is not None}
+    assert ("palette" if lut else "fp16") in kinds
+    packed = [st for st in stored if st.storage is not None and st._packed is not None]
+    assert packed, "no projection ran from a packed weight"
+    # negative control: a weight that ran packed was never materialized as float32
+    assert all(st._cf is None for st in packed)
+    if lut is None:
+        assert out == m.reference().greedy(prompt, 8)
+
+
+def test_valid_keys_reads_the_mask():
+    from anemll_fast.mil.attention import valid_keys
+
+    m = np.full((1, 1, 3, 8), -np.inf, np.float32)
+    m[0, 0, 0, :2] = 0
+    m[0, 0, 2, :5] = 0
+    assert valid_keys(m) == 5
+    m[0, 0, 1, 7] = -1e4  # finite: a visible (if tiny) weight, so nothing may be cut
+    assert valid_keys(m) == 8
+    assert valid_keys(np.full((1, 4), -np.inf)) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_attention_over_valid_keys_is_bit_exact(tmp_path, monkeypatch, arch):
+    """The fused attention (keys sliced to the mask's visible span) gives bit-identical outputs to
+    the op-by-op chain over the whole context, through prefill and decode."""
+    tiny = pytest.importorskip("anemll_fast.testing.tiny")
+    from anemll_fast.backends.reference import ReferenceBackend
+    from anemll_fast.config import ModelConfig
+    from anemll_fast.mil import plan as plan_mod
+    from anemll_fast.testing.pipeline import PythonPipeline
+
+    m = tiny.build_tiny_model(tmp_path / "m", arch, context_length=48, batch_size=8, num_chunks=2)
+    prompt = [5, 17, 300, 42, 7, 99, 123, 250, 11, 3, 8]
+
+    def run():
+        pipe = PythonPipeline(ModelConfig.from_anemll_dir(m.path), ReferenceBackend)
+        toks, logits = pipe.greedy_with_logits(prompt, 12)
+        fused = sum(f._plan.fused_attention for f in pipe.prefill_fns + pipe.infer_fns)
+        return toks, logits, fused
+
+    toks, logits, fused = run()
+    assert fused > 0, "no attention chain was fused"
+    monkeypatch.setattr(plan_mod, "fuse_attention", lambda steps, outs, consts: (steps, 0))
+    toks0, logits0, fused0 = run()
+    assert fused0 == 0
+    assert toks == toks0
+    for a, b in zip(logits, logits0):
+        assert np.array_equal(a, b)
