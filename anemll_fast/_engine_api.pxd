@@ -53,6 +53,7 @@ cdef extern from "backends/callback_backend.h" namespace "anemll" nogil:
                     int64_t*, char*, size_t) noexcept
         int (*predict)(void*, int64_t, int64_t, char*, size_t) noexcept
         void (*release)(void*, int, int64_t) noexcept
+        int (*copy_state)(void*, int64_t, int64_t, char*, size_t) noexcept
     anemll_backend* new_callback_backend(const CallbackHooks& hooks, int64_t buffer_row_pad)
     const HostBuffers* callback_backend_buffers(const anemll_backend* backend)
 
@@ -107,6 +108,11 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         vector[TensorDesc] inputs
         vector[TensorDesc] outputs
         vector[TensorDesc] states
+    cdef cppclass ContextFunctions:
+        int64_t context_length
+        vector[ComponentDesc] ffn_prefill
+        vector[ComponentDesc] ffn_infer
+        vector[ComponentDesc] ffn_infer_rotate
     cdef cppclass PipelineDesc:
         int64_t batch_size
         int64_t context_length
@@ -115,6 +121,10 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         ComponentDesc embeddings
         vector[ComponentDesc] ffn_prefill
         vector[ComponentDesc] ffn_infer
+        vector[ComponentDesc] ffn_infer_rotate
+        int64_t sliding_window
+        cbool monolithic
+        vector[ContextFunctions] smaller_contexts
         ComponentDesc lm_head
         vector[string] logits_outputs
         vector[int64_t] part_sizes
@@ -144,6 +154,13 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         int64_t backend_buffers()
         const string& prefill_mode()
         int64_t state_count()
+        const char* infer_function(int64_t pos)
+        cbool batch_prefill_at(int64_t pos)
+        int64_t infer_rotate_calls
+        int64_t cache_rebuilds
+        int64_t context_switches
+        int64_t context_at(int64_t pos)
+        int64_t active_context()
         int64_t embed_calls
         int64_t prefill_calls
         int64_t infer_calls

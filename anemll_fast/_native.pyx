@@ -290,6 +290,20 @@ cdef int _cb_predict(void* user, int64_t binding_id, int64_t state_id,
         return _cb_fail(self, exc, err, err_size, ANEMLL_ERR_PREDICT)
 
 
+cdef int _cb_copy_state(void* user, int64_t src_id, int64_t dst_id, char* err, size_t err_size) noexcept with gil:
+    cdef CallbackBackend self = <CallbackBackend>user
+    try:
+        src, dst = self.objects[src_id][2], self.objects[dst_id][2]
+        copy = getattr(dst, "copy_from", None)
+        if not callable(copy):
+            raise TypeError(f"the backend's states ({type(dst).__name__}) have no copy_from(other) method, "
+                            f"needed to switch context sizes")
+        copy(src)
+        return ANEMLL_OK
+    except BaseException as exc:
+        return _cb_fail(self, exc, err, err_size, ANEMLL_ERR_PREDICT)
+
+
 cdef void _cb_release(void* user, int kind, int64_t obj_id) noexcept with gil:
     cdef CallbackBackend self = <CallbackBackend>user
     self.objects.pop(obj_id, None)
@@ -321,6 +335,7 @@ cdef class CallbackBackend(Backend):
         hooks.bind = _cb_bind
         hooks.predict = _cb_predict
         hooks.release = _cb_release
+        hooks.copy_state = _cb_copy_state
         self.be = new_callback_backend(hooks, _row_pad(buffer_row_pad))
         if self.be == NULL:
             raise MemoryError()
@@ -469,12 +484,30 @@ cdef class NativeEngine:
         d.context_length = desc["context_length"]
         d.hidden_size = desc["hidden_size"]
         d.vocab_size = desc["vocab_size"]
-        d.embeddings = _component(desc["embeddings"])
+        d.monolithic = bool(desc.get("monolithic", False))
+        if not d.monolithic:
+            d.embeddings = _component(desc["embeddings"])
+            d.lm_head = _component(desc["lm_head"])
         for c in desc["ffn_prefill"]:
             d.ffn_prefill.push_back(_component(c))
         for c in desc["ffn_infer"]:
             d.ffn_infer.push_back(_component(c))
-        d.lm_head = _component(desc["lm_head"])
+        for c in desc.get("ffn_infer_rotate") or ():
+            d.ffn_infer_rotate.push_back(_component(c))
+        d.sliding_window = int(desc.get("sliding_window") or 0)
+        cdef ContextFunctions cf
+        for level in desc.get("smaller_contexts") or ():
+            cf.context_length = level["context_length"]
+            cf.ffn_prefill.clear()
+            cf.ffn_infer.clear()
+            cf.ffn_infer_rotate.clear()
+            for c in level.get("ffn_prefill") or ():
+                cf.ffn_prefill.push_back(_component(c))
+            for c in level.get("ffn_infer") or ():
+                cf.ffn_infer.push_back(_component(c))
+            for c in level.get("ffn_infer_rotate") or ():
+                cf.ffn_infer_rotate.push_back(_component(c))
+            d.smaller_contexts.push_back(cf)
         for name in desc["logits_outputs"]:
             d.logits_outputs.push_back(name.encode())
         for size in desc.get("part_sizes") or ():
@@ -625,3 +658,19 @@ cdef class NativeEngine:
     def counters(self):
         return {"embed": self.eng.embed_calls, "prefill": self.eng.prefill_calls,
                 "infer": self.eng.infer_calls, "head": self.eng.head_calls}
+
+    @property
+    def schedule_counters(self):
+        """infer_rotate calls (sliding-window models), rebuilds of a rotated cache after a rewind, and context
+        switches (models with functions per context size)."""
+        return {"infer_rotate": self.eng.infer_rotate_calls, "cache_rebuilds": self.eng.cache_rebuilds,
+                "context_switches": self.eng.context_switches}
+
+    @property
+    def active_context(self):
+        return self.eng.active_context()
+
+    def function_at(self, int64_t pos):
+        """The FFN function a single token at `pos` runs through, whether a prefill batch may start there, and
+        the context size whose functions serve it (from the current one up)."""
+        return self.eng.infer_function(pos).decode(), bool(self.eng.batch_prefill_at(pos)), self.eng.context_at(pos)

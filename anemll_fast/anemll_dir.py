@@ -39,10 +39,13 @@ def read_meta(path: Union[str, Path]) -> Dict[str, Any]:
     params = info.get("parameters")
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: missing section 'model_info.parameters'")
-    if str(info.get("model_type", "chunked")) == "monolithic":
-        raise ConfigError(
-            f"{path}: model_info.model_type 'monolithic' is not supported (only chunked ANEMLL models)"
-        )
+    if str(info.get("model_type", "chunked")) not in ("chunked", "monolithic"):
+        raise ConfigError(f"{path}: model_info.model_type must be chunked or monolithic, got {info['model_type']!r}")
+    if "sliding_window" in params:
+        params["sliding_window"] = _positive_int(params["sliding_window"], f"{path}: model_info.parameters.sliding_window")
+    functions = params.get("functions")
+    if functions is not None and (not isinstance(functions, list) or not all(isinstance(f, str) for f in functions)):
+        raise ConfigError(f"{path}: model_info.parameters.functions must be a list of function names, got {functions!r}")
     for key in ("context_length", "batch_size", "num_chunks"):
         if key in params:
             params[key] = _positive_int(params[key], f"{path}: model_info.parameters.{key}")
@@ -54,7 +57,7 @@ def read_meta(path: Union[str, Path]) -> Dict[str, Any]:
             params[key] = _positive_int(value, f"{path}: model_info.parameters.{key}")
     if "split_lm_head" in params:
         params["split_lm_head"] = _positive_int(params["split_lm_head"], f"{path}: model_info.parameters.split_lm_head")
-    for key in ("model_prefix", "embeddings", "lm_head", "ffn"):
+    for key in ("model_prefix", "embeddings", "lm_head", "ffn", "monolithic_model", "pf"):
         if key in params and not isinstance(params[key], str):
             raise ConfigError(f"{path}: model_info.parameters.{key} must be a file name, got {params[key]!r}")
     return info
@@ -144,6 +147,51 @@ def _fn(io: ModelIO, name: str) -> Tuple[Optional[str], Any]:
     return None, io.function(None)
 
 
+ROTATE_FUNCTIONS = ("infer_rotate", "prefill_rotate")
+
+
+def _check_functions(io: ModelIO, wanted: List[str], meta_path: Path) -> None:
+    """Every function meta.yaml names (its `functions:` list) must be in the file."""
+    missing = [f for f in wanted if f not in io.functions]
+    if missing:
+        raise ConfigError(f"{io.path}: meta.yaml ({meta_path}) lists function(s) {missing} that the file lacks "
+                          f"(it has {sorted(io.functions)})")
+
+
+def _ffn_functions(directory: Path, io: ModelIO, roles: Tuple[str, ...],
+                   out: Dict[str, List[ComponentConfig]]) -> None:
+    """Append this file's component for each role (function) it has; infer/prefill are required."""
+    for role in roles:
+        if role in ROTATE_FUNCTIONS and role not in io.functions:
+            continue
+        if role not in io.functions and io.multifunction:
+            raise ConfigError(f"{io.path}: function {role!r} missing (the file has {sorted(io.functions)})")
+        function, fio = _fn(io, role)
+        out.setdefault(role, []).append(_component(directory, io, function, fio))
+
+
+def _context_names(params: Dict[str, Any], meta_path: Path) -> Tuple[Dict[str, str], Dict[int, Dict[str, str]]]:
+    """Function names: ({role: function} of the full context, {size: {role: function}} of smaller ones).
+
+    Context switching (`state_transition_infer_contexts` in meta.yaml, ANEMLL's multi-context exports) names
+    each size's functions by a template, `infer_ctx{context}` by default; otherwise infer/prefill."""
+    roles = {"ffn_infer": "infer", "ffn_prefill": "prefill"}
+    raw = params.get("state_transition_infer_contexts")
+    if not raw:
+        return roles, {}
+    try:
+        sizes = sorted({_positive_int(c, f"{meta_path}: state_transition_infer_contexts") for c in raw})
+    except TypeError:
+        raise ConfigError(f"{meta_path}: state_transition_infer_contexts must be a list of sizes, got {raw!r}") from None
+    templates = {"ffn_infer": str(params.get("state_transition_infer_function_template", "infer_ctx{context}")),
+                 "ffn_prefill": str(params.get("state_transition_prefill_function_template", "prefill_ctx{context}"))}
+    for role, t in templates.items():
+        if "{context}" not in t:
+            raise ConfigError(f"{meta_path}: the {role[4:]} function template {t!r} has no {{context}}")
+    names = {n: {role: t.replace("{context}", str(n)) for role, t in templates.items()} for n in sizes}
+    return names[sizes[-1]], {n: names[n] for n in sizes[:-1]}
+
+
 def _component(directory: Path, io: ModelIO, function: Optional[str], fio: Any) -> ComponentConfig:
     return ComponentConfig(
         file_path=io.path.relative_to(directory).as_posix(),
@@ -181,6 +229,9 @@ def config_from_anemll_dir(path: Union[str, Path], overrides: Optional[Dict[str,
                     params["num_chunks"] = int(m.group(2))
     prefix = params.get("model_prefix", "llama")
     num_chunks = params.get("num_chunks", 1)
+    listed = list(params.get("functions") or [])
+    if str(info.get("model_type", "chunked")) == "monolithic":
+        return _monolithic_config(directory, info, params, prefix, listed, meta_path)
 
     emb_name = params.get("embeddings") or f"{prefix}_embeddings{_lut(params.get('lut_embeddings', 'none'))}"
     head_name = params.get("lm_head") or f"{prefix}_lm_head{_lut(params.get('lut_lmhead', 'none'))}"
@@ -195,17 +246,28 @@ def config_from_anemll_dir(path: Union[str, Path], overrides: Optional[Dict[str,
     chunk_stems = _chunk_names(_stem(ffn_name), num_chunks, directory)
     missing = [s for s in chunk_stems if find_part(directory, s) is None]
     ios: Dict[Path, ModelIO] = {}  # read once, checked again below
+    rotate: Dict[str, List[ComponentConfig]] = {}
+    names, smaller = _context_names(params, meta_path)
+    per_context: Dict[int, Dict[str, List[ComponentConfig]]] = {n: {} for n in smaller}
     if not missing:
         for stem in chunk_stems:
             io = read_model_io(find_part(directory, stem))  # type: ignore[arg-type]
             ios[io.path.resolve()] = io
-            if not {"prefill", "infer"} <= set(io.functions):
+            wanted = [names["ffn_prefill"], names["ffn_infer"]] + [f for n in smaller.values() for f in n.values()]
+            if not set(wanted) <= set(io.functions):
                 raise ConfigError(
-                    f"{io.path}: FFN chunk must have functions 'prefill' and 'infer', has {list(io.functions)}"
+                    f"{io.path}: FFN chunk must have functions {sorted(set(wanted))}, has {sorted(io.functions)}"
                 )
-            for role, out in (("prefill", prefill), ("infer", infer)):
-                function, fio = _fn(io, role)
+            if not params.get("split_rotate"):  # split files hold the prefill pair elsewhere
+                _check_functions(io, listed, meta_path)
+            for role, out in (("ffn_prefill", prefill), ("ffn_infer", infer)):
+                function, fio = _fn(io, names[role])
                 out.append(_component(directory, io, function, fio))
+            for n, fns in smaller.items():
+                for role, fn_name in fns.items():
+                    function, fio = _fn(io, fn_name)
+                    per_context[n].setdefault(role, []).append(_component(directory, io, function, fio))
+            _ffn_functions(directory, io, ROTATE_FUNCTIONS, rotate)
     else:
         split = _split_chunks(directory, _stem(ffn_name), num_chunks)
         if split is None:
@@ -223,6 +285,34 @@ def config_from_anemll_dir(path: Union[str, Path], overrides: Optional[Dict[str,
     lm_head = _component(directory, head_io, None, head_io.function(None))
 
     shapes = _shapes(directory, params, embeddings, prefill, infer, lm_head, head_io)
+    return _validated(directory, info, params, prefix, shapes, embeddings, lm_head,
+                      {"prefill": prefill, "infer": infer, **rotate}, per_context, meta_path)
+
+
+def _validated(directory: Path, info: Dict[str, Any], params: Dict[str, Any], prefix: str, shapes: Shapes,
+               embeddings: Optional[ComponentConfig], lm_head: Optional[ComponentConfig],
+               functions: Dict[str, List[ComponentConfig]],
+               per_context: Dict[int, Dict[str, List[ComponentConfig]]], meta_path: Path) -> ModelConfig:
+    """The validated ModelConfig of a directory; `functions` maps function names to their chunks."""
+    config = ModelConfig(
+        model_info=_model_info(directory, info, params, prefix),
+        shapes=shapes,
+        embeddings=embeddings,
+        ffn_prefill=functions.get("prefill", []),
+        ffn_infer=functions["infer"],
+        ffn_infer_rotate=functions.get("infer_rotate"),
+        ffn_prefill_rotate=functions.get("prefill_rotate"),
+        lm_head=lm_head,
+        model_dir=directory,
+        context_functions=per_context,
+    )
+    config.validate()
+    if meta_path.is_file():
+        _check_meta_against_files(meta_path, params, config)
+    return config
+
+
+def _model_info(directory: Path, info: Dict[str, Any], params: Dict[str, Any], prefix: str) -> Dict[str, Any]:
     model_info = {
         "model_id": info.get("name", directory.name),
         "path": str(directory),
@@ -230,23 +320,50 @@ def config_from_anemll_dir(path: Union[str, Path], overrides: Optional[Dict[str,
         "anemll_version": str(info.get("version", "")),
         "parameters": params,
     }
+    if "model_type" in info:
+        model_info["layout"] = str(info["model_type"])
     for key in ("vocab_size", "lm_head_chunk_sizes", "argmax_in_model", "state_length",
-                "update_mask_prefill", "prefill_dynamic_slice", "sliding_window"):
+                "update_mask_prefill", "prefill_dynamic_slice", "sliding_window", "attention_size"):
         if key in params:
             model_info[key] = params[key]
-    config = ModelConfig(
-        model_info=model_info,
-        shapes=shapes,
-        embeddings=embeddings,
-        ffn_prefill=prefill,
-        ffn_infer=infer,
-        lm_head=lm_head,
-        model_dir=directory,
-    )
-    config.validate()
-    if meta_path.is_file():
-        _check_meta_against_files(meta_path, params, config)
-    return config
+    return model_info
+
+
+def _monolithic_config(directory: Path, info: Dict[str, Any], params: Dict[str, Any], prefix: str,
+                       listed: List[str], meta_path: Path) -> ModelConfig:
+    """ANEMLL 0.3.5 `model_type: monolithic`: one file with infer/prefill (and rotate) taking input_ids."""
+    name = params.get("monolithic_model") or f"{prefix}_monolithic_full{_lut(params.get('lut_bits', 'none'))}"
+    io = read_model_io(_require_part(directory, name, "monolithic_model"))
+    _check_functions(io, listed, meta_path)
+    parts: Dict[str, List[ComponentConfig]] = {}
+    names, smaller = _context_names(params, meta_path)
+    for role, fn_name in names.items():
+        if fn_name in io.functions or not io.multifunction:
+            function, fio = _fn(io, fn_name)
+            parts[role[4:]] = [_component(directory, io, function, fio)]
+    if "infer" not in parts:
+        raise ConfigError(f"{io.path}: a monolithic model needs function {names['ffn_infer']!r} "
+                          f"(has {sorted(io.functions)})")
+    _ffn_functions(directory, io, ROTATE_FUNCTIONS, parts)
+    per_context: Dict[int, Dict[str, List[ComponentConfig]]] = {}
+    for n, fns in smaller.items():
+        for role, fn_name in fns.items():
+            if fn_name not in io.functions:
+                raise ConfigError(f"{io.path}: function {fn_name!r} of context {n} missing (has {sorted(io.functions)})")
+            function, fio = _fn(io, fn_name)
+            per_context.setdefault(n, {})[role] = [_component(directory, io, function, fio)]
+    infer = parts["infer"][0]
+    where = str(directory)
+    mask = infer.inputs.get("causal_mask")
+    ids = infer.inputs.get("input_ids")
+    if mask is None or ids is None:
+        raise ConfigError(f"{io.path}: function 'infer' of a monolithic model needs inputs input_ids and causal_mask")
+    prefill = parts.get("prefill", [])
+    batch = prefill[0].inputs["input_ids"].shape[-1] if prefill and "input_ids" in prefill[0].inputs else 1
+    vocab = _vocab_size(params, infer, io, where)
+    # Monolithic models pass no hidden states between parts: hidden_size is not observable and unused.
+    shapes = Shapes(batch_size=batch, context_length=mask.shape[-1], hidden_size=1, vocab_size=vocab)
+    return _validated(directory, info, params, prefix, shapes, None, None, parts, per_context, meta_path)
 
 
 def _check_meta_against_files(meta_path: Path, params: Dict[str, Any], config: ModelConfig) -> None:
@@ -255,7 +372,7 @@ def _check_meta_against_files(meta_path: Path, params: Dict[str, Any], config: M
     runs wrong. Named: the field, both values and the file."""
     s = config.shapes
     ffn = config.ffn_prefill[0] if config.ffn_prefill else config.ffn_infer[0]
-    head = config.lm_head.file_path  # type: ignore[union-attr]
+    head = config.head.file_path  # type: ignore[union-attr]  (a monolithic model's infer holds the head)
     checks = [
         ("context_length", s.context_length, f"{config.ffn_infer[0].file_path} (causal_mask's last dimension)"),
         ("batch_size", s.batch_size, f"{ffn.file_path} (prefill hidden_states)"),
@@ -279,7 +396,7 @@ def _check_meta_against_files(meta_path: Path, params: Dict[str, Any], config: M
             raise ConfigError(f"{meta_path}: model_info.parameters.lm_head_chunk_sizes is {given_sizes}, but the "
                               f"model files say {config.lm_head_chunk_sizes}: {head} (its logits outputs)")
     # The parts' own metadata: ANEMLL's runner lets meta.yaml win, so only a warning.
-    for comp in [*config.ffn_infer[:1], config.lm_head]:
+    for comp in [*config.ffn_infer[:1], *([config.lm_head] if config.lm_head is not None else [])]:
         io = read_model_io(config.path_of(comp))  # type: ignore[arg-type]
         for key, actual in (("context_length", s.context_length), ("batch_size", s.batch_size)):
             value = io.metadata.get(f"com.anemll.{key}")

@@ -39,8 +39,10 @@ _DTYPE_ALIASES = {
     "INT": "INT32", "I32": "INT32", "I16": "INT16", "I8": "INT8", "U8": "UINT8",
 }
 
-COMPONENT_ROLES = ("embeddings", "ffn_prefill", "ffn_infer", "lm_head")
+COMPONENT_ROLES = ("embeddings", "ffn_prefill", "ffn_infer", "ffn_infer_rotate", "ffn_prefill_rotate", "lm_head")
 FFN_ROLES = ("ffn_prefill", "ffn_infer")
+# Sliding-window models (ANEMLL 0.3.5 Gemma 3): the functions that shift the local KV cache.
+ROTATE_ROLES = ("ffn_infer_rotate", "ffn_prefill_rotate")
 FFN_EXECUTIONS = ("split", "unified")
 
 _LOGITS_RE = re.compile(r"^logits(\d+)$")
@@ -252,12 +254,22 @@ class ModelConfig:
         ffn_execution: Optional[str] = None,
         model_dir: Optional[Union[str, Path]] = None,
         extra: Optional[Dict[str, Any]] = None,
+        ffn_infer_rotate: Optional[List[ComponentConfig]] = None,
+        ffn_prefill_rotate: Optional[List[ComponentConfig]] = None,
+        context_functions: Optional[Dict[int, Dict[str, List[ComponentConfig]]]] = None,
     ) -> None:
         self.model_info: Dict[str, Any] = dict(model_info or {})
         self.shapes = shapes
         self.embeddings = embeddings
         self.ffn_prefill = list(ffn_prefill)
         self.ffn_infer = list(ffn_infer)
+        self.ffn_infer_rotate = list(ffn_infer_rotate or [])
+        self.ffn_prefill_rotate = list(ffn_prefill_rotate or [])
+        # Context switching (ANEMLL's infer_ctx{N}/prefill_ctx{N}): the FFN functions of each context size
+        # smaller than shapes.context_length, by role; the ffn_* lists above serve the full context.
+        self.context_functions: Dict[int, Dict[str, List[ComponentConfig]]] = {
+            int(n): {role: list(chunks) for role, chunks in roles.items()}
+            for n, roles in sorted((context_functions or {}).items())}
         self.lm_head = lm_head
         self.model_dir: Optional[Path] = Path(model_dir) if model_dir is not None else None
         # Unknown top-level keys (e.g. candle-coreml's `naming`) survive a round trip.
@@ -299,46 +311,82 @@ class ModelConfig:
         return "batch"
 
     @property
+    def monolithic(self) -> bool:
+        """One file holding embeddings, layers and head (ANEMLL 0.3.5 `model_type: monolithic`)."""
+        return (self.embeddings is None and self.lm_head is None and bool(self.ffn_infer)
+                and "input_ids" in self.ffn_infer[0].inputs)
+
+    @property
+    def head(self) -> Optional[ComponentConfig]:
+        """The component whose outputs are the logits parts or argmax: the LM head, or a monolithic infer."""
+        if self.lm_head is not None:
+            return self.lm_head
+        return self.ffn_infer[-1] if self.monolithic else None
+
+    @property
+    def sliding_window(self) -> Optional[int]:
+        """Positions a sliding-window layer sees (Gemma 3), when shorter than the context; else None."""
+        value = self.model_info.get("sliding_window")
+        if value is None or isinstance(value, bool):
+            return None
+        try:
+            window = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"model_info.sliding_window: expected a positive integer, got {value!r}") from None
+        if window <= 0:
+            raise ConfigError(f"model_info.sliding_window: expected a positive integer, got {value!r}")
+        return window if window < self.shapes.context_length else None
+
+    @property
     def logits_outputs(self) -> List[str]:
         """Names of the head's logits outputs in vocabulary order."""
-        if self.lm_head is None:
+        head = self.head
+        if head is None:
             return []
         numbered = []
-        for name in self.lm_head.outputs:
+        for name in head.outputs:
             m = _LOGITS_RE.match(name)
             if m:
                 numbered.append((int(m.group(1)), name))
         if numbered:
             return [name for _, name in sorted(numbered)]
-        return ["logits"] if "logits" in self.lm_head.outputs else []
+        return ["logits"] if "logits" in head.outputs else []
 
     @property
     def argmax_in_model(self) -> bool:
-        return self.lm_head is not None and "argmax_idx" in self.lm_head.outputs
+        return self.head is not None and "argmax_idx" in self.head.outputs
 
     @property
     def logits_parts(self) -> int:
         """How many parts the vocabulary is split into by the head."""
         if self.argmax_in_model:
-            spec = self.lm_head.outputs["argmax_idx"]  # type: ignore[union-attr]
+            spec = self.head.outputs["argmax_idx"]  # type: ignore[union-attr]
             return int(np.prod(spec.shape))
         return len(self.logits_outputs)
 
     @property
     def lm_head_chunk_sizes(self) -> List[int]:
         """Vocabulary entries per logits part (last dim of each logits output)."""
-        if self.lm_head is None or self.argmax_in_model:
+        head = self.head
+        if head is None or self.argmax_in_model:
             sizes = self.model_info.get("lm_head_chunk_sizes")
             return [int(s) for s in sizes] if sizes else []
-        return [self.lm_head.outputs[n].shape[-1] for n in self.logits_outputs]
+        return [head.outputs[n].shape[-1] for n in self.logits_outputs]
 
     @property
     def state_length(self) -> Optional[int]:
-        for comp in self.ffn_infer + self.ffn_prefill:
-            for spec in comp.states.values():
-                if len(spec.shape) >= 3:
-                    return spec.shape[-2]
-        return None
+        """The longest KV-cache state's length (a sliding-window model's local cache is shorter)."""
+        lengths = [spec.shape[-2] for comp in self.ffn_infer + self.ffn_prefill for spec in comp.states.values()
+                   if len(spec.shape) >= 3]
+        return max(lengths) if lengths else None
+
+    def states(self) -> Dict[str, Tuple[TensorSpec, List[str]]]:
+        """Every state by name: its spec and the components declaring it (checked by validate_wiring)."""
+        out: Dict[str, Tuple[TensorSpec, List[str]]] = {}
+        for label, comp in self.components():
+            for name, spec in comp.states.items():
+                out.setdefault(name, (spec, []))[1].append(label)
+        return out
 
     @property
     def has_update_mask(self) -> bool:
@@ -348,7 +396,7 @@ class ModelConfig:
         """(label, component) for every component, chunks labelled by index."""
         if self.embeddings is not None:
             yield "embeddings", self.embeddings
-        for role in FFN_ROLES:
+        for role in FFN_ROLES + ROTATE_ROLES:
             chunks = getattr(self, role)
             for i, comp in enumerate(chunks):
                 yield (role if len(chunks) == 1 else f"{role}[{i}]"), comp
@@ -364,16 +412,40 @@ class ModelConfig:
     # ------------------------------------------------------------- validation
     def validate(self, check_files: bool = True) -> "ModelConfig":
         """Raise ConfigError naming the component, tensor and field at fault."""
-        for role in ("embeddings", "lm_head"):
-            if getattr(self, role) is None:
-                raise ConfigError(f"components.{role}: missing component")
+        if not self.monolithic:
+            for role in ("embeddings", "lm_head"):
+                if getattr(self, role) is None:
+                    raise ConfigError(f"components.{role}: missing component")
         for role in FFN_ROLES:
-            if not getattr(self, role):
+            if not getattr(self, role) and not (role == "ffn_prefill" and self.monolithic):
                 raise ConfigError(f"components.{role}: missing component")
-        if len(self.ffn_prefill) != len(self.ffn_infer):
+        for role in ("ffn_prefill",) + ROTATE_ROLES:
+            chunks = getattr(self, role)
+            if chunks and len(chunks) != len(self.ffn_infer):
+                raise ConfigError(
+                    f"components.{role} has {len(chunks)} chunks but components.ffn_infer has {len(self.ffn_infer)}"
+                )
+        if self.monolithic and len(self.ffn_infer) != 1:
+            raise ConfigError(f"components.ffn_infer: a monolithic model is one file, got {len(self.ffn_infer)}")
+        for size, roles in self.context_functions.items():
+            where = f"context_switching.{size}"
+            if not 0 < size < self.shapes.context_length:
+                raise ConfigError(f"{where}: context sizes must lie below shapes.context_length "
+                                  f"({self.shapes.context_length})")
+            for role, chunks in roles.items():
+                if role not in FFN_ROLES + ("ffn_infer_rotate",):
+                    raise ConfigError(f"{where}.{role}: unknown role (known: ffn_infer, ffn_prefill, ffn_infer_rotate)")
+                if len(chunks) != len(getattr(self, role)):
+                    raise ConfigError(f"{where}.{role} has {len(chunks)} chunks but components.{role} has "
+                                      f"{len(getattr(self, role))}")
+                for i, comp in enumerate(chunks):
+                    self._validate_component(f"{where}.{role}[{i}]", comp)
+        window = self.sliding_window
+        if window is not None and not self.ffn_infer_rotate:
             raise ConfigError(
-                f"components.ffn_prefill has {len(self.ffn_prefill)} chunks but "
-                f"components.ffn_infer has {len(self.ffn_infer)}"
+                f"components.ffn_infer_rotate: missing: the sliding window ({window}) is shorter than the context "
+                f"({self.shapes.context_length}), so positions >= {window} need function 'infer_rotate' of "
+                f"{self.ffn_infer[0].file_path}"
             )
         for key, value in self.shapes.to_dict().items():
             if value <= 0:
@@ -423,6 +495,9 @@ class ModelConfig:
     def validate_wiring(self) -> "ModelConfig":
         """Check that adjacent components agree on what they pass each other."""
         self.validate(check_files=False)
+        if self.monolithic:
+            self._check_states()
+            return self
         emb_out = _single_output(self.embeddings, "embeddings", "hidden_states")  # type: ignore[arg-type]
         for role in FFN_ROLES:
             chunks: List[ComponentConfig] = getattr(self, role)
@@ -445,38 +520,42 @@ class ModelConfig:
         return self
 
     def _check_states(self) -> None:
-        reference: Optional[Tuple[str, Dict[str, TensorSpec]]] = None
+        """States are shared by name: one spec wherever a name is declared, and parts sharing a state declare
+        the same set (a backend state, like Core ML's MLState, holds every state of the model it comes from)."""
+        seen: Dict[str, Tuple[str, TensorSpec]] = {}
+        sets: List[Tuple[str, frozenset]] = []
         for label, comp in self.components():
-            if not label.startswith("ffn"):
-                continue
-            if reference is None:
-                reference = (label, comp.states)
-                continue
-            ref_label, ref_states = reference
-            if set(ref_states) != set(comp.states):
-                raise ConfigError(
-                    f"components.{label}.states: names {sorted(comp.states)} differ from "
-                    f"components.{ref_label}.states {sorted(ref_states)}"
-                )
             for name, spec in comp.states.items():
-                ref = ref_states[name]
-                if tuple(spec.shape) != tuple(ref.shape):
+                if name in seen:
+                    ref_label, ref = seen[name]
+                    for field_name, mine, theirs in (("shape", list(spec.shape), list(ref.shape)),
+                                                     ("data_type", spec.data_type, ref.data_type)):
+                        if mine != theirs:
+                            raise ConfigError(
+                                f"components.{label}.states.{name}.{field_name}: {mine} ({comp.file_path}"
+                                f"{', function ' + comp.function if comp.function else ''}) differs from "
+                                f"{theirs} in components.{ref_label}"
+                            )
+                else:
+                    seen[name] = (label, spec)
+            names = frozenset(comp.states)
+            if not names:
+                continue
+            for other_label, other in sets:
+                if other != names and other & names:
                     raise ConfigError(
-                        f"components.{label}.states.{name}.shape: {list(spec.shape)} differs from "
-                        f"{list(ref.shape)} in components.{ref_label}"
+                        f"components.{label}.states: names {sorted(names)} differ from "
+                        f"components.{other_label}.states {sorted(other)} although they share "
+                        f"{sorted(other & names)}"
                     )
-                if spec.data_type != ref.data_type:
-                    raise ConfigError(
-                        f"components.{label}.states.{name}.data_type: {spec.data_type} differs from "
-                        f"{ref.data_type} in components.{ref_label}"
-                    )
+            sets.append((label, names))
 
     # -------------------------------------------------------------- JSON I/O
     def to_dict(self) -> Dict[str, Any]:
         components: Dict[str, Any] = {}
         if self.embeddings is not None:
             components["embeddings"] = self.embeddings.to_dict()
-        for role in FFN_ROLES:
+        for role in FFN_ROLES + ROTATE_ROLES:
             chunks = getattr(self, role)
             if len(chunks) == 1:
                 components[role] = chunks[0].to_dict()
@@ -491,6 +570,10 @@ class ModelConfig:
         }
         if self.ffn_execution is not None:
             out["ffn_execution"] = self.ffn_execution
+        if self.context_functions:
+            out["context_switching"] = {
+                str(n): {role: [c.to_dict() for c in chunks] for role, chunks in roles.items()}
+                for n, roles in self.context_functions.items()}
         out.update(self.extra)
         return out
 
@@ -535,17 +618,35 @@ class ModelConfig:
         model_info = data.get("model_info", {})
         if not isinstance(model_info, Mapping):
             raise ConfigError("model_info: expected an object")
-        known = {"model_info", "shapes", "components", "ffn_execution"}
+        known = {"model_info", "shapes", "components", "ffn_execution", "context_switching"}
+        switching = data.get("context_switching") or {}
+        if not isinstance(switching, Mapping):
+            raise ConfigError("context_switching: expected an object keyed by context size")
+        context_functions: Dict[int, Dict[str, List[ComponentConfig]]] = {}
+        for size, roles in switching.items():
+            try:
+                n = int(size)
+            except (TypeError, ValueError):
+                raise ConfigError(f"context_switching: key {size!r} is not a context size") from None
+            if not isinstance(roles, Mapping):
+                raise ConfigError(f"context_switching.{size}: expected an object keyed by role")
+            context_functions[n] = {
+                role: [ComponentConfig.from_dict(c, f"context_switching.{size}.{role}[{i}]")
+                       for i, c in enumerate(chunks if isinstance(chunks, list) else [chunks])]
+                for role, chunks in roles.items()}
         return cls(
             model_info=dict(model_info),
             shapes=Shapes.from_dict(data["shapes"]),
             embeddings=one("embeddings"),
             ffn_prefill=chunks("ffn_prefill"),
             ffn_infer=chunks("ffn_infer"),
+            ffn_infer_rotate=chunks("ffn_infer_rotate"),
+            ffn_prefill_rotate=chunks("ffn_prefill_rotate"),
             lm_head=one("lm_head"),
             ffn_execution=data.get("ffn_execution"),
             model_dir=model_dir,
             extra={k: v for k, v in data.items() if k not in known},
+            context_functions=context_functions,
         )
 
     @classmethod

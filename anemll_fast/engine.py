@@ -59,20 +59,43 @@ def pipeline_desc(config: ModelConfig, sequential_prefill: bool = False,
         return [_component(config, role if len(comps) == 1 else f"{role}[{i}]", c) for i, c in enumerate(comps)]
 
     s = config.shapes
-    return {
+    desc = {
         "batch_size": s.batch_size,
         "context_length": s.context_length,
         "hidden_size": s.hidden_size,
         "vocab_size": s.vocab_size,
-        "embeddings": _component(config, "embeddings", config.embeddings),  # type: ignore[arg-type]
+        "monolithic": config.monolithic,
         "ffn_prefill": chunks("ffn_prefill"),
         "ffn_infer": chunks("ffn_infer"),
-        "lm_head": _component(config, "lm_head", config.lm_head),  # type: ignore[arg-type]
+        "ffn_infer_rotate": chunks("ffn_infer_rotate"),
+        "sliding_window": config.sliding_window or 0,
         "logits_outputs": [] if config.argmax_in_model else list(config.logits_outputs),
         "part_sizes": list(config.lm_head_chunk_sizes) if config.argmax_in_model else [],
-        "sequential_prefill": bool(sequential_prefill),
+        "sequential_prefill": bool(sequential_prefill) or not prefill_writes_at_position(config),
         "valid_vocab": int(valid_vocab or 0),
     }
+    desc["smaller_contexts"] = [
+        {"context_length": n,
+         **{role: [_component(config, f"{role}@{n}" if len(chunks) == 1 else f"{role}@{n}[{i}]", c)
+                   for i, c in enumerate(chunks)] for role, chunks in roles.items()}}
+        for n, roles in config.context_functions.items()]
+    if not config.monolithic:
+        desc["embeddings"] = _component(config, "embeddings", config.embeddings)  # type: ignore[arg-type]
+        desc["lm_head"] = _component(config, "lm_head", config.lm_head)  # type: ignore[arg-type]
+    return desc
+
+
+def prefill_writes_at_position(config: ModelConfig) -> bool:
+    """Whether the prefill function writes the KV cache at current_pos, so that batches may start anywhere.
+
+    ANEMLL 0.3.5's monolithic and sliding-window (Gemma 3) prefill functions write their local cache at fixed
+    slots unless meta.yaml says `update_mask_prefill` or `prefill_dynamic_slice`; chat.py then feeds the prompt
+    one token at a time through infer, and so do we. Chunked Llama/Qwen prefill always writes at current_pos.
+    """
+    if not (config.monolithic or config.model_info.get("sliding_window") is not None):
+        return True
+    return any(str(config.model_info.get(k, "")).lower() in ("true", "1", "yes")
+               for k in ("update_mask_prefill", "prefill_dynamic_slice"))
 
 
 BackendLike = Union[str, Any]
@@ -225,6 +248,21 @@ class Engine:
     def state_count(self) -> int:
         return self._eng.state_count
 
+    def function_at(self, pos: int) -> Tuple[str, bool, int]:
+        """The FFN function one token at `pos` runs through ("infer" or "infer_rotate"), whether a prefill
+        batch may start at `pos`, and the context size whose functions serve it (from the current size up)."""
+        return self._eng.function_at(int(pos))
+
+    @property
+    def schedule_counters(self) -> Dict[str, int]:
+        """infer_rotate calls, rebuilds of a rotated sliding-window cache after a rewind, context switches."""
+        return self._eng.schedule_counters
+
+    @property
+    def active_context(self) -> int:
+        """The context size whose functions run now (context switching models start at the smallest)."""
+        return self._eng.active_context
+
     # ----------------------------------------------------------- generation
     def generate_tokens(
         self,
@@ -259,11 +297,16 @@ class Engine:
             raise EngineInputError(f"start: {start} is not in [0, min(len(prompt), cached length {self.length})]")
         self.finish_reason = None
         stops = {int(t) for t in stop_ids}
-        if start < n:
-            self.prefill(ids[start:], start)
         if max_new_tokens == 0:
+            if start < n:
+                self.prefill(ids[start:], start)
             self.finish_reason = "length"
             return
+        # ANEMLL models produce the first token from infer on the last prompt position, so that position is
+        # fed once, by step, not by prefill and again by step (chat.py's double feed shifts a sliding-window
+        # cache twice).
+        if start < n - 1:
+            self.prefill(ids[start:n - 1], start)
         if constraint is None:
             yield from self._decode(ids, max_new_tokens, stops, None)
             return

@@ -55,7 +55,48 @@ def resolve(
         )
     if unzip:
         unzip_parts(local)
+    for bundle in sorted(local.glob("*.mlmodelc")):
+        check_compiled_model(bundle)
     return local
+
+
+# A weight reference in a compiled model's model.mil.
+_BLOB_REF_RE = re.compile(r'BLOBFILE\(path\s*=\s*string\("@model_path/([^"]+)"\),\s*offset\s*=\s*uint64\((\d+)\)\)')
+
+
+def check_compiled_model(bundle: Union[str, os.PathLike]) -> None:
+    """Raise HubError if a compiled `.mlmodelc` directory is incomplete, e.g. a partial download of a repo that
+    publishes unzipped bundles: model.mil missing, or a weight file missing or shorter than the blobs model.mil
+    references (checked at the last blob of each file, where a truncated download ends)."""
+    from anemll_fast.mil.blobfile import BlobReader
+    from anemll_fast.mil.errors import WeightFileError
+
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        return
+    if not (bundle / "model.mil").is_file():
+        raise HubError(f"{bundle}: incomplete compiled model, model.mil missing "
+                       f"(an interrupted download? delete it and download again)")
+    last: dict = {}
+    with open(bundle / "model.mil", "r", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            for rel, offset in _BLOB_REF_RE.findall(line):
+                last[rel] = max(last.get(rel, 0), int(offset))
+    for rel, offset in sorted(last.items()):
+        path = bundle / rel
+        if not _inside(bundle, path):
+            raise HubError(f"{bundle}: model.mil references weights outside the bundle ({rel!r})")
+        if not path.is_file():
+            raise HubError(f"{bundle}: incomplete compiled model, weight file {rel} missing "
+                           f"(an interrupted download? delete it and download again)")
+        try:
+            reader = BlobReader(str(path))
+            try:
+                reader.metadata(offset)
+            finally:
+                reader.close()
+        except WeightFileError as exc:
+            raise HubError(f"{bundle}: incomplete or corrupt weight file {rel}: {exc}") from None
 
 
 def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[Union[str, os.PathLike]]) -> Path:

@@ -90,10 +90,46 @@ def run(args: argparse.Namespace) -> int:
         f"{config.logits_parts} logits part(s){' (argmax in model)' if config.argmax_in_model else ''}"
         f"{f', state length {state_len}' if state_len else ''}\n\n"
     )
+    describe_states(config, out)
+    describe_schedule(config, out)
+    out.write("\n")
     for file in _files(config):
         describe_file(file, out)
         out.write("\n")
     return 0
+
+
+def describe_states(config: Any, out: TextIO) -> None:
+    """Each state (shared by name) with its spec and the parts and functions declaring it."""
+    for name, (spec, labels) in config.states().items():
+        out.write(f"state      {spec.describe()}  in {', '.join(labels)}\n")
+
+
+def describe_schedule(config: Any, out: TextIO) -> None:
+    """Which function the engine runs for which positions (see anemll_fast.engine.prefill_writes_at_position)."""
+    from anemll_fast.engine import prefill_writes_at_position
+
+    ctx, batch = config.shapes.context_length, config.shapes.batch_size
+    window = config.sliding_window
+    limit = min(window or ctx, ctx)
+    kind = "monolithic file" if config.monolithic else "chunks"
+    if config.ffn_prefill and prefill_writes_at_position(config) and config.prefill_mode == "batch":
+        out.write(f"schedule   prompt: prefill batches of {batch} while a batch fits below position {limit}, "
+                  f"other positions one at a time\n")
+    else:
+        out.write("schedule   prompt: one position at a time through infer (prefill not used)\n")
+    if window:
+        out.write(f"schedule   positions < {window}: infer; >= {window}: infer_rotate (sliding window {window}); "
+                  f"prefill_rotate never (inexact for batches)\n")
+    else:
+        out.write(f"schedule   every position: {config.ffn_infer[0].function or 'infer'} of the {kind}\n")
+    if config.context_functions:
+        sizes = list(config.context_functions) + [ctx]
+        names = [config.context_functions[n]["ffn_infer"][0].function for n in sizes[:-1]]
+        names.append(config.ffn_infer[0].function)
+        out.write("schedule   context switching: " + ", then ".join(
+            f"{name} below position {n}" for name, n in zip(names, sizes)) +
+            " (the cache moves up when positions outgrow a size)\n")
 
 
 def register(sub: Any) -> None:

@@ -54,6 +54,20 @@ class ReferenceState:
         for b in self.buffers.values():
             b.array = np.zeros_like(b.array)
 
+    def copy_from(self, other: "ReferenceState") -> None:
+        """Each state from `other`'s state of the same name, over the leading part of each dimension both have
+        (a KV cache moving to a longer or shorter context); the rest is zeroed."""
+        for name, buf in self.buffers.items():
+            src = other.buffers.get(name) if isinstance(other, ReferenceState) else None
+            if src is None or len(src.shape) != len(buf.shape) or src.dtype != buf.dtype:
+                raise StateSpecError(f"copy_state: state {name!r} {list(buf.shape)} {buf.dtype} has no counterpart "
+                                     f"in the source state ({_describe(other.key) if src is None else ''}"
+                                     f"{'' if src is None else f'{list(src.shape)} {src.dtype}'})")
+            common = tuple(slice(0, min(a, b)) for a, b in zip(src.shape, buf.shape))
+            out = np.zeros_like(buf.array)
+            out[common] = src.array[common]
+            buf.array = out
+
     def _buffer(self, name: str) -> StateBuffer:
         if name not in self.buffers:
             raise StateSpecError(f"no state named {name!r}; this state holds {self.names}")
@@ -104,9 +118,10 @@ class ReferenceModel:
         return out
 
     def _model_states(self) -> List[FeatureSpec]:
-        """Union of the states of every function: one state object serves all of them."""
+        """Union of the states of every function: one state object serves all of them. This function's own
+        specs come first, so that functions of other context sizes (infer_ctx{N}) get states of their size."""
         seen: Dict[str, FeatureSpec] = {}
-        for name in self.program.functions:
+        for name in [self.function_name] + [f for f in self.program.functions if f != self.function_name]:
             for s in self.program.function_spec(name).states:
                 if any(d is None for d in s.shape) or s.dtype not in NUMPY_DTYPES or s.dtype == "string":
                     raise MilFormatError(f"{self.path}: function {name!r}: state {s.name!r} needs a static "

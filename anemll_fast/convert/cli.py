@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("out", nargs="?", help="output model directory (must not exist or be empty)")
     p.add_argument("--random", metavar="CONFIG.json",
                    help="build a random model from a spec with Hugging Face config keys (then give only OUT)")
-    p.add_argument("--arch", choices=["llama", "qwen2", "qwen3"], help="architecture (default: from the source)")
+    p.add_argument("--arch", choices=["llama", "qwen2", "qwen3", "gemma3"], help="architecture (default: from the source)")
     p.add_argument("--context", type=int, default=512, help="context length (default 512)")
     p.add_argument("--batch", type=int, default=64, help="prefill batch size (default 64)")
     p.add_argument("--chunks", type=int, default=1, help="number of FFN chunks (default 1)")
@@ -36,7 +36,13 @@ def register(subparsers) -> None:
                    help="LUT construction (kmeans is slow on few cores; default uniform)")
     p.add_argument("--split-lm-head", type=int, default=None,
                    help="number of logits parts (default 8 for Llama, 16 for Qwen)")
-    p.add_argument("--argmax-head", action="store_true", help="LM head outputs argmax_idx/argmax_val per part")
+    p.add_argument("--argmax-head", "--argmax", action="store_true",
+                   help="LM head outputs argmax_idx/argmax_val per part")
+    p.add_argument("--contexts", default=None, metavar="N,M,...",
+                   help="context switching: infer_ctx{N}/prefill_ctx{N} functions for each size (the largest is "
+                        "the context length)")
+    p.add_argument("--monolithic", action="store_true",
+                   help="one file with embeddings, layers and LM head (ANEMLL 0.3.5 monolithic; needs --chunks 1)")
     p.add_argument("--prefix", default=None, help="file name prefix (default llama or qwen)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (--random)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     path = call(source, out, arch=args.arch, context_length=args.context, batch_size=args.batch,
                 num_chunks=args.chunks, lut_ffn=args.lut_ffn, lut_lmhead=args.lut_lmhead,
                 lut_embeddings=args.lut_embeddings, palettize_mode=args.palettize_mode,
-                split_lm_head=args.split_lm_head, argmax_head=args.argmax_head, model_prefix=args.prefix,
+                split_lm_head=args.split_lm_head, argmax_head=args.argmax_head, model_prefix=args.prefix, monolithic=args.monolithic, contexts=args.contexts,
                 progress=not args.quiet, seed=args.seed, overwrite=args.overwrite)
     if not args.quiet:
         print(f"converted to {path} in {time.perf_counter() - t0:.1f}s")

@@ -42,6 +42,8 @@ class ConvertOptions:
     split_lm_head: int
     argmax_head: bool
     model_prefix: str
+    monolithic: bool = False
+    contexts: Tuple[int, ...] = ()  # context switching: one infer/prefill pair per size (largest = context_length)
 
 
 def _positive_int(value: Any, field: str) -> int:
@@ -62,13 +64,30 @@ def _lut_arg(value: Any, field: str) -> Optional[int]:
 
 def resolve_options(cfg: ArchConfig, *, context_length: Any, batch_size: Any, num_chunks: Any, lut_ffn: Any,
                     lut_lmhead: Any, lut_embeddings: Any, palettize_mode: str, split_lm_head: Any,
-                    argmax_head: bool, model_prefix: Optional[str]) -> ConvertOptions:
+                    argmax_head: bool, model_prefix: Optional[str], monolithic: bool = False,
+                    contexts: Optional[Any] = None) -> ConvertOptions:
     """Check every option against the architecture; raise ConvertError naming the first bad one."""
     ctx = _positive_int(context_length, "context_length")
     batch = _positive_int(batch_size, "batch_size")
-    if ctx % batch:
-        raise ConvertError(f"context_length {ctx} is not divisible by batch_size {batch}")
+    sizes: Tuple[int, ...] = ()
+    if contexts:
+        if isinstance(contexts, str):
+            contexts = [c for c in contexts.replace(" ", "").split(",") if c]
+        try:
+            sizes = tuple(sorted({_positive_int(int(c) if isinstance(c, str) else c, "contexts") for c in contexts}))
+        except ValueError:
+            raise ConvertError(f"contexts must be positive integers, got {contexts!r}") from None
+        if len(sizes) < 2:
+            raise ConvertError(f"contexts: context switching needs at least two sizes, got {list(sizes)}")
+        ctx = sizes[-1]  # the largest size is the model's context
+        if cfg.is_gemma3 and cfg.sliding_window < ctx:
+            raise ConvertError("contexts: context switching of sliding-window (Gemma 3) models is not supported")
+    for size in sizes or (ctx,):
+        if size % batch:
+            raise ConvertError(f"context_length {size} is not divisible by batch_size {batch}")
     chunks = _positive_int(num_chunks, "num_chunks")
+    if monolithic and chunks != 1:
+        raise ConvertError(f"num_chunks {chunks}: a monolithic model is one file (use num_chunks=1)")
     if chunks > cfg.num_layers:
         raise ConvertError(f"num_chunks {chunks} exceeds the number of layers ({cfg.num_layers})")
     split = layout.default_split_lm_head(cfg.arch) if split_lm_head is None else split_lm_head
@@ -84,8 +103,10 @@ def resolve_options(cfg: ArchConfig, *, context_length: Any, batch_size: Any, nu
     prefix = model_prefix or layout.default_prefix(cfg.arch)
     if not prefix.replace("_", "").replace("-", "").isalnum():
         raise ConvertError(f"model_prefix {prefix!r} must be alphanumeric (with _ or -)")
+    if cfg.is_gemma3 and cfg.sliding_window < ctx and cfg.sliding_window < batch:
+        raise ConvertError(f"batch_size {batch} exceeds the sliding window {cfg.sliding_window}")
     return ConvertOptions(ctx, batch, chunks, luts["lut_ffn"], luts["lut_lmhead"], luts["lut_embeddings"],
-                          palettize_mode, split, bool(argmax_head), prefix)
+                          palettize_mode, split, bool(argmax_head), prefix, bool(monolithic), sizes)
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -190,23 +211,44 @@ def _build_embeddings(cfg, weights, opts: ConvertOptions, path: Path) -> None:
                 _anemll_metadata(opts, cfg, lut_bits=opts.lut_embeddings))
 
 
+INFER_CTX_TEMPLATE, PREFILL_CTX_TEMPLATE = "infer_ctx{context}", "prefill_ctx{context}"
+
+
+def ffn_functions(cfg: ArchConfig, context_length: int, contexts: Tuple[int, ...] = ()) -> List[Tuple[str, int]]:
+    """(function, its context length) of each FFN chunk (or monolithic file): the rotate pair when a sliding
+    window is shorter than the context, as ANEMLL 0.3.5 converts Gemma 3; with context switching one
+    infer_ctx{N}/prefill_ctx{N} pair per size, as ANEMLL's multi-context exports."""
+    if contexts:
+        return [(t.format(context=n), n) for n in contexts for t in (INFER_CTX_TEMPLATE, PREFILL_CTX_TEMPLATE)]
+    rotate = cfg.is_gemma3 and cfg.sliding_window < context_length
+    names = ["infer", "prefill"] + (["infer_rotate", "prefill_rotate"] if rotate else [])
+    return [(n, context_length) for n in names]
+
+
 def _build_ffn_chunk(cfg, weights, opts: ConvertOptions, chunk: graph.ChunkPlan, path: Path, scratch: Path) -> None:
     parts = {}
-    for fname, seq, prefill in (("infer", 1, False), ("prefill", opts.batch_size, True)):
-        prog = graph.build_ffn_program(cfg, weights, chunk, seq_len=seq, context_length=opts.context_length,
-                                       prefill=prefill)
+    head = (opts.split_lm_head, opts.argmax_head) if opts.monolithic else None
+    functions = ffn_functions(cfg, opts.context_length, opts.contexts)
+    for fname, context in functions:
+        prefill = fname.startswith("prefill")
+        prog = graph.build_ffn_program(cfg, weights, chunk, seq_len=opts.batch_size if prefill else 1,
+                                       context_length=context, prefill=prefill,
+                                       rotate=fname.endswith("_rotate"), head=head)
         package.palettize(prog, opts.lut_ffn, "conv", opts.palettize_mode)
+        if opts.monolithic:
+            package.palettize(prog, opts.lut_embeddings, "gather", opts.palettize_mode)
         model = package.program_to_model(prog)
         tmp = scratch / f"{path.stem}.{fname}.mlpackage"
         package.save_model(model, tmp)
         del model, prog
         parts[fname] = tmp
-    package.merge_functions(parts, path, default="infer")
+    package.merge_functions(parts, path, default=functions[-2][0] if opts.contexts else "infer")
     for tmp in parts.values():
         package.remove_tree(tmp)
-    _write_meta(path, "Anemll Model: Multifunction FFN+Prefill",
+    _write_meta(path, "Anemll Model: Monolithic" if opts.monolithic else "Anemll Model: Multifunction FFN+Prefill",
                 _anemll_metadata(opts, cfg, chunk_no=chunk.index + 1, lut_bits=opts.lut_ffn,
-                                 functions="infer,prefill", first_layer=chunk.start, num_layers=chunk.stop - chunk.start))
+                                 functions=",".join(parts), first_layer=chunk.start,
+                                 num_layers=chunk.stop - chunk.start, sliding_window=cfg.sliding_window))
 
 
 def _build_lm_head(cfg, weights, opts: ConvertOptions, path: Path) -> None:
@@ -229,6 +271,23 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise ConvertError(f"parent directory of the output {out_dir} does not exist")
 
 
+def _build_parts(cfg, weights, opts: ConvertOptions, chunks: List[graph.ChunkPlan], stage: Path, scratch: Path,
+                 bar: "_Progress") -> None:
+    name = layout.embeddings_stem(opts.model_prefix, opts.lut_embeddings)
+    bar.stage("embeddings")
+    _build_embeddings(cfg, weights, opts, stage / f"{name}.mlpackage")
+    bar.end("embeddings")
+    for chunk in chunks:
+        label = f"FFN chunk {chunk.index + 1}/{len(chunks)} (layers {chunk.start}-{chunk.stop - 1})"
+        bar.stage(label)
+        stem = layout.ffn_stem(opts.model_prefix, opts.lut_ffn, chunk.index, len(chunks))
+        _build_ffn_chunk(cfg, weights, opts, chunk, stage / f"{stem}.mlpackage", scratch)
+        bar.end(label)
+    bar.stage("LM head")
+    _build_lm_head(cfg, weights, opts, stage / f"{layout.lm_head_stem(opts.model_prefix, opts.lut_lmhead)}.mlpackage")
+    bar.end("LM head")
+
+
 def build_model(loaded: LoadedSource, out_dir: Path, opts: ConvertOptions, *, progress: bool,
                 overwrite: bool = False, extra_files: Optional[Callable[[Path], None]] = None) -> Path:
     """Write every part into a hidden staging directory next to out_dir, then rename it into place."""
@@ -239,23 +298,17 @@ def build_model(loaded: LoadedSource, out_dir: Path, opts: ConvertOptions, *, pr
     stage = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     package.remove_tree(stage)
     stage.mkdir()
-    bar = _Progress(progress, total=len(chunks) + 3)
+    bar = _Progress(progress, total=2 if opts.monolithic else len(chunks) + 3)
     try:
         scratch = stage / ".scratch"
         scratch.mkdir()
-        name = layout.embeddings_stem(opts.model_prefix, opts.lut_embeddings)
-        bar.stage("embeddings")
-        _build_embeddings(cfg, weights, opts, stage / f"{name}.mlpackage")
-        bar.end("embeddings")
-        for chunk in chunks:
-            label = f"FFN chunk {chunk.index + 1}/{len(chunks)} (layers {chunk.start}-{chunk.stop - 1})"
-            bar.stage(label)
-            stem = layout.ffn_stem(opts.model_prefix, opts.lut_ffn, chunk.index, len(chunks))
-            _build_ffn_chunk(cfg, weights, opts, chunk, stage / f"{stem}.mlpackage", scratch)
-            bar.end(label)
-        bar.stage("LM head")
-        _build_lm_head(cfg, weights, opts, stage / f"{layout.lm_head_stem(opts.model_prefix, opts.lut_lmhead)}.mlpackage")
-        bar.end("LM head")
+        if opts.monolithic:
+            bar.stage("monolithic model")
+            stem = layout.monolithic_stem(opts.model_prefix, opts.lut_ffn)
+            _build_ffn_chunk(cfg, weights, opts, chunks[0], stage / f"{stem}.mlpackage", scratch)
+            bar.end("monolithic model")
+        else:
+            _build_parts(cfg, weights, opts, chunks, stage, scratch, bar)
         package.remove_tree(scratch)
         bar.stage("tokenizer and meta.yaml")
         loaded.write_tokenizer(stage)
@@ -268,7 +321,9 @@ def build_model(loaded: LoadedSource, out_dir: Path, opts: ConvertOptions, *, pr
             lut_lmhead=opts.lut_lmhead, num_chunks=opts.num_chunks, prefix=opts.model_prefix,
             split_lm_head=opts.split_lm_head, vocab_size=cfg.vocab_size,
             chunk_sizes=graph.lm_head_parts(cfg.vocab_size, opts.split_lm_head), argmax_in_model=opts.argmax_head,
-            source=loaded.description), encoding="utf-8")
+            source=loaded.description, monolithic=opts.monolithic, sliding_window=cfg.sliding_window,
+            functions=[f for f, _ in ffn_functions(cfg, opts.context_length, opts.contexts)],
+            contexts=opts.contexts), encoding="utf-8")
         bar.end("tokenizer and meta.yaml")
         _move_into_place(stage, out_dir)
     except BaseException:
@@ -293,7 +348,8 @@ def convert(source: SourceLike, out_dir: Union[str, os.PathLike], *, arch: Optio
             context_length: int = 512, batch_size: int = 64, num_chunks: int = 1, lut_ffn: Optional[int] = None,
             lut_lmhead: Optional[int] = None, lut_embeddings: Optional[int] = None, palettize_mode: str = "uniform",
             split_lm_head: Optional[int] = None, argmax_head: bool = False, model_prefix: Optional[str] = None,
-            progress: bool = True, seed: int = 0, overwrite: bool = False) -> Path:
+            progress: bool = True, seed: int = 0, overwrite: bool = False, monolithic: bool = False,
+            contexts: Optional[Any] = None) -> Path:
     """Convert a Hugging Face checkpoint directory, a .gguf file, or a random-model spec (dict or .json path)
     into an ANEMLL-layout model directory; return its path.
 
@@ -309,7 +365,8 @@ def convert(source: SourceLike, out_dir: Union[str, os.PathLike], *, arch: Optio
     opts = resolve_options(loaded.config, context_length=context_length, batch_size=batch_size,
                            num_chunks=num_chunks, lut_ffn=lut_ffn, lut_lmhead=lut_lmhead,
                            lut_embeddings=lut_embeddings, palettize_mode=palettize_mode,
-                           split_lm_head=split_lm_head, argmax_head=argmax_head, model_prefix=model_prefix)
+                           split_lm_head=split_lm_head, argmax_head=argmax_head, model_prefix=model_prefix,
+                           monolithic=monolithic, contexts=contexts)
     return build_model(loaded, Path(out_dir), opts, progress=progress, overwrite=overwrite)
 
 

@@ -24,6 +24,9 @@ def expected_shapes(cfg: ArchConfig) -> Dict[str, Tuple[int, ...]]:
         p = layer_prefix(i)
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if cfg.is_gemma3:  # four norms per layer
+            shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
         shapes[p + "self_attn.q_proj.weight"] = (q_out, h)
         shapes[p + "self_attn.k_proj.weight"] = (kv_out, h)
         shapes[p + "self_attn.v_proj.weight"] = (kv_out, h)
@@ -74,13 +77,16 @@ def random_weights(cfg: ArchConfig, seed: int = 0) -> Weights:
     out: Weights = {}
     for name, shape in expected_shapes(cfg).items():
         if name.endswith("norm.weight"):
-            arr = 1.0 + 0.1 * rng.standard_normal(shape)
+            # Gemma stores the gain as an offset from 1.
+            arr = (0.0 if cfg.is_gemma3 else 1.0) + 0.1 * rng.standard_normal(shape)
         elif name.endswith(".bias"):
             arr = 0.1 * rng.standard_normal(shape)
         elif name == "model.embed_tokens.weight" or name == "lm_head.weight":
             # Small embeddings so that the layers, not the token's own embedding, dominate the residual stream
             # (otherwise a tied head just echoes the input token).
             arr = 0.25 * rng.standard_normal(shape)
+            if cfg.is_gemma3 and name == "model.embed_tokens.weight":
+                arr /= np.sqrt(cfg.hidden_size)  # Gemma multiplies embeddings by sqrt(hidden_size)
         else:
             arr = rng.standard_normal(shape) / np.sqrt(shape[1])
         out[name] = arr.astype(np.float32)

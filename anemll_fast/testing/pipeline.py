@@ -70,12 +70,9 @@ class PythonPipeline:
             return list(cfg.lm_head_chunk_sizes)
         parts = cfg.logits_parts
         sizes = list(cfg.lm_head_chunk_sizes)
-        if not sizes:  # no model_info sizes: ANEMLL splits the vocabulary evenly
-            if self.vocab_size % parts:
-                raise PipelineInputError(
-                    f"model_info.lm_head_chunk_sizes: needed, vocab_size {self.vocab_size} does not split "
-                    f"evenly into {parts} argmax parts")
-            sizes = [self.vocab_size // parts] * parts
+        if not sizes:  # no model_info sizes: as ANEMLL 0.3.5's chat.py, the remainder goes to the first parts
+            base, rem = divmod(self.vocab_size, parts)
+            sizes = [base + (1 if i < rem else 0) for i in range(parts)]
         if len(sizes) != parts or sum(sizes) != self.vocab_size:
             raise PipelineInputError(f"model_info.lm_head_chunk_sizes: {sizes} do not describe {parts} parts "
                                      f"of vocab_size {self.vocab_size}")

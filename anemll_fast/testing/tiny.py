@@ -5,7 +5,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class TinyModel:
     num_chunks: int
     split_lm_head: int
     argmax_head: bool
+    monolithic: bool = False
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -47,10 +48,16 @@ def build_tiny_model(out_dir: Union[str, os.PathLike], arch: str = "llama", *, n
                      lut_lmhead: Optional[int] = None, lut_embeddings: Optional[int] = None,
                      split_lm_head: int = 2, argmax_head: bool = False, tied: bool = True, seed: int = 0,
                      model_prefix: Optional[str] = None, rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6,
-                     overwrite: bool = False) -> TinyModel:
+                     overwrite: bool = False, monolithic: bool = False, sliding_window: int = 8,
+                     layer_types: Optional[Sequence[str]] = None, rope_local_theta: float = 10000.0,
+                     query_pre_attn_scalar: Optional[float] = None, contexts: Optional[Sequence[int]] = None
+                     ) -> TinyModel:
     """Build a tiny random model directory (meta.yaml, parts, byte-level tokenizer.json when vocab_size >= 259)
     in about a second. The float32 weights and config are also saved there as tiny_weights.npz and
-    tiny_config.json (see load_tiny_model)."""
+    tiny_config.json (see load_tiny_model).
+
+    monolithic: one file (ANEMLL 0.3.5 --monolithic). Gemma 3 ("gemma3"): sliding_window, layer_types (default:
+    every second layer global), rope_local_theta and query_pre_attn_scalar (default head_dim)."""
     spec = {
         "model_type": arch, "vocab_size": vocab_size, "hidden_size": hidden_size,
         "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
@@ -59,19 +66,27 @@ def build_tiny_model(out_dir: Union[str, os.PathLike], arch: str = "llama", *, n
         "rope_theta": rope_theta, "rms_norm_eps": rms_norm_eps, "tie_word_embeddings": tied,
         "name": f"tiny-{arch}", "seed": seed,
     }
+    if arch == "gemma3":
+        spec.update({
+            "sliding_window": sliding_window, "rope_local_base_freq": rope_local_theta,
+            "layer_types": list(layer_types) if layer_types is not None else
+            ["full_attention" if i % 2 else "sliding_attention" for i in range(num_layers)],
+            "query_pre_attn_scalar": query_pre_attn_scalar or spec["head_dim"],
+        })
     loaded = load_random(spec)
     opts = resolve_options(loaded.config, context_length=context_length, batch_size=batch_size,
                            num_chunks=num_chunks, lut_ffn=lut_ffn, lut_lmhead=lut_lmhead,
                            lut_embeddings=lut_embeddings, palettize_mode="uniform", split_lm_head=split_lm_head,
-                           argmax_head=argmax_head, model_prefix=model_prefix)
+                           argmax_head=argmax_head, model_prefix=model_prefix, monolithic=monolithic,
+                           contexts=contexts)
 
     def save_weights(stage: Path) -> None:
         np.savez(stage / WEIGHTS_FILE, **loaded.weights)
         (stage / CONFIG_FILE).write_text(json.dumps(loaded.config.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     path = build_model(loaded, Path(out_dir), opts, progress=False, overwrite=overwrite, extra_files=save_weights)
-    return TinyModel(path, loaded.config, loaded.weights, context_length, batch_size, num_chunks,
-                     opts.split_lm_head, argmax_head)
+    return TinyModel(path, loaded.config, loaded.weights, opts.context_length, batch_size, num_chunks,
+                     opts.split_lm_head, argmax_head, monolithic)
 
 
 def load_weights(model_dir: Union[str, os.PathLike]) -> Tuple[Dict[str, np.ndarray], ArchConfig]:

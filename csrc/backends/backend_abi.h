@@ -9,6 +9,8 @@
  *      inputs in place between calls and reads outputs in place after them,
  *   4. calls `predict` on a binding, with a state or NULL, as often as needed,
  *   5. frees everything in reverse order and finally calls `destroy`.
+ * Models converted for several context sizes (ANEMLL's infer_ctx{N}) have one
+ * state per size; `copy_state` moves the cache between them.
  * A model may be bound several times (e.g. embeddings at [1,1] and [1,batch]).
  * A backend may also provide the memory of the tensors passed between models
  * and of the logits (alloc_buffer below, optional): the engine then binds that
@@ -118,6 +120,10 @@ typedef struct anemll_backend {
   int (*map_buffer)(void* ctx, anemll_buffer* buffer, void** data);
   void (*unmap_buffer)(void* ctx, anemll_buffer* buffer);
   void (*free_buffer)(void* ctx, anemll_buffer* buffer);
+  /* Copy every state of `dst` from the state of the same name in `src`, over the
+   * leading part of each dimension both have (the KV-cache length may differ:
+   * a context switch). Optional like the buffer calls: check struct_size, may be NULL. */
+  int (*copy_state)(void* ctx, anemll_state* src, anemll_state* dst);
 } anemll_backend;
 
 /* Whether `b` provides buffers (alloc_buffer and its companions). */

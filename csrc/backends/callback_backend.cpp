@@ -82,6 +82,14 @@ int cb_predict(void* ctx, anemll_binding* binding, anemll_state* state) {
   return rc;
 }
 
+int cb_copy_state(void* ctx, anemll_state* src, anemll_state* dst) {
+  Ctx* c = as_ctx(ctx);
+  c->err[0] = '\0';
+  int rc = c->hooks.copy_state(c->hooks.user, id_of(src), id_of(dst), c->err, sizeof c->err);
+  if (rc != ANEMLL_OK && c->err[0] == '\0') std::snprintf(c->err, sizeof c->err, "copy_state failed");
+  return rc;
+}
+
 void release(void* ctx, int kind, void* h) {
   if (!h) return;
   Ctx* c = as_ctx(ctx);
@@ -138,6 +146,7 @@ anemll_backend* new_callback_backend(const CallbackHooks& hooks, int64_t buffer_
     b->unmap_buffer = cb_unmap_buffer;
     b->free_buffer = cb_free_buffer;
   }
+  b->copy_state = hooks.copy_state ? cb_copy_state : nullptr;
   return b;
 }
 

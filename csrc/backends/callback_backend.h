@@ -25,6 +25,7 @@ struct CallbackHooks {
   int (*predict)(void* user, int64_t binding_id, int64_t state_id, char* err, size_t err_size);
   // kind: 0 model, 1 state, 2 binding.
   void (*release)(void* user, int kind, int64_t id);
+  int (*copy_state)(void* user, int64_t src_id, int64_t dst_id, char* err, size_t err_size);
 };
 
 struct HostBuffers;

@@ -30,6 +30,7 @@ int null_bind(void*, anemll_model*, const anemll_tensor*, int32_t, const anemll_
 int null_predict(void*, anemll_binding*, anemll_state*) { return ANEMLL_OK; }
 void null_free_binding(void*, anemll_binding*) {}
 void null_free_state(void*, anemll_state*) {}
+int null_copy_state(void*, anemll_state*, anemll_state*) { return ANEMLL_OK; }
 void null_free_model(void*, anemll_model*) {}
 const char* null_last_error(void*) { return ""; }
 void null_destroy(void* ctx) { delete static_cast<HostBuffers*>(ctx); }
@@ -65,6 +66,7 @@ anemll_backend* new_null_backend(int64_t buffer_row_pad) {
   b->load = null_load;
   b->make_state = null_make_state;
   b->reset_state = null_reset_state;
+  b->copy_state = null_copy_state;
   b->bind = null_bind;
   b->predict = null_predict;
   b->free_binding = null_free_binding;

@@ -590,6 +590,89 @@ int reset_state_impl(Ctx* c, anemll_state* sh) {
 #endif
 }
 
+// Context switching: every state of `dst` from the same-named state of `src`, over the leading part of each
+// dimension both have (the KV-cache length differs), the rest zeroed; both through the documented mutable
+// views of getMultiArrayForStateNamed:, honouring each buffer's own strides.
+int copy_state_impl(Ctx* c, anemll_state* srch, anemll_state* dsth) {
+  State* src = state_of(c, srch, "copy_state");
+  State* dst = state_of(c, dsth, "copy_state");
+  if (!src || !dst) return ANEMLL_ERR_INVALID;
+  if (@available(macOS 15.0, *)) {
+    for (const std::string& name : dst->names) {
+      if (std::find(src->names.begin(), src->names.end(), name) == src->names.end())
+        return set_error(c, ANEMLL_ERR_INVALID, "copy_state: state " + name + " of " + dst->maker_label +
+                                                    " is not in the state made by " + src->maker_label);
+      __block std::string problem;
+      __block bool done = false;
+      [(MLState*)src->state getMultiArrayForStateNamed:ns(name) handler:^(MLMultiArray* from) {
+        [(MLState*)dst->state getMultiArrayForStateNamed:ns(name) handler:^(MLMultiArray* to) {
+          const NSUInteger rank = to.shape.count;
+          if (from.shape.count != rank || from.dataType != to.dataType || rank == 0) {
+            problem = "rank or data type differs";
+            return;
+          }
+          const size_t elem = to.dataType == MLMultiArrayDataTypeFloat16 ? 2 : to.dataType == MLMultiArrayDataTypeFloat32 ||
+                                      to.dataType == MLMultiArrayDataTypeInt32 ? 4 : 0;
+          if (elem == 0) {
+            problem = "unsupported data type";
+            return;
+          }
+          std::vector<int64_t> common(rank), sst(rank);
+          for (NSUInteger k = 0; k < rank; ++k) {
+            common[k] = std::min([[from.shape objectAtIndex:k] longLongValue], [[to.shape objectAtIndex:k] longLongValue]);
+            sst[k] = [[from.strides objectAtIndex:k] longLongValue];
+          }
+          [from getBytesWithHandler:^(const void* sbytes, NSInteger ssize) {
+            [to getMutableBytesWithHandler:^(void* dbytes, NSInteger dsize, NSArray<NSNumber*>* strides) {
+              if (!sbytes || !dbytes) return;
+              std::vector<int64_t> dstst(rank);
+              for (NSUInteger k = 0; k < rank; ++k) dstst[k] = [[strides objectAtIndex:k] longLongValue];
+              std::memset(dbytes, 0, static_cast<size_t>(dsize));
+              // Walk every index of the leading dimensions; the last one is copied as a run.
+              std::vector<int64_t> idx(rank, 0);
+              const int64_t run = common[rank - 1];
+              for (;;) {
+                for (NSUInteger k = 0; k + 1 < rank; ++k)
+                  if (idx[k] >= common[k]) return;
+                int64_t so = 0, dofs = 0;
+                for (NSUInteger k = 0; k < rank; ++k) so += idx[k] * sst[k], dofs += idx[k] * dstst[k];
+                const bool contiguous = sst[rank - 1] == 1 && dstst[rank - 1] == 1;
+                if ((so + run) * static_cast<int64_t>(elem) > ssize || (dofs + run) * static_cast<int64_t>(elem) > dsize)
+                  return;
+                if (contiguous) {
+                  std::memcpy(static_cast<char*>(dbytes) + dofs * elem, static_cast<const char*>(sbytes) + so * elem,
+                              static_cast<size_t>(run) * elem);
+                } else {
+                  for (int64_t j = 0; j < run; ++j)
+                    std::memcpy(static_cast<char*>(dbytes) + (dofs + j * dstst[rank - 1]) * elem,
+                                static_cast<const char*>(sbytes) + (so + j * sst[rank - 1]) * elem, elem);
+                }
+                done = true;
+                // Next index of the leading dimensions (odometer).
+                NSUInteger k = rank - 1;
+                while (k > 0) {
+                  --k;
+                  if (++idx[k] < common[k]) break;
+                  if (k == 0) return;
+                  idx[k] = 0;
+                }
+                if (rank == 1) return;
+              }
+            }];
+          }];
+        }];
+      }];
+      if (!problem.empty())
+        return set_error(c, ANEMLL_ERR_INVALID, "copy_state: state " + name + ": " + problem);
+      if (!done)
+        return set_error(c, ANEMLL_ERR_PREDICT, "copy_state: state " + name + " could not be read or written");
+    }
+    return ANEMLL_OK;
+  } else {
+    return set_error(c, ANEMLL_ERR_UNSUPPORTED, "copy_state: states need macOS 15; this is " + os_version());
+  }
+}
+
 // ------------------------------------------------------------------ binding
 bool ane_may_run(MLComputeUnits u) { return u == MLComputeUnitsAll || u == MLComputeUnitsCPUAndNeuralEngine; }
 
@@ -1028,6 +1111,11 @@ int cm_reset_state(void* ctx, anemll_state* state) {
   return guarded(c, "reset_state", ANEMLL_ERR_PREDICT, [&] { return reset_state_impl(c, state); });
 }
 
+int cm_copy_state(void* ctx, anemll_state* src, anemll_state* dst) {
+  Ctx* c = as_ctx(ctx);
+  return guarded(c, "copy_state", ANEMLL_ERR_PREDICT, [&] { return copy_state_impl(c, src, dst); });
+}
+
 int cm_bind(void* ctx, anemll_model* model, const anemll_tensor* in, int32_t n_in, const anemll_tensor* out_t,
             int32_t n_out, anemll_binding** out) {
   Ctx* c = as_ctx(ctx);
@@ -1327,6 +1415,7 @@ extern "C" anemll_backend* anemll_coreml_backend_create(const anemll_coreml_opti
       b->map_buffer = cm_map_buffer;
       b->unmap_buffer = cm_unmap_buffer;
       b->free_buffer = cm_free_buffer;
+      b->copy_state = cm_copy_state;
       return b;
     } else {
       write_err(err, err_size, "coreml backend: needs macOS 13 or newer (macOS 15 for stateful models); this is " +

@@ -26,11 +26,28 @@ struct ComponentDesc {
   std::vector<TensorDesc> inputs, outputs, states;
 };
 
+// The FFN functions of one smaller context size (ANEMLL's infer_ctx{N}/prefill_ctx{N}); the pipeline's own
+// ffn_* vectors serve its full context_length.
+struct ContextFunctions {
+  int64_t context_length = 0;
+  std::vector<ComponentDesc> ffn_prefill, ffn_infer, ffn_infer_rotate;
+};
+
 struct PipelineDesc {
   int64_t batch_size = 0, context_length = 0, hidden_size = 0, vocab_size = 0;
-  ComponentDesc embeddings;
+  ComponentDesc embeddings;  // unused by monolithic models
   std::vector<ComponentDesc> ffn_prefill, ffn_infer;
-  ComponentDesc lm_head;
+  // Sliding-window models (Gemma 3): the infer functions that shift the local
+  // cache, called for positions >= sliding_window; one per chunk.
+  std::vector<ComponentDesc> ffn_infer_rotate;
+  int64_t sliding_window = 0;  // 0: no sliding-window cache
+  // One file holding embeddings, layers and head: ffn_infer[0] takes input_ids
+  // and returns the head outputs (logits parts or argmax); no embeddings/lm_head.
+  bool monolithic = false;
+  ComponentDesc lm_head;  // unused by monolithic models
+  // Context switching: functions for smaller contexts, ascending; each has its own states, and the cache moves
+  // to the next size (backend copy_state) when positions outgrow the current one.
+  std::vector<ContextFunctions> smaller_contexts;
   std::vector<std::string> logits_outputs;  // in vocabulary order; empty for argmax heads
   std::vector<int64_t> part_sizes;          // argmax heads: vocabulary entries per part
   bool sequential_prefill = false;          // feed prompts one token at a time through infer
@@ -86,8 +103,16 @@ class Engine {
   int64_t backend_buffers() const { return static_cast<int64_t>(bufs_.size()); }
   const std::string& prefill_mode() const { return prefill_mode_; }
   int64_t state_count() const { return static_cast<int64_t>(states_.size()); }
+  // Which function a single token at `pos` runs through: "infer" or "infer_rotate".
+  const char* infer_function(int64_t pos) const { return rotates_at(pos) ? "infer_rotate" : "infer"; }
+  // Whether a prefill batch may start at `pos` (exact for the model's caches).
+  bool batch_prefill_at(int64_t pos) const;
   // Counters of backend predictions, for tests and benchmarks.
   int64_t embed_calls = 0, prefill_calls = 0, infer_calls = 0, head_calls = 0;
+  int64_t infer_rotate_calls = 0, cache_rebuilds = 0, context_switches = 0;
+  // The context size whose functions serve `pos` now, and the largest size in use.
+  int64_t context_at(int64_t pos) const;
+  int64_t active_context() const { return levels_.empty() ? 0 : levels_[lvl_].ctx; }
 
  private:
   struct Binding {
@@ -95,6 +120,15 @@ class Engine {
     anemll_model* model = nullptr;
     anemll_state* state = nullptr;
     std::string label;
+  };
+  // The functions of one context size, with the mask buffers of its width and its own states.
+  struct Level {
+    int64_t ctx = 0;
+    uint16_t *mask_d = nullptr, *mask_p = nullptr, *upd_d = nullptr, *upd_p = nullptr;
+    int64_t upd_d_last = -1;
+    std::vector<Binding> infer, prefill, infer_rot;
+    std::vector<anemll_state*> states;  // one per state set, in the order of `sets`
+    std::vector<std::vector<std::string>> sets;
   };
 
   // Memory the backend provides (backend_abi.h alloc_buffer), bound as is.
@@ -126,6 +160,17 @@ class Engine {
   int run_prefill_single(int32_t token, int64_t pos);
   int run_head_and_sample(int64_t pos, int32_t* next);
   void set_positions_decode(int64_t pos);
+  int make_states(const std::vector<const ComponentDesc*>& comps, const std::vector<anemll_model*>& models,
+                  std::vector<anemll_state*>& out, Level& level);
+  // Makes level `i` current for positions < end: moves the cache up to the smallest size holding them.
+  int use_context_for(int64_t end);
+  int switch_context(size_t target);
+  // Writes positions start .. start+n-1 (start <= length_), each exactly once.
+  int run_positions(const int32_t* tokens, int64_t n, int64_t start, bool one_by_one);
+  // Makes the cache valid for positions < pos before rewriting from pos: a
+  // rotated sliding-window cache cannot be rewound, so it is rebuilt from history.
+  int rewind_to(int64_t pos);
+  bool rotates_at(int64_t pos) const { return W_ > 0 && pos >= W_; }
 
   const anemll_backend* be_;
   std::string error_;
@@ -133,6 +178,8 @@ class Engine {
   int64_t valid_ = 0;  // ids >= valid_ are masked (see PipelineDesc::valid_vocab)
   int n_chunks_ = 0;
   int64_t S_prefill_ = 0;  // seq len of the prefill function (B or 1), 0 = unused
+  int64_t W_ = 0;          // sliding window, 0 = none
+  bool mono_ = false;
   std::string prefill_mode_;
   bool argmax_head_ = false;
   bool emb_decode_padded_ = false;
@@ -152,12 +199,11 @@ class Engine {
   uint16_t* hid_d_[2] = {nullptr, nullptr};
   uint16_t* hid_p_[2] = {nullptr, nullptr};
   int32_t *pos_d_ = nullptr, *cur_d_ = nullptr, *pos_p_ = nullptr, *cur_p_ = nullptr;
-  uint16_t *mask_full_ = nullptr, *mask_d_ = nullptr, *mask_p_ = nullptr;
-  uint16_t *upd_d_ = nullptr, *upd_p_ = nullptr;
-  int64_t upd_d_last_ = -1;
+  uint16_t* mask_full_ = nullptr;
 
   Binding emb_d_, emb_p_, head_;
-  std::vector<Binding> infer_, prefill_;
+  std::vector<Level> levels_;  // ascending context sizes; the last is context_length
+  int lvl_ = 0;
   std::vector<LogitsPart> parts_;
   // parts_ cut at valid_: what the sampler reads, so the mask costs nothing per step.
   std::vector<LogitsPart> sample_parts_;
