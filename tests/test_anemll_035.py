@@ -182,7 +182,7 @@ def test_inspect_shows_states_per_part_and_the_schedule(gemma, capsys):
 
     from anemll_fast import inspect
 
-    inspect.run(argparse.Namespace(model=str(gemma.path), json=False))
+    inspect.run(argparse.Namespace(model=str(gemma.path), json=False, compute_plan=False))
     text = capsys.readouterr().out
     assert "state      model_model_kv_cache_local: FLOAT16 [6, 2, 8, 16]  in ffn_prefill[0], ffn_prefill[1]" in text
     assert "state      model_model_kv_cache_global: FLOAT16 [2, 2, 56, 16]" in text
@@ -329,7 +329,7 @@ def test_inspect_shows_context_switching(switching, capsys):
 
     from anemll_fast import inspect
 
-    inspect.run(argparse.Namespace(model=str(switching.path), json=False))
+    inspect.run(argparse.Namespace(model=str(switching.path), json=False, compute_plan=False))
     assert ("context switching: infer_ctx16 below position 16, then infer_ctx48 below position 48"
             in capsys.readouterr().out)
 

@@ -597,6 +597,7 @@ int copy_state_impl(Ctx* c, anemll_state* srch, anemll_state* dsth) {
   State* src = state_of(c, srch, "copy_state");
   State* dst = state_of(c, dsth, "copy_state");
   if (!src || !dst) return ANEMLL_ERR_INVALID;
+#if ANEMLL_HAVE_MLSTATE_API
   if (@available(macOS 15.0, *)) {
     for (const std::string& name : dst->names) {
       if (std::find(src->names.begin(), src->names.end(), name) == src->names.end())
@@ -671,6 +672,9 @@ int copy_state_impl(Ctx* c, anemll_state* srch, anemll_state* dsth) {
   } else {
     return set_error(c, ANEMLL_ERR_UNSUPPORTED, "copy_state: states need macOS 15; this is " + os_version());
   }
+#else
+  return set_error(c, ANEMLL_ERR_UNSUPPORTED, std::string("copy_state: a stateful model ") + kNeedsMacOS15SDK);
+#endif
 }
 
 // ------------------------------------------------------------------ binding
