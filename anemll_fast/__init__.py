@@ -31,6 +31,7 @@ _LAZY = {
     "ChatSession": "chat",
     "SamplingSettings": "sampling",
     "Engine": "engine", "EngineError": "engine", "EngineInputError": "engine",
+    "patch_coremltools": "coreml_compat",
     "hub": None,
 }
 

@@ -1,0 +1,255 @@
+"""Model files opened by the drop-in, loaded once per process and shared by every model object.
+
+ANEMLL's runners open each FFN chunk once per function (prefill, infer, and more in 0.3.5), so the
+same file is constructed several times. A `LoadedFile` holds what all of those share: the model
+description (the protobuf spec of an .mlpackage, or one built from an .mlmodelc's model.mil and
+metadata.json) and the backend's loaded program with its decoded weights. Entries are keyed by the
+file's real path and the identity (size, mtime, inode) of every file inside it, so a model rewritten
+in place is loaded afresh, and they are held weakly: they go when the last model object using them does.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
+
+from anemll_fast.mil.program import FeatureSpec, Program
+
+BACKEND_ENV = "ANEMLL_FAST_BACKEND"
+BACKENDS = ("reference", "coreml")
+
+# coremltools.ComputeUnit member name -> the native backend's compute units.
+COMPUTE_UNITS = {"ALL": "all", "CPU_ONLY": "cpu_only", "CPU_AND_GPU": "cpu_and_gpu", "CPU_AND_NE": "cpu_and_ne"}
+
+# Core ML ArrayFeatureType data types (FeatureTypes.proto) of MIL dtypes.
+_ARRAY_TYPE = {"fp16": 65552, "fp32": 65568, "fp64": 65600, "int32": 131104, "int8": 131080}
+
+
+def backend_name() -> str:
+    """The backend the drop-in runs on: `$ANEMLL_FAST_BACKEND`, else the native Core ML backend
+    when this build has it (macOS), else the reference backend."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    native = _native_coreml_available()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {list(BACKENDS)}")
+        if forced == "coreml" and not native:
+            raise RuntimeError(f"{BACKEND_ENV}=coreml: this build of anemll_fast has no Core ML backend "
+                               f"(it needs macOS); use {BACKEND_ENV}=reference")
+        return forced
+    return "coreml" if native else "reference"
+
+
+def _native_coreml_available() -> bool:
+    if sys.platform != "darwin":
+        return False
+    try:
+        from anemll_fast import _native
+    except ImportError:
+        return False
+    return bool(_native.build_info().get("coreml_backend"))
+
+
+def identity(path: str) -> Tuple[Tuple[str, int, int, int], ...]:
+    """(relative path, size, mtime_ns, inode) of every file of a model directory: cheap (a few stats)
+    and changes whenever a file is rewritten or replaced."""
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            out.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+class LoadedFile:
+    """One model file as loaded for one backend (and, natively, one compute-units setting)."""
+
+    def __init__(self, path: str, backend: str, compute_units: str):
+        self.path = path
+        self.backend = backend
+        self.compute_units = compute_units
+        self.compiled = os.path.isfile(os.path.join(path, "model.mil"))
+        self._lock = threading.Lock()
+        self._functions: Dict[Optional[str], Any] = {}
+        self.spec = self._read_spec()
+        self.program: Program = self._load_program()
+
+    # -- description
+    def _read_spec(self) -> Any:
+        """The .mlpackage's protobuf, parsed once: it describes the model and holds its program."""
+        from coremltools.proto import Model_pb2
+
+        from anemll_fast.mil.errors import MilFormatError
+        from anemll_fast.mil.proto_loader import find_root_model
+
+        if self.compiled:
+            return None  # built from the program once it is loaded (see _load_program)
+        model_file, self._model_dir = find_root_model(self.path)
+        spec = Model_pb2.Model()
+        try:
+            with open(model_file, "rb") as f:
+                spec.ParseFromString(f.read())
+        except Exception as e:  # protobuf raises DecodeError and friends
+            raise MilFormatError(f"{model_file}: not a valid Core ML model protobuf ({type(e).__name__}: {e})") from e
+        return spec
+
+    def _load_program(self) -> Program:
+        from anemll_fast.mil.loader import load_program
+        from anemll_fast.mil.plan import check_supported
+        from anemll_fast.mil.proto_loader import program_from_spec
+
+        weights = self.backend == "reference"  # Core ML runs the model itself: the interface suffices
+        if self.spec is not None:
+            program = program_from_spec(self.spec, self._model_dir, source=self.path, read_weights=weights)
+        else:
+            program = load_program(self.path, read_weights=weights)
+            self.spec = spec_from_program(program, self.path)
+        if weights:
+            check_supported(program)  # a gap shows at construction, as Core ML's load errors do
+        return program
+
+    @property
+    def function_names(self) -> List[str]:
+        return list(self.program.functions)
+
+    @property
+    def multifunction(self) -> bool:
+        return len(self.spec.description.functions) > 0
+
+    # -- backend objects
+    def function(self, name: Optional[str]) -> Any:
+        """The backend's runner of function `name` (None: the default), made once and shared."""
+        with self._lock:
+            runner = self._functions.get(name)
+            if runner is None:
+                runner = self._make_runner(name)
+                self._functions[name] = runner
+            return runner
+
+    def _make_runner(self, name: Optional[str]) -> Any:
+        if self.backend == "reference":
+            from anemll_fast.backends.reference import ReferenceModel
+
+            first = next(iter(self._functions.values()), None)
+            if first is not None:
+                return ReferenceFunction(first.model.function(name if name is not None else self.program.default_function))
+            return ReferenceFunction(ReferenceModel(self.program, name))
+        from anemll_fast.coreml_compat.native import NativeFunction
+
+        return NativeFunction(native_backend(self.compute_units), self.path, name, self.program)
+
+
+class ReferenceFunction:
+    """A reference-backend function with the calls the drop-in makes (states read and written by name)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.function_name: str = model.function_name
+        self.input_specs: List[FeatureSpec] = model.input_specs
+        self.state_specs: List[FeatureSpec] = model.state_specs
+        self.predict = model.predict
+        self.make_state = model.make_state
+
+    @staticmethod
+    def read_state(state: Any, name: str) -> Any:
+        return state.read(name)
+
+    @staticmethod
+    def write_state(state: Any, name: str, value: Any) -> None:
+        state.write(name, value)
+
+
+_CACHE: "weakref.WeakValueDictionary[Tuple[Any, ...], LoadedFile]" = weakref.WeakValueDictionary()
+_CACHE_LOCK = threading.Lock()
+_NATIVE_BACKENDS: Dict[str, Any] = {}
+
+
+def open_file(path: str, backend: str, compute_units: str) -> LoadedFile:
+    """The shared LoadedFile of `path` (an existing directory), loading it on first use."""
+    real = os.path.realpath(path)
+    key = (backend, compute_units if backend == "coreml" else "", real, identity(real))
+    with _CACHE_LOCK:
+        entry = _CACHE.get(key)
+        if entry is None:
+            entry = LoadedFile(real, backend, compute_units)
+            _CACHE[key] = entry
+        return entry
+
+
+def cached_files() -> List[str]:
+    """Paths of the files currently loaded (for tests and diagnostics)."""
+    with _CACHE_LOCK:
+        return [k[2] for k in _CACHE.keys()]
+
+
+def native_backend(compute_units: str) -> Any:
+    """One native Core ML backend per compute-units setting, shared by every model of the process
+    (its compiled-model cache and state checks span files)."""
+    with _CACHE_LOCK:
+        be = _NATIVE_BACKENDS.get(compute_units)
+        if be is None:
+            from anemll_fast import _native
+
+            be = _native.CoreMLBackend(compute_units)
+            _NATIVE_BACKENDS[compute_units] = be
+        return be
+
+
+# ------------------------------------------------------------------ description of an .mlmodelc
+def spec_from_program(program: Program, path: str) -> Any:
+    """A Model_pb2 holding the description (inputs, outputs, states, functions, metadata) of a
+    compiled model, which carries no protobuf: what coremltools' description properties read."""
+    from coremltools.proto import Model_pb2
+
+    from anemll_fast.mil.text_parser import _read_metadata
+
+    meta = _read_metadata(path)
+    spec = Model_pb2.Model()
+    try:
+        spec.specificationVersion = int(meta.get("specificationVersion", 9))
+    except (TypeError, ValueError):
+        spec.specificationVersion = 9
+    desc = spec.description
+    md = desc.metadata
+    md.shortDescription = str(meta.get("shortDescription", "") or "")
+    md.author = str(meta.get("author", "") or "")
+    md.license = str(meta.get("license", "") or "")
+    md.versionString = str(meta.get("version", "") or "")
+    for k, v in program.metadata.items():
+        md.userDefined[k] = v
+    names = list(program.functions)
+    if names == ["main"]:
+        fs = program.function_spec("main")
+        _fill(desc.input, fs.inputs)
+        _fill(desc.output, fs.outputs)
+        _fill(desc.state, fs.states, state=True)
+    else:
+        desc.defaultFunctionName = program.default_function
+        for name in names:
+            fs = program.function_spec(name)
+            fd = desc.functions.add()
+            fd.name = name
+            _fill(fd.input, fs.inputs)
+            _fill(fd.output, fs.outputs)
+            _fill(fd.state, fs.states, state=True)
+    return spec
+
+
+def _fill(features: Any, specs: List[FeatureSpec], state: bool = False) -> None:
+    for s in specs:
+        fd = features.add()
+        fd.name = s.name
+        arr = fd.type.stateType.arrayType if state else fd.type.multiArrayType
+        if s.dtype in _ARRAY_TYPE:
+            arr.dataType = _ARRAY_TYPE[s.dtype]
+        arr.shape.extend(int(d) if d is not None else 1 for d in s.shape)
+        if not state and s.enumerated:
+            for shape in s.enumerated:
+                arr.enumeratedShapes.shapes.add().shape.extend(int(d) for d in shape)
