@@ -21,9 +21,26 @@ cdef extern from "backends/backend_abi.h" nogil:
         int64_t strides[8]
         void* data
         size_t nbytes
+    ctypedef struct anemll_model:
+        pass
+    ctypedef struct anemll_state:
+        pass
+    ctypedef struct anemll_binding:
+        pass
     ctypedef struct anemll_backend:
         uint32_t abi_version
         const char* name
+        void* ctx
+        int (*load)(void* ctx, const char* path, const char* function_name, anemll_model** out) noexcept nogil
+        int (*make_state)(void* ctx, anemll_model* model, anemll_state** out) noexcept nogil
+        int (*reset_state)(void* ctx, anemll_state* state) noexcept nogil
+        int (*bind)(void* ctx, anemll_model* model, const anemll_tensor* inputs, int32_t n_inputs,
+                    const anemll_tensor* outputs, int32_t n_outputs, anemll_binding** out) noexcept nogil
+        int (*predict)(void* ctx, anemll_binding* binding, anemll_state* state) noexcept nogil
+        void (*free_binding)(void* ctx, anemll_binding* binding) noexcept nogil
+        void (*free_state)(void* ctx, anemll_state* state) noexcept nogil
+        void (*free_model)(void* ctx, anemll_model* model) noexcept nogil
+        const char* (*last_error)(void* ctx) noexcept nogil
     size_t anemll_dtype_size(int32_t dtype)
 
 
@@ -56,6 +73,7 @@ cdef extern from "backends/callback_backend.h" namespace "anemll" nogil:
         int (*copy_state)(void*, int64_t, int64_t, char*, size_t) noexcept
     anemll_backend* new_callback_backend(const CallbackHooks& hooks, int64_t buffer_row_pad)
     const HostBuffers* callback_backend_buffers(const anemll_backend* backend)
+    int64_t callback_handle_id(const void* handle)
 
 
 cdef extern from "engine/alloc_hook.h" namespace "anemll" nogil:
@@ -188,3 +206,5 @@ cdef extern from "coreml/coreml_backend.h" nogil:
     anemll_backend* anemll_coreml_backend_create(const anemll_coreml_options*, char*, size_t)
     int anemll_coreml_backend_stats(const anemll_backend*, anemll_coreml_stats*)
     char* anemll_coreml_compute_plan(const char*, const char*, int32_t, const char*, char*, size_t)
+    int anemll_coreml_state_copy(const anemll_backend*, anemll_state*, const char*, void*, size_t, int32_t,
+                                 const int64_t*, int32_t, int, char*, size_t)

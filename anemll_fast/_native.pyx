@@ -119,6 +119,9 @@ cdef class Backend:
         return {"row_pad": hb.row_pad, "allocs": hb.allocs, "frees": hb.frees, "maps": hb.maps,
                 "unmaps": hb.unmaps, "mapped": hb.mapped}
 
+    cdef int _state_copy(self, anemll_state* state, str name, object array, int write) except -1:
+        raise NotImplementedError(f"the {self.name} backend cannot read or write states by name")
+
 
 cdef int64_t _row_pad(buffer_row_pad) except -2:
     if buffer_row_pad is None:
@@ -174,6 +177,25 @@ cdef class CoreMLBackend(Backend):
             "backing_fallbacks": st.backing_fallbacks,
             "compiles": st.compiles, "cache_hits": st.cache_hits, "state_resets": st.state_resets,
         }
+
+    cdef int _state_copy(self, anemll_state* state, str name, object array, int write) except -1:
+        cdef char err[1024]
+        cdef bytes key = name.encode("utf-8")
+        cdef int64_t shape[8]
+        cdef int32_t rank = array.ndim
+        cdef int i
+        cdef size_t address = array.ctypes.data
+        if rank > 8:
+            raise ValueError(f"state {name!r}: rank {rank} exceeds 8")
+        for i in range(rank):
+            shape[i] = array.shape[i]
+        err[0] = 0
+        cdef int rc = anemll_coreml_state_copy(self.be, state, key, <void*>address, <size_t>array.nbytes,
+                                               DTYPE_CODES[_dtype_name(array.dtype)], shape, rank, write,
+                                               err, sizeof(err))
+        if rc != ANEMLL_OK:
+            raise RuntimeError(err.decode("utf-8", "replace") or f"state {name!r}: copy failed ({rc})")
+        return 0
 
 
 def coreml_compute_plan(path, function=None, compute_units="cpu_and_ne", cache_dir=None):
@@ -348,6 +370,180 @@ cdef class CallbackBackend(Backend):
     def _take_pending(self):
         exc, self.pending = self.pending, None
         return exc
+
+    cdef int _state_copy(self, anemll_state* state, str name, object array, int write) except -1:
+        # The target's state object offers read(name) / write(name, value) (the reference backend's does).
+        entry = self.objects.get(callback_handle_id(<const void*>state))
+        if entry is None:
+            raise RuntimeError("the state was released")
+        obj = entry[2]
+        try:
+            if write:
+                obj.write(name, array)
+            else:
+                np.copyto(array, obj.read(name), casting="same_kind")
+        except Exception as exc:  # reported as the Core ML backend reports its failures
+            raise RuntimeError(f"{'write' if write else 'read'}_state {name!r}: {exc}") from exc
+        return 0
+
+
+# ------------------------------------------- backends called from Python
+_CODE_OF_DTYPE = {np.dtype(v): k for k, v in _NP_OF_CODE.items()}
+
+
+def _dtype_name(dtype):
+    code = _CODE_OF_DTYPE.get(np.dtype(dtype))
+    if code is None:
+        raise ValueError(f"dtype {np.dtype(dtype)} has no backend type")
+    return {v: k for k, v in DTYPE_CODES.items()}[code]
+
+
+cdef _backend_error(Backend backend, int rc, str what):
+    msg = backend.be.last_error(backend.be.ctx).decode("utf-8", "replace") if backend.be != NULL else ""
+    exc = RuntimeError(f"{what}: {msg or 'backend error ' + str(rc)}")
+    exc.__cause__ = backend._take_pending()
+    return exc
+
+
+cdef class NativeModel:
+    """One function of a model file loaded on a native backend, for Python callers that run single
+    predictions (the coremltools drop-in): `bind` numpy buffers once, then `predict` on them."""
+    cdef readonly Backend backend
+    cdef anemll_model* model
+    cdef readonly str path
+    cdef readonly object function_name
+
+    def __cinit__(self, Backend backend, path, function_name=None):
+        if backend is None or backend.be == NULL:
+            raise ValueError("backend: expected a live native backend")
+        self.backend = backend
+        self.path = os.fspath(path)
+        self.function_name = function_name
+        cdef bytes p = os.fsencode(self.path)
+        cdef bytes f = function_name.encode("utf-8") if function_name is not None else None
+        cdef int rc = backend.be.load(backend.be.ctx, p, <const char*>f if f is not None else NULL, &self.model)
+        if rc != ANEMLL_OK:
+            self.model = NULL
+            raise _backend_error(backend, rc, f"{self.path}: cannot load function {function_name!r}")
+
+    def __dealloc__(self):
+        if self.model != NULL and self.backend is not None and self.backend.be != NULL:
+            self.backend.be.free_model(self.backend.be.ctx, self.model)
+            self.model = NULL
+
+    def make_state(self):
+        """A fresh state (zeros), shareable with other models whose state specs match."""
+        cdef NativeState st = NativeState.__new__(NativeState)
+        cdef int rc = self.backend.be.make_state(self.backend.be.ctx, self.model, &st.state)
+        if rc != ANEMLL_OK:
+            st.state = NULL
+            raise _backend_error(self.backend, rc, f"{self.path}: make_state")
+        st.backend = self.backend
+        st.maker = self
+        return st
+
+    def bind(self, dict inputs, dict outputs):
+        """A binding over these arrays (C-contiguous, kept alive by the binding): predictions read the
+        inputs and write the outputs in place."""
+        return NativeBinding(self, inputs, outputs)
+
+
+cdef int _fill_tensor(anemll_tensor* t, bytes name, object arr) except -1:
+    if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise ValueError(f"{name.decode()}: expected a writeable C-contiguous numpy array")
+    if arr.ndim > ANEMLL_MAX_RANK:
+        raise ValueError(f"{name.decode()}: rank {arr.ndim} exceeds {ANEMLL_MAX_RANK}")
+    cdef int k
+    cdef int64_t stride = 1
+    t.name = name
+    t.dtype = DTYPE_CODES[_dtype_name(arr.dtype)]
+    t.rank = arr.ndim
+    for k in range(arr.ndim - 1, -1, -1):
+        t.shape[k] = arr.shape[k]
+        t.strides[k] = stride
+        stride *= arr.shape[k]
+    t.data = <void*><size_t>arr.ctypes.data
+    t.nbytes = arr.nbytes
+    return 0
+
+
+cdef class NativeBinding:
+    """Arrays bound to one NativeModel; see NativeModel.bind."""
+    cdef readonly NativeModel model
+    cdef anemll_binding* binding
+    cdef readonly dict inputs
+    cdef readonly dict outputs
+    cdef list _names
+
+    def __cinit__(self, NativeModel model, dict inputs, dict outputs):
+        cdef vector[anemll_tensor] ins
+        cdef vector[anemll_tensor] outs
+        cdef int i
+        self.model = model
+        self.inputs = dict(inputs)
+        self.outputs = dict(outputs)
+        self._names = [n.encode("utf-8") for n in self.inputs] + [n.encode("utf-8") for n in self.outputs]
+        ins.resize(len(self.inputs))
+        outs.resize(len(self.outputs))
+        for i, arr in enumerate(self.inputs.values()):
+            _fill_tensor(&ins[i], self._names[i], arr)
+        for i, arr in enumerate(self.outputs.values()):
+            _fill_tensor(&outs[i], self._names[len(self.inputs) + i], arr)
+        cdef Backend be = model.backend
+        cdef int rc = be.be.bind(be.be.ctx, model.model, ins.data(), <int32_t>ins.size(), outs.data(),
+                                 <int32_t>outs.size(), &self.binding)
+        if rc != ANEMLL_OK:
+            self.binding = NULL
+            raise _backend_error(be, rc, f"{model.path}: bind")
+
+    def __dealloc__(self):
+        if self.binding != NULL and self.model is not None:
+            self.model.backend.be.free_binding(self.model.backend.be.ctx, self.binding)
+            self.binding = NULL
+
+    def predict(self, NativeState state=None):
+        """Run on the bound inputs; the bound outputs hold the result. The GIL is released while the
+        backend runs (the callback backend takes it back)."""
+        cdef Backend be = self.model.backend
+        cdef anemll_state* st = NULL
+        cdef int rc
+        if state is not None:
+            if state.backend is not be:
+                raise RuntimeError("state: made by another backend (another compute-units setting)")
+            st = state.state
+        with nogil:
+            rc = be.be.predict(be.be.ctx, self.binding, st)
+        if rc != ANEMLL_OK:
+            raise _backend_error(be, rc, f"{self.model.path}: predict")
+
+
+cdef class NativeState:
+    """A backend state (KV cache) made by NativeModel.make_state."""
+    cdef readonly Backend backend
+    cdef readonly NativeModel maker
+    cdef anemll_state* state
+
+    def __dealloc__(self):
+        if self.state != NULL and self.backend is not None and self.backend.be != NULL:
+            self.backend.be.free_state(self.backend.be.ctx, self.state)
+            self.state = NULL
+
+    def reset(self):
+        cdef int rc = self.backend.be.reset_state(self.backend.be.ctx, self.state)
+        if rc != ANEMLL_OK:
+            raise _backend_error(self.backend, rc, "reset_state")
+
+    def read(self, str name, out):
+        """Copy state `name` into `out` (a C-contiguous array of its shape)."""
+        if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out: expected a writeable C-contiguous numpy array")
+        self.backend._state_copy(self.state, name, out, 0)
+        return out
+
+    def write(self, str name, value):
+        """Copy `value` (a C-contiguous array of the state's shape) into state `name`."""
+        arr = np.ascontiguousarray(value)
+        self.backend._state_copy(self.state, name, arr, 1)
 
 
 # ---------------------------------------------------------------- samplers

@@ -425,3 +425,93 @@ def test_module_entry_point_arguments(tmp_path):
     assert r.returncode == 2 and "usage" in r.stderr
     r = _run(["-m", "anemll_fast.coreml_compat", str(script)], env_backend="gpu")
     assert r.returncode != 0 and "ANEMLL_FAST_BACKEND='gpu'" in r.stderr
+
+
+# ------------------------------------------------------------------ the native path, off macOS
+@pytest.fixture
+def native(monkeypatch):
+    """The drop-in's native path (NativeFunction over _native.NativeModel, as on macOS), with the
+    callback backend over the reference backend standing in for Core ML."""
+    from anemll_fast import _native
+
+    backends = {}
+
+    def callback_backend(units):
+        return backends.setdefault(units, _native.CallbackBackend(ReferenceBackend))
+
+    monkeypatch.setattr(files, "_native_coreml_available", lambda: True)
+    monkeypatch.setattr(files, "native_backend", callback_backend)
+    monkeypatch.setenv(files.BACKEND_ENV, "coreml")
+    return backends
+
+
+def test_native_path_matches_the_reference_backend(tiny, native):
+    from anemll_fast.coreml_compat.native import NativeFunction
+
+    d, c = tiny
+    prefill = MLModel(pkg(d, CHUNK1), function_name="prefill")
+    infer = CompiledMLModel(str(c / f"{CHUNK1}.mlmodelc"), ct.ComputeUnit.CPU_AND_NE, function_name="infer")
+    infer2 = MLModel(pkg(d, CHUNK2), compute_units=ct.ComputeUnit.CPU_AND_NE, function_name="infer")
+    assert isinstance(prefill._runner, NativeFunction) and list(native) == ["all", "cpu_and_ne"]
+    ref1, ref2 = ReferenceBackend.load(pkg(d, CHUNK1), "prefill"), ReferenceBackend.load(pkg(d, CHUNK2), "infer")
+    ref_state = ref1.make_state()
+    pstate = prefill.make_state()
+    out = prefill.predict(prefill_inputs(0), pstate)["output_hidden_states"]
+    np.testing.assert_array_equal(out, ref1.predict(prefill_inputs(0), ref_state)["output_hidden_states"]
+                                  .astype(np.float32))
+    np.testing.assert_array_equal(pstate.read_state(STATE), ref_state.read(STATE).astype(np.float32))
+    with pytest.raises(RuntimeError, match="another backend"):  # states live in one compute-units setting
+        infer.predict(infer_inputs(BATCH), pstate)
+    # one state across files; fp32 inputs are rounded to the declared fp16 on their way into the buffers
+    state = infer.make_state()
+    value = pstate.read_state(STATE)
+    state.write_state(STATE, value)
+    np.testing.assert_array_equal(state.read_state(STATE), value)
+    ref_state2 = ref2.make_state()
+    ref_state2.write(STATE, value.astype(np.float16))
+    x = infer_inputs(BATCH)
+    x32 = dict(x, hidden_states=x["hidden_states"].astype(np.float32) * np.float32(1 + 2 ** -13))
+    got = infer2.predict(x32, state)["output_hidden_states"]
+    np.testing.assert_array_equal(got, ref2.predict(x, ref_state2)["output_hidden_states"].astype(np.float32))
+    with pytest.raises(RuntimeError, match="shape"):
+        state.write_state(STATE, np.zeros((2, 2), np.float32))
+
+
+def test_native_path_binds_once_per_input_shape(tiny, native):
+    d, _ = tiny
+    embed = MLModel(pkg(d, "llama_embeddings"), compute_units=ct.ComputeUnit.CPU_AND_NE)
+    ref = ReferenceBackend.load(pkg(d, "llama_embeddings"))
+    for n in (1, BATCH, 1, BATCH):
+        ids = (np.arange(n, dtype=np.int32) * 7 % 500)[None]
+        out = embed.predict({"input_ids": ids})["hidden_states"]
+        assert out.shape == (1, n, HIDDEN) and out.dtype == np.float32
+        np.testing.assert_array_equal(out, ref.predict({"input_ids": ids})["hidden_states"].astype(np.float32))
+    assert len(embed._runner._bindings) == 2
+    first = embed.predict({"input_ids": np.array([[1]], np.int32)})["hidden_states"]
+    embed.predict({"input_ids": np.array([[2]], np.int32)})
+    assert not np.array_equal(first, embed.predict({"input_ids": np.array([[2]], np.int32)})["hidden_states"])
+    # a returned array is the caller's own: the next prediction does not overwrite it
+    np.testing.assert_array_equal(first, embed.predict({"input_ids": np.array([[1]], np.int32)})["hidden_states"])
+    head = MLModel(pkg(d, "llama_lm_head"), compute_units=ct.ComputeUnit.CPU_AND_NE)
+    logits = head.predict({"hidden_states": first.astype(np.float16)})
+    assert list(logits) == ["logits1", "logits2", "logits3", "logits4"]
+
+
+def test_native_model_wrapper_errors(tiny):
+    from anemll_fast import _native
+
+    d, _ = tiny
+    be = _native.CallbackBackend(ReferenceBackend)
+    with pytest.raises(RuntimeError, match="nothere"):
+        _native.NativeModel(be, str(d / "nothere.mlpackage"), "infer")
+    model = _native.NativeModel(be, pkg(d, CHUNK1), "infer")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        model.bind({"hidden_states": np.zeros((1, 1, 2 * HIDDEN), np.float16)[:, :, ::2]}, {})
+    with pytest.raises(ValueError, match="no backend type"):
+        model.bind({"hidden_states": np.zeros((1, 1, HIDDEN), np.complex64)}, {})
+    state = model.make_state()
+    with pytest.raises(RuntimeError):  # the backend's own error, with its cause kept
+        state.read("nope", np.zeros((1,), np.float16))
+    with pytest.raises(NotImplementedError, match="null"):
+        _native.NativeModel(_native.NullBackend(), pkg(d, CHUNK1), "infer").make_state().read(
+            STATE, np.zeros((1,), np.float16))

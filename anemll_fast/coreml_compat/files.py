@@ -15,7 +15,7 @@ import threading
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
-from anemll_fast.mil.program import FeatureSpec, Program
+from anemll_fast.mil.program import NUMPY_DTYPES, FeatureSpec, Program
 
 BACKEND_ENV = "ANEMLL_FAST_BACKEND"
 BACKENDS = ("reference", "coreml")
@@ -154,8 +154,16 @@ class ReferenceFunction:
         self.function_name: str = model.function_name
         self.input_specs: List[FeatureSpec] = model.input_specs
         self.state_specs: List[FeatureSpec] = model.state_specs
-        self.predict = model.predict
         self.make_state = model.make_state
+        # The reference backend computes in float32: a value given wider than declared is rounded here,
+        # as Core ML rounds it to the model's input type.
+        self._narrow = {s.name: NUMPY_DTYPES[s.dtype] for s in self.input_specs if s.dtype in ("fp16", "fp32")}
+
+    def predict(self, inputs: Dict[str, Any], state: Any = None) -> Dict[str, Any]:
+        for name, dt in self._narrow.items():
+            if inputs[name].dtype != dt:
+                inputs[name] = inputs[name].astype(dt)
+        return self.model.predict(inputs, state)
 
     @staticmethod
     def read_state(state: Any, name: str) -> Any:

@@ -165,13 +165,7 @@ def _convert_input(where: str, spec: FeatureSpec, value: Any) -> np.ndarray:
     if not spec.accepts(tuple(arr.shape)):
         raise RuntimeError(f"{where}: input {spec.name!r} has shape {list(arr.shape)}, but the model expects "
                            f"{spec.describe()}")
-    want = _DECLARED.get(spec.dtype)
-    if want is not None and arr.dtype != want:
-        arr = arr.astype(want)  # the model sees its declared dtype: float32 given for fp16 is rounded
-    return arr
-
-
-_DECLARED = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32), "fp64": np.dtype(np.float64)}
+    return arr  # the backend runs it in the declared dtype (float32 given for fp16 is rounded)
 
 
 def _check_compute_units(compute_units: Any, message: str) -> None:

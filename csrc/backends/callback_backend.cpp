@@ -150,4 +150,6 @@ anemll_backend* new_callback_backend(const CallbackHooks& hooks, int64_t buffer_
   return b;
 }
 
+int64_t callback_handle_id(const void* handle) { return id_of(handle); }
+
 }  // namespace anemll

@@ -36,4 +36,7 @@ anemll_backend* new_callback_backend(const CallbackHooks& hooks, int64_t buffer_
 // Its buffer counters (NULL without buffers or for another backend).
 const HostBuffers* callback_backend_buffers(const anemll_backend* backend);
 
+// The id the hooks chose for a model, state or binding handle of a callback backend (-1 for NULL).
+int64_t callback_handle_id(const void* handle);
+
 }  // namespace anemll

@@ -94,6 +94,14 @@ int anemll_coreml_backend_stats(const anemll_backend* backend, anemll_coreml_sta
  * A malloc'd string the caller frees with free(), or NULL with a message in err. */
 char* anemll_coreml_compute_plan(const char* path, const char* function_name, int32_t compute_units,
                                  const char* cache_dir, char* err, size_t err_size);
+
+/* Copies state `name` of `state` (made by this backend) into `data` (write == 0),
+ * or `data` into it (write != 0): a dense row-major buffer of `dtype`, `shape`
+ * (rank dims) and nbytes bytes; floating dtypes convert (fp16 <-> fp32). macOS 15
+ * (MLState). Returns ANEMLL_OK or an anemll_status with a message in err. */
+int anemll_coreml_state_copy(const anemll_backend* backend, anemll_state* state, const char* name, void* data,
+                             size_t nbytes, int32_t dtype, const int64_t* shape, int32_t rank, int write,
+                             char* err, size_t err_size);
 #endif
 
 #if !defined(ANEMLL_FAST_HAVE_COREML) && !defined(ANEMLL_COREML_IMPLEMENTATION)
@@ -131,6 +139,21 @@ static inline char* anemll_coreml_compute_plan(const char* path, const char* fun
   (void)cache_dir;
   anemll_coreml_backend_create(NULL, err, err_size);
   return NULL;
+}
+static inline int anemll_coreml_state_copy(const anemll_backend* backend, anemll_state* state, const char* name,
+                                           void* data, size_t nbytes, int32_t dtype, const int64_t* shape,
+                                           int32_t rank, int write, char* err, size_t err_size) {
+  (void)backend;
+  (void)state;
+  (void)name;
+  (void)data;
+  (void)nbytes;
+  (void)dtype;
+  (void)shape;
+  (void)rank;
+  (void)write;
+  if (err && err_size) err[0] = '\0';
+  return ANEMLL_ERR_UNSUPPORTED;
 }
 #endif
 

@@ -1099,6 +1099,85 @@ int predict_impl(Ctx* c, anemll_binding* bh, anemll_state* sh) {
   return ANEMLL_OK;
 }
 
+// ------------------------------------------------------------------ state contents
+// The body of getMutableBytesWithHandler for a state copy: a dense row-major
+// buffer to or from Core ML's view of the state (which may be padded: its own
+// strides are honoured). noexcept: it runs inside Core ML's frames.
+bool state_copy_bytes(void* bytes, NSInteger size, anemll::coreml_copy::Layout* view, const anemll::coreml_copy::Layout* dense,
+                      void* dense_data, bool to_state, const char* what, char* err, size_t err_size) noexcept {
+  if (bytes == nullptr || size <= 0) return false;
+  view->nbytes = static_cast<size_t>(size);
+  return to_state ? anemll::coreml_copy::copy(*dense, dense_data, *view, bytes, what, err, err_size)
+                  : anemll::coreml_copy::copy(*view, bytes, *dense, dense_data, what, err, err_size);
+}
+
+// Copies state `name` out of (write == 0) or into (write != 0) a dense row-major
+// buffer of the caller's, through the mutable view reset_state uses.
+int state_copy_impl(Ctx* c, anemll_state* sh, const char* name, void* data, size_t nbytes, int32_t dtype,
+                    const int64_t* shape, int32_t rank, int write) {
+  const char* what = write ? "write_state" : "read_state";
+  State* s = state_of(c, sh, what);
+  if (!s) return ANEMLL_ERR_INVALID;
+  if (!name || !data || !shape || rank < 0 || rank > ANEMLL_MAX_RANK)
+    return set_error(c, ANEMLL_ERR_INVALID, std::string(what) + ": bad arguments");
+  const std::string n = name;
+  if (std::find(s->names.begin(), s->names.end(), n) == s->names.end()) {
+    std::string all;
+    for (const std::string& k : s->names) all += (all.empty() ? "" : ", ") + k;
+    return set_error(c, ANEMLL_ERR_INVALID, s->maker_label + ": no state named '" + n + "' (states: " + all + ")");
+  }
+#if ANEMLL_HAVE_MLSTATE_API
+  if (@available(macOS 15.0, *)) {
+    int64_t dense_strides[ANEMLL_MAX_RANK] = {};
+    int64_t step = 1;
+    for (int32_t k = rank; k-- > 0;) {
+      dense_strides[k] = step;
+      step *= shape[k];
+    }
+    anemll::coreml_copy::Layout dense;
+    anemll::coreml_copy::make_layout(dtype, shape, dense_strides, rank, nbytes, &dense);  // rank checked above
+    const std::string label = s->maker_label + ": state '" + n + "'";
+    __block bool seen = false;
+    __block bool ok = false;
+    const anemll::coreml_copy::Layout* dense_p = &dense;
+    const char* label_c = label.c_str();
+    char* err = c->err;
+    const size_t err_size = sizeof c->err;
+    const bool to_state = write != 0;
+    [(MLState*)s->state getMultiArrayForStateNamed:ns(n)
+                                           handler:^(MLMultiArray* buffer) {
+                                             __block anemll::coreml_copy::Layout view;
+                                             view.dtype = anemll_of(buffer.dataType);
+                                             NSArray<NSNumber*>* dims = buffer.shape;
+                                             if (view.dtype == 0 || dims.count > ANEMLL_MAX_RANK) return;
+                                             view.rank = static_cast<int32_t>(dims.count);
+                                             for (int32_t k = 0; k < view.rank; ++k)
+                                               view.shape[k] = [dims objectAtIndex:static_cast<NSUInteger>(k)].longLongValue;
+                                             [buffer getMutableBytesWithHandler:^(void* bytes, NSInteger size,
+                                                                                  NSArray<NSNumber*>* strides) {
+                                               seen = true;
+                                               if (strides.count != dims.count) return;
+                                               for (int32_t k = 0; k < view.rank; ++k)
+                                                 view.strides[k] = [strides objectAtIndex:static_cast<NSUInteger>(k)].longLongValue;
+                                               ok = state_copy_bytes(bytes, size, &view, dense_p, data, to_state, label_c, err,
+                                                                     err_size);
+                                             }];
+                                           }];
+    if (!seen) return set_error(c, ANEMLL_ERR_PREDICT, label + ": Core ML lent no buffer for it");
+    if (!ok) return c->err[0] ? ANEMLL_ERR_INVALID : set_error(c, ANEMLL_ERR_INVALID, label + ": unreadable buffer");
+    return ANEMLL_OK;
+  } else {
+    return set_error(c, ANEMLL_ERR_UNSUPPORTED, std::string(what) + ": states need macOS 15; this is " + os_version());
+  }
+#else
+  (void)data;
+  (void)nbytes;
+  (void)dtype;
+  (void)write;
+  return set_error(c, ANEMLL_ERR_UNSUPPORTED, std::string(what) + ": a stateful model " + kNeedsMacOS15SDK);
+#endif
+}
+
 // ------------------------------------------------------------------ ABI shims
 int cm_load(void* ctx, const char* path, const char* fn, anemll_model** out) {
   Ctx* c = as_ctx(ctx);
@@ -1478,4 +1557,18 @@ extern "C" char* anemll_coreml_compute_plan(const char* path, const char* functi
     return nullptr;
 #endif
   });
+}
+
+extern "C" int anemll_coreml_state_copy(const anemll_backend* backend, anemll_state* state, const char* name,
+                                        void* data, size_t nbytes, int32_t dtype, const int64_t* shape,
+                                        int32_t rank, int write, char* err, size_t err_size) {
+  if (!backend || backend->name != kBackendName || backend->destroy != cm_destroy || !backend->ctx) {
+    write_err(err, err_size, "state copy: not a backend made by anemll_coreml_backend_create");
+    return ANEMLL_ERR_INVALID;
+  }
+  Ctx* c = as_ctx(backend->ctx);
+  const int rc = guarded(c, write ? "write_state" : "read_state", ANEMLL_ERR_INVALID,
+                         [&] { return state_copy_impl(c, state, name, data, nbytes, dtype, shape, rank, write); });
+  if (rc != ANEMLL_OK) write_err(err, err_size, c->err);
+  return rc;
 }
