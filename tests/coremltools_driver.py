@@ -7,14 +7,16 @@ concatenated, greedy choice.
 
     python coremltools_driver.py MODEL_DIR --prompt-ids 1,2,3 --max-tokens 8 [--fp32-inputs]
 
-prints the generated token ids as JSON on its last line. Run it with plain `python` (coremltools) or
-with `python -m anemll_fast.coreml_compat`.
+prints the generated token ids as JSON on its last line (with --stats, an object that also holds
+load, prefill and decode seconds). Run it with plain `python` (coremltools) or with
+`python -m anemll_fast.coreml_compat`; benchmarks/bench_coreml_compat.py times both.
 """
 import argparse
 import json
 import os
 import re
 import sys
+import time
 
 import coremltools as ct
 import numpy as np
@@ -52,7 +54,9 @@ def main():
     ap.add_argument("--prompt-ids", required=True)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--fp32-inputs", action="store_true", help="give float inputs as float32, not float16")
+    ap.add_argument("--stats", action="store_true", help="print tokens and timings as one JSON object")
     args = ap.parse_args()
+    t0 = time.perf_counter()
     fdt = np.float32 if args.fp32_inputs else np.float16
 
     with open(os.path.join(args.model_dir, "meta.yaml")) as f:
@@ -79,6 +83,7 @@ def main():
 
     mask = np.triu(np.full((1, 1, context, context), -np.inf, dtype=np.float16), 1)
     state = chunks[0]["prefill"].make_state()
+    t_loaded = time.perf_counter()
     tokens = [int(t) for t in args.prompt_ids.split(",")]
     n = len(tokens)
 
@@ -124,6 +129,7 @@ def main():
 
     for at in range(pos, n - 1):  # the prompt tokens after the last full batch
         infer(tokens[at], at)
+    t_prefilled = time.perf_counter()
     generated = []
     token, at = tokens[-1], n - 1
     for _ in range(args.max_tokens):
@@ -132,7 +138,12 @@ def main():
         at += 1
         if at >= context:
             break
-    print(json.dumps(generated))
+    t_done = time.perf_counter()
+    if args.stats:
+        print(json.dumps({"tokens": generated, "load_s": t_loaded - t0, "prefill_s": t_prefilled - t_loaded,
+                          "decode_s": t_done - t_prefilled}))
+    else:
+        print(json.dumps(generated))
 
 
 if __name__ == "__main__":

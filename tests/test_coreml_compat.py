@@ -412,6 +412,7 @@ def test_coremltools_script_runs_unchanged_and_matches_anemll_fast(tiny):
         assert "State functionality is only supported on macOS 15+" in plain.stderr
 
 
+@pytest.mark.slow
 def test_module_entry_point_arguments(tmp_path):
     script = tmp_path / "show.py"
     script.write_text("import sys, coremltools as ct\n"
@@ -425,6 +426,14 @@ def test_module_entry_point_arguments(tmp_path):
     assert r.returncode == 2 and "usage" in r.stderr
     r = _run(["-m", "anemll_fast.coreml_compat", str(script)], env_backend="gpu")
     assert r.returncode != 0 and "ANEMLL_FAST_BACKEND='gpu'" in r.stderr
+    module = tmp_path / "show_module.py"
+    module.write_text(script.read_text())
+    env_path = f"{REPO}{os.pathsep}{tmp_path}"
+    r = subprocess.run([sys.executable, "-m", "anemll_fast.coreml_compat", "-m", "show_module", "x"],
+                       capture_output=True, text=True, timeout=300, cwd=str(REPO),
+                       env=dict(os.environ, PYTHONPATH=env_path, **{files.BACKEND_ENV: "reference"}))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["anemll_fast.coreml_compat.models"] * 2 + ["['x']"]
 
 
 # ------------------------------------------------------------------ the native path, off macOS
@@ -515,3 +524,56 @@ def test_native_model_wrapper_errors(tiny):
     with pytest.raises(NotImplementedError, match="null"):
         _native.NativeModel(_native.NullBackend(), pkg(d, CHUNK1), "infer").make_state().read(
             STATE, np.zeros((1,), np.float16))
+
+
+def test_skip_model_load_reads_the_description_only(tiny, monkeypatch):
+    d, _ = tiny
+    path = str(d / "llama_FFN_PF_chunk_02of02.mlpackage")
+    m = MLModel(path, function_name="prefill", skip_model_load=True)
+    assert m._loaded._program is None  # nothing decoded
+    assert m.user_defined_metadata["com.anemll.chunk_no"] == "2"
+    with pytest.raises(Exception, match="skip_model_load"):
+        m.predict(prefill_inputs(0))
+
+
+def test_loaded_files_go_with_their_last_model(tiny, tmp_path):
+    import gc
+
+    d, _ = tiny
+    copy = tmp_path / "head.mlpackage"
+    shutil.copytree(pkg(d, "llama_lm_head"), copy)
+    a, b = MLModel(str(copy)), MLModel(str(copy))
+    assert str(copy.resolve()) in files.cached_files()
+    del a
+    gc.collect()
+    assert str(copy.resolve()) in files.cached_files()
+    del b
+    gc.collect()
+    assert str(copy.resolve()) not in files.cached_files()
+
+
+def test_argmax_head_outputs_keep_int32(tmp_path):
+    m = build_tiny_model(tmp_path / "a", context_length=32, batch_size=8, hidden_size=HIDDEN, split_lm_head=2,
+                         argmax_head=True)
+    head = MLModel(str(m.path / "llama_lm_head.mlpackage"))
+    x = np.random.default_rng(0).standard_normal((1, 1, HIDDEN)).astype(np.float16)
+    out = head.predict({"hidden_states": x})
+    ref = ReferenceBackend.load(str(m.path / "llama_lm_head.mlpackage")).predict({"hidden_states": x})
+    assert {k: v.dtype for k, v in out.items()} == {"argmax_idx": np.int32, "argmax_val": np.float32}
+    np.testing.assert_array_equal(out["argmax_idx"], ref["argmax_idx"])
+
+
+def test_a_model_the_backend_cannot_run_fails_at_construction(tiny, monkeypatch, tmp_path):
+    from anemll_fast.mil import plan
+    from anemll_fast.mil.errors import UnsupportedOpError
+
+    d, _ = tiny
+    copy = tmp_path / "e.mlpackage"
+    shutil.copytree(pkg(d, "llama_embeddings"), copy)
+
+    def refuse(program):
+        raise UnsupportedOpError(f"{program.source}: op 'fancy_op' is not supported")
+
+    monkeypatch.setattr(plan, "check_supported", refuse)
+    with pytest.raises(RuntimeError, match="fancy_op"):
+        MLModel(str(copy))

@@ -7,7 +7,19 @@ unchanged on anemll_fast (native Core ML on macOS, the reference backend elsewhe
 
 `ANEMLL_FAST_BACKEND=reference|coreml` forces a backend.
 """
-from anemll_fast.coreml_compat.models import CompiledMLModel, MLModel, MLState
-from anemll_fast.coreml_compat.patch import Patch, patch_coremltools
+import importlib
+from typing import Any
 
-__all__ = ["MLModel", "CompiledMLModel", "MLState", "Patch", "patch_coremltools"]
+# Loaded on first use: coremltools takes seconds to import, and the entry point checks its
+# arguments before it needs it.
+_LAZY = {"MLModel": "models", "CompiledMLModel": "models", "MLState": "models",
+         "Patch": "patch", "patch_coremltools": "patch"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'anemll_fast.coreml_compat' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"anemll_fast.coreml_compat.{_LAZY[name]}"), name)
+
+
+__all__ = list(_LAZY)

@@ -19,20 +19,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     from anemll_fast.coreml_compat.files import backend_name
     from anemll_fast.coreml_compat.patch import patch_coremltools
 
+    if args[0] == "-m" and len(args) < 2:
+        raise SystemExit(USAGE)
+    if args[0] != "-m" and not os.path.isfile(args[0]):
+        raise SystemExit(f"anemll_fast.coreml_compat: no such script: {args[0]}")
     try:
         backend_name()  # a bad ANEMLL_FAST_BACKEND fails here, before the script starts
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"anemll_fast.coreml_compat: {e}") from None
     patch_coremltools()
     if args[0] == "-m":
-        if len(args) < 2:
-            raise SystemExit(USAGE)
         sys.argv = args[1:]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         return
     script = args[0]
-    if not os.path.isfile(script):
-        raise SystemExit(f"anemll_fast.coreml_compat: no such script: {script}")
     sys.argv = args
     # As `python SCRIPT.py` does: the script's directory comes first on sys.path.
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))

@@ -76,10 +76,20 @@ class LoadedFile:
         self.backend = backend
         self.compute_units = compute_units
         self.compiled = os.path.isfile(os.path.join(path, "model.mil"))
-        self._lock = threading.Lock()
-        self._functions: Dict[Optional[str], Any] = {}
+        self._lock = threading.RLock()
+        self._functions: Dict[str, Any] = {}
+        self._program: Optional[Program] = None
         self.spec = self._read_spec()
-        self.program: Program = self._load_program()
+        if self.spec is None:  # an .mlmodelc: its description comes from its program
+            self.spec = spec_from_program(self.program, self.path)
+
+    @property
+    def program(self) -> Program:
+        """The loaded program, on first use (MLModel(..., skip_model_load=True) never needs it)."""
+        with self._lock:
+            if self._program is None:
+                self._program = self._load_program()
+            return self._program
 
     # -- description
     def _read_spec(self) -> Any:
@@ -110,14 +120,18 @@ class LoadedFile:
             program = program_from_spec(self.spec, self._model_dir, source=self.path, read_weights=weights)
         else:
             program = load_program(self.path, read_weights=weights)
-            self.spec = spec_from_program(program, self.path)
         if weights:
             check_supported(program)  # a gap shows at construction, as Core ML's load errors do
         return program
 
     @property
     def function_names(self) -> List[str]:
-        return list(self.program.functions)
+        functions = self.spec.description.functions
+        return [f.name for f in functions] if len(functions) else ["main"]
+
+    @property
+    def default_function(self) -> str:
+        return self.spec.description.defaultFunctionName if self.multifunction else "main"
 
     @property
     def multifunction(self) -> bool:
@@ -125,25 +139,30 @@ class LoadedFile:
 
     # -- backend objects
     def function(self, name: Optional[str]) -> Any:
-        """The backend's runner of function `name` (None: the default), made once and shared."""
+        """The backend's runner of function `name` (None or "": the default), made once and shared."""
+        key = name or self.default_function
         with self._lock:
-            runner = self._functions.get(name)
+            runner = self._functions.get(key)
             if runner is None:
-                runner = self._make_runner(name)
-                self._functions[name] = runner
+                runner = self._make_runner(key)
+                self._functions[key] = runner
             return runner
 
-    def _make_runner(self, name: Optional[str]) -> Any:
+    def _make_runner(self, name: str) -> Any:
+        program = self.program
+        fn = name if self.multifunction else program.default_function  # "main" names the only function
         if self.backend == "reference":
             from anemll_fast.backends.reference import ReferenceModel
 
             first = next(iter(self._functions.values()), None)
-            if first is not None:
-                return ReferenceFunction(first.model.function(name if name is not None else self.program.default_function))
-            return ReferenceFunction(ReferenceModel(self.program, name))
+            if first is not None:  # same program: the decoded weights and compiled plans are shared
+                return ReferenceFunction(first.model.function(fn))
+            return ReferenceFunction(ReferenceModel(program, fn))
         from anemll_fast.coreml_compat.native import NativeFunction
 
-        return NativeFunction(native_backend(self.compute_units), self.path, name, self.program)
+        # Core ML is told a function name only for multifunction models, as coremltools does.
+        return NativeFunction(native_backend(self.compute_units), self.path, fn if self.multifunction else None,
+                              program)
 
 
 class ReferenceFunction:
@@ -155,6 +174,7 @@ class ReferenceFunction:
         self.input_specs: List[FeatureSpec] = model.input_specs
         self.state_specs: List[FeatureSpec] = model.state_specs
         self.make_state = model.make_state
+        self._lock = threading.Lock()  # a compiled plan runs one prediction at a time
         # The reference backend computes in float32: a value given wider than declared is rounded here,
         # as Core ML rounds it to the model's input type.
         self._narrow = {s.name: NUMPY_DTYPES[s.dtype] for s in self.input_specs if s.dtype in ("fp16", "fp32")}
@@ -163,7 +183,8 @@ class ReferenceFunction:
         for name, dt in self._narrow.items():
             if inputs[name].dtype != dt:
                 inputs[name] = inputs[name].astype(dt)
-        return self.model.predict(inputs, state)
+        with self._lock:
+            return self.model.predict(inputs, state)
 
     @staticmethod
     def read_state(state: Any, name: str) -> Any:

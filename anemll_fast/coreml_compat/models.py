@@ -92,15 +92,17 @@ class _Runner:
 
     def _bind_function(self, loaded: files.LoadedFile, path: str, function_name: Optional[str],
                        compiled_api: bool) -> None:
+        from anemll_fast.mil.errors import MilError
+
         self._loaded = loaded
-        names = self._loaded.function_names
-        if compiled_api and function_name and function_name not in names and not (
-                function_name == "main" and not self._loaded.multifunction):
+        names = loaded.function_names
+        if compiled_api and function_name and function_name not in names:
             raise RuntimeError(f"Error loading {path}: functionName {function_name!r} is not a function of "
                                f"this model; it has {names}")
-        if function_name == "main" and not self._loaded.multifunction:
-            function_name = None
-        self._runner = self._loaded.function(function_name or None)
+        try:
+            self._runner = loaded.function(function_name or None)
+        except MilError as e:  # e.g. an op the reference backend lacks: reported at load, as Core ML does
+            raise RuntimeError(f"Error loading {path}: {e}") from e
         self._where = f"{os.path.basename(path)} ({self._runner.function_name})"
 
     def _predict_one(self, data: Mapping[str, Any], state: Any, strict_names: bool) -> Dict[str, np.ndarray]:
