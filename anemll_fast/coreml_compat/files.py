@@ -3,7 +3,8 @@
 ANEMLL's runners open each FFN chunk once per function (prefill, infer, and more in 0.3.5), so the
 same file is constructed several times. A `LoadedFile` holds what all of those share: the model
 description (the protobuf spec of an .mlpackage, or one built from an .mlmodelc's model.mil and
-metadata.json) and the backend's loaded program with its decoded weights. Entries are keyed by the
+metadata.json) and the backend's loaded program with its decoded weights (its runners: reference.py,
+native.py). Entries are keyed by the
 file's real path and the identity (size, mtime, inode) of every file inside it, so a model rewritten
 in place is loaded afresh, and they are held weakly: they go when the last model object using them does.
 """
@@ -15,16 +16,13 @@ import threading
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
-from anemll_fast.mil.program import NUMPY_DTYPES, FeatureSpec, Program
+from anemll_fast.mil.program import Program
 
 BACKEND_ENV = "ANEMLL_FAST_BACKEND"
 BACKENDS = ("reference", "coreml")
 
 # coremltools.ComputeUnit member name -> the native backend's compute units.
 COMPUTE_UNITS = {"ALL": "all", "CPU_ONLY": "cpu_only", "CPU_AND_GPU": "cpu_and_gpu", "CPU_AND_NE": "cpu_and_ne"}
-
-# Core ML ArrayFeatureType data types (FeatureTypes.proto) of MIL dtypes.
-_ARRAY_TYPE = {"fp16": 65552, "fp32": 65568, "fp64": 65600, "int32": 131104, "int8": 131080}
 
 
 def backend_name() -> str:
@@ -81,6 +79,8 @@ class LoadedFile:
         self._program: Optional[Program] = None
         self.spec = self._read_spec()
         if self.spec is None:  # an .mlmodelc: its description comes from its program
+            from anemll_fast.coreml_compat.description import spec_from_program
+
             self.spec = spec_from_program(self.program, self.path)
 
     @property
@@ -94,21 +94,12 @@ class LoadedFile:
     # -- description
     def _read_spec(self) -> Any:
         """The .mlpackage's protobuf, parsed once: it describes the model and holds its program."""
-        from coremltools.proto import Model_pb2
-
-        from anemll_fast.mil.errors import MilFormatError
-        from anemll_fast.mil.proto_loader import find_root_model
+        from anemll_fast.mil.proto_loader import find_root_model, parse_spec
 
         if self.compiled:
-            return None  # built from the program once it is loaded (see _load_program)
+            return None  # built from the program once it is loaded (see __init__)
         model_file, self._model_dir = find_root_model(self.path)
-        spec = Model_pb2.Model()
-        try:
-            with open(model_file, "rb") as f:
-                spec.ParseFromString(f.read())
-        except Exception as e:  # protobuf raises DecodeError and friends
-            raise MilFormatError(f"{model_file}: not a valid Core ML model protobuf ({type(e).__name__}: {e})") from e
-        return spec
+        return parse_spec(model_file)
 
     def _load_program(self) -> Program:
         from anemll_fast.mil.loader import load_program
@@ -153,6 +144,7 @@ class LoadedFile:
         fn = name if self.multifunction else program.default_function  # "main" names the only function
         if self.backend == "reference":
             from anemll_fast.backends.reference import ReferenceModel
+            from anemll_fast.coreml_compat.reference import ReferenceFunction
 
             first = next(iter(self._functions.values()), None)
             if first is not None:  # same program: the decoded weights and compiled plans are shared
@@ -163,36 +155,6 @@ class LoadedFile:
         # Core ML is told a function name only for multifunction models, as coremltools does.
         return NativeFunction(native_backend(self.compute_units), self.path, fn if self.multifunction else None,
                               program)
-
-
-class ReferenceFunction:
-    """A reference-backend function with the calls the drop-in makes (states read and written by name)."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.function_name: str = model.function_name
-        self.input_specs: List[FeatureSpec] = model.input_specs
-        self.state_specs: List[FeatureSpec] = model.state_specs
-        self.make_state = model.make_state
-        self._lock = threading.Lock()  # a compiled plan runs one prediction at a time
-        # The reference backend computes in float32: a value given wider than declared is rounded here,
-        # as Core ML rounds it to the model's input type.
-        self._narrow = {s.name: NUMPY_DTYPES[s.dtype] for s in self.input_specs if s.dtype in ("fp16", "fp32")}
-
-    def predict(self, inputs: Dict[str, Any], state: Any = None) -> Dict[str, Any]:
-        for name, dt in self._narrow.items():
-            if inputs[name].dtype != dt:
-                inputs[name] = inputs[name].astype(dt)
-        with self._lock:
-            return self.model.predict(inputs, state)
-
-    @staticmethod
-    def read_state(state: Any, name: str) -> Any:
-        return state.read(name)
-
-    @staticmethod
-    def write_state(state: Any, name: str, value: Any) -> None:
-        state.write(name, value)
 
 
 _CACHE: "weakref.WeakValueDictionary[Tuple[Any, ...], LoadedFile]" = weakref.WeakValueDictionary()
@@ -229,56 +191,3 @@ def native_backend(compute_units: str) -> Any:
             be = _native.CoreMLBackend(compute_units)
             _NATIVE_BACKENDS[compute_units] = be
         return be
-
-
-# ------------------------------------------------------------------ description of an .mlmodelc
-def spec_from_program(program: Program, path: str) -> Any:
-    """A Model_pb2 holding the description (inputs, outputs, states, functions, metadata) of a
-    compiled model, which carries no protobuf: what coremltools' description properties read."""
-    from coremltools.proto import Model_pb2
-
-    from anemll_fast.mil.text_parser import _read_metadata
-
-    meta = _read_metadata(path)
-    spec = Model_pb2.Model()
-    try:
-        spec.specificationVersion = int(meta.get("specificationVersion", 9))
-    except (TypeError, ValueError):
-        spec.specificationVersion = 9
-    desc = spec.description
-    md = desc.metadata
-    md.shortDescription = str(meta.get("shortDescription", "") or "")
-    md.author = str(meta.get("author", "") or "")
-    md.license = str(meta.get("license", "") or "")
-    md.versionString = str(meta.get("version", "") or "")
-    for k, v in program.metadata.items():
-        md.userDefined[k] = v
-    names = list(program.functions)
-    if names == ["main"]:
-        fs = program.function_spec("main")
-        _fill(desc.input, fs.inputs)
-        _fill(desc.output, fs.outputs)
-        _fill(desc.state, fs.states, state=True)
-    else:
-        desc.defaultFunctionName = program.default_function
-        for name in names:
-            fs = program.function_spec(name)
-            fd = desc.functions.add()
-            fd.name = name
-            _fill(fd.input, fs.inputs)
-            _fill(fd.output, fs.outputs)
-            _fill(fd.state, fs.states, state=True)
-    return spec
-
-
-def _fill(features: Any, specs: List[FeatureSpec], state: bool = False) -> None:
-    for s in specs:
-        fd = features.add()
-        fd.name = s.name
-        arr = fd.type.stateType.arrayType if state else fd.type.multiArrayType
-        if s.dtype in _ARRAY_TYPE:
-            arr.dataType = _ARRAY_TYPE[s.dtype]
-        arr.shape.extend(int(d) if d is not None else 1 for d in s.shape)
-        if not state and s.enumerated:
-            for shape in s.enumerated:
-                arr.enumeratedShapes.shapes.add().shape.extend(int(d) for d in shape)

@@ -46,17 +46,22 @@ def find_root_model(package: str) -> Tuple[str, str]:
     return model, os.path.dirname(model)
 
 
-def load_mlpackage(path: str, read_weights: bool = True) -> Program:
+def parse_spec(model_file: str) -> Any:
+    """The Model_pb2 protobuf in `model_file` (an .mlpackage's root model.mlmodel)."""
     from coremltools.proto import Model_pb2  # imported lazily: protobuf classes only
 
-    model_file, model_dir = find_root_model(path)
     spec = Model_pb2.Model()
     try:
         with open(model_file, "rb") as f:
             spec.ParseFromString(f.read())
     except Exception as e:  # protobuf raises DecodeError and friends
         raise MilFormatError(f"{model_file}: not a valid Core ML model protobuf ({type(e).__name__}: {e})") from e
-    return program_from_spec(spec, model_dir, source=path, read_weights=read_weights)
+    return spec
+
+
+def load_mlpackage(path: str, read_weights: bool = True) -> Program:
+    model_file, model_dir = find_root_model(path)
+    return program_from_spec(parse_spec(model_file), model_dir, source=path, read_weights=read_weights)
 
 
 def program_from_spec(spec: Any, model_dir: str, source: str, read_weights: bool = True) -> Program:
