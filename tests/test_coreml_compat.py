@@ -26,9 +26,9 @@ CHUNK1 = "llama_FFN_PF_chunk_01of02"
 CHUNK2 = "llama_FFN_PF_chunk_02of02"
 STATE = "model_model_kv_cache_0"
 
-pytestmark = pytest.mark.skipif(sys.platform == "darwin" and os.environ.get(files.BACKEND_ENV) != "reference",
-                                reason="compares with the reference backend bit for bit; on macOS run with "
-                                       "ANEMLL_FAST_BACKEND=reference (the Core ML tests cover the native path)")
+# Every test forces the reference backend (compared bit for bit with the reference backend used
+# directly), except the macOS ones at the end, which run the drop-in on Core ML.
+HAVE_COREML = sys.platform == "darwin" and files._native_coreml_available()
 
 
 @pytest.fixture(scope="module")
@@ -577,3 +577,62 @@ def test_a_model_the_backend_cannot_run_fails_at_construction(tiny, monkeypatch,
     monkeypatch.setattr(plan, "check_supported", refuse)
     with pytest.raises(RuntimeError, match="fancy_op"):
         MLModel(str(copy))
+
+
+# ------------------------------------------------------------------ macOS: the drop-in on Core ML
+@pytest.fixture
+def coreml(monkeypatch, tmp_path_factory):
+    if not HAVE_COREML:
+        pytest.skip("Core ML runs only on macOS, in a build with the Core ML backend")
+    monkeypatch.setenv(files.BACKEND_ENV, "coreml")
+    monkeypatch.setenv("ANEMLL_FAST_COREML_CACHE", str(tmp_path_factory.getbasetemp() / "coreml_cache"))
+
+
+def _close(got, want):
+    want = np.asarray(want, np.float32)
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05 * scale, rtol=0)
+
+
+def test_core_ml_drop_in_agrees_with_the_reference_backend(tiny, coreml):
+    from anemll_fast.coreml_compat.native import NativeFunction
+
+    d, c = tiny
+    embed = MLModel(pkg(d, "llama_embeddings"), compute_units=ct.ComputeUnit.CPU_ONLY)
+    assert isinstance(embed._runner, NativeFunction)
+    ref_embed = ReferenceBackend.load(pkg(d, "llama_embeddings"))
+    for n in (1, BATCH):
+        ids = (np.arange(n, dtype=np.int32) * 7 % 500)[None]
+        _close(embed.predict({"input_ids": ids})["hidden_states"], ref_embed.predict({"input_ids": ids})["hidden_states"])
+    infer = MLModel(pkg(d, CHUNK1), compute_units=ct.ComputeUnit.CPU_ONLY, function_name="infer")
+    infer2 = CompiledMLModel(pkg(d, CHUNK2), ct.ComputeUnit.CPU_ONLY, function_name="infer")
+    ref1, ref2 = ReferenceBackend.load(pkg(d, CHUNK1), "infer"), ReferenceBackend.load(pkg(d, CHUNK2), "infer")
+    state, ref_state = infer.make_state(), ref1.make_state()
+    assert not state.read_state(STATE).any()
+    for pos in range(3):
+        x = infer_inputs(pos, seed=pos)
+        h = infer.predict(x, state)["output_hidden_states"]
+        r = ref1.predict(infer_inputs(pos, seed=pos), ref_state)["output_hidden_states"]
+        _close(h, r)
+        x2 = dict(infer_inputs(pos, seed=pos), hidden_states=h.astype(np.float16))
+        _close(infer2.predict(x2, state=state)["output_hidden_states"],
+               ref2.predict(dict(x2, hidden_states=r), ref_state)["output_hidden_states"])
+    got = state.read_state(STATE)
+    assert got.dtype == np.float32
+    _close(got, ref_state.read(STATE))
+    state.write_state(STATE, np.zeros_like(got))
+    assert not state.read_state(STATE).any()
+    with pytest.raises(RuntimeError, match="nope"):
+        state.read_state("nope")
+
+
+@pytest.mark.slow
+def test_core_ml_drop_in_runs_the_script_as_coremltools_does(tiny, coreml):
+    d, _ = tiny
+    ids = ",".join(map(str, _prompt()))
+    args = [str(DRIVER), str(d), "--prompt-ids", ids, "--max-tokens", "6"]
+    plain = _run(args, env_backend=None)
+    ours = _run(["-m", "anemll_fast.coreml_compat", *args], env_backend="coreml")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert json.loads(ours.stdout.strip().splitlines()[-1]) == json.loads(plain.stdout.strip().splitlines()[-1])
