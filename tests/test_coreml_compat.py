@@ -496,6 +496,8 @@ def test_native_path_binds_once_per_input_shape(tiny, native):
         assert out.shape == (1, n, HIDDEN) and out.dtype == np.float32
         np.testing.assert_array_equal(out, ref.predict({"input_ids": ids})["hidden_states"].astype(np.float32))
     assert len(embed._runner._bindings) == 2
+    for _, ins, outs in embed._runner._bindings.values():  # page-aligned, so Core ML need not copy them
+        assert all(b.ctypes.data % 16384 == 0 and b.flags.c_contiguous for b in [*ins.values(), *outs.values()])
     first = embed.predict({"input_ids": np.array([[1]], np.int32)})["hidden_states"]
     embed.predict({"input_ids": np.array([[2]], np.int32)})
     assert not np.array_equal(first, embed.predict({"input_ids": np.array([[2]], np.int32)})["hidden_states"])

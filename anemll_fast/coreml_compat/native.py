@@ -58,7 +58,7 @@ class NativeFunction:
                     for name, buf in out_bufs.items()}
 
     def _bind(self, inputs: Dict[str, np.ndarray]) -> Tuple[Any, Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-        in_bufs = {s.name: np.zeros(inputs[s.name].shape, NUMPY_DTYPES[s.dtype]) for s in self.input_specs}
+        in_bufs = {s.name: _page_aligned(inputs[s.name].shape, NUMPY_DTYPES[s.dtype]) for s in self.input_specs}
         sizes = self._flexible_sizes(inputs)
         out_bufs = {}
         for s in self.output_specs:
@@ -71,7 +71,7 @@ class NativeFunction:
                             f"{list(s.shape)} that the inputs do not determine (flexible input sizes: {sorted(sizes)})")
                     d = next(iter(sizes))
                 shape.append(int(d))
-            out_bufs[s.name] = np.zeros(tuple(shape), NUMPY_DTYPES[s.dtype])
+            out_bufs[s.name] = _page_aligned(tuple(shape), NUMPY_DTYPES[s.dtype])
         return self._model.bind(in_bufs, out_bufs), in_bufs, out_bufs
 
     def _flexible_sizes(self, inputs: Dict[str, np.ndarray]) -> set:
@@ -84,6 +84,18 @@ class NativeFunction:
                     if d is None:
                         sizes.add(int(given))
         return sizes
+
+
+PAGE = 16384  # Apple silicon's page size
+
+
+def _page_aligned(shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Zeros whose data starts on a page boundary: Core ML can then use the memory as it is rather
+    than copying it into memory of its own (numpy alone aligns to 16 bytes)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + PAGE, np.uint8)
+    start = (-raw.ctypes.data) % PAGE
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _outputs_with_shapes(program: Program, name: str, outputs: List[FeatureSpec]) -> List[FeatureSpec]:
