@@ -36,7 +36,7 @@ def run(cmd: List[str], env: Dict[str, str]) -> Dict[str, float]:
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": tail, "wall_s": wall}
-    out: Dict[str, float] = {"wall_s": wall}
+    out: Dict[str, float] = {"wall_s": wall, "tail": r.stdout.strip().splitlines()[-4:]}
     try:
         out.update(json.loads(r.stdout.strip().splitlines()[-1]))
     except (ValueError, IndexError, AttributeError):
@@ -72,8 +72,9 @@ def fmt(row: Optional[Dict[str, float]], n: int) -> str:
         return "skipped"
     if "error" in row:
         return f"failed: {row['error'][:100]}"
-    if "decode_s" not in row:
-        return f"wall {row['wall_s']:.2f} s"
+    if "decode_s" not in row:  # a script of its own: wall time and what it printed last
+        tail = " | ".join(line.strip() for line in row.get("tail", []) if line.strip())
+        return f"wall {row['wall_s']:.2f} s | {tail}"
     decoded = max(len(row.get("tokens", [])) - 1, 1)
     return (f"load {row['load_s']:.2f} s | prefill {row['prefill_s'] * 1000:.0f} ms | decode {row['decode_s'] * 1000 / decoded:.1f} "
             f"ms/token | wall {row.get('wall_s', float('nan')):.2f} s")
@@ -109,8 +110,9 @@ def main() -> int:
     rows["anemll_fast"] = None if args.script else engine_row(args.model_dir, prompt, args.max_tokens)
     from anemll_fast.coreml_compat.files import backend_name
 
-    print(f"model: {args.model_dir} | script: {args.script or 'tests/coremltools_driver.py'} | drop-in backend: "
-          f"{backend_name()} | prompt {args.prompt_len} tokens, {args.max_tokens} generated")
+    what = (f"script: {args.script} {' '.join(extra)}" if args.script else
+            f"script: tests/coremltools_driver.py | prompt {args.prompt_len} tokens, {args.max_tokens} generated")
+    print(f"model: {args.model_dir} | drop-in backend: {backend_name()} | {what}")
     for name, row in rows.items():
         print(f"  {name:12s} {fmt(row, args.max_tokens)}")
     same = [r.get("tokens") for r in rows.values() if r and "tokens" in r]
