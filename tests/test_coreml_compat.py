@@ -503,6 +503,16 @@ def test_native_path_binds_once_per_input_shape(tiny, native):
     assert not np.array_equal(first, embed.predict({"input_ids": np.array([[2]], np.int32)})["hidden_states"])
     # a returned array is the caller's own: the next prediction does not overwrite it
     np.testing.assert_array_equal(first, embed.predict({"input_ids": np.array([[1]], np.int32)})["hidden_states"])
+    from anemll_fast.coreml_compat import native as native_mod
+
+    native_mod.MAX_BINDINGS, saved = 1, native_mod.MAX_BINDINGS
+    try:  # past the cap, the least recently used shape's buffers are dropped
+        embed._runner._bindings.clear()
+        embed.predict({"input_ids": np.zeros((1, 1), np.int32)})
+        embed.predict({"input_ids": np.zeros((1, BATCH), np.int32)})
+        assert [k[0] for k in embed._runner._bindings] == [(1, BATCH)]
+    finally:
+        native_mod.MAX_BINDINGS = saved
     head = MLModel(pkg(d, "llama_lm_head"), compute_units=ct.ComputeUnit.CPU_AND_NE)
     logits = head.predict({"hidden_states": first.astype(np.float16)})
     assert list(logits) == ["logits1", "logits2", "logits3", "logits4"]

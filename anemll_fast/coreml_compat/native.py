@@ -46,10 +46,12 @@ class NativeFunction:
     def predict(self, inputs: Dict[str, np.ndarray], state: Any = None) -> Dict[str, np.ndarray]:
         key = tuple(tuple(inputs[s.name].shape) for s in self.input_specs)
         with self._lock:
-            entry = self._bindings.get(key)
+            entry = self._bindings.pop(key, None)
             if entry is None:
+                if len(self._bindings) >= MAX_BINDINGS:  # range-flexible inputs: keep the recent shapes
+                    del self._bindings[next(iter(self._bindings))]
                 entry = self._bind(inputs)
-                self._bindings[key] = entry
+            self._bindings[key] = entry  # most recently used last
             binding, in_bufs, out_bufs = entry
             for name, buf in in_bufs.items():
                 np.copyto(buf, inputs[name], casting="unsafe")  # already checked and in the declared dtype
@@ -87,6 +89,7 @@ class NativeFunction:
 
 
 PAGE = 16384  # Apple silicon's page size
+MAX_BINDINGS = 8  # per function; ANEMLL's models use one or two input shapes per function
 
 
 def _page_aligned(shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
