@@ -648,3 +648,28 @@ def test_core_ml_drop_in_runs_the_script_as_coremltools_does(tiny, coreml):
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert ours.returncode == 0, ours.stderr[-3000:]
     assert json.loads(ours.stdout.strip().splitlines()[-1]) == json.loads(plain.stdout.strip().splitlines()[-1])
+
+
+def test_models_other_than_ml_programs_go_to_coremltools(tmp_path, tiny):
+    from coremltools.models import datatypes
+    from coremltools.models.model import MLModel as CoremltoolsMLModel
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    builder = NeuralNetworkBuilder([("x", datatypes.Array(2))], [("y", datatypes.Array(2))])
+    builder.add_activation("relu", "RELU", "x", "y")
+    path = tmp_path / "nn.mlmodel"
+    ct.utils.save_spec(builder.spec, str(path))
+    for model in (str(path), builder.spec):
+        m = MLModel(model)
+        assert type(m) is CoremltoolsMLModel and m.get_spec().WhichOneof("Type") == "neuralNetwork"
+    # an ML program spec with its weights becomes a temporary package run by anemll_fast
+    d, _ = tiny
+    spec = ct.utils.load_spec(pkg(d, "llama_lm_head"))
+    weights = next(Path(pkg(d, "llama_lm_head")).rglob("weights"))
+    m = MLModel(spec, weights_dir=str(weights))
+    assert isinstance(m, MLModel) and m.is_temp_package
+    x = np.ones((1, 1, HIDDEN), np.float16)
+    np.testing.assert_array_equal(m.predict({"hidden_states": x})["logits1"],
+                                  MLModel(pkg(d, "llama_lm_head")).predict({"hidden_states": x})["logits1"])
+    with pytest.raises(Exception, match="weights_dir"):
+        MLModel(spec)

@@ -176,7 +176,13 @@ def _check_compute_units(compute_units: Any, message: str) -> None:
 
 
 class MLModel(_Runner, _CTMLModel):
-    """coremltools.models.MLModel for .mlpackage (and .mlmodelc) ML programs, run by anemll_fast."""
+    """coremltools.models.MLModel for .mlpackage (and .mlmodelc) ML programs, run by anemll_fast.
+    Other models (a single-file .mlmodel, a neural-network spec) are handed to coremltools' own class."""
+
+    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if not _is_ml_program(model):
+            return _CTMLModel(model, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, model: Any, is_temp_package: bool = False, mil_program: Any = None,
                  skip_model_load: bool = False, compute_units: ComputeUnit = ComputeUnit.ALL,
@@ -202,11 +208,8 @@ class MLModel(_Runner, _CTMLModel):
             self.is_temp_package = is_temp_package
         else:
             raise TypeError("Expected model to be a .mlmodel file, .mlpackage file or a Model_pb2 object")
-        if not os.path.exists(model):
+        if not os.path.isdir(model):  # files went to coremltools' class (see __new__)
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", model)
-        if not os.path.isdir(model):
-            raise RuntimeError(f"{model}: anemll_fast runs ML programs (.mlpackage or .mlmodelc directories), "
-                               f"not single-file .mlmodel models")
         self.is_package = True
         self.package_path = model
         self._weights_dir = _weights_dir(model)
@@ -238,9 +241,6 @@ class MLModel(_Runner, _CTMLModel):
     def _package_from_spec(self, spec: Any, weights_dir: Optional[str]) -> str:
         from coremltools.models.utils import _create_mlpackage
 
-        if spec.WhichOneof("Type") != "mlProgram":
-            raise RuntimeError("anemll_fast runs ML programs only; this spec is a "
-                               f"{spec.WhichOneof('Type')!r} model")
         if weights_dir is None:
             raise Exception("MLModel of type mlProgram cannot be loaded just from the model spec object. "
                             "It also needs the path to the weights file. Please provide that as well, "
@@ -328,6 +328,18 @@ class CompiledMLModel(_Runner, _CTCompiledMLModel):
 
     def make_state(self) -> MLState:
         return self._make_state()
+
+
+def _is_ml_program(model: Any) -> bool:
+    """False for what only coremltools can run: a single-file .mlmodel or a spec of another model type.
+    (A path that does not exist counts as ours, to be refused with coremltools' error.)"""
+    from coremltools import proto
+
+    if isinstance(model, proto.Model_pb2.Model):
+        return model.WhichOneof("Type") == "mlProgram"
+    if isinstance(model, (str, os.PathLike)):
+        return not os.path.isfile(os.path.expanduser(os.path.expandvars(os.fspath(model))))
+    return True
 
 
 def _open(path: str, compute_units: ComputeUnit) -> files.LoadedFile:
