@@ -191,7 +191,7 @@ cdef class CoreMLBackend(Backend):
             shape[i] = array.shape[i]
         err[0] = 0
         cdef int rc = anemll_coreml_state_copy(self.be, state, key, <void*>address, <size_t>array.nbytes,
-                                               DTYPE_CODES[_dtype_name(array.dtype)], shape, rank, write,
+                                               _dtype_code(array.dtype), shape, rank, write,
                                                err, sizeof(err))
         if rc != ANEMLL_OK:
             raise RuntimeError(err.decode("utf-8", "replace") or f"state {name!r}: copy failed ({rc})")
@@ -391,11 +391,11 @@ cdef class CallbackBackend(Backend):
 _CODE_OF_DTYPE = {np.dtype(v): k for k, v in _NP_OF_CODE.items()}
 
 
-def _dtype_name(dtype):
+def _dtype_code(dtype):
     code = _CODE_OF_DTYPE.get(np.dtype(dtype))
     if code is None:
         raise ValueError(f"dtype {np.dtype(dtype)} has no backend type")
-    return {v: k for k, v in DTYPE_CODES.items()}[code]
+    return code
 
 
 cdef _backend_error(Backend backend, int rc, str what):
@@ -456,7 +456,7 @@ cdef int _fill_tensor(anemll_tensor* t, bytes name, object arr) except -1:
     cdef int k
     cdef int64_t stride = 1
     t.name = name
-    t.dtype = DTYPE_CODES[_dtype_name(arr.dtype)]
+    t.dtype = _dtype_code(arr.dtype)
     t.rank = arr.ndim
     for k in range(arr.ndim - 1, -1, -1):
         t.shape[k] = arr.shape[k]
