@@ -412,28 +412,40 @@ def test_coremltools_script_runs_unchanged_and_matches_anemll_fast(tiny):
         assert "State functionality is only supported on macOS 15+" in plain.stderr
 
 
-@pytest.mark.slow
-def test_module_entry_point_arguments(tmp_path):
-    script = tmp_path / "show.py"
+def test_module_entry_point_arguments(tmp_path, monkeypatch, capsys):
+    from anemll_fast.coreml_compat import __main__ as entry
+
+    script = tmp_path / "show_module.py"
     script.write_text("import sys, coremltools as ct\n"
                       "print(ct.models.MLModel.__module__, ct.models.CompiledMLModel.__module__, sys.argv[1:])\n")
+    # in-process: the checks made before anything runs
+    with pytest.raises(SystemExit) as e:
+        entry.main([])
+    assert e.value.code == 2 and "usage" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no such script"):
+        entry.main([str(tmp_path / "missing.py")])
+    with pytest.raises(SystemExit, match="usage"):
+        entry.main(["-m"])
+    monkeypatch.setenv(files.BACKEND_ENV, "gpu")
+    with pytest.raises(SystemExit, match="ANEMLL_FAST_BACKEND='gpu'"):
+        entry.main([str(script)])
+    monkeypatch.setenv(files.BACKEND_ENV, "reference")
+    # a module with -m, in-process (monkeypatch puts coremltools' classes and sys.argv back afterwards)
+    for module, attr in (("models", "MLModel"), ("models", "CompiledMLModel")):
+        monkeypatch.setattr(getattr(ct, module), attr, getattr(getattr(ct, module), attr))
+    monkeypatch.setattr(ct.models.model, "MLModel", ct.models.model.MLModel)
+    monkeypatch.setattr(ct.models._compiled_model, "CompiledMLModel", ct.models._compiled_model.CompiledMLModel)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry.main(["-m", "show_module", "x"])
+    assert capsys.readouterr().out.split() == ["anemll_fast.coreml_compat.models"] * 2 + ["['x']"]
+    monkeypatch.undo()
+    assert ct.models.MLModel.__module__ == "coremltools.models.model"  # restored
+    assert ct.models.CompiledMLModel.__module__ == "coremltools.models._compiled_model"
+    # the script itself, as its own process: its arguments, and the classes it finds
     r = _run(["-m", "anemll_fast.coreml_compat", str(script), "a", "--b"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["anemll_fast.coreml_compat.models"] * 2 + ["['a',", "'--b']"]
-    r = _run(["-m", "anemll_fast.coreml_compat", str(tmp_path / "missing.py")])
-    assert r.returncode != 0 and "no such script" in r.stderr
-    r = _run(["-m", "anemll_fast.coreml_compat"])
-    assert r.returncode == 2 and "usage" in r.stderr
-    r = _run(["-m", "anemll_fast.coreml_compat", str(script)], env_backend="gpu")
-    assert r.returncode != 0 and "ANEMLL_FAST_BACKEND='gpu'" in r.stderr
-    module = tmp_path / "show_module.py"
-    module.write_text(script.read_text())
-    env_path = f"{REPO}{os.pathsep}{tmp_path}"
-    r = subprocess.run([sys.executable, "-m", "anemll_fast.coreml_compat", "-m", "show_module", "x"],
-                       capture_output=True, text=True, timeout=300, cwd=str(REPO),
-                       env=dict(os.environ, PYTHONPATH=env_path, **{files.BACKEND_ENV: "reference"}))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["anemll_fast.coreml_compat.models"] * 2 + ["['x']"]
 
 
 # ------------------------------------------------------------------ the native path, off macOS
