@@ -43,6 +43,13 @@ def tiny(tmp_path_factory):
     return m.path, compiled
 
 
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """Another model: a shorter context (so another KV state spec) and an in-model argmax head."""
+    return build_tiny_model(tmp_path_factory.mktemp("compat_other") / "o", num_chunks=2, context_length=32,
+                            batch_size=8, hidden_size=HIDDEN, split_lm_head=2, argmax_head=True).path
+
+
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
     monkeypatch.setenv(files.BACKEND_ENV, "reference")
@@ -245,7 +252,7 @@ def test_mlmodelc_and_mlpackage_give_the_same_outputs(tiny):
 
 
 # ------------------------------------------------------------------ states
-def test_state_read_write_and_sharing_rules(tiny, tmp_path):
+def test_state_read_write_and_sharing_rules(tiny, other):
     d, _ = tiny
     infer = MLModel(pkg(d, CHUNK1), function_name="infer")
     state = infer.make_state()
@@ -270,8 +277,7 @@ def test_state_read_write_and_sharing_rules(tiny, tmp_path):
     with pytest.raises(RuntimeError, match="nope"):
         state.write_state("nope", value)
     # a state whose spec differs (another context length) is refused, naming both specs
-    other = build_tiny_model(tmp_path / "o", num_chunks=2, context_length=32, batch_size=8, hidden_size=HIDDEN)
-    foreign = MLModel(str(other.path / f"{CHUNK1}.mlpackage"), function_name="infer").make_state()
+    foreign = MLModel(str(other / f"{CHUNK1}.mlpackage"), function_name="infer").make_state()
     with pytest.raises(RuntimeError, match=STATE):
         infer.predict(infer_inputs(3), foreign)
     with pytest.raises(RuntimeError, match="state"):
@@ -576,13 +582,11 @@ def test_loaded_files_go_with_their_last_model(tiny, tmp_path):
     assert str(copy.resolve()) not in files.cached_files()
 
 
-def test_argmax_head_outputs_keep_int32(tmp_path):
-    m = build_tiny_model(tmp_path / "a", context_length=32, batch_size=8, hidden_size=HIDDEN, split_lm_head=2,
-                         argmax_head=True)
-    head = MLModel(str(m.path / "llama_lm_head.mlpackage"))
+def test_argmax_head_outputs_keep_int32(other):
+    head = MLModel(str(other / "llama_lm_head.mlpackage"))
     x = np.random.default_rng(0).standard_normal((1, 1, HIDDEN)).astype(np.float16)
     out = head.predict({"hidden_states": x})
-    ref = ReferenceBackend.load(str(m.path / "llama_lm_head.mlpackage")).predict({"hidden_states": x})
+    ref = ReferenceBackend.load(str(other / "llama_lm_head.mlpackage")).predict({"hidden_states": x})
     assert {k: v.dtype for k, v in out.items()} == {"argmax_idx": np.int32, "argmax_val": np.float32}
     np.testing.assert_array_equal(out["argmax_idx"], ref["argmax_idx"])
 
