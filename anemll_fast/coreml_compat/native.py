@@ -54,7 +54,7 @@ class NativeFunction:
             self._bindings[key] = entry  # most recently used last
             binding, in_bufs, out_bufs = entry
             for name, buf in in_bufs.items():
-                np.copyto(buf, inputs[name], casting="unsafe")  # already checked and in the declared dtype
+                np.copyto(buf, inputs[name], casting="unsafe")  # checked; cast here (fp32 given for fp16 rounds)
             binding.predict(state)
             return {name: (buf.astype(np.float32) if buf.dtype == np.float16 else buf.copy())
                     for name, buf in out_bufs.items()}
