@@ -1103,8 +1103,9 @@ int predict_impl(Ctx* c, anemll_binding* bh, anemll_state* sh) {
 // The body of getMutableBytesWithHandler for a state copy: a dense row-major
 // buffer to or from Core ML's view of the state (which may be padded: its own
 // strides are honoured). noexcept: it runs inside Core ML's frames.
-bool state_copy_bytes(void* bytes, NSInteger size, anemll::coreml_copy::Layout* view, const anemll::coreml_copy::Layout* dense,
-                      void* dense_data, bool to_state, const char* what, char* err, size_t err_size) noexcept {
+[[maybe_unused]] bool state_copy_bytes(void* bytes, NSInteger size, anemll::coreml_copy::Layout* view,
+                                       const anemll::coreml_copy::Layout* dense, void* dense_data, bool to_state,
+                                       const char* what, char* err, size_t err_size) noexcept {
   if (bytes == nullptr || size <= 0) return false;
   view->nbytes = static_cast<size_t>(size);
   return to_state ? anemll::coreml_copy::copy(*dense, dense_data, *view, bytes, what, err, err_size)
