@@ -6,12 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import coremltools as ct
 import numpy as np
 import pytest
 
+import anemll_fast
 from anemll_fast.backends.reference import ReferenceBackend
 from anemll_fast.coreml_compat import CompiledMLModel, MLModel, MLState, patch_coremltools
 from anemll_fast.coreml_compat import files
@@ -19,7 +21,6 @@ from anemll_fast.mil.loader import load_program
 from anemll_fast.mil.text_writer import write_mlmodelc
 from anemll_fast.testing.tiny import build_tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).resolve().parent / "coremltools_driver.py"
 CONTEXT, BATCH, HIDDEN = 128, 64, 64
 CHUNK1 = "llama_FFN_PF_chunk_01of02"
@@ -357,8 +358,6 @@ def test_patch_coremltools_and_undo(tiny):
         undo()
     assert (ct.models.MLModel, ct.models.model.MLModel, ct.models.CompiledMLModel) == originals
     undo()  # twice is harmless
-    import anemll_fast
-
     with anemll_fast.patch_coremltools() as handle:
         assert handle.active and ct.models.CompiledMLModel is CompiledMLModel
     assert ct.models.CompiledMLModel is originals[2] and not handle.active
@@ -380,11 +379,13 @@ def test_backend_choice(tiny, monkeypatch):
 
 # ------------------------------------------------------------------ the script, unchanged
 def _run(args, env_backend="reference", timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OPENBLAS_NUM_THREADS="1")
+    # the anemll_fast these tests import (a checkout built in place, or an installed wheel)
+    env = dict(os.environ, PYTHONPATH=str(Path(anemll_fast.__file__).resolve().parents[1]), OPENBLAS_NUM_THREADS="1")
     if env_backend:
         env[files.BACKEND_ENV] = env_backend
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=str(REPO),
-                          env=env)
+    # cwd outside the checkout: `python -m` puts cwd first on sys.path
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=tempfile.gettempdir(), env=env)
 
 
 def _prompt(n=70):
@@ -392,8 +393,6 @@ def _prompt(n=70):
 
 
 def _anemll_fast_tokens(model_dir, prompt, n):
-    import anemll_fast
-
     with anemll_fast.load(str(model_dir), backend="reference") as model:
         return [r.token for r in anemll_fast.stream_generate(model, prompt, max_tokens=n, temperature=0.0)
                 if r.token is not None]
