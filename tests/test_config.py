@@ -231,6 +231,10 @@ def test_file_path_escaping_model_dir(tmp_path):
     _expect(data, "components.lm_head.file_path", "escapes", model_dir=model_dir)
     data["components"]["lm_head"]["file_path"] = str(tmp_path / "outside.mlmodelc")
     _expect(data, "components.lm_head.file_path", "escapes", model_dir=model_dir)
+    # A sibling whose name starts with the model directory's: a string-prefix check would let it through.
+    (tmp_path / "model_evil.mlmodelc").mkdir()
+    data["components"]["lm_head"]["file_path"] = "../model_evil.mlmodelc"
+    _expect(data, "components.lm_head.file_path", "escapes", model_dir=model_dir)
     # Without a model directory, such paths are refused outright.
     data["components"]["lm_head"]["file_path"] = "../outside.mlmodelc"
     _expect(data, "components.lm_head.file_path", "relative", files=False)

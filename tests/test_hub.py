@@ -56,6 +56,18 @@ def test_zip_slip_and_absolute_paths_refused(tmp_path, entry, why):
     assert not list(tmp_path.glob(".c.mlmodelc.partial-*"))
 
 
+def test_containment_check_rejects_a_sibling_sharing_the_prefix(tmp_path):
+    # Zip entries with ".." are refused before this check, so it is tested directly: the last guard of
+    # every unpacked path must not be a string-prefix comparison ("m" is a prefix of "m_evil").
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m_evil").mkdir()
+    assert hub._inside(tmp_path / "m", tmp_path / "m" / "a" / "b")
+    assert not hub._inside(tmp_path / "m", tmp_path / "m_evil" / "model.mil")
+    assert not hub._inside(tmp_path / "m", tmp_path / "m" / ".." / "m_evil")
+    (tmp_path / "m" / "link").symlink_to(tmp_path / "m_evil")
+    assert not hub._inside(tmp_path / "m", tmp_path / "m" / "link" / "x")
+
+
 def test_symlink_entries_refused(tmp_path):
     archive = tmp_path / "d.mlmodelc.zip"
     with zipfile.ZipFile(archive, "w") as zf:
