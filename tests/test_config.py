@@ -93,6 +93,47 @@ def test_ready_configs_cover_the_published_releases():
     assert qwen3.lm_head_chunk_sizes == [9496] * 16
 
 
+# Facts of the published releases, written down independently of configs/make_configs.py: dimensions from
+# each source checkpoint's config.json (Qwen/Qwen3-0.6B, Qwen/Qwen2.5-0.5B-Instruct, meta-llama/Llama-3.2-1B),
+# file names as the releases on the Hub spell them. The KV state of every chunk holds keys and values of all
+# layers: [2 * layers, kv_heads, context, head_dim].
+RELEASE_FACTS = {
+    "anemll-qwen3-0.6b-ctx512-0.3.4": dict(
+        hidden=1024, layers=28, kv_heads=8, head_dim=128, vocab=151936, parts=16, chunks=1,
+        files=("qwen_embeddings.mlmodelc", "qwen_FFN_PF_lut4_chunk_01of01.mlmodelc", "qwen_lm_head_lut6.mlmodelc")),
+    "anemll-qwen3-0.6b-lut888-ctx512-0.3.4": dict(
+        hidden=1024, layers=28, kv_heads=8, head_dim=128, vocab=151936, parts=16, chunks=1,
+        files=("qwen_embeddings_lut8.mlmodelc", "qwen_FFN_PF_lut8_chunk_01of01.mlmodelc",
+               "qwen_lm_head_lut8.mlmodelc")),
+    "anemll-qwen2.5-0.5b-ctx512-0.3.4": dict(
+        hidden=896, layers=24, kv_heads=2, head_dim=64, vocab=151936, parts=16, chunks=1,
+        files=("qwen25_embeddings.mlmodelc", "qwen25_FFN_PF_lut4_chunk_01of01.mlmodelc",
+               "qwen25_lm_head_lut6.mlmodelc")),
+    "anemll-llama-3.2-1b-ctx512-0.3.4": dict(
+        hidden=2048, layers=16, kv_heads=8, head_dim=64, vocab=128256, parts=8, chunks=2,
+        files=("llama_embeddings.mlmodelc", "llama_FFN_PF_lut4_chunk_01of02.mlmodelc", "llama_lm_head_lut6.mlmodelc")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASE_FACTS))
+def test_ready_configs_agree_with_the_published_checkpoints(name):
+    f = RELEASE_FACTS[name]
+    c = ModelConfig.from_json(CONFIGS / f"{name}.json")
+    assert (c.shapes.hidden_size, c.shapes.vocab_size, c.shapes.context_length, c.shapes.batch_size) == \
+        (f["hidden"], f["vocab"], 512, 64)
+    assert (c.embeddings.file_path, c.ffn_prefill[0].file_path, c.lm_head.file_path) == f["files"]
+    assert c.num_chunks == f["chunks"] and c.logits_parts == f["parts"]
+    assert c.lm_head_chunk_sizes == [f["vocab"] // f["parts"]] * f["parts"]
+    state = (2 * f["layers"], f["kv_heads"], 512, f["head_dim"])
+    for comp in c.ffn_prefill + c.ffn_infer:
+        assert [s.shape for s in comp.states.values()] == [state], comp.file_path
+    H = f["hidden"]
+    assert c.embeddings.outputs["hidden_states"].shape == (1, 64, H)
+    assert c.ffn_infer[0].inputs["hidden_states"].shape == (1, 1, H)
+    assert c.ffn_prefill[0].inputs["causal_mask"].shape == (1, 1, 64, 512)
+    assert c.lm_head.inputs["hidden_states"].shape == (1, 1, H)
+
+
 def test_chunks_states_parts_round_trip():
     config = qwen_like(num_chunks=2, split_lm_head=4, state_length=64)
     data = json.loads(config.to_json())

@@ -99,6 +99,9 @@ def test_stop_string_cuts_output(model, no_eos_bias):
     cut = generate(model, "Q:", stop=[stop], **kw)
     assert cut == full[: full.index(stop)]
     assert stop not in cut
+    # A bare string is one stop string, not a set of one-character stops.
+    assert SamplingSettings(stop="END").stop == ("END",)
+    assert generate(model, "Q:", stop=stop, **kw) == cut
 
 
 def test_logprobs(model):
