@@ -1,6 +1,7 @@
 """The native engine on tiny converted models through the reference backend (MIL interpreter)."""
 import shutil
 
+import numpy as np
 import pytest
 
 from anemll_fast.backends import reference
@@ -85,3 +86,38 @@ def test_continuation_from_cached_prefix(tmp_path_factory):
     got = eng.generate(follow, 4)
     assert eng.counters["prefill"] - before == 2  # one batch of the 3 new tokens, two chunks
     assert got == m.reference().greedy(follow, 4)
+
+
+def _divergent_prompts(hist):
+    """Prompts that agree with the cached history `hist` up to a point and then differ."""
+    other = lambda t: (t + 101) % 512  # noqa: E731
+    mid = len(hist) // 2
+    return {
+        "at_0": ([other(hist[0])] + hist[1:] + [7], 0),
+        "mid_prompt": (hist[:mid] + [other(hist[mid])] + hist[mid + 1:] + [7, 8], mid),
+        "at_last_cached": (hist[:-1] + [other(hist[-1])] + [9], len(hist) - 1),
+        "shorter_than_cache": (hist[:mid] + [other(hist[mid])], mid),
+        "prefix_of_cache": (hist[:mid + 2], mid + 2),
+    }
+
+
+@pytest.mark.parametrize("case", ["at_0", "mid_prompt", "at_last_cached", "shorter_than_cache", "prefix_of_cache"])
+def test_prefix_reuse_with_a_prompt_that_differs_from_the_cache(tmp_path_factory, case):
+    m = tiny_model(tmp_path_factory, num_chunks=2)
+    cfg = ModelConfig.from_anemll_dir(m.path)
+    eng = Engine(cfg, "reference")
+    first = PROMPTS["longer"]
+    out = eng.generate(first, 4)
+    hist = [int(t) for t in eng.history]
+    assert hist == first + out[:3]
+    prompt, agree = _divergent_prompts(hist)[case]
+    assert eng.cached_prefix(prompt) == agree
+    got = eng.generate(prompt, 4)
+    got_logits = eng.logits()
+    fresh = Engine(cfg, "reference")
+    assert got == fresh.generate(prompt, 4)
+    np.testing.assert_allclose(got_logits, fresh.logits(), rtol=0, atol=2e-2)
+    ref = m.reference()
+    assert got == ref.greedy(prompt, 4)
+    # The last step (fed got[2], produced got[3]) against the numpy reference at the same position.
+    np.testing.assert_allclose(got_logits, ref.prefill(prompt + got[:3]), rtol=0, atol=0.03)
