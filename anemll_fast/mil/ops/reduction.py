@@ -111,8 +111,8 @@ def _l2_norm(ctx: BuildContext) -> Kernel:
 
     def run(x):
         ax = axes if axes is not None else tuple(range(max(x.ndim - 3, 0), x.ndim))
-        n = np.sqrt(np.maximum(np.sum(x * x, axis=ax, keepdims=True), eps))
-        return x / n
+        # MIL's definition: x / sqrt(sum(x^2) + epsilon) (not a floor at epsilon).
+        return x / np.sqrt(np.sum(x * x, axis=ax, keepdims=True) + eps)
 
     return Kernel(run, [ctx.ref("x")])
 

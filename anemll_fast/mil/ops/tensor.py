@@ -342,11 +342,14 @@ def _topk(ctx: BuildContext) -> Kernel:
     k = int(ctx.scalar("k", 1))
     axis = int(ctx.scalar("axis", -1))
     ascending = bool(ctx.scalar("ascending", False))
+    # iOS16+: return_indices=False makes the op return the values only (one output).
+    with_indices = bool(ctx.scalar("return_indices", True))
 
     def run(x):
         order = np.argsort(x if ascending else -x, axis=axis, kind="stable")
         idx = np.take(order, np.arange(k), axis=axis)
-        return np.take_along_axis(x, idx, axis=axis), idx.astype(np.int32)
+        values = np.take_along_axis(x, idx, axis=axis)
+        return (values, idx.astype(np.int32)) if with_indices else values
 
     return Kernel(run, [ctx.ref("x")], exact=True)
 
@@ -361,7 +364,9 @@ def _cumsum(ctx: BuildContext) -> Kernel:
         y = np.flip(x, axis) if reverse else x
         c = np.cumsum(y, axis=axis)
         if exclusive:
-            c = c - y
+            # Shifted by one, not c - y: a small term next to a large one would be lost to cancellation.
+            c = np.concatenate([np.zeros_like(np.take(c, [0], axis=axis)),
+                                np.take(c, np.arange(c.shape[axis] - 1), axis=axis)], axis=axis)
         return np.flip(c, axis) if reverse else c
 
     return Kernel(run, [ctx.ref("x")])
