@@ -5,7 +5,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -50,8 +50,8 @@ def build_tiny_model(out_dir: Union[str, os.PathLike], arch: str = "llama", *, n
                      model_prefix: Optional[str] = None, rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6,
                      overwrite: bool = False, monolithic: bool = False, sliding_window: int = 8,
                      layer_types: Optional[Sequence[str]] = None, rope_local_theta: float = 10000.0,
-                     query_pre_attn_scalar: Optional[float] = None, contexts: Optional[Sequence[int]] = None
-                     ) -> TinyModel:
+                     query_pre_attn_scalar: Optional[float] = None, contexts: Optional[Sequence[int]] = None,
+                     rope_scaling: Optional[Dict[str, Any]] = None) -> TinyModel:
     """Build a tiny random model directory (meta.yaml, parts, byte-level tokenizer.json when vocab_size >= 259)
     in about a second. The float32 weights and config are also saved there as tiny_weights.npz and
     tiny_config.json (see load_tiny_model).
@@ -73,6 +73,8 @@ def build_tiny_model(out_dir: Union[str, os.PathLike], arch: str = "llama", *, n
             ["full_attention" if i % 2 else "sliding_attention" for i in range(num_layers)],
             "query_pre_attn_scalar": query_pre_attn_scalar or spec["head_dim"],
         })
+    if rope_scaling is not None:
+        spec["rope_scaling"] = dict(rope_scaling)
     loaded = load_random(spec)
     opts = resolve_options(loaded.config, context_length=context_length, batch_size=batch_size,
                            num_chunks=num_chunks, lut_ffn=lut_ffn, lut_lmhead=lut_lmhead,
