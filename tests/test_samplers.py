@@ -1,8 +1,10 @@
 """Native samplers against numpy implementations of the same definitions."""
+import math
 from collections import Counter
 
 import numpy as np
 import pytest
+from scipy.stats import chi2
 
 from anemll_fast import _native
 from anemll_fast.sampling import SamplingSettings
@@ -53,23 +55,48 @@ def draw(sampler, logits, n_parts, n, history=()):
     return np.array([sampler.sample(parts, list(history)) for _ in range(n)])
 
 
-def chi_square_ok(samples, probs):
-    """Pearson chi-square with rare bins merged; generous critical value (~p < 1e-6)."""
+P_VALUE = 1e-6  # a correct sampler fails one test in a million runs
+
+
+def chi_square_ok(samples, probs, bin_count=10.0):
+    """Pearson chi-square of samples against probs; (statistic, critical value at P_VALUE).
+
+    Tokens expected at least `bin_count` times get a bin each; the rest (the tail) are taken in rank order
+    into consecutive bins of about `bin_count` expected draws, so that the tail's shape is tested too instead
+    of being merged into one bin.
+    """
     n = len(samples)
     observed = np.bincount(samples, minlength=len(probs)).astype(np.float64)
-    assert observed[probs == 0].sum() == 0, "sampled a token outside the support"
-    expected = probs * n
-    big = expected >= 5
-    obs = np.append(observed[big], observed[~big & (probs > 0)].sum())
-    exp = np.append(expected[big], expected[~big & (probs > 0)].sum())
-    if exp[-1] < 5:  # fold a small remainder bin into the last big one
-        obs[-2] += obs[-1]
-        exp[-2] += exp[-1]
-        obs, exp = obs[:-1], exp[:-1]
+    if observed[probs == 0].sum():
+        return math.inf, 0.0  # sampled a token outside the support
+    order = np.argsort(-probs, kind="stable")
+    order = order[probs[order] > 0]
+    expected = probs[order] * n
+    obs_sorted = observed[order]
+    # Bin edges: a new bin starts once the running expected count of the current one reaches bin_count.
+    bins = np.zeros(len(order), np.int64)
+    acc, b = 0.0, 0
+    for i, e in enumerate(expected):
+        if acc >= bin_count:
+            b, acc = b + 1, 0.0
+        bins[i] = b
+        acc += e
+    if acc < bin_count and b > 0:  # fold a short last bin into the one before
+        bins[bins == b] = b - 1
+    exp = np.bincount(bins, weights=expected)
+    obs = np.bincount(bins, weights=obs_sorted)
     df = len(exp) - 1
     stat = float(((obs - exp) ** 2 / exp).sum())
-    critical = df + 7 * np.sqrt(2 * df) + 10
-    return stat, critical
+    return stat, float(chi2.isf(P_VALUE, df)) if df else math.inf  # one bin: only the support is tested
+
+
+def tail_shuffled(probs, keep, seed=0):
+    """probs with the values of all but the `keep` most likely tokens permuted among themselves."""
+    order = np.argsort(-probs, kind="stable")
+    tail = order[keep:][probs[order[keep:]] > 0]
+    out = probs.copy()
+    out[tail] = probs[np.random.default_rng(seed).permutation(tail)]
+    return out
 
 
 def test_greedy_matches_numpy_argmax_across_parts():
@@ -174,38 +201,77 @@ def test_seed_reproducibility():
     assert (a != c).any()
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(temperature=1.0),
-        dict(temperature=0.7, top_k=10),
-        dict(temperature=1.3, top_p=0.9),
-        dict(temperature=1.0, min_p=0.05),
-        dict(temperature=0.9, top_k=30, top_p=0.95, min_p=0.02),
-        dict(temperature=1.1, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2,
-             logit_bias={7: 1.5, 9: float("-inf")}, penalty_window=6),
-    ],
-)
-def test_chi_square_against_numpy(kw):
-    rng = np.random.default_rng(7)
-    logits = (rng.normal(size=64) * 1.5).astype(np.float16)
-    history = [3, 7, 7, 12, 40, 3, 3]
+def plain_logits():
+    return (np.random.default_rng(7).normal(size=64) * 3.0).astype(np.float16)
+
+
+PLAIN_HISTORY = [3, 7, 7, 12, 40, 3, 3]
+PENALTIES = dict(temperature=1.1, repetition_penalty=1.3, presence_penalty=4.0, frequency_penalty=0.2,
+                 logit_bias={7: 1.5, 9: float("-inf")})
+LONG_HISTORY = [3] * 20 + [7, 12, 12, 41]
+WINDOW_HISTORY = [40, 40, 20, 3, 3, 12, 7, 12]  # a window of 6 starts at 20; 40 lies just outside
+
+
+def penalty_logits(history, window):
+    """Logits under which every penalized token of `history` (and 20, 21, 40 when not penalized) ends at about
+    the same logit, 2.6, above a low background: each penalty then moves much probability, so that a 5 %
+    error in any of them, or a window one off, shows."""
+    x = np.random.default_rng(8).normal(size=64) - 4.0
+    x[[20, 21, 40]] = 2.6
+    recent = history if window is None else history[-window:]
+    for t, c in Counter(recent).items():
+        x[t] = (2.6 - PENALTIES["logit_bias"].get(t, 0.0) + c * PENALTIES["frequency_penalty"]
+                + PENALTIES["presence_penalty"]) * PENALTIES["repetition_penalty"]
+    x[41] = -1.0  # a negative penalized logit: multiplied by the repetition penalty
+    return x.astype(np.float16)
+
+
+def _off(kw, name, factor):
+    return {**kw, name: kw[name] * factor}
+
+
+# name: (logits, history, settings, draws, deliberately wrong settings the samples must reject). The wrong
+# variants are 5 % parameter errors, a window or top-k one off, or a reshuffled tail ("tail"): each case is
+# built so that it has the power to see its variants at P_VALUE. (A 5 % error in a top-p or min-p threshold
+# changes nothing unless a token sits within it, so those are tested with the cuts that do move.)
+PW = {**PENALTIES, "penalty_window": None}
+CHI_SQUARE_CASES = {
+    "temperature": (plain_logits, PLAIN_HISTORY, dict(temperature=1.0), 40000,
+                    [dict(temperature=1.05), dict(temperature=0.95), "tail"]),
+    "top_k": (plain_logits, PLAIN_HISTORY, dict(temperature=1.0, top_k=10), 20000,
+              [dict(temperature=1.0, top_k=9), dict(temperature=1.0, top_k=11)]),
+    "top_p": (plain_logits, PLAIN_HISTORY, dict(temperature=1.3, top_p=0.9), 40000,
+              [dict(temperature=1.365, top_p=0.9), dict(temperature=1.3, top_p=0.855), "tail"]),
+    # min_p just below the 5th token's ratio to the best (0.0598 at temperature 1, 0.0223 for the 7th at 0.9)
+    "min_p": (plain_logits, PLAIN_HISTORY, dict(temperature=1.0, min_p=0.058), 20000,
+              [dict(temperature=1.0, min_p=0.0609)]),
+    "chain": (plain_logits, PLAIN_HISTORY, dict(temperature=0.9, top_k=30, top_p=0.95, min_p=0.022), 20000,
+              [dict(temperature=0.9, top_k=30, top_p=0.9025, min_p=0.022),
+               dict(temperature=0.9, top_k=30, top_p=0.95, min_p=0.0231)]),
+    "penalties_whole_history": (lambda: penalty_logits(LONG_HISTORY, None), LONG_HISTORY, PW, 40000,
+                                [_off(PW, n, f) for n in ("repetition_penalty", "presence_penalty",
+                                                          "frequency_penalty") for f in (0.95, 1.05)] + ["tail"]),
+    "penalties_window": (lambda: penalty_logits(WINDOW_HISTORY, 6), WINDOW_HISTORY, {**PENALTIES, "penalty_window": 6},
+                         20000, [{**PENALTIES, "penalty_window": 5}, {**PENALTIES, "penalty_window": 7},
+                                 {**PENALTIES, "penalty_window": 6, "repetition_penalty": 1.235}]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHI_SQUARE_CASES))
+def test_chi_square_against_numpy_with_negative_controls(name):
+    make_logits, history, kw, n, wrongs = CHI_SQUARE_CASES[name]
+    logits = make_logits()
     s = SamplingSettings(seed=11, **kw)
-    sampler = _native.NativeSampler(64, s.to_native())
-    samples = draw(sampler, logits, 4, 20000, history)
-    stat, critical = chi_square_ok(samples, np_filtered_probs(logits, s, history))
+    samples = draw(_native.NativeSampler(64, s.to_native()), logits, 4, n, history)
+    probs = np_filtered_probs(logits, s, history)
+    stat, critical = chi_square_ok(samples, probs)
     assert stat < critical, (stat, critical)
-
-
-def test_chi_square_detects_a_wrong_distribution():
-    # The statistic must reject a mismatched expectation, or the tests above prove nothing.
-    rng = np.random.default_rng(7)
-    logits = (rng.normal(size=64) * 1.5).astype(np.float16)
-    sampler = _native.NativeSampler(64, settings(temperature=1.0, seed=1))
-    samples = draw(sampler, logits, 4, 20000)
-    wrong = np_filtered_probs(logits, SamplingSettings(temperature=1.2))
-    stat, critical = chi_square_ok(samples, wrong)
-    assert stat > critical
+    # The same samples must reject each wrong expectation, or passing above proves nothing.
+    for wrong in wrongs:
+        expected = tail_shuffled(probs, keep=4) if wrong == "tail" else \
+            np_filtered_probs(logits, SamplingSettings(**wrong), history)
+        stat, critical = chi_square_ok(samples, expected)
+        assert stat > critical, (wrong, stat, critical)
 
 
 def test_logprobs_of_raw_distribution():
@@ -291,6 +357,9 @@ def test_chi_square_over_a_qwen_sized_vocabulary(kw):
     probs = np_filtered_probs(logits, s, history)
     stat, critical = chi_square_ok(samples, probs)
     assert stat < critical, (stat, critical)
+    if (probs > 0).sum() > 100:  # negative control: the same samples reject the tail reshuffled
+        stat, critical = chi_square_ok(samples, tail_shuffled(probs, keep=20))
+        assert stat > critical, (stat, critical)
 
 
 def test_top_p_cut_inside_a_run_of_ties_takes_lowest_ids():
