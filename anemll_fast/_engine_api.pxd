@@ -76,6 +76,10 @@ cdef extern from "backends/callback_backend.h" namespace "anemll" nogil:
     int64_t callback_handle_id(const void* handle)
 
 
+cdef extern from "backends/alloc_probe_backend.h" namespace "anemll" nogil:
+    anemll_backend* new_alloc_probe_backend(int mode)
+
+
 cdef extern from "engine/alloc_hook.h" namespace "anemll" nogil:
     void set_alloc_counting(cbool on)
     uint64_t alloc_count()

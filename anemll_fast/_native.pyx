@@ -67,6 +67,42 @@ def alloc_probe_once():
     alloc_probe()
 
 
+_ALLOC_PROBES = {"none": 0, "copy": 1, "string": 2, "malloc": 3, "ostringstream": 4}
+
+cdef extern from "<dlfcn.h>" nogil:
+    void* dlopen(const char* filename, int flags)
+    void* dlsym(void* handle, const char* symbol)
+    int RTLD_LAZY
+
+ctypedef void (*_window_begin_t)() noexcept nogil
+ctypedef uint64_t (*_window_end_t)() noexcept nogil
+
+
+def _count_step_allocations(NativeEngine engine, int32_t token, int64_t pos, int n):
+    """Heap allocations of the whole process during n decode steps (token fed at pos, then each sampled
+    token), counted by a preloaded counter library (tests/malloc_counter.c); the steps run in C between
+    its window calls, so nothing of Python's is counted. Returns (count, last token)."""
+    cdef void* me = dlopen(NULL, RTLD_LAZY)
+    cdef _window_begin_t begin = <_window_begin_t>dlsym(me, "anemll_alloc_window_begin")
+    cdef _window_end_t end = <_window_end_t>dlsym(me, "anemll_alloc_window_end")
+    if begin == NULL or end == NULL:
+        raise RuntimeError("no allocation counter is preloaded (LD_PRELOAD the library of tests/malloc_counter.c)")
+    cdef int rc = 0
+    cdef int i
+    cdef int32_t tok = token
+    cdef uint64_t count
+    with nogil:
+        begin()
+        for i in range(n):
+            rc = engine.eng.step(tok, pos + i, &tok)
+            if rc != 0:
+                break
+        count = end()
+    if rc != 0:
+        engine._raise(rc)
+    return count, tok
+
+
 def _view(size_t address, size_t nbytes, dtype, shape, strides=None):
     """A writable numpy view over native memory (no copy); strides in elements (None: dense)."""
     if nbytes == 0:
@@ -138,6 +174,19 @@ cdef class NullBackend(Backend):
 
     def __cinit__(self, buffer_row_pad=None):
         self.be = new_null_backend(_row_pad(buffer_row_pad))
+        if self.be == NULL:
+            raise MemoryError()
+
+
+cdef class AllocProbeBackend(Backend):
+    """Test-only (tests/test_alloc_process.py): the null backend ("none"), one copying outputs it holds in
+    padded rows into the bound buffers ("copy"), or one allocating in every predict ("string", "malloc",
+    "ostringstream": the negative controls of the allocation counter)."""
+
+    def __cinit__(self, mode="none"):
+        if mode not in _ALLOC_PROBES:
+            raise ValueError(f"mode: expected one of {list(_ALLOC_PROBES)}, got {mode!r}")
+        self.be = new_alloc_probe_backend(_ALLOC_PROBES[mode])
         if self.be == NULL:
             raise MemoryError()
 
