@@ -11,6 +11,7 @@ is there to see (an epsilon, a rounding mode, a mask).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -405,7 +406,7 @@ def test_state_ops_read_write_and_coreml_update_state(tmp_path):
     w = next(i for i, line in enumerate(lines) if "write_state(" in line)
     # The write_state + read_state pair back into the one op compiled models hold.
     assert "read_state(input = s)" in lines[w + 1] and "coreml_update_state_0 =" in lines[w + 1]
-    value = lines[w].split("data = ")[1].split(",")[0]
+    value = re.search(r"data = (\w+)", lines[w]).group(1)  # argument order varies
     lines[w:w + 2] = [f'        tensor<fp16, [2, 3]> coreml_update_state_0 = coreml_update_state(state = s, '
                       f'value = {value})[name = string("coreml_update_state_0")];']
     (tmp_path / "s.mlmodelc" / "model.mil").write_text("\n".join(lines) + "\n")
