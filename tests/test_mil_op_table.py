@@ -357,9 +357,33 @@ def test_every_registered_op_has_a_case():
     assert set(CONSTEXPR) <= CONSTEXPR_COVERED, sorted(set(CONSTEXPR) - CONSTEXPR_COVERED)
 
 
-# constexpr ops are decoded at load; tests/test_mil_ops.py runs each against its definition.
+# constexpr ops are decoded at load: tests/test_mil_ops.py runs the quantization ones, the test below the rest.
 CONSTEXPR_COVERED = {"constexpr_lut_to_dense", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale",
                      "constexpr_cast", "constexpr_sparse_to_dense"}
+
+
+def test_constexpr_cast_and_sparse_to_dense(tmp_path):
+    src = r(2, 3).astype(np.float16)
+    dense = np.array([[0.0, 1.5, 0.0, -2.0, 0.0], [3.25, 0.0, 0.0, 0.5, 7.0]], np.float32)
+    bits = (dense.reshape(-1) != 0).astype(np.uint8)
+    mask = np.packbits(bits, bitorder="little")  # least significant bit first, row-major
+
+    @mb.program(input_specs=[mb.TensorSpec((1,), dtype=types.fp32)], opset_version=ct.target.iOS16)
+    def prog(x):
+        a = mb.constexpr_cast(source_val=src, output_dtype="fp32")
+        b = mb.constexpr_sparse_to_dense(nonzero_data=dense[dense != 0], mask=mask,
+                                         shape=np.array(dense.shape, np.uint32))
+        return mb.add(x=a, y=x, name="a"), mb.add(x=b, y=x, name="b")
+
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                       compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.EMPTY,
+                       skip_model_load=True)
+    path = str(tmp_path / "c.mlpackage")
+    model.save(path)
+    assert {"constexpr_cast", "constexpr_sparse_to_dense"} <= set(op_histogram(path)["main"])
+    o = ReferenceBackend.load(path).predict({"x": np.zeros(1, np.float32)})
+    np.testing.assert_array_equal(o["a"], src.astype(np.float32))
+    np.testing.assert_array_equal(o["b"], dense)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
