@@ -5,8 +5,11 @@ import glob
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 import yaml
+
+import anemll_fast
 
 from anemll_fast.convert.package import load_spec
 
@@ -48,6 +51,23 @@ def test_smollm2_gguf_converts_and_speaks_english(tmp_path):
     assert ids[:2] == [1, 4093]  # <|im_start|> is one special token
 
     src = load_gguf(GGUF)
-    ref = ReferenceDecoder(src.weights, src.config, max_len=256)
-    answer = tok.decode(ref.greedy(ids, 12, stop=tok.token_to_id("<|im_end|>")), skip_special_tokens=True)
+    assert src.config.rope_theta == 100000.0  # SmolLM2's freq_base: a converter ignoring it is caught below
+    # The reference decoder on the weights the converted files hold (fp16), against the converted model run by
+    # the native engine on the reference backend: same greedy tokens.
+    ref = ReferenceDecoder({k: v.astype(np.float16) for k, v in src.weights.items()}, src.config, max_len=256)
+    end = tok.token_to_id("<|im_end|>")
+    want = ref.greedy(ids, 12, stop=end)
+    answer = tok.decode(want, skip_special_tokens=True)
     assert "Paris" in answer, answer
+    with anemll_fast.load(out, backend="reference") as model:
+        eng = model.engine
+        got, logits = [], []
+        for t in eng.generate_tokens(ids, 12, stop_ids=[end]):
+            got.append(t)
+            logits.append(eng.logits())
+    assert got == want
+    # Teacher-forced logits at every step (|logits| up to ~33): fp16 against float32 differ by at most ~0.1
+    # here, RoPE with theta 10000 instead of SmolLM2's 100000 by 1.7 to 6.6 (greedy tokens alone miss it).
+    ref.reset()
+    expected = [ref.prefill(ids)] + [ref.step(t) for t in got[:-1]]
+    np.testing.assert_allclose(np.array(logits, np.float32), np.array(expected), rtol=0, atol=0.5)
