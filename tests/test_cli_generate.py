@@ -53,6 +53,7 @@ def test_generate_streams_text_and_prints_speeds(tiny):
     assert "prefill:" in res.stderr and "decode:" in res.stderr and "ttft:" in res.stderr
 
 
+@pytest.mark.slow
 def test_generate_seed_reproduces_and_differs_between_seeds(tiny):
     a = _sampled(tiny, 3)
     assert len(a) == 8 and _sampled(tiny, 3) == a  # a seed reproduces
@@ -63,6 +64,7 @@ def test_generate_seed_reproduces_and_differs_between_seeds(tiny):
     assert greedy not in [a] + others
 
 
+@pytest.mark.slow
 def test_chat_py_compatible_flags(tiny, tmp_path):
     import shutil
 

@@ -24,6 +24,7 @@ SETTINGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_converted_model_agrees_with_the_reference_decoder(tmp_path, name):
     m = build_tiny_model(tmp_path / "m", context_length=32, batch_size=8, vocab_size=512, num_chunks=2,
