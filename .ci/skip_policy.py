@@ -21,7 +21,7 @@ from typing import Dict, List, Tuple
 # should fail CI until someone decides it is legitimate.
 PLATFORM = [
     r"\bonly on macOS\b", r"\bmacOS only\b", r"\boff[- ]macOS\b", r"\bonly used off macOS\b",
-    r"\(Linux only\)", r"^this build has the Core ML backend$",
+    r"\(Linux only\)", r"^this build has the Core ML backend$", r"^the symbol table check reads ELF\b",
 ]
 ASSET = re.compile(r"^(?P<asset>\S+) is absent$")
 

