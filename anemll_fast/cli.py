@@ -18,6 +18,7 @@ _SUBCOMMANDS = [
     "anemll_fast.inspect",
     "anemll_fast.convert.cli",
     "anemll_fast.server.cli",
+    "anemll_fast.cli_cache",
 ]
 
 

@@ -51,7 +51,8 @@ def read_model_io(path: Union[str, Path]) -> ModelIO:
     The files are read by the MIL loader (anemll_fast.mil), without weights:
     one reader of the protobuf and of model.mil text for the whole package.
     """
-    from anemll_fast.mil import MilError, load_program
+    from anemll_fast.mil import MilError
+    from anemll_fast.program_cache import load_program
 
     path = Path(path)
     if not path.exists():

@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from anemll_fast.mil.errors import MilFormatError, MilInputError, StateSpecError
-from anemll_fast.mil.loader import load_program
 from anemll_fast.mil.ops.state import StateBuffer
 from anemll_fast.mil.plan import Plan, check_supported, from_compute, to_compute
 from anemll_fast.mil.program import NUMPY_DTYPES, FeatureSpec, Program
@@ -206,9 +205,13 @@ class ReferenceBackend:
 
     @staticmethod
     def load(path: str, function_name: Optional[str] = None) -> ReferenceModel:
+        from anemll_fast.program_cache import load_program
+
         program = load_program(path)
         check_supported(program)  # every function, so a gap shows at load, not mid-generation
-        return ReferenceModel(program, function_name)
+        # Functions of one file share its decoded constants and plans, however they are loaded.
+        shared = program.__dict__.setdefault("_reference_cache", {"consts": {}, "plans": {}})
+        return ReferenceModel(program, function_name, shared)
 
 
 def load(path: str, function_name: Optional[str] = None) -> ReferenceModel:

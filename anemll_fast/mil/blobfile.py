@@ -101,16 +101,19 @@ class BlobReader:
             )
         return BLOB_DTYPES[code], nbytes, data_off, pad_bits
 
-    def read(self, offset: int, dtype: str, shape: Tuple[int, ...], name: str = "") -> np.ndarray:
-        """Decode the blob at `offset` as a tensor<dtype, shape> (a fresh, writable array)."""
+    def read(self, offset: int, dtype: str, shape: Tuple[int, ...], name: str = "",
+             widen: bool = False) -> np.ndarray:
+        """Decode the blob at `offset` as a tensor<dtype, shape> (a fresh, writable array).
+
+        widen: fp16 comes back as float32 (exact), the form the reference
+        backend computes on, in the same single pass over the bytes."""
         blob_dtype, nbytes, data_off, _pad = self.metadata(offset)
         where = f"weight file {self.path}, blob at offset {offset}" + (f" (tensor {name})" if name else "")
         if blob_dtype != dtype:
             raise WeightFileError(f"{where}: blob holds {blob_dtype} but the program declares {dtype}")
         count = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-        # bytes copy, never a view: a view would pin the mmap open after an error
-        raw = np.frombuffer(self._buf[data_off:data_off + nbytes], dtype=np.uint8)
         if dtype in SUB_BYTE_BITS:
+            raw = np.frombuffer(self._buf[data_off:data_off + nbytes], dtype=np.uint8)
             nbits = SUB_BYTE_BITS[dtype]
             if nbytes * 8 < count * nbits:
                 raise WeightFileError(f"{where}: {nbytes} bytes cannot hold {count} {dtype} values")
@@ -123,10 +126,16 @@ class BlobReader:
             raise WeightFileError(
                 f"{where}: blob has {nbytes} bytes but tensor<{dtype}, {list(shape)}> needs {count * width}"
             )
-        arr = raw.view(_RAW_NUMPY[dtype]).reshape(shape)
-        if dtype == "bf16":
-            return bf16_to_fp32(arr).reshape(shape)
-        return arr.astype(NUMPY_DTYPES[dtype], copy=True)
+        # A view of the mapping, copied at once (one pass over the bytes) and
+        # dropped before returning, so that close() never finds it exported.
+        view = np.frombuffer(self._buf, dtype=_RAW_NUMPY[dtype], count=count, offset=data_off)
+        try:
+            if dtype == "bf16":
+                return bf16_to_fp32(view).reshape(shape)
+            target = np.float32 if widen and dtype == "fp16" else NUMPY_DTYPES[dtype]
+            return view.astype(target, copy=True).reshape(shape)
+        finally:
+            del view
 
     def close(self) -> None:
         if isinstance(self._buf, mmap.mmap):
@@ -191,6 +200,9 @@ class BlobCache:
             self._readers[key] = BlobReader(path)
         return self._readers[key]
 
+    def read(self, ref: "BlobRef", name: str = "", widen: bool = False) -> np.ndarray:
+        return self.reader(ref.path).read(ref.offset, ref.dtype, ref.shape, name=name, widen=widen)
+
     def close(self) -> None:
         for r in self._readers.values():
             r.close()
@@ -211,6 +223,22 @@ def resolve_blob_path(ref: str, model_path_dir: str, source: Optional[str] = Non
     return full
 
 
-def placeholder(dtype: str, shape: Tuple[int, ...]) -> np.ndarray:
-    """A zero-memory stand-in for a blob when only the program's structure is wanted."""
-    return np.broadcast_to(np.zeros((), dtype=NUMPY_DTYPES[dtype]), tuple(shape))
+class BlobRef:
+    """Where a weight tensor lives (file, metadata offset, dtype, shape), unread.
+
+    A program loaded without weights holds these instead of arrays: its
+    structure can be cached and its weights read later (`BlobCache.read`)."""
+
+    __slots__ = ("path", "offset", "dtype", "shape")
+
+    def __init__(self, path: str, offset: int, dtype: str, shape: Tuple[int, ...]):
+        self.path, self.offset, self.dtype, self.shape = path, int(offset), dtype, tuple(shape)
+
+    def __getstate__(self) -> Tuple[str, int, str, Tuple[int, ...]]:
+        return (self.path, self.offset, self.dtype, self.shape)
+
+    def __setstate__(self, state: Tuple[str, int, str, Tuple[int, ...]]) -> None:
+        self.path, self.offset, self.dtype, self.shape = state
+
+    def __repr__(self) -> str:
+        return f"BlobRef({self.path!r}, offset={self.offset}, {self.dtype}{list(self.shape)})"

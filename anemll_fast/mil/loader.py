@@ -11,7 +11,8 @@ from anemll_fast.mil.program import Program
 def load_program(path: str, read_weights: bool = True) -> Program:
     """Read an .mlpackage (model.mlmodel protobuf) or .mlmodelc (model.mil text) directory.
 
-    read_weights=False skips weight blobs (zero placeholders): structure only, fast."""
+    read_weights=False leaves weight blobs unread (BlobRef in place of arrays):
+    structure only, fast; anemll_fast.program_cache reads them later."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise MilFormatError(f"{path}: no such model directory (expected an .mlpackage or .mlmodelc)")

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from anemll_fast.mil.blobfile import BlobCache, placeholder, resolve_blob_path, unpack_bits
+from anemll_fast.mil.blobfile import BlobCache, BlobRef, resolve_blob_path, unpack_bits
 from anemll_fast.mil.errors import MilFormatError
 from anemll_fast.mil.program import (
     NUMPY_DTYPES, SUB_BYTE_BITS, Block, FeatureSpec, Function, FunctionSpec, Op, OtherType, Program,
@@ -162,7 +162,7 @@ class _ProtoLoader:
                 raise MilFormatError(f"{self.source}: {where}: weight blob without a static tensor type")
             path = resolve_blob_path(v.blobFileValue.fileName, self.model_dir, self.source)
             if not self.read_weights:
-                return Value(t, placeholder(t.dtype, tuple(t.shape)))
+                return Value(t, BlobRef(path, int(v.blobFileValue.offset), t.dtype, tuple(t.shape)))
             return Value(t, self.blobs.reader(path).read(int(v.blobFileValue.offset), t.dtype,
                                                        tuple(t.shape), name=where))
         if which == "immediateValue":

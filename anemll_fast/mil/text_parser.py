@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from anemll_fast.mil.blobfile import BlobCache, placeholder, resolve_blob_path
+from anemll_fast.mil.blobfile import BlobCache, BlobRef, resolve_blob_path
 from anemll_fast.mil.errors import MilFormatError
 from anemll_fast.mil.program import (
     NUMPY_DTYPES, FeatureSpec, Function, FunctionSpec, Op, OtherType, Program, StateType, TensorType,
@@ -344,7 +344,7 @@ class _Parser:
             raise self.error(f"bad BLOBFILE offset ({e})", start) from e
         path = resolve_blob_path(fields["path"], self.model_dir, self.source)
         if not self.read_weights:
-            return placeholder(t.dtype, tuple(t.shape))
+            return BlobRef(path, offset, t.dtype, tuple(t.shape))
         return self.blobs.reader(path).read(offset, t.dtype, tuple(t.shape))
 
     def literal(self) -> Any:
@@ -472,7 +472,7 @@ def parse_mil_text(text: str, source: str = "model.mil", model_dir: str = ".",
                    blobs: Optional[BlobCache] = None, default_function: Optional[str] = None,
                    read_weights: bool = True) -> Program:
     """Parse model.mil text. BLOBFILE paths resolve under model_dir (the .mlmodelc directory);
-    with read_weights=False they become zero placeholders (structure only, e.g. op histograms)."""
+    with read_weights=False they stay unread BlobRefs (structure only, e.g. op histograms)."""
     own = blobs is None
     cache = BlobCache() if own else blobs
     # A model.mil of a 135M model is ~400k tokens and ~1M small objects, none

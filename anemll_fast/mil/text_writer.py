@@ -13,10 +13,10 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from anemll_fast.mil.blobfile import BlobWriter
+from anemll_fast.mil.blobfile import BlobRef, BlobWriter
 from anemll_fast.mil.errors import MilError
 from anemll_fast.mil.program import (
-    SUB_BYTE_BITS, FeatureSpec, Function, Op, OtherType, Program, TensorType, Value,
+    NUMPY_DTYPES, SUB_BYTE_BITS, FeatureSpec, Function, Op, OtherType, Program, TensorType, Value,
 )
 
 WEIGHT_REF = "@model_path/weights/weight.bin"
@@ -87,6 +87,8 @@ class _Writer:
             if t.shape == ():
                 return f"string({json.dumps(str(data))})"
             return f"{t}({_py_literal(list(np.asarray(data).reshape(-1)))})"
+        if isinstance(data, BlobRef):  # unread weights (structure only) are written as zeros
+            data = np.zeros(data.shape, dtype=NUMPY_DTYPES[data.dtype])
         arr = np.asarray(data)
         if t.shape == ():
             return f"{t.dtype}({_scalar(arr.reshape(()).item(), t.dtype)})"

@@ -1,0 +1,308 @@
+"""Loaded ML Programs, cached on disk and once per process.
+
+Parsing a model file (a protobuf spec of tens of thousands of ops, or
+model.mil text) costs seconds; reading its weights costs what the disk
+gives. So the parsed program is stored, weights left out (each weight tensor
+becomes a BlobRef: file, offset, dtype, shape), in
+`<cache>/programs/<key>.pkl`, and a later load reads that structure and then
+only the weight bytes.
+
+- Key: the model directory's real path, the package and format versions, and
+  for every file the program depends on its size and mtime; the spec file
+  (model.mlmodel / model.mil) is also hashed whole, the weight files by their
+  first and last 64 KiB (hashing hundreds of MB would cost as much as reading
+  them; a changed weight file also changes its size or mtime, and every blob
+  read checks its own header).
+- Safe across processes: an entry is written to a temporary file in the
+  same directory and renamed into place, so readers see a whole entry or
+  none. A corrupt, truncated or foreign entry is ignored and rewritten.
+- Entries are pickles read through an unpickler that only builds the IR's
+  own classes and numpy arrays, never arbitrary objects.
+- Within a process each file is parsed once (the structure is memoized as
+  its pickled bytes) and the weights of a program in use are shared by every
+  function loaded from it (the reference backend loads `prefill` and `infer`
+  of one chunk file).
+
+`ANEMLL_FAST_PROGRAM_CACHE` names another directory, or `off` disables the
+disk cache. `anemll-fast cache clear` empties it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from anemll_fast.mil.blobfile import BlobCache, BlobRef
+from anemll_fast.mil.loader import load_program as _parse
+from anemll_fast.mil.program import Program, Value
+
+log = logging.getLogger("anemll_fast")
+
+FORMAT = 1  # bump when the IR classes change shape
+MAGIC = b"ANEMLL_FAST_PROGRAM\n"
+MAX_ENTRIES = 256  # oldest entries beyond this are removed after a write
+_EDGE = 64 * 1024
+
+_lock = threading.Lock()
+_structures: Dict[str, bytes] = {}  # key -> pickled structure, this process
+_parsed: Dict[str, Tuple[Program, List[Value]]] = {}  # key -> structure, weights unread (a few)
+_MAX_PARSED = 8
+_loaded: "weakref.WeakValueDictionary[str, Program]" = weakref.WeakValueDictionary()  # key -> with weights
+
+
+def cache_dir() -> Optional[Path]:
+    """Where entries live; None when the disk cache is off."""
+    env = os.environ.get("ANEMLL_FAST_PROGRAM_CACHE")
+    if env is not None and env.strip().lower() in ("0", "off", "false", "no", ""):
+        return None
+    if env:
+        return Path(env).expanduser()
+    from anemll_fast.default_model import cache_root
+
+    return cache_root() / "programs"
+
+
+def clear() -> int:
+    """Remove every entry (and this process's memo); returns how many files went."""
+    with _lock:
+        _structures.clear()
+        _parsed.clear()
+    folder = cache_dir()
+    if folder is None or not folder.is_dir():
+        return 0
+    n = 0
+    for f in folder.iterdir():
+        if f.is_file() and (f.suffix == ".pkl" or f.name.startswith(".tmp")):
+            try:
+                f.unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+    return n
+
+
+# ------------------------------------------------------------------ the key
+def _files(path: str) -> Tuple[Path, List[Path]]:
+    """(the spec file, the other files the program reads) of a model directory."""
+    root = Path(path)
+    if (root / "model.mil").is_file():
+        spec = root / "model.mil"
+    else:
+        from anemll_fast.mil.proto_loader import find_root_model
+
+        spec = Path(find_root_model(path)[0])
+    others = sorted(p for p in root.rglob("*") if p.is_file() and p != spec)
+    return spec, others
+
+
+def _fingerprint(f: Path, whole: bool) -> List[Any]:
+    st = f.stat()
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        if whole or st.st_size <= 2 * _EDGE:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(fh.read(_EDGE))
+            fh.seek(-_EDGE, os.SEEK_END)
+            h.update(fh.read(_EDGE))
+    return [st.st_size, st.st_mtime_ns, h.hexdigest()]
+
+
+def program_key(path: str) -> str:
+    """The cache key of the model directory at `path` (see the module docstring)."""
+    from anemll_fast import __version__
+
+    real = os.path.realpath(path)
+    spec, others = _files(real)
+    parts: List[Any] = [FORMAT, __version__, real, os.path.relpath(spec, real), _fingerprint(spec, True)]
+    for f in others:
+        parts.append([os.path.relpath(f, real), _fingerprint(f, False)])
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+# -------------------------------------------------------------- the entries
+_ALLOWED = {
+    ("anemll_fast.mil.program", n) for n in
+    ("Program", "Function", "Op", "Var", "Value", "TensorType", "StateType", "OtherType", "FeatureSpec",
+     "FunctionSpec")
+} | {("anemll_fast.mil.blobfile", "BlobRef")} | {
+    (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")
+} | {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")} | {("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "set"), ("builtins", "frozenset"),
+     ("builtins", "complex"), ("builtins", "slice")}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name} in a program cache entry")
+        return super().find_class(module, name)
+
+
+def _blob_values(program: Program) -> List[Value]:
+    """Every constant of the program whose data is an unread BlobRef."""
+    out: List[Value] = []
+
+    def visit(v: Any) -> None:
+        if isinstance(v, Value) and isinstance(v.data, BlobRef):
+            out.append(v)
+
+    for fn in program.functions.values():
+        for v in fn.attributes.values():
+            visit(v)
+        for op in fn.ops:
+            for v in op.attributes.values():
+                visit(v)
+            for binds in op.inputs.values():
+                for b in binds:
+                    visit(b)
+    return out
+
+
+def _dumps(program: Program, key: str) -> bytes:
+    body = pickle.dumps({"key": key, "program": program, "blobs": _blob_values(program)},
+                        protocol=pickle.HIGHEST_PROTOCOL)
+    return MAGIC + FORMAT.to_bytes(4, "little") + body
+
+
+def _loads(data: bytes, key: str) -> Tuple[Program, List[Value]]:
+    if not data.startswith(MAGIC) or int.from_bytes(data[len(MAGIC):len(MAGIC) + 4], "little") != FORMAT:
+        raise ValueError("not a program cache entry of this format")
+    entry = _Unpickler(io.BytesIO(data[len(MAGIC) + 4:])).load()
+    if not isinstance(entry, dict) or entry.get("key") != key or not isinstance(entry.get("program"), Program):
+        raise ValueError("entry of another key")
+    return entry["program"], entry["blobs"]
+
+
+def _read_entry(folder: Path, key: str) -> Optional[Tuple[bytes, Tuple[Program, List[Value]]]]:
+    f = folder / f"{key}.pkl"
+    try:
+        data = f.read_bytes()
+        return data, _loads(data, key)  # checked whole before anyone relies on it
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - any damage means: rebuild it
+        log.warning("anemll_fast: ignoring a damaged program cache entry %s (%s)", f, exc)
+        return None
+
+
+def _write_entry(folder: Path, key: str, data: bytes) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, folder / f"{key}.pkl")  # atomic: readers see all of it or nothing
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        _prune(folder)
+    except OSError as exc:  # a read-only or full disk costs speed, never the load
+        log.warning("anemll_fast: cannot write the program cache in %s (%s)", folder, exc)
+
+
+def _prune(folder: Path) -> None:
+    entries = []
+    for f in folder.glob("*.pkl"):
+        try:
+            entries.append((f.stat().st_mtime, f))
+        except FileNotFoundError:
+            pass
+    for _, f in sorted(entries)[:-MAX_ENTRIES]:
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _structure(path: str, key: str) -> Tuple[Program, List[Value]]:
+    """A fresh copy of the structure of the program at `path`, from this
+    process's memo, else the disk cache, else parsed (and stored)."""
+    with _lock:
+        data = _structures.get(key)
+    if data is not None:
+        return _loads(data, key)
+    folder = cache_dir()
+    entry = _read_entry(folder, key) if folder is not None else None
+    if entry is not None:
+        data, parsed = entry
+    else:
+        program = _parse(path, read_weights=False)
+        data = _dumps(program, key)
+        parsed = (program, _blob_values(program))
+        if folder is not None:
+            _write_entry(folder, key, data)
+    with _lock:
+        _structures[key] = data
+    return parsed
+
+
+def _read_weights(blobs: List[Value]) -> None:
+    """Replace each BlobRef by its array; numpy converts without the GIL, so
+    the larger tensors are read on a few threads."""
+    reader = BlobCache()
+    try:
+        for v in blobs:  # opens (and checks) every weight file first, on this thread
+            reader.reader(v.data.path)
+        big = [v for v in blobs if v.data.dtype == "fp16" and np.prod(v.data.shape) >= (1 << 16)]
+        small = [v for v in blobs if not (v.data.dtype == "fp16" and np.prod(v.data.shape) >= (1 << 16))]
+
+        def one(v: Value) -> None:
+            v.data = reader.read(v.data, widen=True)
+
+        for v in small:
+            one(v)
+        workers = min(4, os.cpu_count() or 1)
+        if workers > 1 and len(big) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(one, big))
+        else:
+            for v in big:
+                one(v)
+    finally:
+        reader.close()
+
+
+# ----------------------------------------------------------------- the API
+def load_program(path: str, read_weights: bool = True) -> Program:
+    """As anemll_fast.mil.load_program, through the caches.
+
+    With read_weights=False weights stay BlobRefs (unless the program is
+    already loaded with them). With weights, one Program object is shared
+    while it is in use, so that its decoded constants are too; its fp16
+    constants are held widened to float32 (exact), the form the reference
+    backend computes on, so they are converted once, while being read.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return _parse(path, read_weights)  # the loader's own error
+    key = program_key(path)
+    with _lock:
+        hit = _loaded.get(key)
+        parsed = _parsed.pop(key, None) if read_weights else _parsed.get(key)
+    if hit is not None:
+        return hit
+    if parsed is None:
+        parsed = _structure(path, key)
+    program, blobs = parsed
+    if not read_weights:
+        with _lock:
+            _parsed[key] = parsed
+            while len(_parsed) > _MAX_PARSED:
+                _parsed.pop(next(iter(_parsed)))
+        return program
+    _read_weights(blobs)
+    with _lock:
+        return _loaded.setdefault(key, program)

@@ -1,0 +1,256 @@
+"""The on-disk cache of loaded programs (anemll_fast.program_cache) and `anemll-fast cache`."""
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import anemll_fast
+from anemll_fast import program_cache
+from anemll_fast.backends.reference import ReferenceBackend
+from anemll_fast.cli import main as cli_main
+from anemll_fast.testing.tiny import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "programs"
+    monkeypatch.setenv("ANEMLL_FAST_PROGRAM_CACHE", str(folder))
+    forget()
+    yield folder
+    forget()
+
+
+def forget():
+    """This process's memos, as a new process starts."""
+    program_cache._structures.clear()
+    program_cache._parsed.clear()
+    program_cache._loaded.clear()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("pc") / "m", arch="llama", num_chunks=1,
+                            context_length=32, batch_size=8, seed=5)
+
+
+def chunk(tiny):
+    return str(next(tiny.path.glob("*FFN*chunk_01of01.mlpackage")))
+
+
+@pytest.fixture
+def parses(monkeypatch):
+    calls = []
+    real = program_cache._parse
+
+    def counting(path, read_weights=True):
+        calls.append(os.path.basename(path))
+        return real(path, read_weights)
+
+    monkeypatch.setattr(program_cache, "_parse", counting)
+    return calls
+
+
+def run(model, fn="infer", pos=3):
+    m = model.function(fn)
+    h = np.random.default_rng(0).standard_normal((1, 1, 64)).astype(np.float16)
+    inputs = {"hidden_states": h, "position_ids": np.array([pos], np.int32),
+              "causal_mask": np.zeros((1, 1, 1, 32), np.float16), "current_pos": np.array([pos], np.int32)}
+    state = m.make_state()
+    return m.predict(inputs, state)["output_hidden_states"]
+
+
+def entries(folder):
+    return sorted(folder.glob("*.pkl"))
+
+
+def test_second_load_is_a_hit_and_computes_the_same(cache, tiny, parses):
+    first = run(ReferenceBackend.load(chunk(tiny)))
+    assert parses == [os.path.basename(chunk(tiny))] and len(entries(cache)) == 1
+    forget()
+    again = run(ReferenceBackend.load(chunk(tiny)))
+    assert parses == [os.path.basename(chunk(tiny))]  # read from the entry, not parsed again
+    np.testing.assert_array_equal(first, again)
+
+
+def test_a_load_parses_and_reads_each_file_once(cache, tiny, parses, monkeypatch):
+    reads = []
+    real = program_cache._read_weights
+    monkeypatch.setattr(program_cache, "_read_weights", lambda blobs: (reads.append(len(blobs)), real(blobs)))
+    with anemll_fast.load(tiny.path, backend="reference") as model:
+        parts = sorted(p.name for p in tiny.path.glob("*.mlpackage"))
+        assert sorted(parses) == parts  # the config reader and the backend share one parse per file
+        assert len(reads) == len(parts)  # prefill and infer of the chunk share its weights
+        assert anemll_fast.generate(model, [1, 2, 3], max_tokens=3) is not None
+
+
+def test_changed_file_misses(cache, tiny, parses, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.mlpackage"
+    shutil.copytree(chunk(tiny), copy)
+    before = run(ReferenceBackend.load(str(copy)))
+    forget()
+    weights = copy / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    raw = bytearray(weights.read_bytes())
+    # Change the first fp16 weight of the last blob, keeping the size (the mtime moves).
+    time.sleep(0.01)
+    last = raw.rfind(b"\xef\xbe\xad\xde")
+    data_off = int.from_bytes(raw[last + 16:last + 24], "little")
+    raw[data_off:data_off + 2] = np.float16(7.0).tobytes()
+    weights.write_bytes(bytes(raw))
+    after = run(ReferenceBackend.load(str(copy)))
+    assert parses == ["copy.mlpackage", "copy.mlpackage"]
+    assert len(entries(cache)) == 2
+    assert not np.array_equal(before, after)  # the new weight is in use
+    # An edit of the spec itself with its size and mtime kept still changes the key (hashed whole).
+    spec = copy / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    key = program_cache.program_key(str(copy))
+    st = spec.stat()
+    body = bytearray(spec.read_bytes())
+    body[len(body) // 2] ^= 1
+    spec.write_bytes(bytes(body))
+    os.utime(spec, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert program_cache.program_key(str(copy)) != key
+
+
+def test_key_follows_size_mtime_and_hash_of_large_files(tmp_path):
+    d = tmp_path / "big.mlmodelc"
+    (d / "weights").mkdir(parents=True)
+    spec, weights = d / "model.mil", d / "weights" / "weight.bin"
+    spec.write_bytes(b"x" * 300_000)
+    weights.write_bytes(b"w" * 1_000_000)
+    keys = {program_cache.program_key(str(d))}
+
+    def edit(f, where, keep_mtime):
+        st = f.stat()
+        body = bytearray(f.read_bytes())
+        body[where] ^= 1
+        f.write_bytes(bytes(body))
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns if keep_mtime else st.st_mtime_ns + 10**9))
+        return program_cache.program_key(str(d))
+
+    keys.add(edit(spec, 150_000, keep_mtime=True))  # the spec is hashed whole
+    keys.add(edit(weights, 500_000, keep_mtime=False))  # weights: mtime
+    keys.add(edit(weights, 10, keep_mtime=True))  # weights: their first and last 64 KiB
+    keys.add(edit(weights, 999_990, keep_mtime=True))
+    weights.write_bytes(b"w" * 1_000_001)
+    keys.add(program_cache.program_key(str(d)))  # size
+    assert len(keys) == 6
+
+
+def test_key_holds_the_package_version(cache, tiny, monkeypatch):
+    key = program_cache.program_key(chunk(tiny))
+    monkeypatch.setattr(anemll_fast, "__version__", "99.0")
+    assert program_cache.program_key(chunk(tiny)) != key
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "other_key", "foreign_class"])
+def test_damaged_entry_is_ignored_and_rebuilt(cache, tiny, parses, damage, caplog):
+    path = chunk(tiny)
+    expected = run(ReferenceBackend.load(path))
+    forget()
+    (entry,) = entries(cache)
+    data = entry.read_bytes()
+    if damage == "garbage":
+        entry.write_bytes(b"\x00" * 100)
+    elif damage == "truncated":
+        entry.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        entry.write_bytes(b"")
+    elif damage == "other_key":
+        program, _ = program_cache._loads(data, program_cache.program_key(path))
+        entry.write_bytes(program_cache._dumps(program, "0" * 64))
+    else:  # a pickle that would run code when loaded
+        entry.write_bytes(program_cache.MAGIC + program_cache.FORMAT.to_bytes(4, "little")
+                          + pickle.dumps(os.system))
+    np.testing.assert_array_equal(run(ReferenceBackend.load(path)), expected)
+    assert len(parses) == 2  # parsed again
+    assert "damaged program cache entry" in caplog.text
+    forget()
+    ReferenceBackend.load(path)
+    assert len(parses) == 2  # the rebuilt entry is whole again
+
+
+def test_unwritable_cache_costs_speed_not_the_load(tmp_path, monkeypatch, tiny, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ANEMLL_FAST_PROGRAM_CACHE", str(blocker / "programs"))
+    forget()
+    ReferenceBackend.load(chunk(tiny))
+    assert "cannot write the program cache" in caplog.text
+    monkeypatch.setenv("ANEMLL_FAST_PROGRAM_CACHE", "off")
+    assert program_cache.cache_dir() is None
+    forget()
+    ReferenceBackend.load(chunk(tiny))
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from anemll_fast import program_cache
+folder, key, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+data = program_cache.MAGIC + bytes([int(sys.argv[4])]) * (8 << 20)
+for _ in range(n):
+    program_cache._write_entry(folder, key, data)
+"""
+
+_READER = """
+import sys, time
+from pathlib import Path
+folder, key, deadline = Path(sys.argv[1]), sys.argv[2], time.time() + float(sys.argv[3])
+seen = torn = 0
+while time.time() < deadline:
+    try:
+        data = (folder / (key + ".pkl")).read_bytes()
+    except FileNotFoundError:
+        continue
+    seen += 1
+    body = data[len(b"ANEMLL_FAST_PROGRAM\\n"):]
+    if len(body) != 8 << 20 or body.count(body[:1]) != len(body):
+        torn += 1
+print(seen, torn)
+"""
+
+
+def test_concurrent_writers_never_show_a_partial_entry(tmp_path):
+    key = "k" * 64
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), key, "6", str(i + 1)], env=env)
+               for i in range(3)]
+    reader = subprocess.run([sys.executable, "-c", _READER, str(tmp_path), key, "4"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    for w in writers:
+        assert w.wait(timeout=60) == 0
+    seen, torn = map(int, reader.stdout.split())
+    assert seen > 0 and torn == 0
+    assert [p.name for p in tmp_path.iterdir()] == [key + ".pkl"]  # no temporary file left behind
+
+
+def test_concurrent_first_loads(cache, tiny):
+    """Processes loading one model at once with an empty cache all succeed and leave whole entries."""
+    code = ("import sys, anemll_fast; m = anemll_fast.load(sys.argv[1], backend='reference'); "
+            "print(anemll_fast.generate(m, [1, 2, 3], max_tokens=4, seed=1) is not None)")
+    env = dict(os.environ, PYTHONPATH=str(REPO), ANEMLL_FAST_PROGRAM_CACHE=str(cache))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny.path)], env=env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["True"] * 3
+    names = sorted(p.name for p in cache.iterdir())
+    assert len(names) == len(list(tiny.path.glob("*.mlpackage"))) and all(n.endswith(".pkl") for n in names)
+    for f in cache.iterdir():
+        assert f.read_bytes().startswith(program_cache.MAGIC)
+
+
+def test_cache_cli_info_and_clear(cache, tiny, capsys):
+    ReferenceBackend.load(chunk(tiny))
+    assert cli_main(["cache"]) == 0
+    assert "1 entries" in capsys.readouterr().out
+    assert cli_main(["cache", "clear"]) == 0
+    assert "removed 1" in capsys.readouterr().out
+    assert entries(cache) == []
