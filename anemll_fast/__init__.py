@@ -1,6 +1,7 @@
 """anemll_fast: run ANEMLL (Apple Neural Engine) LLMs fast, with a native loop."""
 import logging as _logging
 import sys as _sys
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from anemll_fast.errors import AnemllError, ConfigError, HubError, ModelClosedError
 
@@ -30,10 +31,29 @@ _LAZY = {
     "load": "model", "Model": "model",
     "ChatSession": "chat",
     "SamplingSettings": "sampling",
+    "make_sampler": "sample_utils", "make_logits_processors": "sample_utils",
+    "save_prompt_cache": "prompt_cache", "load_prompt_cache": "prompt_cache",
+    "Tokenizer": "tokenizer",
     "Engine": "engine", "EngineError": "engine", "EngineInputError": "engine",
     "patch_coremltools": "coreml_compat",
     "hub": None,
 }
+
+
+if _TYPE_CHECKING:  # type checkers and IDEs see the real objects and signatures
+    from anemll_fast import hub
+    from anemll_fast.chat import ChatSession
+    from anemll_fast.config import ComponentConfig, ModelConfig, Shapes, TensorSpec
+    from anemll_fast.engine import Engine, EngineError, EngineInputError
+    from anemll_fast.model import Model, load
+    from anemll_fast.prompt_cache import load_prompt_cache, save_prompt_cache
+    from anemll_fast.sample_utils import make_logits_processors, make_sampler
+    from anemll_fast.sampling import SamplingSettings
+    from anemll_fast.tokenizer import Tokenizer
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name: str):

@@ -69,6 +69,8 @@ cdef extern from "backends/callback_backend.h" namespace "anemll" nogil:
         int (*bind)(void*, int64_t, const anemll_tensor*, int32_t, const anemll_tensor*, int32_t,
                     int64_t*, char*, size_t) noexcept
         int (*predict)(void*, int64_t, int64_t, char*, size_t) noexcept
+        int (*read_state)(void*, int64_t, const char*, void*, size_t, char*, size_t) noexcept
+        int (*write_state)(void*, int64_t, const char*, const void*, size_t, char*, size_t) noexcept
         void (*release)(void*, int, int64_t) noexcept
         int (*copy_state)(void*, int64_t, int64_t, char*, size_t) noexcept
     anemll_backend* new_callback_backend(const CallbackHooks& hooks, int64_t buffer_row_pad)
@@ -152,8 +154,19 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         vector[int64_t] part_sizes
         cbool sequential_prefill
         int64_t valid_vocab
+    cdef cppclass StateTensor:
+        int64_t state
+        string name
+        int32_t dtype
+        vector[int64_t] shape
+        size_t nbytes
     cdef cppclass Engine:
         Engine(const anemll_backend* backend)
+        cbool can_access_states()
+        int read_state(size_t i, void* dst, size_t nbytes)
+        int write_state(size_t i, const void* src, size_t nbytes)
+        int set_history(const int32_t* tokens, int64_t n)
+        vector[StateTensor] state_tensors()
         int init(const PipelineDesc& desc)
         int reset()
         int prefill(const int32_t* tokens, int64_t n, int64_t start)

@@ -375,6 +375,46 @@ cdef int _cb_copy_state(void* user, int64_t src_id, int64_t dst_id, char* err, s
         return _cb_fail(self, exc, err, err_size, ANEMLL_ERR_PREDICT)
 
 
+def _state_accessors(state):
+    """(read(name), write(name, array)) of a Python backend's state: ours
+    (read/write) or coremltools' MLState (read_state/write_state)."""
+    for r, w in (("read", "write"), ("read_state", "write_state")):
+        read, write = getattr(state, r, None), getattr(state, w, None)
+        if callable(read) and callable(write):
+            return read, write
+    raise TypeError(f"{type(state).__name__} has no read(name)/write(name, array) methods, "
+                    f"so its buffers cannot be saved or restored")
+
+
+cdef int _cb_read_state(void* user, int64_t state_id, const char* name, void* dst, size_t nbytes,
+                        char* err, size_t err_size) noexcept with gil:
+    cdef CallbackBackend self = <CallbackBackend>user
+    try:
+        read, _ = _state_accessors(self.objects[state_id][2])
+        arr = np.ascontiguousarray(read(name.decode()))
+        if arr.nbytes != nbytes:
+            raise ValueError(f"state {name.decode()!r} has {arr.nbytes} bytes, the engine expects {nbytes}")
+        _view(<size_t>dst, nbytes, np.uint8, (nbytes,))[:] = arr.reshape(-1).view(np.uint8)
+        return ANEMLL_OK
+    except BaseException as exc:
+        return _cb_fail(self, exc, err, err_size, ANEMLL_ERR_PREDICT)
+
+
+cdef int _cb_write_state(void* user, int64_t state_id, const char* name, const void* src, size_t nbytes,
+                         char* err, size_t err_size) noexcept with gil:
+    cdef CallbackBackend self = <CallbackBackend>user
+    try:
+        read, write = _state_accessors(self.objects[state_id][2])
+        like = np.asarray(read(name.decode()))
+        if like.nbytes != nbytes:
+            raise ValueError(f"state {name.decode()!r} has {like.nbytes} bytes, the engine gives {nbytes}")
+        raw = _view(<size_t>src, nbytes, np.uint8, (nbytes,)).copy()
+        write(name.decode(), raw.view(like.dtype).reshape(like.shape))
+        return ANEMLL_OK
+    except BaseException as exc:
+        return _cb_fail(self, exc, err, err_size, ANEMLL_ERR_PREDICT)
+
+
 cdef void _cb_release(void* user, int kind, int64_t obj_id) noexcept with gil:
     cdef CallbackBackend self = <CallbackBackend>user
     self.objects.pop(obj_id, None)
@@ -405,6 +445,8 @@ cdef class CallbackBackend(Backend):
         hooks.reset_state = _cb_reset_state
         hooks.bind = _cb_bind
         hooks.predict = _cb_predict
+        hooks.read_state = _cb_read_state
+        hooks.write_state = _cb_write_state
         hooks.release = _cb_release
         hooks.copy_state = _cb_copy_state
         self.be = new_callback_backend(hooks, _row_pad(buffer_row_pad))
@@ -898,6 +940,45 @@ cdef class NativeEngine:
     @property
     def state_count(self):
         return self.eng.state_count()
+
+    def state_tensors(self):
+        """[(state index, name, dtype code, shape, nbytes)] of the KV-cache states."""
+        return [(t.state, t.name.decode(), t.dtype, tuple(t.shape), t.nbytes) for t in self.eng.state_tensors()]
+
+    @property
+    def can_access_states(self):
+        return bool(self.eng.can_access_states())
+
+    def read_state(self, size_t i, out):
+        """Copy state tensor i into `out` (a C-contiguous array of exactly its size)."""
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out: expected a writable C-contiguous array")
+        cdef size_t ptr = out.ctypes.data
+        cdef size_t n = out.nbytes
+        cdef int rc
+        with nogil:
+            rc = self.eng.read_state(i, <void*>ptr, n)
+        if rc != 0:
+            self._raise(rc)
+
+    def write_state(self, size_t i, data):
+        """Copy `data` (C-contiguous, exactly the tensor's size) into state tensor i."""
+        arr = np.ascontiguousarray(data)
+        cdef size_t ptr = arr.ctypes.data
+        cdef size_t n = arr.nbytes
+        cdef int rc
+        with nogil:
+            rc = self.eng.write_state(i, <const void*>ptr, n)
+        if rc != 0:
+            self._raise(rc)
+
+    def set_history(self, tokens):
+        """Declare which tokens the (restored) KV cache holds."""
+        ids = np.ascontiguousarray(tokens, dtype=np.int32)
+        cdef const int32_t* ptr = <const int32_t*><size_t>ids.ctypes.data
+        cdef int rc = self.eng.set_history(ptr, ids.size)
+        if rc != 0:
+            self._raise(rc)
 
     @property
     def counters(self):

@@ -5,7 +5,8 @@ already holds (ANEMLL's own runners prefill the whole history every turn).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional
+import os
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 from anemll_fast.generate import GenerationResponse, settings_from, stream_tokens
 from anemll_fast.sampling import SamplingSettings
@@ -25,6 +26,7 @@ class ChatSession:
         self.context_shift = context_shift
         self.settings = settings_from(settings, kwargs)
         self.messages: List[Dict[str, Any]] = []
+        self.last_response: Optional[GenerationResponse] = None  # the last one streamed (stats)
         self.reset()
 
     def reset(self) -> None:
@@ -83,7 +85,12 @@ class ChatSession:
         try:
             for response in stream_tokens(self.model, ids, settings, context_shift=self.context_shift):
                 reply.append(response.text)
+                self.last_response = response
                 yield response
+        except (GeneratorExit, KeyboardInterrupt):
+            # The caller stopped the reply (break, close, Ctrl-C): what was said stays.
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
+            raise
         except BaseException:
             self.messages.pop()  # a failed turn leaves no half message behind
             raise
@@ -91,6 +98,34 @@ class ChatSession:
 
     def send(self, content: str, **overrides: Any) -> str:
         return "".join(r.text for r in self.stream(content, **overrides))
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Write the conversation and the model's KV cache to `path`, so that a
+        later `load` continues without prefilling the history again."""
+        from anemll_fast.prompt_cache import save_prompt_cache
+
+        session = {"system": self.system, "enable_thinking": self.enable_thinking, "messages": self.messages}
+        save_prompt_cache(path, self.model, _extra={"session": session})
+
+    def load(self, path: Union[str, "os.PathLike[str]"]) -> "ChatSession":
+        """Continue the conversation saved in `path` (by the same model): its
+        messages and KV cache replace this session's. Sampling settings stay."""
+        from anemll_fast.chat_template import check_messages
+        from anemll_fast.prompt_cache import PromptCacheError, read_prompt_cache, restore
+
+        header, history, states = read_prompt_cache(path)
+        session = header.get("session")
+        if not isinstance(session, dict):
+            raise PromptCacheError(f"{path}: a bare prompt cache, not a chat session (use load_prompt_cache)")
+        try:
+            messages = check_messages(session.get("messages") or []) if session.get("messages") else []
+        except ValueError as exc:
+            raise PromptCacheError(f"{path}: damaged session messages ({exc})") from None
+        restore(path, self.model, header, history, states)
+        self.system = session.get("system")
+        self.enable_thinking = session.get("enable_thinking")
+        self.messages = messages
+        return self
 
     @property
     def last_prefill_tokens(self) -> int:

@@ -120,7 +120,7 @@ def _prompt_ids(model: Any, args: argparse.Namespace) -> List[int]:
 def _stats_line(last: Any) -> str:
     return (f"prefill: {last.prefill_tokens} tokens, {last.prompt_tps:.1f} t/s | "
             f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} t/s | "
-            f"ttft: {last.ttft * 1000:.0f} ms | peak memory: {last.peak_memory:.0f} MB")
+            f"ttft: {last.ttft * 1000:.0f} ms | peak memory: {last.peak_memory * 1024:.0f} MB")
 
 
 def run_generate(args: argparse.Namespace) -> int:

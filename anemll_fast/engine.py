@@ -15,6 +15,11 @@ from anemll_fast.errors import AnemllError, ConfigError
 from anemll_fast.sampling import SamplingSettings
 
 
+# anemll_dtype codes (csrc/backends/backend_abi.h) -> numpy
+_NP_DTYPES = {1: np.float16, 2: np.float32, 3: np.float64, 4: np.int32, 5: np.int16, 6: np.int8, 7: np.uint8,
+              8: np.bool_}
+
+
 class EngineError(AnemllError):
     """The engine or its backend failed (the engine stays usable)."""
 
@@ -262,6 +267,39 @@ class Engine:
     def active_context(self) -> int:
         """The context size whose functions run now (context switching models start at the smallest)."""
         return self._eng.active_context
+    # ------------------------------------------------------ KV-cache state
+    def state_specs(self) -> List[Tuple[int, str, str, Tuple[int, ...]]]:
+        """(state index, name, numpy dtype, shape) of every KV-cache state tensor."""
+        return [(i, name, np.dtype(_NP_DTYPES[code]).name, tuple(shape))
+                for i, name, code, shape, _n in self._eng.state_tensors()]
+
+    def read_states(self) -> List[np.ndarray]:
+        """A copy of every KV-cache state tensor (order of state_specs)."""
+        out = []
+        for k, (_i, _name, code, shape, _n) in enumerate(self._eng.state_tensors()):
+            arr = np.empty(shape, dtype=_NP_DTYPES[code])
+            self._eng.read_state(k, arr)
+            out.append(arr)
+        return out
+
+    def write_states(self, arrays: Sequence[np.ndarray], history: Sequence[int]) -> None:
+        """Restore every state tensor (order of state_specs) and declare the
+        tokens the restored cache holds. On failure the cache holds nothing."""
+        specs = self._eng.state_tensors()
+        if len(arrays) != len(specs):
+            raise EngineInputError(f"states: {len(arrays)} arrays for {len(specs)} state tensors")
+        for k, ((_i, name, code, shape, _n), arr) in enumerate(zip(specs, arrays)):
+            arr = np.asarray(arr)
+            if arr.shape != tuple(shape) or arr.dtype != np.dtype(_NP_DTYPES[code]):
+                raise EngineInputError(f"state {name!r}: expected {np.dtype(_NP_DTYPES[code]).name} "
+                                       f"{list(shape)}, got {arr.dtype.name} {list(arr.shape)}")
+        try:
+            for k, arr in enumerate(arrays):
+                self._eng.write_state(k, np.asarray(arr))
+        except BaseException:
+            self._eng.reset()
+            raise
+        self._eng.set_history(self._ids(history, "history"))
 
     # ----------------------------------------------------------- generation
     def generate_tokens(

@@ -1,11 +1,18 @@
-"""generate / stream_generate: text in, text out, the loop in the native engine."""
+"""generate / stream_generate: text in, text out, the loop in the native engine.
+
+Two spellings, one implementation:
+- anemll_fast's: `generate(model, prompt, temperature=..., seed=...)`,
+- mlx-lm's: `generate(model, tokenizer, prompt=..., max_tokens=..., verbose=True,
+  sampler=make_sampler(...), logits_processors=make_logits_processors(...))`.
+"""
 from __future__ import annotations
 
 import resource
+import secrets
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union, overload
 
 from anemll_fast.detokenizer import StreamingDetokenizer
 from anemll_fast.sampling import SamplingSettings
@@ -30,14 +37,24 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     ttft: float  # seconds from the call to the first token
-    peak_memory: float  # MB, this process
+    peak_memory: float  # GB (as mlx-lm), peak resident memory of this process
     finish_reason: Optional[str] = None
     prefill_tokens: int = 0  # prompt tokens not found in the KV cache
+    seed: Optional[int] = None  # the sampler's seed: given, or drawn at random (pass it back to repeat a run)
+    from_draft: bool = False  # mlx-lm's field; no speculative decoding here
 
 
-def peak_memory_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+def peak_memory_gb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB on Linux
+    return rss / 1024 ** 3 if sys.platform == "darwin" else rss / 1024 ** 2
+
+
+def with_seed(settings: SamplingSettings) -> SamplingSettings:
+    """The settings with a seed: a random one when none is given (as mlx-lm and
+    llama-cpp-python), so that runs differ unless a seed makes them repeat."""
+    if settings.seed is not None:
+        return settings
+    return replace(settings, seed=secrets.randbits(63))
 
 
 def settings_from(settings: Optional[SamplingSettings], kwargs: Dict[str, Any]) -> SamplingSettings:
@@ -105,6 +122,7 @@ def stream_tokens(
     ctx = model.context_length
     if len(ids) > ctx:
         raise ValueError(f"prompt: {len(ids)} tokens do not fit the context length {ctx}")
+    settings = with_seed(settings)
     turn = _Turn(settings, len(ids) - 1)
     stop_ids = tok.eos_token_ids
     detok = StreamingDetokenizer(lambda t: tok.decode(t, skip_special_tokens=True), settings.stop)
@@ -131,8 +149,8 @@ def stream_tokens(
             prompt_tokens=len(ids), prompt_tps=(len(ids) - start) / ttft if ttft > 0 else 0.0,
             generation_tokens=generated,
             generation_tps=(generated - 1) / gen_time if generated > 1 and gen_time > 0 else 0.0,
-            ttft=ttft, peak_memory=peak_memory_mb(), finish_reason=finish_reason,
-            prefill_tokens=len(ids) - start,
+            ttft=ttft, peak_memory=peak_memory_gb(), finish_reason=finish_reason,
+            prefill_tokens=len(ids) - start, seed=settings.seed,
         )
 
     # ANEMLL models produce the first token from infer on the last prompt position.
@@ -178,22 +196,67 @@ def stream_tokens(
     yield response(detok.finish(), None, None, finish or "length")
 
 
+def _call(model: Any, tokenizer_or_prompt: Any, prompt: Any, settings: Optional[SamplingSettings],
+          sampler: Any, logits_processors: Any, kwargs: Dict[str, Any]) -> Tuple[List[int], SamplingSettings]:
+    """Prompt ids and settings from either spelling (see the module docstring)."""
+    if isinstance(prompt, SamplingSettings) and settings is None:  # generate(model, prompt, settings)
+        prompt, settings = None, prompt
+    if prompt is None:
+        text = tokenizer_or_prompt  # anemll_fast's: generate(model, prompt)
+    elif tokenizer_or_prompt is None:
+        text = prompt  # generate(model, prompt=...)
+    else:  # mlx-lm's: generate(model, tokenizer, prompt)
+        if tokenizer_or_prompt is not getattr(model, "tokenizer", None):
+            raise ValueError("tokenizer: pass the tokenizer load() returned with this model "
+                             "(model, tokenizer = anemll_fast.load(...))")
+        text = prompt
+    if text is None:
+        raise TypeError("prompt: missing (a string or a list of token ids)")
+    if sampler is not None or logits_processors:
+        from anemll_fast.sample_utils import settings_from_mlx
+
+        mlx = settings_from_mlx(sampler, logits_processors)
+        clash = sorted(set(mlx) & set(kwargs))
+        if clash or settings is not None:
+            raise TypeError(f"pass sampling either as sampler=/logits_processors= or as "
+                            f"{'keywords ' + ', '.join(clash) if clash else 'a SamplingSettings'}, not both")
+        kwargs = {**kwargs, **mlx}
+    return model.encode(text), settings_from(settings, kwargs)
+
+
+@overload
 def stream_generate(model: Any, prompt: Prompt, settings: Optional[SamplingSettings] = None, *,
                     context_shift: bool = False, response_format: Optional[Dict[str, Any]] = None,
-                    **kwargs: Any) -> Iterator[GenerationResponse]:
-    """Stream the continuation of `prompt` (text as is, or token ids).
+                    sampler: Any = None, logits_processors: Any = None,
+                    **kwargs: Any) -> Iterator[GenerationResponse]: ...
 
-    Sampling settings come as a SamplingSettings or as keywords (temperature,
-    top_k, top_p, min_p, repetition_penalty, presence_penalty,
-    frequency_penalty, penalty_window, logit_bias, seed, logprobs,
-    max_tokens, stop). With `context_shift`, a full context keeps its most
-    recent half and generation continues; otherwise it ends with
-    finish_reason "context". `response_format` is OpenAI's:
-    {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
-    constrain the output with a grammar (needs llguidance).
+
+@overload
+def stream_generate(model: Any, tokenizer: Any, prompt: Prompt, settings: Optional[SamplingSettings] = None, *,
+                    context_shift: bool = False, response_format: Optional[Dict[str, Any]] = None,
+                    sampler: Any = None, logits_processors: Any = None,
+                    **kwargs: Any) -> Iterator[GenerationResponse]: ...
+
+
+def stream_generate(model: Any, tokenizer_or_prompt: Any = None, prompt: Any = None,
+                    settings: Optional[SamplingSettings] = None, *, context_shift: bool = False,
+                    response_format: Optional[Dict[str, Any]] = None, sampler: Any = None,
+                    logits_processors: Any = None, **kwargs: Any) -> Iterator[GenerationResponse]:
+    """Stream the continuation of a prompt (text as is, or token ids).
+
+    `stream_generate(model, prompt, ...)`, or as mlx-lm
+    `stream_generate(model, tokenizer, prompt, ...)`. Sampling settings come
+    as a SamplingSettings, as keywords (temperature, top_k, top_p, min_p,
+    repetition_penalty, presence_penalty, frequency_penalty, penalty_window,
+    logit_bias, seed, logprobs, max_tokens, stop), or as mlx-lm's
+    `sampler=make_sampler(...)` and `logits_processors=make_logits_processors(...)`.
+    Without a seed a random one is used and reported in each response. With
+    `context_shift`, a full context keeps its most recent half and generation
+    continues; otherwise it ends with finish_reason "context". `response_format`
+    is OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema":
+    {"schema": ...}} constrain the output with a grammar (needs llguidance).
     """
-    s = settings_from(settings, kwargs)
-    ids = model.encode(prompt)
+    ids, s = _call(model, tokenizer_or_prompt, prompt, settings, sampler, logits_processors, kwargs)
     grammar = None
     if response_format is not None:
         from anemll_fast.grammar import Grammar
@@ -202,11 +265,47 @@ def stream_generate(model: Any, prompt: Prompt, settings: Optional[SamplingSetti
     return stream_tokens(model, ids, s, context_shift=context_shift, constraint=grammar)
 
 
-def generate(model: Any, prompt: Prompt, settings: Optional[SamplingSettings] = None, *,
-             context_shift: bool = False, response_format: Optional[Dict[str, Any]] = None, **kwargs: Any) -> str:
-    """The text generated after `prompt` (see stream_generate). The whole
-    generation holds model.lock, so concurrent generate() calls run one after the other."""
-    stream = stream_generate(model, prompt, settings, context_shift=context_shift,
-                             response_format=response_format, **kwargs)
-    with model.lock:
-        return "".join(r.text for r in stream)
+@overload
+def generate(model: Any, prompt: Prompt, settings: Optional[SamplingSettings] = None, *, verbose: bool = False,
+             context_shift: bool = False, response_format: Optional[Dict[str, Any]] = None, sampler: Any = None,
+             logits_processors: Any = None, **kwargs: Any) -> str: ...
+
+
+@overload
+def generate(model: Any, tokenizer: Any, prompt: Prompt, settings: Optional[SamplingSettings] = None, *,
+             verbose: bool = False, context_shift: bool = False, response_format: Optional[Dict[str, Any]] = None,
+             sampler: Any = None, logits_processors: Any = None, **kwargs: Any) -> str: ...
+
+
+def generate(model: Any, tokenizer_or_prompt: Any = None, prompt: Any = None, settings: Optional[SamplingSettings] = None,
+             *, verbose: bool = False, context_shift: bool = False, response_format: Optional[Dict[str, Any]] = None,
+             sampler: Any = None, logits_processors: Any = None, **kwargs: Any) -> str:
+    """The text generated after a prompt (see stream_generate). The whole
+    generation holds model.lock, so concurrent generate() calls run one after the other.
+
+    verbose: print the text as it comes, then prompt and generation tokens/s
+    and peak memory, as mlx-lm does.
+    """
+    if verbose:
+        print("=" * 10)
+    pieces: List[str] = []
+    last: Optional[GenerationResponse] = None
+    stream = stream_generate(model, tokenizer_or_prompt, prompt, settings, context_shift=context_shift,
+                             response_format=response_format, sampler=sampler,
+                             logits_processors=logits_processors, **kwargs)
+    with model.lock:  # the whole generation: concurrent generate() calls run one after the other
+        for last in stream:
+            pieces.append(last.text)
+            if verbose:
+                print(last.text, end="", flush=True)
+    text = "".join(pieces)
+    if verbose and last is not None:
+        print()
+        print("=" * 10)
+        if not text:
+            print("No text generated for this prompt")
+        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+        print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
+        print(f"Peak memory: {last.peak_memory:.3f} GB")
+        print(f"Finish: {last.finish_reason}, seed: {last.seed}")
+    return text

@@ -7,7 +7,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from anemll_fast.config import ModelConfig
 from anemll_fast.errors import AnemllError, ModelClosedError
@@ -117,7 +117,9 @@ class Model:
     def encode(self, prompt: Union[str, Sequence[int]]) -> List[int]:
         """Token ids of a text prompt (as is, no chat template), or checked ids."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            # Text from a chat template already starts with the BOS (as mlx-lm, no second one).
+            bos = self.tokenizer.bos_token
+            ids = self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
             if not ids:
                 raise ValueError("prompt: encodes to no tokens")
             return ids
@@ -129,16 +131,11 @@ class Model:
         **template_kwargs: Any,
     ) -> str:
         """The prompt text of OpenAI-style chat `messages` (content strings, text parts, or None
-        with tool_calls), with `tools` and any extra template variables."""
-        from anemll_fast.chat_template import render
-
-        return render(
-            self.tokenizer.chat_template, messages,
-            add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
-            bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
-            template_name=getattr(self.tokenizer, "chat_template_source", None), tools=tools,
-            **template_kwargs,
-        )
+        with tool_calls), with `tools` and any extra template variables (see
+        Tokenizer.apply_chat_template, the one implementation)."""
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+            enable_thinking=enable_thinking, tools=tools, **template_kwargs)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, enable_thinking: Optional[bool] = None,
              **settings: Any) -> str:
@@ -162,6 +159,10 @@ class Model:
                 self.engine.close()
                 self.engine = None  # type: ignore[assignment]
                 self.owner = None
+
+    def __iter__(self) -> Iterator[Any]:
+        """`model, tokenizer = anemll_fast.load(...)`, as with mlx-lm."""
+        return iter((self, self.tokenizer))
 
     def __enter__(self) -> "Model":
         return self

@@ -118,6 +118,17 @@ def _fingerprint(f: Path, whole: bool) -> List[Any]:
     return [st.st_size, st.st_mtime_ns, h.hexdigest()]
 
 
+def content_fingerprint(path: str) -> str:
+    """What a model directory holds, wherever it lives: the spec hashed whole,
+    the other files by name, size and first and last 64 KiB (no path, no mtime)."""
+    real = os.path.realpath(path)
+    spec, others = _files(real)
+    parts: List[Any] = [_fingerprint(spec, True)[::2]]
+    for f in others:
+        parts.append([os.path.relpath(f, real), _fingerprint(f, False)[::2]])
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
 def program_key(path: str) -> str:
     """The cache key of the model directory at `path` (see the module docstring)."""
     from anemll_fast import __version__

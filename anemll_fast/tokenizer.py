@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import numbers
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
 
 import numpy as np
 
@@ -106,6 +106,33 @@ class Tokenizer:
             return bool(entry.get("special", False))
         added = self._tok.get_added_tokens_decoder().get(token_id)
         return bool(added is not None and added.special)
+
+    @property
+    def eos_token_id(self) -> Optional[int]:
+        """The id of the EOS token (mlx-lm / transformers); every id that ends
+        a turn is in `eos_token_ids`."""
+        if self.eos_token is not None:
+            tid = self._tok.token_to_id(self.eos_token)
+            if tid is not None:
+                return tid
+        return min(self.eos_token_ids) if self.eos_token_ids else None
+
+    @property
+    def bos_token_id(self) -> Optional[int]:
+        return self._tok.token_to_id(self.bos_token) if self.bos_token is not None else None
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
+                            tokenize: bool = True, *, enable_thinking: Optional[bool] = None,
+                            **template_kwargs: Any) -> Union[str, List[int]]:
+        """The model's chat template applied to `messages`, as transformers does:
+        the ids (tokenize=True, the default there too) or the text. Extra
+        keywords (e.g. Qwen3's enable_thinking) become template variables."""
+        from anemll_fast.chat_template import render
+
+        text = render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                      enable_thinking=enable_thinking, bos_token=self.bos_token, eos_token=self.eos_token,
+                      **template_kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     @property
     def vocab_size(self) -> int:

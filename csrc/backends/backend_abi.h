@@ -124,12 +124,25 @@ typedef struct anemll_backend {
    * leading part of each dimension both have (the KV-cache length may differ:
    * a context switch). Optional like the buffer calls: check struct_size, may be NULL. */
   int (*copy_state)(void* ctx, anemll_state* src, anemll_state* dst);
+
+  /* Optional (NULL: unsupported; present only when struct_size covers them):
+   * copy the state tensor `name` of `state` out into `dst`, or in from `src`,
+   * dense row-major in its declared dtype, exactly `nbytes` bytes. A KV
+   * cache is saved and restored through these. */
+  int (*read_state)(void* ctx, anemll_state* state, const char* name, void* dst, size_t nbytes);
+  int (*write_state)(void* ctx, anemll_state* state, const char* name, const void* src, size_t nbytes);
 } anemll_backend;
 
 /* Whether `b` provides buffers (alloc_buffer and its companions). */
 static inline int anemll_backend_has_buffers(const anemll_backend* b) {
   return b->struct_size >= offsetof(anemll_backend, free_buffer) + sizeof(b->free_buffer) && b->alloc_buffer &&
          b->map_buffer && b->unmap_buffer && b->free_buffer;
+}
+
+/* Whether `b` can copy state tensors out and in (read_state, write_state). */
+static inline int anemll_backend_has_state_io(const anemll_backend* b) {
+  return b->struct_size >= offsetof(anemll_backend, write_state) + sizeof(b->write_state) && b->read_state &&
+         b->write_state;
 }
 
 /* Size in bytes of one element of `dtype`, 0 if unknown. */

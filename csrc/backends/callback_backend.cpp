@@ -90,6 +90,22 @@ int cb_copy_state(void* ctx, anemll_state* src, anemll_state* dst) {
   return rc;
 }
 
+int cb_read_state(void* ctx, anemll_state* state, const char* name, void* dst, size_t nbytes) {
+  Ctx* c = as_ctx(ctx);
+  c->err[0] = '\0';
+  int rc = c->hooks.read_state(c->hooks.user, id_of(state), name, dst, nbytes, c->err, sizeof c->err);
+  if (rc != ANEMLL_OK && c->err[0] == '\0') std::snprintf(c->err, sizeof c->err, "read_state failed");
+  return rc;
+}
+
+int cb_write_state(void* ctx, anemll_state* state, const char* name, const void* src, size_t nbytes) {
+  Ctx* c = as_ctx(ctx);
+  c->err[0] = '\0';
+  int rc = c->hooks.write_state(c->hooks.user, id_of(state), name, src, nbytes, c->err, sizeof c->err);
+  if (rc != ANEMLL_OK && c->err[0] == '\0') std::snprintf(c->err, sizeof c->err, "write_state failed");
+  return rc;
+}
+
 void release(void* ctx, int kind, void* h) {
   if (!h) return;
   Ctx* c = as_ctx(ctx);
@@ -147,6 +163,8 @@ anemll_backend* new_callback_backend(const CallbackHooks& hooks, int64_t buffer_
     b->free_buffer = cb_free_buffer;
   }
   b->copy_state = hooks.copy_state ? cb_copy_state : nullptr;
+  b->read_state = hooks.read_state ? cb_read_state : nullptr;
+  b->write_state = hooks.write_state ? cb_write_state : nullptr;
   return b;
 }
 

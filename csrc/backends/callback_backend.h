@@ -23,6 +23,11 @@ struct CallbackHooks {
               size_t err_size);
   // state_id < 0: no state.
   int (*predict)(void* user, int64_t binding_id, int64_t state_id, char* err, size_t err_size);
+  // Copy state tensor `name` out of / into the state (dense, exactly nbytes).
+  int (*read_state)(void* user, int64_t state_id, const char* name, void* dst, size_t nbytes, char* err,
+                    size_t err_size);
+  int (*write_state)(void* user, int64_t state_id, const char* name, const void* src, size_t nbytes, char* err,
+                     size_t err_size);
   // kind: 0 model, 1 state, 2 binding.
   void (*release)(void* user, int kind, int64_t id);
   int (*copy_state)(void* user, int64_t src_id, int64_t dst_id, char* err, size_t err_size);

@@ -12,6 +12,8 @@
 //               name, dtype and shape from stateDescriptionsByName) and predict
 //               refuses it on a model whose spec differs.
 //   reset_state zeroes every state buffer in place (see reset_state_impl).
+//   read_state / write_state copy one state buffer out or in through the same
+//               mutable view, honouring its strides (a saved KV cache).
 //   bind        one MLMultiArray per input over the engine's own memory
 //               (initWithDataPointer, no copy), one MLDictionaryFeatureProvider
 //               reused for every prediction, and output backings: an
@@ -677,6 +679,62 @@ int copy_state_impl(Ctx* c, anemll_state* srch, anemll_state* dsth) {
 #endif
 }
 
+// Copies state tensor `name` out of (write=false) or into (write=true) a dense
+// engine buffer of `nbytes`, through the MLMultiArray view Core ML lends for the
+// duration of the handler, honouring that view's dtype and strides.
+int state_io_impl(Ctx* c, anemll_state* sh, const char* name, void* dense, size_t nbytes, bool write) {
+  const char* what = write ? "write_state" : "read_state";
+  State* s = state_of(c, sh, what);
+  if (!s) return ANEMLL_ERR_INVALID;
+  if (!name || !dense) return set_error(c, ANEMLL_ERR_INVALID, std::string(what) + ": name or buffer is NULL");
+  const std::string label = std::string(what) + ": state '" + name + "'";
+  if (std::find(s->names.begin(), s->names.end(), std::string(name)) == s->names.end())
+    return set_error(c, ANEMLL_ERR_INVALID, label + ": the state (made by " + s->maker_label + ") has no such buffer");
+  if (@available(macOS 15.0, *)) {
+    MLState* st = (MLState*)s->state;
+    __block bool seen = false, ok = false;
+    __block std::string err;
+    std::string* err_p = &err;
+    const std::string* label_p = &label;
+    [st getMultiArrayForStateNamed:ns(name)
+                           handler:^(MLMultiArray* buffer) {
+                             __block anemll::coreml_copy::Tensor view, flat;
+                             view.dtype = anemll_of(buffer.dataType);
+                             view.shape = to_vec(buffer.shape);
+                             flat.dtype = view.dtype;
+                             flat.shape = view.shape;
+                             flat.strides.assign(view.shape.size(), 1);
+                             size_t count = 1;
+                             for (size_t k = view.shape.size(); k-- > 0;) {
+                               flat.strides[k] = static_cast<int64_t>(count);
+                               count *= static_cast<size_t>(view.shape[k]);
+                             }
+                             flat.nbytes = count * anemll_dtype_size(view.dtype);
+                             flat.data = dense;
+                             if (!view.dtype || flat.nbytes != nbytes) {
+                               *err_p = *label_p + ": holds " + std::to_string(flat.nbytes) + " bytes of " +
+                                        ml_dtype_text(buffer.dataType) + ", the engine gives " + std::to_string(nbytes);
+                               seen = true;
+                               return;
+                             }
+                             [buffer getMutableBytesWithHandler:^(void* bytes, NSInteger size, NSArray<NSNumber*>* strides) {
+                               seen = true;
+                               view.data = bytes;
+                               view.strides = to_vec(strides);
+                               view.nbytes = size > 0 ? static_cast<size_t>(size) : 0;
+                               ok = bytes != nullptr &&
+                                    (write ? anemll::coreml_copy::copy(flat, view, bytes, *label_p, err_p)
+                                           : anemll::coreml_copy::copy(view, flat, dense, *label_p, err_p));
+                             }];
+                           }];
+    if (!ok)
+      return set_error(c, ANEMLL_ERR_PREDICT, !err.empty() ? err : label + (seen ? ": no data" : ": Core ML lent no buffer"));
+    return ANEMLL_OK;
+  } else {
+    return set_error(c, ANEMLL_ERR_UNSUPPORTED, label + ": states need macOS 15; this is " + os_version());
+  }
+}
+
 // ------------------------------------------------------------------ binding
 bool ane_may_run(MLComputeUnits u) { return u == MLComputeUnitsAll || u == MLComputeUnitsCPUAndNeuralEngine; }
 
@@ -1200,6 +1258,18 @@ int cm_copy_state(void* ctx, anemll_state* src, anemll_state* dst) {
   return guarded(c, "copy_state", ANEMLL_ERR_PREDICT, [&] { return copy_state_impl(c, src, dst); });
 }
 
+int cm_read_state(void* ctx, anemll_state* state, const char* name, void* dst, size_t nbytes) {
+  Ctx* c = as_ctx(ctx);
+  return guarded(c, "read_state", ANEMLL_ERR_PREDICT,
+                 [&] { return state_io_impl(c, state, name, dst, nbytes, false); });
+}
+
+int cm_write_state(void* ctx, anemll_state* state, const char* name, const void* src, size_t nbytes) {
+  Ctx* c = as_ctx(ctx);
+  return guarded(c, "write_state", ANEMLL_ERR_PREDICT,
+                 [&] { return state_io_impl(c, state, name, const_cast<void*>(src), nbytes, true); });
+}
+
 int cm_bind(void* ctx, anemll_model* model, const anemll_tensor* in, int32_t n_in, const anemll_tensor* out_t,
             int32_t n_out, anemll_binding** out) {
   Ctx* c = as_ctx(ctx);
@@ -1500,6 +1570,8 @@ extern "C" anemll_backend* anemll_coreml_backend_create(const anemll_coreml_opti
       b->unmap_buffer = cm_unmap_buffer;
       b->free_buffer = cm_free_buffer;
       b->copy_state = cm_copy_state;
+      b->read_state = cm_read_state;
+      b->write_state = cm_write_state;
       return b;
     } else {
       write_err(err, err_size, "coreml backend: needs macOS 13 or newer (macOS 15 for stateful models); this is " +

@@ -643,6 +643,17 @@ int Engine::make_states(const std::vector<const ComponentDesc*>& comps, const st
     if (be_->make_state(be_->ctx, models[i], &out[i]) != ANEMLL_OK || !out[i])
       return fail(kBackendError, comps[i]->label + ": cannot make state: " + be_->last_error(be_->ctx));
     states_.push_back(out[i]);
+    for (const TensorDesc& t : comps[i]->states) {  // what save/restore of the KV cache copies
+      StateTensor st;
+      st.state = static_cast<int64_t>(states_.size()) - 1;
+      st.name = t.name;
+      st.dtype = t.dtype;
+      st.shape = t.shapes.front();
+      size_t n = anemll_dtype_size(t.dtype);
+      for (int64_t v : st.shape) n *= static_cast<size_t>(v);
+      st.nbytes = n;
+      state_tensors_.push_back(st);
+    }
     level.states.push_back(out[i]);
     level.sets.push_back(sets[i]);
   }
@@ -677,6 +688,48 @@ int Engine::reset() {
       return fail(kBackendError, std::string("reset_state failed: ") + be_->last_error(be_->ctx));
   length_ = 0;
   lvl_ = 0;
+  return kOk;
+}
+
+bool Engine::can_access_states() const { return anemll_backend_has_state_io(be_) != 0; }
+
+int Engine::read_state(size_t i, void* dst, size_t nbytes) {
+  if (!can_access_states())
+    return fail(kBackendError, std::string("the ") + be_->name + " backend cannot read its state buffers");
+  if (i >= state_tensors_.size()) return fail(kInvalidArgument, "state tensor index " + std::to_string(i) + " out of range");
+  const StateTensor& t = state_tensors_[i];
+  if (nbytes != t.nbytes)
+    return fail(kInvalidArgument, "state '" + t.name + "' holds " + std::to_string(t.nbytes) + " bytes, not " +
+                                      std::to_string(nbytes));
+  if (be_->read_state(be_->ctx, states_[static_cast<size_t>(t.state)], t.name.c_str(), dst, nbytes) != ANEMLL_OK)
+    return fail(kBackendError, "state '" + t.name + "': read failed: " + be_->last_error(be_->ctx));
+  return kOk;
+}
+
+int Engine::write_state(size_t i, const void* src, size_t nbytes) {
+  if (!can_access_states())
+    return fail(kBackendError, std::string("the ") + be_->name + " backend cannot write its state buffers");
+  if (i >= state_tensors_.size()) return fail(kInvalidArgument, "state tensor index " + std::to_string(i) + " out of range");
+  const StateTensor& t = state_tensors_[i];
+  if (nbytes != t.nbytes)
+    return fail(kInvalidArgument, "state '" + t.name + "' holds " + std::to_string(t.nbytes) + " bytes, not " +
+                                      std::to_string(nbytes));
+  length_ = 0;  // the cache matches no history until set_history
+  if (be_->write_state(be_->ctx, states_[static_cast<size_t>(t.state)], t.name.c_str(), src, nbytes) != ANEMLL_OK)
+    return fail(kBackendError, "state '" + t.name + "': write failed: " + be_->last_error(be_->ctx));
+  return kOk;
+}
+
+int Engine::set_history(const int32_t* tokens, int64_t n) {
+  if (n < 0 || n > ctx_)
+    return fail(kInvalidArgument, "history: " + std::to_string(n) + " tokens do not fit the context length " +
+                                      std::to_string(ctx_));
+  for (int64_t k = 0; k < n; ++k)
+    if (tokens[k] < 0 || tokens[k] >= V_)
+      return fail(kInvalidArgument, "history: token id " + std::to_string(tokens[k]) + " at index " +
+                                        std::to_string(k) + " is outside the vocabulary");
+  if (n) std::memcpy(history_.data(), tokens, static_cast<size_t>(n) * 4);
+  length_ = n;
   return kOk;
 }
 

@@ -59,6 +59,15 @@ struct PipelineDesc {
 
 enum Status : int { kOk = 0, kInvalidArgument = 1, kConfigError = 2, kBackendError = 3 };
 
+// One tensor of one KV-cache state, as the FFN chunks declare it.
+struct StateTensor {
+  int64_t state = 0;  // index of the state object (chunks may share one)
+  std::string name;
+  int32_t dtype = 0;
+  std::vector<int64_t> shape;
+  size_t nbytes = 0;
+};
+
 struct Buffer {
   void* data = nullptr;
   size_t nbytes = 0;
@@ -87,6 +96,14 @@ class Engine {
   }
   // The sampler's per-step token mask (see Sampler::set_token_mask); nullptr clears it.
   int set_token_mask(const uint32_t* words, int64_t n_bits);
+  // KV-cache save and restore: copy state tensor i (of state_tensors()) out or in,
+  // dense, exactly its nbytes. write_state empties the history (length 0) until
+  // set_history says which tokens the restored cache holds.
+  bool can_access_states() const;
+  int read_state(size_t i, void* dst, size_t nbytes);
+  int write_state(size_t i, const void* src, size_t nbytes);
+  int set_history(const int32_t* tokens, int64_t n);
+  const std::vector<StateTensor>& state_tensors() const { return state_tensors_; }
 
   const std::string& error() const { return error_; }
   int64_t length() const { return length_; }
@@ -189,6 +206,7 @@ class Engine {
   std::vector<Buffer> buffers_;
   std::vector<anemll_model*> models_;
   std::vector<anemll_state*> states_;
+  std::vector<StateTensor> state_tensors_;
   std::vector<anemll_binding*> bindings_;
   std::vector<BackendBuffer> bufs_;  // reserved once: pointers into it stay valid
   std::vector<int> logits_bufs_;     // indices into bufs_

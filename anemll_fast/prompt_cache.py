@@ -1,0 +1,150 @@
+"""A model's KV cache saved to disk and read back (mlx-lm's save_prompt_cache /
+load_prompt_cache), so that a long system prompt or document is prefilled once
+across runs.
+
+The engine owns one KV cache per model, so the "prompt cache" is the model's:
+`save_prompt_cache(path, model)` writes the tokens the cache holds and every
+state tensor (read through the backend: numpy on the reference backend,
+MLState's buffer access on Core ML); `load_prompt_cache(path, model)` checks
+that the file was made by the same model (its parts' contents and shapes) and
+writes it back. The next generation then prefills only what follows the saved
+tokens.
+
+Format: a `.npz` archive (no pickles) with a JSON header, the history and one
+array per state tensor, written to a temporary file and renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from anemll_fast.errors import AnemllError
+
+FORMAT = "anemll_fast.prompt_cache"
+VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class PromptCacheError(AnemllError, ValueError):
+    """The file is not a prompt cache, is damaged, or belongs to another model."""
+
+
+def model_identity(model: Any) -> Dict[str, Any]:
+    """What a saved cache must match: the contents of every part file (spec
+    hashed whole, weights by size and their first and last 64 KiB) and the
+    shapes. Paths and mtimes are left out, so a copied model still matches."""
+    from anemll_fast.program_cache import content_fingerprint
+
+    config = model.config
+    parts = [config.embeddings] + list(config.ffn_infer) + list(config.ffn_prefill) + [config.lm_head]
+    h = hashlib.sha256()
+    seen = set()
+    for comp in parts:
+        path = str(config.path_of(comp))
+        if path not in seen:
+            seen.add(path)
+            h.update(Path(path).name.encode() + b"\0" + content_fingerprint(path).encode() + b"\0")
+    s = config.shapes
+    return {
+        "name": str(config.model_info.get("name") or (Path(str(config.model_dir)).name if config.model_dir else "")),
+        "fingerprint": h.hexdigest(),
+        "context_length": s.context_length,
+        "vocab_size": s.vocab_size,
+        "hidden_size": s.hidden_size,
+        "states": [[name, dtype, list(shape)] for _i, name, dtype, shape in model.engine.state_specs()],
+    }
+
+
+def save_prompt_cache(path: PathLike, model: Any, metadata: Optional[Mapping[str, str]] = None,
+                      *, _extra: Optional[Dict[str, Any]] = None) -> None:
+    """Write the model's KV cache (tokens held and state tensors) to `path`."""
+    engine = _engine(model)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    header = {"format": FORMAT, "version": VERSION, "model": model_identity(model), "metadata": meta}
+    if _extra:
+        header.update(_extra)
+    arrays = {"header": np.array(json.dumps(header)), "history": np.asarray(engine.history, dtype=np.int32)}
+    for k, arr in enumerate(engine.read_states()):
+        arrays[f"state_{k}"] = arr
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_prompt_cache(path: PathLike) -> Tuple[Dict[str, Any], np.ndarray, List[np.ndarray]]:
+    """(header, history, state arrays) of a saved cache, checked for form only."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            names = set(z.files)
+            if "header" not in names or "history" not in names:
+                raise PromptCacheError(f"{p}: not an anemll_fast prompt cache (no header)")
+            header = json.loads(str(z["header"]))
+            history = np.asarray(z["history"])
+            states = [np.asarray(z[f"state_{k}"]) for k in range(sum(n.startswith("state_") for n in names))]
+    except PromptCacheError:
+        raise
+    except FileNotFoundError:
+        raise PromptCacheError(f"{p}: no such file") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise PromptCacheError(f"{p}: not a readable prompt cache ({type(exc).__name__}: {exc})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise PromptCacheError(f"{p}: not an anemll_fast prompt cache")
+    if header.get("version") != VERSION:
+        raise PromptCacheError(f"{p}: prompt cache format version {header.get('version')!r}; "
+                               f"this anemll_fast reads version {VERSION}")
+    if history.ndim != 1 or history.dtype.kind not in "iu":
+        raise PromptCacheError(f"{p}: damaged (history is not a list of token ids)")
+    return header, history, states
+
+
+def load_prompt_cache(path: PathLike, model: Any, return_metadata: bool = False) -> Any:
+    """Restore the KV cache saved in `path` into `model` (made by the same model).
+
+    Returns the user metadata when `return_metadata`, else None.
+    """
+    header, history, states = read_prompt_cache(path)
+    restore(path, model, header, history, states)
+    return header.get("metadata", {}) if return_metadata else None
+
+
+def restore(path: PathLike, model: Any, header: Dict[str, Any], history: np.ndarray,
+            states: List[np.ndarray]) -> None:
+    engine = _engine(model)
+    saved = header.get("model") or {}
+    here = model_identity(model)
+    for key, what in (("context_length", "context length"), ("vocab_size", "vocabulary"),
+                      ("hidden_size", "hidden size"), ("states", "KV-cache states")):
+        if saved.get(key) != here[key]:
+            raise PromptCacheError(f"{path}: saved from a model with {what} {saved.get(key)}, "
+                                   f"but this model has {here[key]} (saved from {saved.get('name')!r})")
+    if saved.get("fingerprint") != here["fingerprint"]:
+        raise PromptCacheError(f"{path}: saved from another model ({saved.get('name')!r}: its part files differ "
+                               f"from those of {here['name']!r}); a KV cache only fits the model that made it")
+    try:
+        engine.write_states(states, history.astype(np.int64))
+    except (AnemllError, ValueError) as exc:
+        raise PromptCacheError(f"{path}: cannot restore: {exc}") from None
+
+
+def _engine(model: Any) -> Any:
+    engine = getattr(model, "engine", None)
+    if engine is None:
+        raise ValueError("model: closed")
+    return engine
