@@ -35,16 +35,24 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", "--temp", type=float, default=0.0, help="0 is greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--penalty-window", type=int, default=64)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: %(default)s)")
+    g.add_argument("--temperature", "--temp", type=float, default=0.0,
+                   help="sampling temperature; 0 is greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="keep the most likely tokens up to this probability mass; 1 is off (default: %(default)s)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min-p times the top probability; 0 is off (default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of recent tokens; 1 is off (default: %(default)s)")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract from the logits of recent tokens; 0 is off (default: %(default)s)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract per occurrence in recent tokens; 0 is off (default: %(default)s)")
+    g.add_argument("--penalty-window", type=int, default=64,
+                   help="how many recent tokens the penalties look at (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampler seed, to repeat a run (default: random, printed with the stats)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--context-shift", action="store_true",
                    help="when the context fills, keep its most recent half and go on")
