@@ -22,6 +22,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="auto", choices=["auto", "coreml", "coremltools", "reference"])
     g.add_argument("--compute-units", default="cpu_and_ne", choices=["cpu_only", "cpu_and_gpu", "cpu_and_ne", "all"])
     g.add_argument("--sequential-prefill", action="store_true", help="prefill one token at a time")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
     c = p.add_argument_group("ANEMLL chat.py compatibility")
     c.add_argument("--meta", help="path to meta.yaml (its folder is the model)")
     c.add_argument("--d", "--dir", dest="dir", help="model directory")
@@ -72,7 +73,10 @@ def load_from_args(args: argparse.Namespace) -> Any:
     from pathlib import Path
 
     from anemll_fast.model import load
+    from anemll_fast.progress import set_quiet
 
+    if getattr(args, "quiet", False):
+        set_quiet()
     source = args.model
     if args.meta:
         source = args.meta
@@ -125,10 +129,28 @@ def _prompt_ids(model: Any, args: argparse.Namespace) -> List[int]:
     return model.tokenizer.encode(text, add_special_tokens=False)
 
 
-def _stats_line(last: Any) -> str:
+WHY = {
+    "stop": "the model ended its turn",
+    "length": "max tokens reached",
+    "context": "the context is full",
+    "interrupted": "stopped with Ctrl-C",
+}
+
+
+def why(finish_reason: Optional[str], settings: Any = None) -> str:
+    text = WHY.get(finish_reason or "", finish_reason or "unknown")
+    if finish_reason == "stop" and settings is not None and settings.stop:
+        text = "the model ended its turn or a stop string came"
+    if finish_reason == "length" and settings is not None:
+        text += f" ({settings.max_tokens})"
+    return text
+
+
+def stats_line(last: Any, finish: Optional[str], settings: Any = None) -> str:
     return (f"prefill: {last.prefill_tokens} tokens, {last.prompt_tps:.1f} t/s | "
             f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} t/s | "
-            f"ttft: {last.ttft * 1000:.0f} ms | peak memory: {last.peak_memory * 1024:.0f} MB")
+            f"ttft: {last.ttft * 1000:.0f} ms | peak memory: {last.peak_memory * 1024:.0f} MB | "
+            f"seed: {last.seed} | finish: {finish} ({why(finish, settings)})")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -156,57 +178,18 @@ def run_generate(args: argparse.Namespace) -> int:
                 "text": "".join(pieces), "tokens": tokens, "prompt_tokens": last.prompt_tokens,
                 "prefill_tps": last.prompt_tps, "decode_tps": last.generation_tps,
                 "ttft_ms": last.ttft * 1000, "finish_reason": last.finish_reason,
-                "backend": model.backend,
+                "backend": model.backend, "seed": last.seed,
             }))
         else:
             print()
-            print(_stats_line(last) + f" | finish: {last.finish_reason}", file=sys.stderr)
+            print(stats_line(last, last.finish_reason, settings), file=sys.stderr)
     return 0
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from anemll_fast.chat import ChatSession
+    from anemll_fast.cli_chat import run_chat as run
 
-    interactive = sys.stdin.isatty()
-    with load_from_args(args) as model:
-        print(f"[backend: {model.backend}; /reset clears the conversation, /exit quits]", file=sys.stderr)
-        session = ChatSession(model, system=args.system, enable_thinking=False if args.no_think else None,
-                              context_shift=args.context_shift, **_sampling(args))
-        while True:
-            if interactive:
-                sys.stdout.write("\n>>> ")
-                sys.stdout.flush()
-            raw = sys.stdin.buffer.readline()  # bytes: a non-UTF-8 line must not end the session
-            if not raw:
-                break
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                print(f"[error: the input is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                      "line ignored]", file=sys.stderr)
-                continue
-            text = line.strip()
-            if not text:
-                continue
-            if text in ("/exit", "/quit"):
-                break
-            if text == "/reset":
-                session.reset()
-                print("[conversation cleared]", file=sys.stderr)
-                continue
-            last = None
-            try:
-                for r in session.stream(text):
-                    sys.stdout.write(r.text)
-                    sys.stdout.flush()
-                    last = r
-            except (AnemllError, ValueError) as exc:
-                print(f"\n[error: {exc}]", file=sys.stderr)
-                continue
-            print()
-            if last is not None:
-                print(_stats_line(last), file=sys.stderr)
-    return 0
+    return run(args)
 
 
 def register(sub: Any) -> None:
@@ -221,8 +204,10 @@ def register(sub: Any) -> None:
     _add_sampling_options(g)
     g.set_defaults(func=run_generate)
 
-    c = sub.add_parser("chat", help="interactive chat (reads stdin), keeping the KV cache between turns",
-                       description="Chat with a model; /reset clears the conversation, /exit quits.")
+    c = sub.add_parser("chat", help="interactive chat, keeping the KV cache between turns",
+                       description="Chat with a model: line editing and history on a terminal, Ctrl-C stops a "
+                                   "reply, Ctrl-D leaves; /help lists the commands (/reset, /system, /save, "
+                                   "/load, /stats). Piped input is read line by line.")
     c.add_argument("--system", help="system prompt")
     _add_model_options(c)
     _add_sampling_options(c)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -49,8 +48,9 @@ def default_model_dir(progress: bool = True, cache: Optional[Path] = None) -> Pa
 
     source = gguf_path()
     if progress:
-        print(f"anemll-fast: converting the default model {source.name} into {target} (once)",
-              file=sys.stderr, flush=True)
+        from anemll_fast.progress import note
+
+        note(f"anemll-fast: converting the default model {source.name} into {target} (once, about a minute)")
     target.parent.mkdir(parents=True, exist_ok=True)
     # The converter stages its output beside `target` and renames it when complete,
     # so an interrupted first run leaves no directory that looks converted.

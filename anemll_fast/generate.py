@@ -99,10 +99,25 @@ def _claim(model: Any, turn: _Turn, history: List[int], pos: int) -> None:
     # part is prefilled again, and generated tokens are fed one by one.
     start = min(engine.cached_prefix(history[:pos]), turn.prompt_end)
     if start < min(turn.prompt_end, pos):
-        engine.prefill(history[start:turn.prompt_end], start)
+        _prefill(engine, model.config.shapes.batch_size, history[start:turn.prompt_end], start)
         start = turn.prompt_end
     if start < pos:
         engine.prefill(history[start:pos], start, one_by_one=True)
+
+
+def _prefill(engine: Any, batch: int, tokens: List[int], start: int) -> None:
+    """Prefill `tokens` at `start`; on a terminal a long prefill runs in slices of
+    whole batches (the same batches one call would run) behind a progress bar."""
+    from anemll_fast import progress
+
+    step = 2 * max(int(batch), 1)
+    if len(tokens) <= step or not progress.interactive():
+        engine.prefill(tokens, start)
+        return
+    with progress.bar(total=len(tokens), desc="prefill", unit="tok") as shown:
+        for i in range(0, len(tokens), step):
+            engine.prefill(tokens[i:i + step], start + i)
+            shown.update(len(tokens[i:i + step]))
 
 
 def stream_tokens(

@@ -248,7 +248,11 @@ def _structure(path: str, key: str) -> Tuple[Program, List[Value]]:
     if entry is not None:
         data, parsed = entry
     else:
-        program = _parse(path, read_weights=False)
+        from anemll_fast import progress
+
+        with progress.bar(desc=f"parsing {os.path.basename(path)}", bar_format="{desc} ({elapsed})") as b:
+            program = _parse(path, read_weights=False)
+            b.update()
         data = _dumps(program, key)
         parsed = (program, _blob_values(program))
         if folder is not None:
@@ -258,10 +262,15 @@ def _structure(path: str, key: str) -> Tuple[Program, List[Value]]:
     return parsed
 
 
-def _read_weights(blobs: List[Value]) -> None:
+def _read_weights(blobs: List[Value], label: str = "") -> None:
     """Replace each BlobRef by its array; numpy converts without the GIL, so
     the larger tensors are read on a few threads."""
+    from anemll_fast import progress
+
     reader = BlobCache()
+    total = sum(int(np.prod(v.data.shape)) * (2 if v.data.dtype == "fp16" else 1) for v in blobs)
+    shown = progress.bar(total=total, desc=f"reading {label}", unit="B", unit_scale=True, unit_divisor=1024,
+                         enabled=total >= (64 << 20))
     try:
         for v in blobs:  # opens (and checks) every weight file first, on this thread
             reader.reader(v.data.path)
@@ -269,7 +278,9 @@ def _read_weights(blobs: List[Value]) -> None:
         small = [v for v in blobs if not (v.data.dtype == "fp16" and np.prod(v.data.shape) >= (1 << 16))]
 
         def one(v: Value) -> None:
-            v.data = reader.read(v.data, widen=True)
+            ref = v.data
+            v.data = reader.read(ref, widen=True)
+            shown.update(int(np.prod(ref.shape)) * (2 if ref.dtype == "fp16" else 1))
 
         for v in small:
             one(v)
@@ -283,6 +294,7 @@ def _read_weights(blobs: List[Value]) -> None:
             for v in big:
                 one(v)
     finally:
+        shown.close()
         reader.close()
 
 
@@ -314,6 +326,6 @@ def load_program(path: str, read_weights: bool = True) -> Program:
             while len(_parsed) > _MAX_PARSED:
                 _parsed.pop(next(iter(_parsed)))
         return program
-    _read_weights(blobs)
+    _read_weights(blobs, os.path.basename(path))
     with _lock:
         return _loaded.setdefault(key, program)

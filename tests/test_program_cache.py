@@ -82,7 +82,7 @@ def test_second_load_is_a_hit_and_computes_the_same(cache, tiny, parses):
 def test_a_load_parses_and_reads_each_file_once(cache, tiny, parses, monkeypatch):
     reads = []
     real = program_cache._read_weights
-    monkeypatch.setattr(program_cache, "_read_weights", lambda blobs: (reads.append(len(blobs)), real(blobs)))
+    monkeypatch.setattr(program_cache, "_read_weights", lambda blobs, label="": (reads.append(len(blobs)), real(blobs, label)))
     with anemll_fast.load(tiny.path, backend="reference") as model:
         parts = sorted(p.name for p in tiny.path.glob("*.mlpackage"))
         assert sorted(parses) == parts  # the config reader and the backend share one parse per file

@@ -156,27 +156,34 @@ def load_source(source: SourceLike, arch: Optional[str], seed: int) -> LoadedSou
 # ---------------------------------------------------------------------------------------------------- progress
 
 class _Progress:
-    """One line per stage on stderr with its duration (coremltools' own bars are silenced)."""
+    """A tqdm bar over the stages on a terminal (its label follows the steps
+    within a stage), else one plain line per finished stage with its duration;
+    coremltools' own bars are silenced."""
 
     def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total, self.done = enabled, total, 0
-        self.t0 = self.t = time.perf_counter()
+        from anemll_fast import progress
 
-    def stage(self, label: str) -> None:
-        if self.enabled:
-            self._bar(label, end="")
+        self.enabled = enabled and not progress.is_quiet()
+        self.bar = progress.bar(total=total, desc="converting", unit="stage", enabled=self.enabled, leave=True)
+        self.plain = self.enabled and self.bar.disable
         self.t = time.perf_counter()
 
-    def end(self, label: str) -> None:
-        self.done += 1
-        if self.enabled:
-            self._bar(label + f" ({time.perf_counter() - self.t:.1f}s)", end="\n")
+    def stage(self, label: str) -> None:
+        self.bar.set_description_str(label)
+        self.t = time.perf_counter()
 
-    def _bar(self, label: str, end: str) -> None:
-        width = 24
-        fill = int(width * self.done / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {label}\x1b[K{end}")
-        sys.stderr.flush()
+    def step(self, label: str) -> None:
+        """A step within the current stage (the long ones have several)."""
+        self.bar.set_description_str(label)
+
+    def end(self, label: str) -> None:
+        self.bar.update()
+        if self.plain:
+            print(f"[{self.bar.n}/{self.bar.total}] {label} ({time.perf_counter() - self.t:.1f}s)",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -225,11 +232,13 @@ def ffn_functions(cfg: ArchConfig, context_length: int, contexts: Tuple[int, ...
     return [(n, context_length) for n in names]
 
 
-def _build_ffn_chunk(cfg, weights, opts: ConvertOptions, chunk: graph.ChunkPlan, path: Path, scratch: Path) -> None:
+def _build_ffn_chunk(cfg, weights, opts: ConvertOptions, chunk: graph.ChunkPlan, path: Path, scratch: Path,
+                     step: Callable[[str], None] = lambda label: None) -> None:
     parts = {}
     head = (opts.split_lm_head, opts.argmax_head) if opts.monolithic else None
     functions = ffn_functions(cfg, opts.context_length, opts.contexts)
     for fname, context in functions:
+        step(fname)
         prefill = fname.startswith("prefill")
         prog = graph.build_ffn_program(cfg, weights, chunk, seq_len=opts.batch_size if prefill else 1,
                                        context_length=context, prefill=prefill,
@@ -242,6 +251,7 @@ def _build_ffn_chunk(cfg, weights, opts: ConvertOptions, chunk: graph.ChunkPlan,
         package.save_model(model, tmp)
         del model, prog
         parts[fname] = tmp
+    step("merging the functions")
     package.merge_functions(parts, path, default=functions[-2][0] if opts.contexts else "infer")
     for tmp in parts.values():
         package.remove_tree(tmp)
@@ -281,7 +291,8 @@ def _build_parts(cfg, weights, opts: ConvertOptions, chunks: List[graph.ChunkPla
         label = f"FFN chunk {chunk.index + 1}/{len(chunks)} (layers {chunk.start}-{chunk.stop - 1})"
         bar.stage(label)
         stem = layout.ffn_stem(opts.model_prefix, opts.lut_ffn, chunk.index, len(chunks))
-        _build_ffn_chunk(cfg, weights, opts, chunk, stage / f"{stem}.mlpackage", scratch)
+        _build_ffn_chunk(cfg, weights, opts, chunk, stage / f"{stem}.mlpackage", scratch,
+                         step=lambda what, label=label: bar.step(f"{label}: {what}"))
         bar.end(label)
     bar.stage("LM head")
     _build_lm_head(cfg, weights, opts, stage / f"{layout.lm_head_stem(opts.model_prefix, opts.lut_lmhead)}.mlpackage")
@@ -305,7 +316,8 @@ def build_model(loaded: LoadedSource, out_dir: Path, opts: ConvertOptions, *, pr
         if opts.monolithic:
             bar.stage("monolithic model")
             stem = layout.monolithic_stem(opts.model_prefix, opts.lut_ffn)
-            _build_ffn_chunk(cfg, weights, opts, chunks[0], stage / f"{stem}.mlpackage", scratch)
+            _build_ffn_chunk(cfg, weights, opts, chunks[0], stage / f"{stem}.mlpackage", scratch,
+                             step=lambda what: bar.step(f"monolithic model: {what}"))
             bar.end("monolithic model")
         else:
             _build_parts(cfg, weights, opts, chunks, stage, scratch, bar)
@@ -329,6 +341,8 @@ def build_model(loaded: LoadedSource, out_dir: Path, opts: ConvertOptions, *, pr
     except BaseException:
         package.remove_tree(stage)
         raise
+    finally:
+        bar.close()
     return out_dir
 
 
@@ -358,7 +372,11 @@ def convert(source: SourceLike, out_dir: Union[str, os.PathLike], *, arch: Optio
     """
     if arch is not None:
         arch = normalize_arch(arch)
-    loaded = load_source(source, arch, seed)
+    from anemll_fast import progress as bars
+
+    with bars.bar(desc="reading the source weights", bar_format="{desc} ({elapsed})", enabled=progress) as b:
+        loaded = load_source(source, arch, seed)
+        b.update()
     if arch is not None and loaded.config.arch != arch:
         raise ConvertError(f"--arch {arch} does not match the source's architecture {loaded.config.arch}")
     check_weights(loaded.config, loaded.weights, source=loaded.description)
