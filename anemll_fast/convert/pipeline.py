@@ -166,6 +166,7 @@ class _Progress:
         self.enabled = enabled and not progress.is_quiet()
         self.bar = progress.bar(total=total, desc="converting", unit="stage", enabled=self.enabled, leave=True)
         self.plain = self.enabled and self.bar.disable
+        self.done, self.total = 0, total
         self.t = time.perf_counter()
 
     def stage(self, label: str) -> None:
@@ -178,8 +179,9 @@ class _Progress:
 
     def end(self, label: str) -> None:
         self.bar.update()
+        self.done += 1
         if self.plain:
-            print(f"[{self.bar.n}/{self.bar.total}] {label} ({time.perf_counter() - self.t:.1f}s)",
+            print(f"[{self.done}/{self.total}] {label} ({time.perf_counter() - self.t:.1f}s)",
                   file=sys.stderr, flush=True)
 
     def close(self) -> None:
