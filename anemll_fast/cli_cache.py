@@ -16,7 +16,7 @@ def run_cache(args: argparse.Namespace) -> int:
               + (f" from {folder}" if folder is not None else " (the program cache is off)"))
         return 0
     entries = sorted(folder.glob("*.pkl")) if folder is not None and folder.is_dir() else []
-    size = sum(f.stat().st_size for f in entries)
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if entries else 0
     print(f"loaded-program cache: {folder if folder is not None else 'off (ANEMLL_FAST_PROGRAM_CACHE)'}"
           f" ({len(entries)} entries, {size / 1e6:.1f} MB)")
     default = cache_root() / NAME

@@ -23,6 +23,13 @@ only the weight bytes.
   function loaded from it (the reference backend loads `prefill` and `infer`
   of one chunk file).
 
+- Weights, once decoded into the form the reference backend computes on
+  (fp16 widened to float32, sub-byte indices unpacked), are stored beside the
+  entry (`<key>.weights`) and memory-mapped by later loads: a second load
+  reads no weight file at all, pages come in as the first tokens touch them,
+  and processes running one model share them. That file is checked by its
+  header (key) and size; its bytes are trusted as the model files are.
+
 `ANEMLL_FAST_PROGRAM_CACHE` names another directory, or `off` disables the
 disk cache. `anemll-fast cache clear` empties it.
 """
@@ -50,6 +57,8 @@ log = logging.getLogger("anemll_fast")
 FORMAT = 1  # bump when the IR classes change shape
 MAGIC = b"ANEMLL_FAST_PROGRAM\n"
 MAX_ENTRIES = 256  # oldest entries beyond this are removed after a write
+WEIGHTS_MAGIC = b"ANEMLL_FAST_WEIGHTS\n"
+WEIGHTS_HEADER = 128  # magic, key, padding: data starts 64-byte aligned
 _EDGE = 64 * 1024
 
 _lock = threading.Lock()
@@ -72,7 +81,7 @@ def cache_dir() -> Optional[Path]:
 
 
 def clear() -> int:
-    """Remove every entry (and this process's memo); returns how many files went."""
+    """Remove every entry, with its weights (and this process's memo); returns how many entries went."""
     with _lock:
         _structures.clear()
         _parsed.clear()
@@ -81,10 +90,10 @@ def clear() -> int:
         return 0
     n = 0
     for f in folder.iterdir():
-        if f.is_file() and (f.suffix == ".pkl" or f.name.startswith(".tmp")):
+        if f.is_file() and (f.suffix in (".pkl", ".weights") or f.name.startswith(".tmp")):
             try:
                 f.unlink()
-                n += 1
+                n += f.suffix == ".pkl"
             except FileNotFoundError:
                 pass
     return n
@@ -160,11 +169,20 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _blob_values(program: Program) -> List[Value]:
-    """Every constant of the program whose data is an unread BlobRef."""
+    """Every constant of the program whose data is an unread BlobRef, one per
+    stored tensor: functions of a multifunction file reference the same blobs,
+    and their values share one BlobRef (so one array, read once)."""
     out: List[Value] = []
+    refs: Dict[Tuple[str, int, str, Tuple[int, ...]], BlobRef] = {}
 
     def visit(v: Any) -> None:
         if isinstance(v, Value) and isinstance(v.data, BlobRef):
+            r = v.data
+            where = (r.path, r.offset, r.dtype, r.shape)
+            if where in refs:
+                v.data = refs[where]
+            else:
+                refs[where] = r
             out.append(v)
 
     for fn in program.functions.values():
@@ -176,6 +194,17 @@ def _blob_values(program: Program) -> List[Value]:
             for binds in op.inputs.values():
                 for b in binds:
                     visit(b)
+    return out
+
+
+def _blob_values_of(program: Program) -> List[Value]:
+    """The weight values of a loaded program (tests and tools)."""
+    out: List[Value] = []
+    for fn in program.functions.values():
+        for op in fn.ops:
+            for v in list(op.attributes.values()) + [b for binds in op.inputs.values() for b in binds]:
+                if isinstance(v, Value) and isinstance(v.data, np.ndarray) and v.data.size >= 1024:
+                    out.append(v)
     return out
 
 
@@ -230,10 +259,11 @@ def _prune(folder: Path) -> None:
         except FileNotFoundError:
             pass
     for _, f in sorted(entries)[:-MAX_ENTRIES]:
-        try:
-            f.unlink()
-        except FileNotFoundError:
-            pass
+        for victim in (f, f.with_suffix(".weights")):
+            try:
+                victim.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def _structure(path: str, key: str) -> Tuple[Program, List[Value]]:
@@ -262,28 +292,44 @@ def _structure(path: str, key: str) -> Tuple[Program, List[Value]]:
     return parsed
 
 
-def _read_weights(blobs: List[Value], label: str = "") -> None:
+Group = Tuple[BlobRef, List[Value]]  # one stored tensor and the values that use it
+
+
+def _groups(blobs: List[Value]) -> List[Group]:
+    by_ref: Dict[int, Group] = {}
+    for v in blobs:
+        by_ref.setdefault(id(v.data), (v.data, []))[1].append(v)
+    return list(by_ref.values())
+
+
+def _nbytes(ref: BlobRef) -> int:
+    return int(np.prod(ref.shape, dtype=np.int64)) * (2 if ref.dtype == "fp16" else 1)
+
+
+def _read_weights(groups: List[Group], label: str = "") -> None:
     """Replace each BlobRef by its array; numpy converts without the GIL, so
     the larger tensors are read on a few threads."""
     from anemll_fast import progress
 
     reader = BlobCache()
-    total = sum(int(np.prod(v.data.shape)) * (2 if v.data.dtype == "fp16" else 1) for v in blobs)
+    total = sum(_nbytes(ref) for ref, _ in groups)
     shown = progress.bar(total=total, desc=f"reading {label}", unit="B", unit_scale=True, unit_divisor=1024,
                          enabled=total >= (64 << 20))
+
+    def one(group: Group) -> None:
+        ref, values = group
+        arr = reader.read(ref, widen=True)
+        for v in values:
+            v.data = arr
+        shown.update(_nbytes(ref))
+
     try:
-        for v in blobs:  # opens (and checks) every weight file first, on this thread
-            reader.reader(v.data.path)
-        big = [v for v in blobs if v.data.dtype == "fp16" and np.prod(v.data.shape) >= (1 << 16)]
-        small = [v for v in blobs if not (v.data.dtype == "fp16" and np.prod(v.data.shape) >= (1 << 16))]
-
-        def one(v: Value) -> None:
-            ref = v.data
-            v.data = reader.read(ref, widen=True)
-            shown.update(int(np.prod(ref.shape)) * (2 if ref.dtype == "fp16" else 1))
-
-        for v in small:
-            one(v)
+        for ref, _ in groups:  # opens (and checks) every weight file first, on this thread
+            reader.reader(ref.path)
+        big = [g for g in groups if _nbytes(g[0]) >= (1 << 17)]
+        for g in groups:
+            if _nbytes(g[0]) < (1 << 17):
+                one(g)
         workers = min(4, os.cpu_count() or 1)
         if workers > 1 and len(big) > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -291,11 +337,69 @@ def _read_weights(blobs: List[Value], label: str = "") -> None:
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(one, big))
         else:
-            for v in big:
-                one(v)
+            for g in big:
+                one(g)
     finally:
         shown.close()
         reader.close()
+
+
+def _layout(groups: List[Group]) -> Tuple[List[Tuple[int, Any, Tuple[int, ...]]], int]:
+    """(offset, numpy dtype, shape) of each decoded tensor in a weights file, and its data size."""
+    from anemll_fast.mil.program import NUMPY_DTYPES
+
+    out, off = [], 0
+    for ref, _ in groups:
+        dt = np.dtype(np.float32 if ref.dtype in ("fp16", "bf16") else NUMPY_DTYPES[ref.dtype])
+        out.append((off, dt, ref.shape))
+        off += -(-int(np.prod(ref.shape, dtype=np.int64)) * dt.itemsize // 64) * 64
+    return out, off
+
+
+def _map_weights(folder: Path, key: str, groups: List[Group]) -> bool:
+    """Point every value at its decoded tensor in `<key>.weights` (a read-only map)."""
+    f = folder / f"{key}.weights"
+    layout, total = _layout(groups)
+    try:
+        size = f.stat().st_size
+    except OSError:  # absent, or the cache directory is unusable
+        return False
+    try:
+        if size != WEIGHTS_HEADER + total:
+            raise ValueError(f"{size} bytes, expected {WEIGHTS_HEADER + total}")
+        mm = np.memmap(f, dtype=np.uint8, mode="r")
+        head = WEIGHTS_MAGIC + key.encode()
+        if bytes(mm[:len(head)]) != head:
+            raise ValueError("header of another entry")
+    except (OSError, ValueError) as exc:
+        log.warning("anemll_fast: ignoring a damaged program cache weights file %s (%s)", f, exc)
+        return False
+    for (_ref, values), (off, dt, shape) in zip(groups, layout):
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        arr = mm[WEIGHTS_HEADER + off:WEIGHTS_HEADER + off + n].view(dt).reshape(shape)
+        for v in values:
+            v.data = arr
+    return True
+
+
+def _write_weights(folder: Path, key: str, groups: List[Group], layout: List[Tuple[int, Any, Tuple[int, ...]]],
+                   total: int) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".weights", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write((WEIGHTS_MAGIC + key.encode()).ljust(WEIGHTS_HEADER, b"\0"))
+                for (_ref, values), (off, _dt, _shape) in zip(groups, layout):
+                    fh.seek(WEIGHTS_HEADER + off)
+                    fh.write(memoryview(np.ascontiguousarray(values[0].data)).cast("B"))
+                fh.truncate(WEIGHTS_HEADER + total)
+            os.replace(tmp, folder / f"{key}.weights")  # atomic, as the entries
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        log.warning("anemll_fast: cannot write the program cache in %s (%s)", folder, exc)
 
 
 # ----------------------------------------------------------------- the API
@@ -326,6 +430,12 @@ def load_program(path: str, read_weights: bool = True) -> Program:
             while len(_parsed) > _MAX_PARSED:
                 _parsed.pop(next(iter(_parsed)))
         return program
-    _read_weights(blobs, os.path.basename(path))
+    groups = _groups(blobs)
+    folder = cache_dir()
+    if folder is None or not _map_weights(folder, key, groups):
+        layout, total = _layout(groups)
+        _read_weights(groups, os.path.basename(path))
+        if folder is not None and (folder / f"{key}.pkl").is_file():
+            _write_weights(folder, key, groups, layout, total)
     with _lock:
         return _loaded.setdefault(key, program)

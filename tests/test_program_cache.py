@@ -79,10 +79,37 @@ def test_second_load_is_a_hit_and_computes_the_same(cache, tiny, parses):
     np.testing.assert_array_equal(first, again)
 
 
+def test_second_load_maps_the_decoded_weights(cache, tiny, monkeypatch, caplog):
+    path = chunk(tiny)
+    first = run(ReferenceBackend.load(path))
+    forget()
+    with monkeypatch.context() as m:
+        m.setattr(program_cache, "_read_weights", lambda *a: pytest.fail("weights read again"))
+        model = ReferenceBackend.load(path)
+        np.testing.assert_array_equal(run(model), first)
+    mapped = [v.data for v in program_cache._blob_values_of(model.program)]
+    assert mapped and all(isinstance(a.base, np.memmap) or isinstance(a, np.memmap) for a in mapped)
+    assert not any(a.flags.writeable for a in mapped)
+    # A damaged weights file (wrong size, or another entry's) is ignored and rebuilt.
+    (weights,) = cache.glob("*.weights")
+    for damage in (lambda b: b[:-64], lambda b: b"ANEMLL_FAST_WEIGHTS\n" + b"0" * 64 + b[84:]):
+        del model, mapped
+        forget()
+        weights.write_bytes(damage(weights.read_bytes()))
+        model = ReferenceBackend.load(path)
+        np.testing.assert_array_equal(run(model), first)
+        assert "damaged program cache weights file" in caplog.text
+        caplog.clear()
+        mapped = None
+    forget()
+    np.testing.assert_array_equal(run(ReferenceBackend.load(path)), first)
+    assert "damaged" not in caplog.text  # rebuilt whole
+
+
 def test_a_load_parses_and_reads_each_file_once(cache, tiny, parses, monkeypatch):
     reads = []
     real = program_cache._read_weights
-    monkeypatch.setattr(program_cache, "_read_weights", lambda blobs, label="": (reads.append(len(blobs)), real(blobs, label)))
+    monkeypatch.setattr(program_cache, "_read_weights", lambda groups, label="": (reads.append(len(groups)), real(groups, label)))
     with anemll_fast.load(tiny.path, backend="reference") as model:
         parts = sorted(p.name for p in tiny.path.glob("*.mlpackage"))
         assert sorted(parses) == parts  # the config reader and the backend share one parse per file
@@ -241,10 +268,12 @@ def test_concurrent_first_loads(cache, tiny):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny.path)], env=env, stdout=subprocess.PIPE,
                               text=True) for _ in range(3)]
     assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["True"] * 3
-    names = sorted(p.name for p in cache.iterdir())
-    assert len(names) == len(list(tiny.path.glob("*.mlpackage"))) and all(n.endswith(".pkl") for n in names)
+    parts = len(list(tiny.path.glob("*.mlpackage")))
+    assert len(list(cache.glob("*.pkl"))) == parts and len(list(cache.glob("*.weights"))) == parts
+    assert len(list(cache.iterdir())) == 2 * parts  # no temporary file left behind
     for f in cache.iterdir():
-        assert f.read_bytes().startswith(program_cache.MAGIC)
+        magic = program_cache.MAGIC if f.suffix == ".pkl" else program_cache.WEIGHTS_MAGIC
+        assert f.read_bytes().startswith(magic)
 
 
 def test_cache_cli_info_and_clear(cache, tiny, capsys):
@@ -252,5 +281,5 @@ def test_cache_cli_info_and_clear(cache, tiny, capsys):
     assert cli_main(["cache"]) == 0
     assert "1 entries" in capsys.readouterr().out
     assert cli_main(["cache", "clear"]) == 0
-    assert "removed 1" in capsys.readouterr().out
-    assert entries(cache) == []
+    assert "removed 1 " in capsys.readouterr().out
+    assert list(cache.iterdir()) == []
