@@ -26,7 +26,6 @@ class ChatSession:
         self.context_shift = context_shift
         self.settings = settings_from(settings, kwargs)
         self.messages: List[Dict[str, Any]] = []
-        self.last_response: Optional[GenerationResponse] = None  # the last one streamed (stats)
         self.reset()
 
     def reset(self) -> None:
@@ -85,7 +84,6 @@ class ChatSession:
         try:
             for response in stream_tokens(self.model, ids, settings, context_shift=self.context_shift):
                 reply.append(response.text)
-                self.last_response = response
                 yield response
         except (GeneratorExit, KeyboardInterrupt):
             # The caller stopped the reply (break, close, Ctrl-C): what was said stays.

@@ -159,18 +159,13 @@ def _command(text: str, session: Any, last: Any, last_finish: Optional[str]) -> 
                 rest = [m for m in session.messages if m.get("role") != "system"]
                 session.messages = ([{"role": "system", "content": session.system}] if session.system else []) + rest
                 print("[system prompt " + ("removed" if session.system is None else "set") + "]", file=sys.stderr)
-        elif name == "/save":
+        elif name in ("/save", "/load"):
             if not arg:
-                raise ValueError("/save needs a file name")
-            session.save(arg)
-            print(f"[saved {len(session.messages)} messages and {session.model.engine.length} cached tokens "
-                  f"to {arg}]", file=sys.stderr)
-        elif name == "/load":
-            if not arg:
-                raise ValueError("/load needs a file name")
-            session.load(arg)
-            print(f"[loaded {len(session.messages)} messages and {session.model.engine.length} cached tokens "
-                  f"from {arg}]", file=sys.stderr)
+                raise ValueError(f"{name} needs a file name")
+            saving = name == "/save"
+            (session.save if saving else session.load)(arg)
+            print(f"[{'saved' if saving else 'loaded'} {len(session.messages)} messages and "
+                  f"{session.model.engine.length} cached tokens {'to' if saving else 'from'} {arg}]", file=sys.stderr)
         elif name == "/stats":
             turns = sum(m.get("role") == "user" for m in session.messages)
             print(f"[{turns} turns, {session.model.engine.length}/{session.model.context_length} tokens in the "

@@ -31,7 +31,7 @@ class SamplingSettings:
     frequency_penalty: float = 0.0
     penalty_window: Optional[int] = 64  # None: the whole history
     logit_bias: Dict[int, float] = field(default_factory=dict)
-    seed: Optional[int] = None  # None: 0 (a fixed seed, generations reproduce)
+    seed: Optional[int] = None  # None: generate/stream_generate draw a random seed and report it (Engine alone: 0)
     logprobs: Optional[int] = None  # None: off; 0: chosen token only; n: also the n best
     # When to stop (the façade's, not the native sampler's).
     max_tokens: int = 256

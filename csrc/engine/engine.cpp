@@ -693,27 +693,28 @@ int Engine::reset() {
 
 bool Engine::can_access_states() const { return anemll_backend_has_state_io(be_) != 0; }
 
-int Engine::read_state(size_t i, void* dst, size_t nbytes) {
+int Engine::check_state_io(size_t i, size_t nbytes, const char* verb) {
   if (!can_access_states())
-    return fail(kBackendError, std::string("the ") + be_->name + " backend cannot read its state buffers");
+    return fail(kBackendError, std::string("the ") + be_->name + " backend cannot " + verb + " its state buffers");
   if (i >= state_tensors_.size()) return fail(kInvalidArgument, "state tensor index " + std::to_string(i) + " out of range");
   const StateTensor& t = state_tensors_[i];
   if (nbytes != t.nbytes)
     return fail(kInvalidArgument, "state '" + t.name + "' holds " + std::to_string(t.nbytes) + " bytes, not " +
                                       std::to_string(nbytes));
+  return kOk;
+}
+
+int Engine::read_state(size_t i, void* dst, size_t nbytes) {
+  if (int rc = check_state_io(i, nbytes, "read")) return rc;
+  const StateTensor& t = state_tensors_[i];
   if (be_->read_state(be_->ctx, states_[static_cast<size_t>(t.state)], t.name.c_str(), dst, nbytes) != ANEMLL_OK)
     return fail(kBackendError, "state '" + t.name + "': read failed: " + be_->last_error(be_->ctx));
   return kOk;
 }
 
 int Engine::write_state(size_t i, const void* src, size_t nbytes) {
-  if (!can_access_states())
-    return fail(kBackendError, std::string("the ") + be_->name + " backend cannot write its state buffers");
-  if (i >= state_tensors_.size()) return fail(kInvalidArgument, "state tensor index " + std::to_string(i) + " out of range");
+  if (int rc = check_state_io(i, nbytes, "write")) return rc;
   const StateTensor& t = state_tensors_[i];
-  if (nbytes != t.nbytes)
-    return fail(kInvalidArgument, "state '" + t.name + "' holds " + std::to_string(t.nbytes) + " bytes, not " +
-                                      std::to_string(nbytes));
   length_ = 0;  // the cache matches no history until set_history
   if (be_->write_state(be_->ctx, states_[static_cast<size_t>(t.state)], t.name.c_str(), src, nbytes) != ANEMLL_OK)
     return fail(kBackendError, "state '" + t.name + "': write failed: " + be_->last_error(be_->ctx));

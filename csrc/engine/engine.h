@@ -170,6 +170,7 @@ class Engine {
            std::vector<anemll_tensor>& outs);
   int predict(Binding& b);
   int feed(const int32_t* tokens, int64_t n, int64_t start, bool one_by_one);
+  int check_state_io(size_t i, size_t nbytes, const char* verb);
   // One token through the embeddings and `chunks` (infer_ or prefill_ of a sequential model).
   int run_one_token(int32_t token, int64_t pos, std::vector<Binding>& chunks, int64_t& calls);
   int run_infer(int32_t token, int64_t pos);  // embeddings + chunks, hidden left in hid_d_
