@@ -690,49 +690,61 @@ int state_io_impl(Ctx* c, anemll_state* sh, const char* name, void* dense, size_
   const std::string label = std::string(what) + ": state '" + name + "'";
   if (std::find(s->names.begin(), s->names.end(), std::string(name)) == s->names.end())
     return set_error(c, ANEMLL_ERR_INVALID, label + ": the state (made by " + s->maker_label + ") has no such buffer");
+#if ANEMLL_HAVE_MLSTATE_API
   if (@available(macOS 15.0, *)) {
     MLState* st = (MLState*)s->state;
     __block bool seen = false, ok = false;
-    __block std::string err;
-    std::string* err_p = &err;
-    const std::string* label_p = &label;
+    __block std::string problem;
+    std::vector<char> err_buf(512, '\0');
+    char* err = err_buf.data();
+    const size_t err_size = err_buf.size();
+    const char* label_c = label.c_str();
     [st getMultiArrayForStateNamed:ns(name)
                            handler:^(MLMultiArray* buffer) {
-                             __block anemll::coreml_copy::Tensor view, flat;
-                             view.dtype = anemll_of(buffer.dataType);
-                             view.shape = to_vec(buffer.shape);
-                             flat.dtype = view.dtype;
-                             flat.shape = view.shape;
-                             flat.strides.assign(view.shape.size(), 1);
+                             seen = true;
+                             const int32_t dtype = anemll_of(buffer.dataType);
+                             const std::vector<int64_t> shape = to_vec(buffer.shape);
+                             std::vector<int64_t> dense_strides(shape.size(), 1);
                              size_t count = 1;
-                             for (size_t k = view.shape.size(); k-- > 0;) {
-                               flat.strides[k] = static_cast<int64_t>(count);
-                               count *= static_cast<size_t>(view.shape[k]);
+                             for (size_t k = shape.size(); k-- > 0;) {
+                               dense_strides[k] = static_cast<int64_t>(count);
+                               count *= static_cast<size_t>(shape[k]);
                              }
-                             flat.nbytes = count * anemll_dtype_size(view.dtype);
-                             flat.data = dense;
-                             if (!view.dtype || flat.nbytes != nbytes) {
-                               *err_p = *label_p + ": holds " + std::to_string(flat.nbytes) + " bytes of " +
-                                        ml_dtype_text(buffer.dataType) + ", the engine gives " + std::to_string(nbytes);
-                               seen = true;
+                             const size_t dense_bytes = count * anemll_dtype_size(dtype);
+                             __block anemll::coreml_copy::Layout flat;
+                             if (!dtype || dense_bytes != nbytes ||
+                                 !anemll::coreml_copy::make_layout(dtype, shape.data(), dense_strides.data(),
+                                                                   static_cast<int32_t>(shape.size()), nbytes, &flat)) {
+                               problem = std::string(label_c) + ": holds " + std::to_string(dense_bytes) + " bytes of " +
+                                         ml_dtype_text(buffer.dataType) + ", the engine gives " + std::to_string(nbytes);
                                return;
                              }
                              [buffer getMutableBytesWithHandler:^(void* bytes, NSInteger size, NSArray<NSNumber*>* strides) {
-                               seen = true;
-                               view.data = bytes;
-                               view.strides = to_vec(strides);
-                               view.nbytes = size > 0 ? static_cast<size_t>(size) : 0;
-                               ok = bytes != nullptr &&
-                                    (write ? anemll::coreml_copy::copy(flat, view, bytes, *label_p, err_p)
-                                           : anemll::coreml_copy::copy(view, flat, dense, *label_p, err_p));
+                               const std::vector<int64_t> view_strides = to_vec(strides);
+                               anemll::coreml_copy::Layout view;
+                               if (!bytes || view_strides.size() != shape.size() ||
+                                   !anemll::coreml_copy::make_layout(dtype, shape.data(), view_strides.data(),
+                                                                     static_cast<int32_t>(shape.size()),
+                                                                     size > 0 ? static_cast<size_t>(size) : 0, &view))
+                                 return;
+                               ok = write ? anemll::coreml_copy::copy(flat, dense, view, bytes, label_c, err, err_size)
+                                          : anemll::coreml_copy::copy(view, bytes, flat, dense, label_c, err, err_size);
                              }];
                            }];
-    if (!ok)
-      return set_error(c, ANEMLL_ERR_PREDICT, !err.empty() ? err : label + (seen ? ": no data" : ": Core ML lent no buffer"));
+    if (!ok) {
+      const std::string why = !problem.empty() ? problem : err[0] ? std::string(err)
+                                                 : label + (seen ? ": Core ML lent no bytes" : ": Core ML lent no buffer");
+      return set_error(c, ANEMLL_ERR_PREDICT, why);
+    }
     return ANEMLL_OK;
   } else {
     return set_error(c, ANEMLL_ERR_UNSUPPORTED, label + ": states need macOS 15; this is " + os_version());
   }
+#else
+  (void)nbytes;
+  (void)write;
+  return set_error(c, ANEMLL_ERR_UNSUPPORTED, label + ": a stateful model " + kNeedsMacOS15SDK);
+#endif
 }
 
 // ------------------------------------------------------------------ binding
