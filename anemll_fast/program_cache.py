@@ -4,8 +4,8 @@ Parsing a model file (a protobuf spec of tens of thousands of ops, or
 model.mil text) costs seconds; reading its weights costs what the disk
 gives. So the parsed program is stored, weights left out (each weight tensor
 becomes a BlobRef: file, offset, dtype, shape), in
-`<cache>/programs/<key>.pkl`, and a later load reads that structure and then
-only the weight bytes.
+`<cache>/programs/<key>.pkl`, its decoded weights beside it, and a later load
+reads that structure and maps the weights.
 
 - Key: the model directory's real path, the package and format versions, and
   for every file the program depends on its size and mtime; the spec file
@@ -22,7 +22,6 @@ only the weight bytes.
   its pickled bytes) and the weights of a program in use are shared by every
   function loaded from it (the reference backend loads `prefill` and `infer`
   of one chunk file).
-
 - Weights, once decoded into the form the reference backend computes on
   (fp16 widened to float32, sub-byte indices unpacked), are stored beside the
   entry (`<key>.weights`) and memory-mapped by later loads: a second load
