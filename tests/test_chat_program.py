@@ -137,6 +137,7 @@ def test_chat_session_in_a_terminal(tiny, env, tmp_path):
     assert [m["role"] for m in saved(second)["messages"]] == ["system"]  # /reset kept the system prompt
 
 
+@pytest.mark.slow
 def test_history_survives_a_restart(tiny, env, tmp_path):
     child = spawn(tiny, env)
     try:

@@ -260,6 +260,7 @@ def test_concurrent_writers_never_show_a_partial_entry(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [key + ".pkl"]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_concurrent_first_loads(cache, tiny):
     """Processes loading one model at once with an empty cache all succeed and leave whole entries."""
     code = ("import sys, anemll_fast; m = anemll_fast.load(sys.argv[1], backend='reference'); "
