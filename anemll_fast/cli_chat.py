@@ -94,8 +94,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from anemll_fast.progress import note
 
     interactive = sys.stdin.isatty()
-    note(f"[loading {args.model or args.meta or args.dir or 'the embedded default model'}...]")
-    with load_from_args(args) as model:
+    with load_from_args(args, announce=True) as model:
         session = ChatSession(model, system=args.system, enable_thinking=False if args.no_think else None,
                               context_shift=args.context_shift, **_sampling(args))
         note(f"[{model.backend} backend, context {model.context_length}; /help for commands, Ctrl-D leaves]")

@@ -69,14 +69,17 @@ def _sampling(args: argparse.Namespace) -> Dict[str, Any]:
     )
 
 
-def load_from_args(args: argparse.Namespace) -> Any:
+def load_from_args(args: argparse.Namespace, announce: bool = False) -> Any:
+    """The model the flags name; says what is loading on a terminal (or when `announce`)."""
     from pathlib import Path
 
     from anemll_fast.model import load
-    from anemll_fast.progress import set_quiet
+    from anemll_fast.progress import interactive, note, set_quiet
 
     if getattr(args, "quiet", False):
         set_quiet()
+    if announce or interactive():
+        note(f"[loading {args.model or args.meta or args.dir or 'the embedded default model'}...]")
     source = args.model
     if args.meta:
         source = args.meta
