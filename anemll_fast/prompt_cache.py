@@ -59,21 +59,22 @@ def model_identity(model: Any) -> Dict[str, Any]:
         "context_length": s.context_length,
         "vocab_size": s.vocab_size,
         "hidden_size": s.hidden_size,
-        "states": [[name, dtype, list(shape)] for _i, name, dtype, shape in model.engine.state_specs()],
+        "states": [[name, dtype, list(shape)] for _i, name, dtype, shape in _engine(model).state_specs()],
     }
 
 
 def save_prompt_cache(path: PathLike, model: Any, metadata: Optional[Mapping[str, str]] = None,
                       *, _extra: Optional[Dict[str, Any]] = None) -> None:
     """Write the model's KV cache (tokens held and state tensors) to `path`."""
-    engine = _engine(model)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     header = {"format": FORMAT, "version": VERSION, "model": model_identity(model), "metadata": meta}
     if _extra:
         header.update(_extra)
-    arrays = {"header": np.array(json.dumps(header)), "history": np.asarray(engine.history, dtype=np.int32)}
-    for k, arr in enumerate(engine.read_states()):
-        arrays[f"state_{k}"] = arr
+    with _locked(model):
+        engine = _engine(model)
+        arrays = {"header": np.array(json.dumps(header)), "history": np.asarray(engine.history, dtype=np.int32)}
+        for k, arr in enumerate(engine.read_states()):
+            arrays[f"state_{k}"] = arr
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -126,7 +127,6 @@ def load_prompt_cache(path: PathLike, model: Any, return_metadata: bool = False)
 
 def restore(path: PathLike, model: Any, header: Dict[str, Any], history: np.ndarray,
             states: List[np.ndarray]) -> None:
-    engine = _engine(model)
     saved = header.get("model") or {}
     here = model_identity(model)
     for key, what in (("context_length", "context length"), ("vocab_size", "vocabulary"),
@@ -137,13 +137,27 @@ def restore(path: PathLike, model: Any, header: Dict[str, Any], history: np.ndar
     if saved.get("fingerprint") != here["fingerprint"]:
         raise PromptCacheError(f"{path}: saved from another model ({saved.get('name')!r}: its part files differ "
                                f"from those of {here['name']!r}); a KV cache only fits the model that made it")
-    try:
-        engine.write_states(states, history.astype(np.int64))
-    except (AnemllError, ValueError) as exc:
-        raise PromptCacheError(f"{path}: cannot restore: {exc}") from None
+    with _locked(model):
+        try:
+            _engine(model).write_states(states, history.astype(np.int64))
+        except (AnemllError, ValueError) as exc:
+            raise PromptCacheError(f"{path}: cannot restore: {exc}") from None
+        finally:
+            if hasattr(model, "owner"):
+                model.owner = None  # the cache holds no running generation's tokens now
+
+
+def _locked(model: Any) -> Any:
+    import contextlib
+
+    lock = getattr(model, "lock", None)
+    return lock if lock is not None else contextlib.nullcontext()
 
 
 def _engine(model: Any) -> Any:
+    live = getattr(model, "live_engine", None)
+    if callable(live):
+        return live()  # raises the model's own error once closed
     engine = getattr(model, "engine", None)
     if engine is None:
         raise ValueError("model: closed")

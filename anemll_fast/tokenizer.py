@@ -129,6 +129,7 @@ class Tokenizer:
         keywords (e.g. Qwen3's enable_thinking) become template variables."""
         from anemll_fast.chat_template import render
 
+        template_kwargs.setdefault("template_name", getattr(self, "chat_template_source", None))
         text = render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                       enable_thinking=enable_thinking, bos_token=self.bos_token, eos_token=self.eos_token,
                       **template_kwargs)
