@@ -32,7 +32,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("chat") / "m", arch="qwen3", num_chunks=1, context_length=384,
+    return build_tiny_model(tmp_path_factory.mktemp("chat") / "m", arch="qwen3", num_chunks=1, context_length=512,
                             batch_size=8, tied=False, split_lm_head=2, seed=4)
 
 
