@@ -22,10 +22,10 @@ reads that structure and maps the weights.
   its pickled bytes) and the weights of a program in use are shared by every
   function loaded from it (the reference backend loads `prefill` and `infer`
   of one chunk file).
-- Weights, once decoded into the form the reference backend computes on
-  (fp16 widened to float32, sub-byte indices unpacked), are stored beside the
-  entry (`<key>.weights`) and memory-mapped by later loads: a second load
-  reads no weight file at all, pages come in as the first tokens touch them,
+- Weights, once read (in their storage dtype, sub-byte indices unpacked one
+  per byte, as the reference backend's kernels take them), are stored beside
+  the entry (`<key>.weights`) and memory-mapped by later loads: a second load
+  decodes no weight file at all, pages come in as the first tokens touch them,
   and processes running one model share them. That file is checked by its
   header (key) and size; its bytes are trusted as the model files are.
 
@@ -317,7 +317,7 @@ def _read_weights(groups: List[Group], label: str = "") -> None:
 
     def one(group: Group) -> None:
         ref, values = group
-        arr = reader.read(ref, widen=True)
+        arr = reader.read(ref)
         for v in values:
             v.data = arr
         shown.update(_nbytes(ref))
@@ -349,7 +349,7 @@ def _layout(groups: List[Group]) -> Tuple[List[Tuple[int, Any, Tuple[int, ...]]]
 
     out, off = [], 0
     for ref, _ in groups:
-        dt = np.dtype(np.float32 if ref.dtype in ("fp16", "bf16") else NUMPY_DTYPES[ref.dtype])
+        dt = np.dtype(np.float32 if ref.dtype == "bf16" else NUMPY_DTYPES[ref.dtype])  # as BlobReader.read
         out.append((off, dt, ref.shape))
         off += -(-int(np.prod(ref.shape, dtype=np.int64)) * dt.itemsize // 64) * 64
     return out, off
@@ -407,9 +407,7 @@ def load_program(path: str, read_weights: bool = True) -> Program:
 
     With read_weights=False weights stay BlobRefs (unless the program is
     already loaded with them). With weights, one Program object is shared
-    while it is in use, so that its decoded constants are too; its fp16
-    constants are held widened to float32 (exact), the form the reference
-    backend computes on, so they are converted once, while being read.
+    while it is in use, so that its decoded constants are too.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):

@@ -101,12 +101,8 @@ class BlobReader:
             )
         return BLOB_DTYPES[code], nbytes, data_off, pad_bits
 
-    def read(self, offset: int, dtype: str, shape: Tuple[int, ...], name: str = "",
-             widen: bool = False) -> np.ndarray:
-        """Decode the blob at `offset` as a tensor<dtype, shape> (a fresh, writable array).
-
-        widen: fp16 comes back as float32 (exact), the form the reference
-        backend computes on, in the same single pass over the bytes."""
+    def read(self, offset: int, dtype: str, shape: Tuple[int, ...], name: str = "") -> np.ndarray:
+        """Decode the blob at `offset` as a tensor<dtype, shape> (a fresh, writable array)."""
         blob_dtype, nbytes, data_off, _pad = self.metadata(offset)
         where = f"weight file {self.path}, blob at offset {offset}" + (f" (tensor {name})" if name else "")
         if blob_dtype != dtype:
@@ -132,8 +128,7 @@ class BlobReader:
         try:
             if dtype == "bf16":
                 return bf16_to_fp32(view).reshape(shape)
-            target = np.float32 if widen and dtype == "fp16" else NUMPY_DTYPES[dtype]
-            return view.astype(target, copy=True).reshape(shape)
+            return view.astype(NUMPY_DTYPES[dtype], copy=True).reshape(shape)
         finally:
             del view
 
@@ -200,8 +195,8 @@ class BlobCache:
             self._readers[key] = BlobReader(path)
         return self._readers[key]
 
-    def read(self, ref: "BlobRef", name: str = "", widen: bool = False) -> np.ndarray:
-        return self.reader(ref.path).read(ref.offset, ref.dtype, ref.shape, name=name, widen=widen)
+    def read(self, ref: "BlobRef", name: str = "") -> np.ndarray:
+        return self.reader(ref.path).read(ref.offset, ref.dtype, ref.shape, name=name)
 
     def close(self) -> None:
         for r in self._readers.values():

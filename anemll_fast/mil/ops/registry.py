@@ -54,7 +54,7 @@ def compute_form(value: Value) -> Any:
     data = value.data
     if isinstance(data, np.ndarray):
         if value.dtype in FLOAT_DTYPES:
-            return data.astype(np.float32, copy=False)  # constants are never written in place
+            return data.astype(np.float32)
         return data
     return data
 
