@@ -209,9 +209,10 @@ class ReferenceBackend:
 
         program = load_program(path)
         check_supported(program)  # every function, so a gap shows at load, not mid-generation
-        # Functions of one file share its decoded constants and plans, however they are loaded.
-        shared = program.__dict__.setdefault("_reference_cache", {"consts": {}, "plans": {}})
-        return ReferenceModel(program, function_name, shared)
+        # Loads of one file share its decoded constants (the program is shared while in use);
+        # each load builds its own plans, so stateful ops (random_*) start afresh.
+        consts = program.__dict__.setdefault("_reference_consts", {})
+        return ReferenceModel(program, function_name, {"consts": consts, "plans": {}})
 
 
 def load(path: str, function_name: Optional[str] = None) -> ReferenceModel:
