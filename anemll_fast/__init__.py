@@ -44,6 +44,7 @@ if _TYPE_CHECKING:  # type checkers and IDEs see the real objects and signatures
     from anemll_fast import hub
     from anemll_fast.chat import ChatSession
     from anemll_fast.config import ComponentConfig, ModelConfig, Shapes, TensorSpec
+    from anemll_fast.coreml_compat import patch_coremltools
     from anemll_fast.engine import Engine, EngineError, EngineInputError
     from anemll_fast.model import Model, load
     from anemll_fast.prompt_cache import load_prompt_cache, save_prompt_cache
