@@ -23,6 +23,15 @@ def _scatter_mode(ctx: BuildContext) -> Callable[[np.ndarray, Any], np.ndarray]:
     return _SCATTER[mode]
 
 
+def scatter_into(data: np.ndarray, targets: np.ndarray, updates: np.ndarray,
+                 op: Callable[[np.ndarray, Any], np.ndarray]) -> np.ndarray:
+    """A copy of data with updates[k] combined into data[targets[k]] in order (targets: [K, depth])."""
+    out = np.array(data, copy=True)
+    for k, t in enumerate(map(tuple, targets)):
+        out[t] = op(out[t], updates[k])
+    return out
+
+
 def checked_indices(ctx: BuildContext, idx: Any, dims: Sequence[int]) -> np.ndarray:
     """Indices as intp with negatives wrapped; the last axis of `idx` indexes `dims` one each.
 
@@ -67,12 +76,8 @@ def _scatter_along_axis(ctx: BuildContext) -> Kernel:
             raise ValueError(f"{ctx.label}: indices {list(idx.shape)} and updates {list(updates.shape)} differ")
         grid = list(np.indices(idx.shape, sparse=True))
         grid[axis] = idx
-        out = np.array(data, copy=True)
         targets = np.stack([np.broadcast_to(g, idx.shape).reshape(-1) for g in grid], axis=-1)
-        flat_upd = updates.reshape(-1)
-        for k, t in enumerate(map(tuple, targets)):
-            out[t] = op(out[t], flat_upd[k])
-        return out
+        return scatter_into(data, targets, updates.reshape(-1), op)
 
     return Kernel(run, [ctx.ref("data"), ctx.ref("indices"), ctx.ref("updates")])
 
@@ -86,10 +91,7 @@ def _scatter_nd(ctx: BuildContext) -> Kernel:
         depth = indices.shape[-1]
         idx = checked_indices(ctx, indices, data.shape[:depth]).reshape(-1, depth)
         upd = np.asarray(updates).reshape((idx.shape[0],) + data.shape[depth:])
-        out = np.array(data, copy=True)
-        for k, t in enumerate(map(tuple, idx)):
-            out[t] = op(out[t], upd[k])
-        return out
+        return scatter_into(data, idx, upd, op)
 
     return Kernel(run, [ctx.ref("data"), ctx.ref("indices"), ctx.ref("updates")])
 
