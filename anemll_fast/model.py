@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, 
 
 from anemll_fast.config import ModelConfig
 from anemll_fast.errors import AnemllError, ModelClosedError
+from anemll_fast.gc_pause import gc_paused
 from anemll_fast.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -234,15 +235,16 @@ def load(
     if compute_units not in COMPUTE_UNITS:
         raise ValueError(f"compute_units: expected one of {COMPUTE_UNITS}, got {compute_units!r}")
     chosen = _pick_backend(backend)
-    config = _config_for(path_or_repo, parts)
-    tok_dir = Path(tokenizer) if tokenizer is not None else config.model_dir
-    if tok_dir is None:
-        raise AnemllError("no tokenizer directory: pass tokenizer=...")
-    tok = Tokenizer(tok_dir)
-    if backend == "auto":
-        log.info("anemll_fast: backend %r picked (available: %s)", chosen, available_backends())
-    model = Model(config, tok, backend=chosen, compute_units=compute_units,
-                  sequential_prefill=sequential_prefill)
+    with gc_paused():  # the programs and plans are ~10^5 long-lived objects, no garbage
+        config = _config_for(path_or_repo, parts)
+        tok_dir = Path(tokenizer) if tokenizer is not None else config.model_dir
+        if tok_dir is None:
+            raise AnemllError("no tokenizer directory: pass tokenizer=...")
+        tok = Tokenizer(tok_dir)
+        if backend == "auto":
+            log.info("anemll_fast: backend %r picked (available: %s)", chosen, available_backends())
+        model = Model(config, tok, backend=chosen, compute_units=compute_units,
+                      sequential_prefill=sequential_prefill)
     if check_placement and chosen == "coreml" and compute_units == "cpu_and_ne":
         _warn_off_neural_engine(model)
     return model

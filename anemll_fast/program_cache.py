@@ -31,6 +31,16 @@ reads that structure and maps the weights.
 
 `ANEMLL_FAST_PROGRAM_CACHE` names another directory, or `off` disables the
 disk cache. `anemll-fast cache clear` empties it.
+
+Size: after each write, entries are removed least recently used first (a hit
+touches its `.pkl`) while there are more than MAX_ENTRIES of them or they take
+more than `ANEMLL_FAST_PROGRAM_CACHE_MAX_SIZE` (bytes, or with a K/M/G/T
+suffix; default DEFAULT_MAX_SIZE) together with their weights; the entry just
+written always stays. Another process may still be using a removed entry: its
+weights stay mapped (POSIX keeps an unlinked file's pages while they are
+mapped), and a process that finds half an entry (its `.weights` gone) reads
+the weights again and rewrites it. Temporary files older than an hour, left by
+a process that died mid-write, go too.
 """
 from __future__ import annotations
 
@@ -41,6 +51,7 @@ import os
 import pickle
 import tempfile
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -55,7 +66,9 @@ log = logging.getLogger("anemll_fast")
 
 FORMAT = 1  # bump when the IR classes change shape
 MAGIC = b"ANEMLL_FAST_PROGRAM\n"
-MAX_ENTRIES = 256  # oldest entries beyond this are removed after a write
+MAX_ENTRIES = 256  # least recently used entries beyond this are removed after a write
+DEFAULT_MAX_SIZE = 8 << 30  # bytes of entries and their weights; ANEMLL_FAST_PROGRAM_CACHE_MAX_SIZE overrides
+_STALE_TMP = 3600.0  # seconds after which a temporary file is a dead writer's
 WEIGHTS_MAGIC = b"ANEMLL_FAST_WEIGHTS\n"
 WEIGHTS_HEADER = 128  # magic, key, padding: data starts 64-byte aligned
 _EDGE = 64 * 1024
@@ -65,6 +78,7 @@ _structures: Dict[str, bytes] = {}  # key -> pickled structure, this process
 _parsed: Dict[str, Tuple[Program, List[Value]]] = {}  # key -> structure, weights unread (a few)
 _MAX_PARSED = 8
 _loaded: "weakref.WeakValueDictionary[str, Program]" = weakref.WeakValueDictionary()  # key -> with weights
+_hashes: Dict[Tuple[Any, ...], str] = {}  # (path, whole, stat) -> sha256 of the file (see _fingerprint)
 
 
 def cache_dir() -> Optional[Path]:
@@ -84,6 +98,7 @@ def clear() -> int:
     with _lock:
         _structures.clear()
         _parsed.clear()
+        _hashes.clear()
     folder = cache_dir()
     if folder is None or not folder.is_dir():
         return 0
@@ -96,6 +111,25 @@ def clear() -> int:
             except FileNotFoundError:
                 pass
     return n
+
+
+def max_size() -> int:
+    """The size cap of the disk cache in bytes (ANEMLL_FAST_PROGRAM_CACHE_MAX_SIZE, else DEFAULT_MAX_SIZE)."""
+    text = os.environ.get("ANEMLL_FAST_PROGRAM_CACHE_MAX_SIZE", "").strip()
+    if not text:
+        return DEFAULT_MAX_SIZE
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, scale = text.upper().rstrip("IB"), 1
+    if number[-1:] in units:
+        number, scale = number[:-1], units[number[-1]]
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"ANEMLL_FAST_PROGRAM_CACHE_MAX_SIZE: expected a size in bytes, optionally with a "
+                         f"K, M, G or T suffix (e.g. 8G), got {text!r}")
+    return int(value)
 
 
 # ------------------------------------------------------------------ the key
@@ -114,16 +148,26 @@ def _files(path: str) -> Tuple[Path, List[Path]]:
 
 def _fingerprint(f: Path, whole: bool) -> List[Any]:
     st = f.stat()
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        if whole or st.st_size <= 2 * _EDGE:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        else:
-            h.update(fh.read(_EDGE))
-            fh.seek(-_EDGE, os.SEEK_END)
-            h.update(fh.read(_EDGE))
-    return [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    # A load asks for the key of each file several times (the config reader, then each function the backend
+    # loads); the hash is remembered in this process under the file's full stat. Any write to the file moves
+    # its ctime, which (unlike mtime) no utime() call can put back, so a rewritten file is hashed again.
+    stamp = (str(f), whole, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _lock:
+        digest = _hashes.get(stamp)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            if whole or st.st_size <= 2 * _EDGE:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(fh.read(_EDGE))
+                fh.seek(-_EDGE, os.SEEK_END)
+                h.update(fh.read(_EDGE))
+        digest = h.hexdigest()
+        with _lock:
+            _hashes[stamp] = digest
+    return [st.st_size, st.st_mtime_ns, digest]
 
 
 def content_fingerprint(path: str) -> str:
@@ -207,7 +251,43 @@ def _blob_values_of(program: Program) -> List[Value]:
     return out
 
 
+def _share_types(program: Program) -> None:
+    """One object per distinct type (types are frozen): the parser makes one per variable and constant,
+    ~30k for SmolLM2's FFN file, and an entry that stores each once is read back with as many fewer
+    objects to build (and for the garbage collector to walk)."""
+    seen: Dict[Any, Any] = {}
+
+    def one(t: Any) -> Any:
+        return seen.setdefault(t, t)
+
+    def value(b: Any) -> None:
+        if isinstance(b, Value):
+            b.type = one(b.type)
+
+    def ops(items: List[Any]) -> None:
+        for op in items:
+            for v in op.outputs:
+                v.type = one(v.type)
+            for v in op.attributes.values():
+                value(v)
+            for binds in op.inputs.values():
+                for b in binds:
+                    value(b)
+            for block in op.blocks:
+                for v in block.inputs:
+                    v.type = one(v.type)
+                ops(block.ops)
+
+    for fn in program.functions.values():
+        for v in fn.inputs:
+            v.type = one(v.type)
+        for v in fn.attributes.values():
+            value(v)
+        ops(fn.ops)
+
+
 def _dumps(program: Program, key: str) -> bytes:
+    _share_types(program)
     body = pickle.dumps({"key": key, "program": program, "blobs": _blob_values(program)},
                         protocol=pickle.HIGHEST_PROTOCOL)
     return MAGIC + FORMAT.to_bytes(4, "little") + body
@@ -226,12 +306,17 @@ def _read_entry(folder: Path, key: str) -> Optional[Tuple[bytes, Tuple[Program, 
     f = folder / f"{key}.pkl"
     try:
         data = f.read_bytes()
-        return data, _loads(data, key)  # checked whole before anyone relies on it
+        entry = data, _loads(data, key)  # checked whole before anyone relies on it
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 - any damage means: rebuild it
         log.warning("anemll_fast: ignoring a damaged program cache entry %s (%s)", f, exc)
         return None
+    try:
+        os.utime(f)  # used now: pruning removes the least recently used entries first
+    except OSError:
+        pass  # a read-only cache still serves
+    return entry
 
 
 def _write_entry(folder: Path, key: str, data: bytes) -> None:
@@ -245,24 +330,49 @@ def _write_entry(folder: Path, key: str, data: bytes) -> None:
         except BaseException:
             os.unlink(tmp)
             raise
-        _prune(folder)
+        _prune(folder, keep=key)
     except OSError as exc:  # a read-only or full disk costs speed, never the load
         log.warning("anemll_fast: cannot write the program cache in %s (%s)", folder, exc)
 
 
-def _prune(folder: Path) -> None:
-    entries = []
-    for f in folder.glob("*.pkl"):
+def _prune(folder: Path, keep: str = "", cap: Optional[int] = None) -> None:
+    """Remove least recently used entries beyond MAX_ENTRIES or `cap` bytes (default: max_size()),
+    never the entry `keep` (see the module docstring)."""
+    cap = max_size() if cap is None else cap
+    now = time.time()
+    entries: Dict[str, List[Any]] = {}  # key -> [last use, bytes]
+    for f in folder.iterdir():
         try:
-            entries.append((f.stat().st_mtime, f))
-        except FileNotFoundError:
-            pass
-    for _, f in sorted(entries)[:-MAX_ENTRIES]:
-        for victim in (f, f.with_suffix(".weights")):
-            try:
-                victim.unlink()
-            except FileNotFoundError:
-                pass
+            st = f.stat()
+        except FileNotFoundError:  # removed meanwhile by another process
+            continue
+        if f.name.startswith(".tmp-"):
+            if now - st.st_mtime > _STALE_TMP:
+                _unlink(f)
+            continue
+        if f.suffix not in (".pkl", ".weights"):
+            continue
+        entry = entries.setdefault(f.stem, [0.0, 0])
+        entry[1] += st.st_size
+        if f.suffix == ".pkl":
+            entry[0] = st.st_mtime  # touched by every hit
+    total = sum(size for _, size in entries.values())
+    oldest_first = sorted((used, k) for k, (used, _size) in entries.items() if k != keep)
+    count = len(entries)
+    for _used, k in oldest_first:
+        if count <= MAX_ENTRIES and total <= cap:
+            break
+        for victim in (folder / f"{k}.pkl", folder / f"{k}.weights"):
+            _unlink(victim)
+        total -= entries[k][1]
+        count -= 1
+
+
+def _unlink(f: Path) -> None:
+    try:
+        f.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _structure(path: str, key: str) -> Tuple[Program, List[Value]]:
@@ -397,6 +507,7 @@ def _write_weights(folder: Path, key: str, groups: List[Group], layout: List[Tup
         except BaseException:
             os.unlink(tmp)
             raise
+        _prune(folder, keep=key)  # the weights are most of an entry's size
     except OSError as exc:
         log.warning("anemll_fast: cannot write the program cache in %s (%s)", folder, exc)
 

@@ -31,6 +31,7 @@ def forget():
     """This process's memos, as a new process starts."""
     program_cache._structures.clear()
     program_cache._parsed.clear()
+    program_cache._hashes.clear()
     program_cache._loaded.clear()
 
 
@@ -284,3 +285,119 @@ def test_cache_cli_info_and_clear(cache, tiny, capsys):
     assert cli_main(["cache", "clear"]) == 0
     assert "removed 1 " in capsys.readouterr().out
     assert list(cache.iterdir()) == []
+
+
+# ------------------------------------------------------------ size and pruning
+def fake_entry(folder, key, pkl_bytes, weights_bytes, used):
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix, n in ((".pkl", pkl_bytes), (".weights", weights_bytes)):
+        if n is not None:
+            f = folder / f"{key}{suffix}"
+            f.write_bytes(b"x" * n)
+            os.utime(f, (used, used))
+
+
+def keys_in(folder):
+    return sorted({f.stem for f in folder.iterdir()})
+
+
+def test_prune_by_total_size_least_recently_used_first(tmp_path):
+    folder = tmp_path / "programs"
+    now = time.time()
+    fake_entry(folder, "a", 100, 900, now - 400)  # 1000 bytes, least recently used
+    fake_entry(folder, "b", 100, 400, now - 100)  # 500
+    fake_entry(folder, "c", 100, 900, now - 300)  # 1000
+    fake_entry(folder, "d", 100, 400, now - 10)  # 500, the one just written
+    program_cache._prune(folder, keep="d", cap=2100)  # 3000 bytes: a (1000) goes, then 2000 fit
+    assert keys_in(folder) == ["b", "c", "d"]
+    program_cache._prune(folder, keep="d", cap=999)  # c (LRU now), then b
+    assert keys_in(folder) == ["d"]
+    program_cache._prune(folder, keep="d", cap=0)  # the entry just written always stays
+    assert keys_in(folder) == ["d"]
+    fake_entry(folder, "half", None, 5000, now)  # weights whose entry is gone: counted, and first to go
+    program_cache._prune(folder, keep="d", cap=1000)
+    assert keys_in(folder) == ["d"]
+
+
+def test_prune_by_count_and_stale_temporary_files(tmp_path, monkeypatch):
+    folder = tmp_path / "programs"
+    now = time.time()
+    for i in range(5):
+        fake_entry(folder, f"e{i}", 10, 10, now - 100 + i)
+    (folder / ".tmp-dead.weights").write_bytes(b"x")
+    os.utime(folder / ".tmp-dead.weights", (now - 7200, now - 7200))
+    (folder / ".tmp-writing.weights").write_bytes(b"x")  # another process is writing it now
+    monkeypatch.setattr(program_cache, "MAX_ENTRIES", 3)
+    program_cache._prune(folder, keep="e0", cap=1 << 30)
+    assert sorted(f.name for f in folder.iterdir()) == sorted(
+        [".tmp-writing.weights"] + [f"{k}{s}" for k in ("e0", "e3", "e4") for s in (".pkl", ".weights")])
+
+
+@pytest.mark.parametrize("text,expected", [("", program_cache.DEFAULT_MAX_SIZE), ("123", 123), ("4k", 4096),
+                                           ("1.5M", 3 << 19), ("2G", 2 << 30), ("1GiB", 1 << 30), ("0", 0)])
+def test_max_size_setting(monkeypatch, text, expected):
+    monkeypatch.setenv("ANEMLL_FAST_PROGRAM_CACHE_MAX_SIZE", text)
+    assert program_cache.max_size() == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "5X", "G"])
+def test_bad_max_size_setting_is_named(monkeypatch, text):
+    monkeypatch.setenv("ANEMLL_FAST_PROGRAM_CACHE_MAX_SIZE", text)
+    with pytest.raises(ValueError, match="ANEMLL_FAST_PROGRAM_CACHE_MAX_SIZE"):
+        program_cache.max_size()
+
+
+def test_size_cap_keeps_the_recently_used_and_a_pruned_model_still_runs(cache, tiny, parses, monkeypatch):
+    emb = str(next(tiny.path.glob("*embeddings*.mlpackage")))
+    first = run(ReferenceBackend.load(chunk(tiny)))
+    ReferenceBackend.load(emb)
+    assert len(entries(cache)) == 2
+    sizes = {f.stem: 0 for f in cache.iterdir()}
+    for f in cache.iterdir():
+        sizes[f.stem] += f.stat().st_size
+    # A hit marks the chunk's entry as used, so under a cap for one entry the embeddings' goes.
+    forget()
+    time.sleep(0.01)
+    model = ReferenceBackend.load(chunk(tiny))
+    key = program_cache.program_key(chunk(tiny))
+    monkeypatch.setenv("ANEMLL_FAST_PROGRAM_CACHE_MAX_SIZE", str(max(sizes.values())))
+    program_cache._prune(cache)
+    assert keys_in(cache) == [key]
+    # Another process may remove the entry of a model in use: its mapped weights stay valid.
+    program_cache._prune(cache, cap=0)
+    assert keys_in(cache) == []
+    np.testing.assert_array_equal(run(model), first)
+    forget()
+    np.testing.assert_array_equal(run(ReferenceBackend.load(chunk(tiny))), first)  # rebuilt
+    assert len(parses) == 3 and keys_in(cache) == [key]
+
+
+def test_an_entry_holds_each_distinct_type_once(cache, tiny):
+    ReferenceBackend.load(chunk(tiny))
+    forget()
+    program = ReferenceBackend.load(chunk(tiny)).program  # read back from the entry
+    types = [v.type for fn in program.functions.values() for op in fn.ops for v in op.outputs]
+    assert len(types) > 100
+    assert len({id(t) for t in types}) == len(set(types))  # one object per distinct type
+
+
+def test_load_leaves_the_garbage_collector_as_it_found_it_and_frees_a_closed_model(cache, tiny):
+    import gc
+    import weakref
+
+    assert gc.isenabled()
+    model = anemll_fast.load(tiny.path, backend="reference")
+    assert gc.isenabled()
+    programs = [weakref.ref(p) for p in program_cache._loaded.values()]
+    assert programs
+    model.close()
+    del model
+    # What a load builds holds no reference cycles, so reference counting frees it although the
+    # collector ignores it (frozen at the end of the load): no collection is run here.
+    assert [r() for r in programs] == [None] * len(programs)
+    gc.disable()
+    try:
+        anemll_fast.load(tiny.path, backend="reference").close()
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()

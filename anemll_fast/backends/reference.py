@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from anemll_fast.gc_pause import gc_paused
 from anemll_fast.mil.errors import MilFormatError, MilInputError, StateSpecError
 from anemll_fast.mil.ops.state import StateBuffer
 from anemll_fast.mil.plan import Plan, check_supported, from_compute, to_compute
@@ -207,12 +208,15 @@ class ReferenceBackend:
     def load(path: str, function_name: Optional[str] = None) -> ReferenceModel:
         from anemll_fast.program_cache import load_program
 
-        program = load_program(path)
-        check_supported(program)  # every function, so a gap shows at load, not mid-generation
-        # Loads of one file share its decoded constants (the program is shared while in use);
-        # each load builds its own plans, so stateful ops (random_*) start afresh.
-        consts = program.__dict__.setdefault("_reference_consts", {})
-        return ReferenceModel(program, function_name, {"consts": consts, "plans": {}})
+        with gc_paused():  # see anemll_fast.gc_pause
+            program = load_program(path)
+            if not program.__dict__.get("_reference_supported"):  # once per loaded program
+                check_supported(program)  # every function, so a gap shows at load, not mid-generation
+                program.__dict__["_reference_supported"] = True
+            # Loads of one file share its decoded constants (the program is shared while in use);
+            # each load builds its own plans, so stateful ops (random_*) start afresh.
+            consts = program.__dict__.setdefault("_reference_consts", {})
+            return ReferenceModel(program, function_name, {"consts": consts, "plans": {}})
 
 
 def load(path: str, function_name: Optional[str] = None) -> ReferenceModel:

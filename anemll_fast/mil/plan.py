@@ -506,6 +506,7 @@ class Plan:
             if b[0] != "state":  # a state input slot holds the StateBuffer, not its array
                 by_base.setdefault(b, []).append(s)
         chosen = set()
+        state_steps = [(j, op) for j, (_k, op, _i, _o, _f) in enumerate(raw_steps) if op.type in _STATE_OPS]
         for i, (kernel, op, ins, outs, _f) in enumerate(raw_steps):
             inplace_ok = False
             if kernel.inplace_arg is not None and len(outs) == 1:
@@ -515,7 +516,7 @@ class Plan:
                     b is not None and b[0] in ("own", "state")
                     and not any(last_use.get(s, -1) > i for s in by_base.get(b, ()))
                     and not any(s == x for j, s in enumerate(ins) if j != kernel.inplace_arg)
-                    and (b[0] != "state" or Plan._written_next(raw_steps, i, b[1]))
+                    and (b[0] != "state" or Plan._written_next(state_steps, i, b[1]))
                 )
             if inplace_ok:
                 chosen.add(i)
@@ -530,10 +531,11 @@ class Plan:
         return chosen
 
     @staticmethod
-    def _written_next(raw_steps: Sequence, i: int, state: str) -> bool:
-        """True if the next access to `state` after step i writes it (rather than reads it)."""
-        for _kernel, op, _ins, _outs, _f in raw_steps[i + 1:]:
-            if op.type not in _STATE_OPS:
+    def _written_next(state_steps: Sequence[Tuple[int, Any]], i: int, state: str) -> bool:
+        """True if the next access to `state` after step i writes it (rather than reads it).
+        `state_steps`: (index, op) of the steps that are state ops, in order."""
+        for j, op in state_steps:
+            if j <= i:
                 continue
             state_param = "state" if op.type == "coreml_update_state" else "input"
             binds = op.inputs.get(state_param) or []

@@ -7,7 +7,6 @@ syntaxes ([name = string("x")] and [name = tensor<string, []>("x")]), dict/tuple
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from anemll_fast.gc_pause import gc_paused
 from anemll_fast.mil.blobfile import BlobCache, BlobRef, resolve_blob_path
 from anemll_fast.mil.errors import MilFormatError
 from anemll_fast.mil.program import (
@@ -478,15 +478,12 @@ def parse_mil_text(text: str, source: str = "model.mil", model_dir: str = ".",
     # A model.mil of a 135M model is ~400k tokens and ~1M small objects, none
     # in reference cycles: with the cyclic GC running, its passes over the
     # growing heap took half the load time (measured: benchmarks/bench_mil_load.py).
-    gc_was_on = gc.isenabled()
-    gc.disable()
     try:
-        return _Parser(text, source, model_dir, cache, read_weights).program(default_function)
+        with gc_paused():
+            return _Parser(text, source, model_dir, cache, read_weights).program(default_function)
     except RecursionError as e:
         raise MilFormatError(f"{source}: nesting too deep") from e
     finally:
-        if gc_was_on:
-            gc.enable()
         if own:
             cache.close()
 
