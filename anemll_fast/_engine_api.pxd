@@ -166,6 +166,7 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         int read_state(size_t i, void* dst, size_t nbytes)
         int write_state(size_t i, const void* src, size_t nbytes)
         int set_history(const int32_t* tokens, int64_t n)
+        int set_active_context(int64_t ctx)
         vector[StateTensor] state_tensors()
         int init(const PipelineDesc& desc)
         int reset()

@@ -980,6 +980,12 @@ cdef class NativeEngine:
         if rc != 0:
             self._raise(rc)
 
+    def set_active_context(self, int64_t ctx):
+        """Which context size's states hold the (restored) KV cache (models with functions per size)."""
+        cdef int rc = self.eng.set_active_context(ctx)
+        if rc != 0:
+            self._raise(rc)
+
     @property
     def counters(self):
         return {"embed": self.eng.embed_calls, "prefill": self.eng.prefill_calls,

@@ -282,9 +282,12 @@ class Engine:
             out.append(arr)
         return out
 
-    def write_states(self, arrays: Sequence[np.ndarray], history: Sequence[int]) -> None:
+    def write_states(self, arrays: Sequence[np.ndarray], history: Sequence[int],
+                     active_context: Optional[int] = None) -> None:
         """Restore every state tensor (order of state_specs) and declare the
-        tokens the restored cache holds. On failure the cache holds nothing."""
+        tokens the restored cache holds. A model with functions per context size holds one set of
+        states per size: `active_context` (active_context when they were read) says whose hold the
+        cache. On failure the cache holds nothing."""
         specs = self._eng.state_tensors()
         if len(arrays) != len(specs):
             raise EngineInputError(f"states: {len(arrays)} arrays for {len(specs)} state tensors")
@@ -293,9 +296,14 @@ class Engine:
             if arr.shape != tuple(shape) or arr.dtype != np.dtype(_NP_DTYPES[code]):
                 raise EngineInputError(f"state {name!r}: expected {np.dtype(_NP_DTYPES[code]).name} "
                                        f"{list(shape)}, got {arr.dtype.name} {list(arr.shape)}")
+        if active_context is not None and len(history) > active_context:
+            raise EngineInputError(f"history: {len(history)} tokens do not fit the active context size "
+                                   f"{active_context}")
         try:
             for k, arr in enumerate(arrays):
                 self._eng.write_state(k, np.asarray(arr))
+            if active_context is not None:
+                self._eng.set_active_context(int(active_context))
         except BaseException:
             self._eng.reset()
             raise

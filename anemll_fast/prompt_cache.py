@@ -8,7 +8,9 @@ state tensor (read through the backend: numpy on the reference backend,
 MLState's buffer access on Core ML); `load_prompt_cache(path, model)` checks
 that the file was made by the same model (its parts' contents and shapes) and
 writes it back. The next generation then prefills only what follows the saved
-tokens.
+tokens. A model with functions per context size (context switching) has one
+set of states per size: all are saved, with the size that was active, and that
+size is made active again on restore.
 
 Format: a `.npz` archive (no pickles) with a JSON header, the history and one
 array per state tensor, written to a temporary file and renamed into place.
@@ -72,6 +74,9 @@ def save_prompt_cache(path: PathLike, model: Any, metadata: Optional[Mapping[str
         header.update(_extra)
     with _locked(model):
         engine = _engine(model)
+        # A model with functions per context size has one set of states per size (all saved): the
+        # active size's hold the cache, and restore makes it active again.
+        header["active_context"] = int(engine.active_context)
         arrays = {"header": np.array(json.dumps(header)), "history": np.asarray(engine.history, dtype=np.int32)}
         for k, arr in enumerate(engine.read_states()):
             arrays[f"state_{k}"] = arr
@@ -137,9 +142,15 @@ def restore(path: PathLike, model: Any, header: Dict[str, Any], history: np.ndar
     if saved.get("fingerprint") != here["fingerprint"]:
         raise PromptCacheError(f"{path}: saved from another model ({saved.get('name')!r}: its part files differ "
                                f"from those of {here['name']!r}); a KV cache only fits the model that made it")
+    active = header.get("active_context")
+    if active is not None and (isinstance(active, bool) or not isinstance(active, int)):
+        raise PromptCacheError(f"{path}: damaged (active_context {active!r} is not a context size)")
     with _locked(model):
+        if active is None and getattr(model.config, "context_functions", None):
+            raise PromptCacheError(f"{path}: saved without its active context size, which this model (one set "
+                                   f"of states per context size) needs; save it again with this version")
         try:
-            _engine(model).write_states(states, history.astype(np.int64))
+            _engine(model).write_states(states, history.astype(np.int64), active_context=active)
         except (AnemllError, ValueError) as exc:
             raise PromptCacheError(f"{path}: cannot restore: {exc}") from None
         finally:

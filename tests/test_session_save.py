@@ -1,4 +1,5 @@
 """ChatSession save/load, bare prompt caches, and a reply stopped early staying in the history."""
+import json
 import math
 import zipfile
 
@@ -144,3 +145,53 @@ def test_a_failed_turn_still_leaves_nothing(model):
         for _ in chat.stream("x" * 2000):  # does not fit the context
             pass
     assert chat.messages == []
+
+
+@pytest.fixture(scope="module")
+def switching(tmp_path_factory):
+    """Functions per context size (16, then 48): one set of KV-cache states per size."""
+    return build_tiny_model(tmp_path_factory.mktemp("save_ctx") / "ctx", "qwen3", contexts=[16, 48], batch_size=4)
+
+
+LONG = [5, 77, 300, 12, 9, 411, 23, 8, 99, 140, 7, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]  # past 16 positions
+
+
+@pytest.mark.parametrize("prompt", [LONG[:7], LONG], ids=["active_16", "active_48"])
+def test_context_switching_model_saves_the_active_size(switching, tmp_path, prompt):
+    path = tmp_path / "c.npz"
+    with anemll_fast.load(switching.path, backend="reference") as m:
+        out = m.engine.generate(prompt, 3)
+        saved_at = m.engine.active_context
+        assert saved_at == (16 if len(prompt) + 3 < 16 else 48)
+        save_prompt_cache(path, m)
+        history = list(m.engine.history)
+        expected = m.engine.generate(history + [out[-1]], 14)  # crosses into the 48-position size
+    with anemll_fast.load(switching.path, backend="reference") as fresh:
+        # Restored into an engine whose other size is active, so the saved size must be made active.
+        fresh.engine.generate(LONG[::-1] if saved_at == 16 else LONG[:3], 2)
+        assert fresh.engine.active_context != saved_at
+        load_prompt_cache(path, fresh)
+        assert fresh.engine.active_context == saved_at and list(fresh.engine.history) == history
+        before = fresh.engine.counters["prefill"]
+        assert fresh.engine.generate(history + [out[-1]], 14) == expected
+        assert fresh.engine.counters["prefill"] == before  # continued from the file, nothing prefilled again
+
+
+def test_context_switching_cache_without_its_active_size_is_refused(switching, tmp_path):
+    path = tmp_path / "c.npz"
+    with anemll_fast.load(switching.path, backend="reference") as m:
+        m.engine.generate(LONG[:5], 2)
+        save_prompt_cache(path, m)
+        with np.load(path) as z:
+            arrays = dict(z)
+        header = json.loads(str(arrays["header"]))
+        for active, culprit in ((None, "without its active context size"), (32, "not one of the model's context"),
+                                ("16", "not a context size"), (4, "do not fit the active context size 4")):
+            if active is None:
+                header.pop("active_context")
+            else:
+                header["active_context"] = active
+            arrays["header"] = np.array(json.dumps(header))
+            np.savez(path, **arrays)
+            with pytest.raises(PromptCacheError, match=culprit):
+                load_prompt_cache(path, m)

@@ -734,6 +734,19 @@ int Engine::set_history(const int32_t* tokens, int64_t n) {
   return kOk;
 }
 
+int Engine::set_active_context(int64_t ctx) {
+  std::string sizes;
+  for (size_t i = 0; i < levels_.size(); ++i) {
+    if (levels_[i].ctx == ctx) {
+      lvl_ = static_cast<int>(i);
+      return kOk;
+    }
+    sizes += (i ? ", " : "") + std::to_string(levels_[i].ctx);
+  }
+  return fail(kInvalidArgument, "active context: " + std::to_string(ctx) + " is not one of the model's context sizes (" +
+                                    sizes + ")");
+}
+
 void Engine::set_positions_decode(int64_t pos) {
   *pos_d_ = static_cast<int32_t>(pos);
   *cur_d_ = static_cast<int32_t>(pos);

@@ -103,6 +103,9 @@ class Engine {
   int read_state(size_t i, void* dst, size_t nbytes);
   int write_state(size_t i, const void* src, size_t nbytes);
   int set_history(const int32_t* tokens, int64_t n);
+  // Models with functions per context size: which size's states hold the restored cache (as
+  // active_context() reported when it was saved); the other sizes' states are not read until a switch.
+  int set_active_context(int64_t ctx);
   const std::vector<StateTensor>& state_tensors() const { return state_tensors_; }
 
   const std::string& error() const { return error_; }
