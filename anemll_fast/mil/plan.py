@@ -45,8 +45,16 @@ def _all_ops(ops: Sequence[Any]):
             yield from _all_ops(b.ops)
 
 
+def _op_types(ops: Sequence[Any]) -> set:
+    types = {op.type for op in ops}
+    for op in ops:
+        for b in op.blocks:  # few ops have blocks: no generator over every op
+            types |= _op_types(b.ops)
+    return types
+
+
 def unsupported_ops(fn: Function) -> List[str]:
-    return sorted({op.type for op in _all_ops(fn.ops) if op.type not in SUPPORTED_OPS})
+    return sorted(_op_types(fn.ops) - SUPPORTED_OPS)
 
 
 def _block_uses(block: Block) -> List[str]:
@@ -85,8 +93,18 @@ def check_supported(program: Program) -> None:
         )
 
 
+_FINISHERS: Dict[Tuple[str, bool], Callable[[Any], Any]] = {}
+
+
 def round_to(dtype: str, exact: bool) -> Callable[[Any], Any]:
-    """Finisher mapping a kernel result to the compute form of `dtype`."""
+    """Finisher mapping a kernel result to the compute form of `dtype` (one per kind, shared by every step)."""
+    fin = _FINISHERS.get((dtype, exact))
+    if fin is None:
+        fin = _FINISHERS[(dtype, exact)] = _make_finisher(dtype, exact)
+    return fin
+
+
+def _make_finisher(dtype: str, exact: bool) -> Callable[[Any], Any]:
     if dtype == "fp16":
         if exact:
             return _as_f32
@@ -388,16 +406,17 @@ class Plan:
 
         raw_steps: List[Tuple[Kernel, Any, List[int], List[int], List[Callable]]] = []
         for op in fn.ops:
-            out_label = op.outputs[0].name if op.outputs else op.name
-            where = f"{label}, op {op.type} ({out_label})"
             for v in op.outputs:
                 types[v.name] = v.type
-            if op.type == "const":
+            if op.type == "const":  # most ops of a model: kept lean
                 val = op.const_value()
                 if val is None or len(op.outputs) != 1:
-                    raise MilFormatError(f"{where}: const without a value")
+                    raise MilFormatError(f"{label}, op const ({op.outputs[0].name if op.outputs else op.name}): "
+                                         f"const without a value")
                 consts[op.outputs[0].name] = self._const_of(val)
                 continue
+            out_label = op.outputs[0].name if op.outputs else op.name
+            where = f"{label}, op {op.type} ({out_label})"
             if op.type in CONTROL_FLOW:
                 kernel = self._control_flow(op, fn.name, where, consts, types)
                 ctx = None
