@@ -69,8 +69,10 @@ def read_model_io(path: Union[str, Path]) -> ModelIO:
         where = f"{path.name}:{name}"
         spec = program.function_spec(name)
         # Outputs the description leaves open take their dims from the program.
-        typed = {f.name: f for f in program.signature_spec(name).outputs}
-        outputs = [typed.get(f.name, f) if not f.shape else f for f in spec.outputs]
+        outputs = list(spec.outputs)
+        if any(not f.shape for f in outputs):  # the signature walks every op: only when needed
+            typed = {f.name: f for f in program.signature_spec(name).outputs}
+            outputs = [typed.get(f.name, f) if not f.shape else f for f in outputs]
         fio = FunctionIO(
             name=name,
             inputs={f.name: _feature_to_spec(f, f"{where}.inputs", defaults.get(f.name)) for f in spec.inputs},
