@@ -29,7 +29,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("cache", help="show or clear the loaded-program cache",
                        description="Loaded model programs are cached on disk so that a second load skips "
                                    "parsing. `info` shows where and how big; `clear` removes the entries "
-                                   "(the converted default model stays). Past 8 GiB (ANEMLL_FAST_PROGRAM_CACHE_MAX_SIZE, "
-                                   "e.g. 20G) the least recently used entries are removed.")
+                                   "(the converted default model stays). Past 8 GiB "
+                                   "(ANEMLL_FAST_PROGRAM_CACHE_MAX_SIZE, e.g. 20G) the least recently "
+                                   "used entries are removed.")
     p.add_argument("action", choices=["info", "clear"], nargs="?", default="info")
     p.set_defaults(func=run_cache)
