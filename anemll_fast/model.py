@@ -235,7 +235,7 @@ def load(
     if compute_units not in COMPUTE_UNITS:
         raise ValueError(f"compute_units: expected one of {COMPUTE_UNITS}, got {compute_units!r}")
     chosen = _pick_backend(backend)
-    with gc_paused():  # the programs and plans are ~10^5 long-lived objects, no garbage
+    with gc_paused(freeze=True):  # the programs and plans are ~10^5 long-lived objects, no garbage
         config = _config_for(path_or_repo, parts)
         tok_dir = Path(tokenizer) if tokenizer is not None else config.model_dir
         if tok_dir is None:

@@ -17,3 +17,16 @@ if "ANEMLL_FAST_PROGRAM_CACHE" not in __import__("os").environ:
 
     os.environ["ANEMLL_FAST_PROGRAM_CACHE"] = tempfile.mkdtemp(prefix="anemll_fast_programs_")
     atexit.register(shutil.rmtree, os.environ["ANEMLL_FAST_PROGRAM_CACHE"], True)
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _thaw_after_each_test():
+    """A model load freezes what exists at its end (gc.freeze, see anemll_fast.gc_pause): thawed after each
+    test, so that the cyclic garbage a test leaves (tracebacks, fixtures) is collected as before."""
+    yield
+    gc.unfreeze()

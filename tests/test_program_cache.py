@@ -386,8 +386,10 @@ def test_load_leaves_the_garbage_collector_as_it_found_it_and_frees_a_closed_mod
     import weakref
 
     assert gc.isenabled()
+    gc.unfreeze()
     model = anemll_fast.load(tiny.path, backend="reference")
     assert gc.isenabled()
+    assert gc.get_freeze_count() > 1000  # what the load built: no generation-0 pass over it now
     programs = [weakref.ref(p) for p in program_cache._loaded.values()]
     assert programs
     model.close()

@@ -208,7 +208,7 @@ class ReferenceBackend:
     def load(path: str, function_name: Optional[str] = None) -> ReferenceModel:
         from anemll_fast.program_cache import load_program
 
-        with gc_paused():  # see anemll_fast.gc_pause
+        with gc_paused(freeze=True):  # see anemll_fast.gc_pause
             program = load_program(path)
             if not program.__dict__.get("_reference_supported"):  # once per loaded program
                 check_supported(program)  # every function, so a gap shows at load, not mid-generation
