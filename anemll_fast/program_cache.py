@@ -151,7 +151,9 @@ def _fingerprint(f: Path, whole: bool) -> List[Any]:
     st = f.stat()
     # A load asks for the key of each file several times (the config reader, then each function the backend
     # loads); the hash is remembered in this process under the file's full stat. Any write to the file moves
-    # its ctime, which (unlike mtime) no utime() call can put back, so a rewritten file is hashed again.
+    # its ctime, which (unlike mtime) no utime() call can put back, so a rewritten file is hashed again
+    # (unless it is rewritten at the same size within the filesystem clock's tick, milliseconds, of the
+    # hashing; across processes nothing is remembered).
     stamp = (str(f), whole, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _lock:
         digest = _hashes.get(stamp)
