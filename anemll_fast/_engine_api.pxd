@@ -160,8 +160,20 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         int32_t dtype
         vector[int64_t] shape
         size_t nbytes
+    cdef cppclass StepTiming:
+        int64_t steps
+        int64_t total_ns
+        int64_t embed_ns
+        int64_t head_ns
+        int64_t sample_ns
+        vector[int64_t] chunk_ns
+    int64_t monotonic_ns()
     cdef cppclass Engine:
         Engine(const anemll_backend* backend)
+        void set_timing(cbool on)
+        cbool timing()
+        const StepTiming& timing_counters()
+        void reset_timing()
         cbool can_access_states()
         int read_state(size_t i, void* dst, size_t nbytes)
         int write_state(size_t i, const void* src, size_t nbytes)
@@ -201,6 +213,17 @@ cdef extern from "engine/engine.h" namespace "anemll" nogil:
         int64_t prefill_calls
         int64_t infer_calls
         int64_t head_calls
+
+
+
+cdef extern from "engine/bench.h" namespace "anemll" nogil:
+    int bench_decode(Engine& engine, int32_t token, int64_t pos, int64_t n, int32_t* tokens_out, int64_t* ns_out,
+                     int64_t* done)
+    int bench_prefill(Engine& engine, const int32_t* tokens, int64_t n, int64_t reps, int64_t* prefill_ns,
+                      int64_t* first_ns, int32_t* first_token)
+    int bench_sampler(Sampler& sampler, LogitsPart* parts, int n_parts, const int32_t* history,
+                      int64_t history_len, int64_t reps, int64_t* ns_out, int32_t* last_token)
+    uint16_t bench_read_parts(const LogitsPart* parts, int n_parts, int64_t reps, int64_t* ns_out)
 
 
 # The Core ML backend: the factory exists in macOS builds; elsewhere the header's

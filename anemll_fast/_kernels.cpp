@@ -21,6 +21,9 @@
             "-O3",
             "-fvisibility=hidden"
         ],
+        "extra_link_args": [
+            "-s"
+        ],
         "include_dirs": [
             "csrc",
             "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/numpy/_core/include"

@@ -726,6 +726,44 @@ cdef class NativeSampler:
         """(chosen logprob, [(id, logprob), ...]) of the last sample."""
         return self.s.chosen_logprob, [(self.s.top_ids[i], self.s.top_logprobs[i]) for i in range(self.s.n_top)]
 
+    def bench(self, list parts, history, int64_t reps):
+        """Nanoseconds of each of `reps` samples over the same parts, timed natively (anemll_fast.bench)."""
+        cdef vector[LogitsPart] ps
+        if _parts_of(parts, ps) != self.vocab:
+            raise ValueError("logits parts do not cover the vocabulary")
+        if reps < 1:
+            raise ValueError(f"reps: must be >= 1, got {reps}")
+        hist = np.ascontiguousarray(np.asarray(history, dtype=np.int32))
+        ns = np.zeros(reps, np.int64)
+        cdef int64_t* out = <int64_t*><size_t>ns.ctypes.data
+        cdef const int32_t* h = <const int32_t*><size_t>hist.ctypes.data
+        cdef int64_t hn = hist.size
+        cdef int32_t token = -1
+        cdef int rc
+        with nogil:
+            rc = bench_sampler(self.s, ps.data(), <int>ps.size(), h, hn, reps, out, &token)
+        if rc != 0:
+            raise ValueError(self.s.error().decode())
+        return ns
+
+
+def bench_read_floor(list parts, int64_t reps):
+    """Nanoseconds of each of `reps` reads of every fp16 entry of the parts: a sampler's bandwidth floor."""
+    cdef vector[LogitsPart] ps
+    _parts_of(parts, ps)
+    if reps < 1:
+        raise ValueError(f"reps: must be >= 1, got {reps}")
+    ns = np.zeros(reps, np.int64)
+    cdef int64_t* out = <int64_t*><size_t>ns.ctypes.data
+    with nogil:
+        bench_read_parts(ps.data(), <int>ps.size(), reps, out)
+    return ns
+
+
+def monotonic_clock_ns():
+    """The clock the engine's timing counters and bench loops read (for comparing with them)."""
+    return monotonic_ns()
+
 
 def argmax_fp16(list parts):
     """Index of the largest entry across fp16 parts, read in place (-1 if none)."""
@@ -1001,6 +1039,67 @@ cdef class NativeEngine:
     @property
     def active_context(self):
         return self.eng.active_context()
+
+    # ------------------------------------------------------------ benchmarks
+    def set_timing(self, bint on):
+        """Per-part timing of decode steps on or off (off by default; it reads the clock a few times a step)."""
+        self.eng.set_timing(on)
+
+    @property
+    def timing(self):
+        return bool(self.eng.timing())
+
+    def reset_timing(self):
+        self.eng.reset_timing()
+
+    def timing_counters(self):
+        """Seconds spent in each part over the decode steps timed since reset_timing: embeddings, each FFN
+        chunk, LM head, sampler, and host (the engine's own work: the rest of each step), with the total."""
+        cdef const StepTiming* t = &self.eng.timing_counters()
+        chunks = [t.chunk_ns[i] * 1e-9 for i in range(t.chunk_ns.size())]
+        total = t.total_ns * 1e-9
+        parts = t.embed_ns * 1e-9 + sum(chunks) + t.head_ns * 1e-9 + t.sample_ns * 1e-9
+        return {"steps": t.steps, "total": total, "embeddings": t.embed_ns * 1e-9, "chunks": chunks,
+                "lm_head": t.head_ns * 1e-9, "sampler": t.sample_ns * 1e-9, "host": total - parts}
+
+    def bench_decode(self, int32_t token, int64_t pos, int64_t n):
+        """n decode steps from (token, pos), each fed the token the previous one produced, timed natively:
+        (tokens produced, nanoseconds of each step)."""
+        if n < 1:
+            raise ValueError(f"n: must be >= 1, got {n}")
+        tokens = np.full(n, -1, np.int32)
+        ns = np.zeros(n, np.int64)
+        cdef int32_t* tp = <int32_t*><size_t>tokens.ctypes.data
+        cdef int64_t* np_ = <int64_t*><size_t>ns.ctypes.data
+        cdef int64_t done = 0
+        cdef int rc
+        with nogil:
+            rc = bench_decode(self.eng[0], token, pos, n, tp, np_, &done)
+        if rc != 0:
+            self._raise(rc)
+        return tokens, ns
+
+    def bench_prefill(self, tokens, int64_t reps):
+        """`reps` times from an empty cache: prefill of the prompt but its last token, then the step giving the
+        first new token. (prefill ns, time-to-first-token ns, first token)."""
+        ids = np.ascontiguousarray(tokens, dtype=np.int32)
+        if ids.ndim != 1 or ids.size < 1:
+            raise ValueError("tokens: expected a non-empty 1-D sequence of token ids")
+        if reps < 1:
+            raise ValueError(f"reps: must be >= 1, got {reps}")
+        pre = np.zeros(reps, np.int64)
+        first = np.zeros(reps, np.int64)
+        cdef const int32_t* ip = <const int32_t*><size_t>ids.ctypes.data
+        cdef int64_t n = ids.size
+        cdef int64_t* pp = <int64_t*><size_t>pre.ctypes.data
+        cdef int64_t* fp = <int64_t*><size_t>first.ctypes.data
+        cdef int32_t tok = -1
+        cdef int rc
+        with nogil:
+            rc = bench_prefill(self.eng[0], ip, n, reps, pp, fp, &tok)
+        if rc != 0:
+            self._raise(rc)
+        return pre, first, tok
 
     def function_at(self, int64_t pos):
         """The FFN function a single token at `pos` runs through, whether a prefill batch may start there, and

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
@@ -92,6 +93,17 @@ std::string where_declared(const ComponentDesc& c) {
 }
 
 }  // namespace
+
+int64_t monotonic_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+void Engine::reset_timing() {
+  const size_t chunks = static_cast<size_t>(n_chunks_);
+  timing_ = StepTiming();
+  timing_.chunk_ns.assign(chunks, 0);
+}
 
 Engine::~Engine() {
   unmap_logits();
@@ -204,6 +216,7 @@ int Engine::init(const PipelineDesc& d) {
   H_ = d.hidden_size;
   V_ = d.vocab_size;
   n_chunks_ = static_cast<int>(d.ffn_infer.size());
+  reset_timing();
   if (B_ <= 0 || ctx_ <= 0 || H_ <= 0 || V_ <= 0)
     return fail(kConfigError, "shapes: batch_size, context_length, hidden_size and vocab_size must be positive");
   if (n_chunks_ == 0) return fail(kConfigError, "components.ffn_infer: no FFN chunk");
@@ -759,13 +772,18 @@ void Engine::set_positions_decode(int64_t pos) {
 
 int Engine::run_one_token(int32_t token, int64_t pos, std::vector<Binding>& chunks, int64_t& calls) {
   ids_d_[0] = token;
+  const bool timed = timing_step_;
   if (!mono_) {
+    const int64_t t0 = timed ? monotonic_ns() : 0;
     if (int rc = predict(emb_d_)) return rc;
+    if (timed) timing_.embed_ns += monotonic_ns() - t0;
     ++embed_calls;
   }
   set_positions_decode(pos);
   for (int c = 0; c < n_chunks_; ++c) {
+    const int64_t t0 = timed ? monotonic_ns() : 0;
     if (int rc = predict(chunks[c])) return rc;
+    if (timed) timing_.chunk_ns[static_cast<size_t>(c)] += monotonic_ns() - t0;
     ++calls;
   }
   return kOk;
@@ -903,10 +921,21 @@ int Engine::feed(const int32_t* tokens, int64_t n, int64_t start, bool one_by_on
 }
 
 int Engine::run_head_and_sample(int64_t pos, int32_t* next) {
+  const bool timed = timing_step_;
   if (!mono_) {  // a monolithic infer has already written the head outputs
+    const int64_t t0 = timed ? monotonic_ns() : 0;
     if (int rc = predict(head_)) return rc;
+    if (timed) timing_.head_ns += monotonic_ns() - t0;
     ++head_calls;
   }
+  // The sampler's time: reading the logits (mapping them, or the in-model argmax parts) and choosing.
+  const int64_t t_sample = timed ? monotonic_ns() : 0;
+  const int rc = choose_token(pos, next);
+  if (timed) timing_.sample_ns += monotonic_ns() - t_sample;
+  return rc;
+}
+
+int Engine::choose_token(int64_t pos, int32_t* next) {
   if (argmax_head_) {
     int32_t best = -1;
     float best_v = 0.0f;
@@ -950,12 +979,22 @@ int Engine::step(int32_t token, int64_t pos, int32_t* next) {
   if (pos > length_)
     return fail(kInvalidArgument, "step: position " + std::to_string(pos) + " leaves a gap: only " +
                                       std::to_string(length_) + " tokens are cached");
+  const int64_t t0 = timing_on_ ? monotonic_ns() : 0;
   if (int rc = rewind_to(pos)) return rc;
   length_ = pos;  // on failure the cache stays valid up to pos - 1
-  if (int rc = run_infer(token, pos)) return rc;
-  history_[static_cast<size_t>(pos)] = token;
-  length_ = pos + 1;
-  return run_head_and_sample(pos, next);
+  timing_step_ = timing_on_;  // the parts of this step read the clock (a rewind's rebuild above does not)
+  int rc = run_infer(token, pos);
+  if (rc == kOk) {
+    history_[static_cast<size_t>(pos)] = token;
+    length_ = pos + 1;
+    rc = run_head_and_sample(pos, next);
+  }
+  timing_step_ = false;
+  if (timing_on_ && rc == kOk) {
+    timing_.total_ns += monotonic_ns() - t0;
+    ++timing_.steps;
+  }
+  return rc;
 }
 
 }  // namespace anemll

@@ -73,6 +73,18 @@ struct Buffer {
   size_t nbytes = 0;
 };
 
+// Where the time of decode steps went, in nanoseconds of a monotonic clock, summed over the steps timed
+// since the last reset. `chunk_ns` is sized once (one entry per FFN chunk) so a timed step never allocates;
+// the host work (the engine's own time between the parts) is total_ns minus the rest.
+struct StepTiming {
+  int64_t steps = 0;
+  int64_t total_ns = 0, embed_ns = 0, head_ns = 0, sample_ns = 0;
+  std::vector<int64_t> chunk_ns;
+};
+
+// Nanoseconds of a monotonic clock (std::chrono::steady_clock).
+int64_t monotonic_ns();
+
 class Engine {
  public:
   explicit Engine(const anemll_backend* backend) : be_(backend) {}
@@ -130,6 +142,11 @@ class Engine {
   // Counters of backend predictions, for tests and benchmarks.
   int64_t embed_calls = 0, prefill_calls = 0, infer_calls = 0, head_calls = 0;
   int64_t infer_rotate_calls = 0, cache_rebuilds = 0, context_switches = 0;
+  // Per-part timing of decode steps (off by default: its clock reads are measured by `anemll-fast bench`).
+  void set_timing(bool on) { timing_on_ = on; }
+  bool timing() const { return timing_on_; }
+  const StepTiming& timing_counters() const { return timing_; }
+  void reset_timing();
   // The context size whose functions serve `pos` now, and the largest size in use.
   int64_t context_at(int64_t pos) const;
   int64_t active_context() const { return levels_.empty() ? 0 : levels_[lvl_].ctx; }
@@ -180,6 +197,7 @@ class Engine {
   int run_prefill_batch(const int32_t* tokens, int64_t count, int64_t pos);
   int run_prefill_single(int32_t token, int64_t pos);
   int run_head_and_sample(int64_t pos, int32_t* next);
+  int choose_token(int64_t pos, int32_t* next);  // argmax head or sampler over the head's outputs
   void set_positions_decode(int64_t pos);
   int make_states(const std::vector<const ComponentDesc*>& comps, const std::vector<anemll_model*>& models,
                   std::vector<anemll_state*>& out, Level& level);
@@ -234,6 +252,9 @@ class Engine {
   int32_t amax_val_dtype_ = 0;
   std::vector<int64_t> part_offsets_, part_sizes_;
   Sampler sampler_;
+  bool timing_on_ = false;
+  bool timing_step_ = false;  // inside a timed step(): the parts read the clock
+  StepTiming timing_;
 };
 
 }  // namespace anemll
