@@ -19,6 +19,7 @@ _SUBCOMMANDS = [
     "anemll_fast.convert.cli",
     "anemll_fast.server.cli",
     "anemll_fast.cli_cache",
+    "anemll_fast.bench.cli",
 ]
 
 

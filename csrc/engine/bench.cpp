@@ -52,13 +52,13 @@ uint16_t bench_read_parts(const LogitsPart* parts, int n_parts, int64_t reps, in
   uint16_t seen = 0;
   for (int64_t r = 0; r < reps; ++r) {
     const int64_t t0 = monotonic_ns();
-    uint16_t m = 0;
+    uint16_t m = 0;  // an OR of every entry: vectorizes on any SIMD baseline, as fast as the reads allow
     for (int p = 0; p < n_parts; ++p) {
       const uint16_t* d = parts[p].data;
-      for (int64_t i = 0; i < parts[p].size; ++i) m = std::max(m, d[i]);
+      for (int64_t i = 0; i < parts[p].size; ++i) m = static_cast<uint16_t>(m | d[i]);
     }
     ns_out[r] = monotonic_ns() - t0;
-    seen = std::max(seen, m);
+    seen = static_cast<uint16_t>(seen | m);
   }
   return seen;
 }

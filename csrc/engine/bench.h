@@ -27,8 +27,8 @@ int bench_prefill(Engine& engine, const int32_t* tokens, int64_t n, int64_t reps
 int bench_sampler(Sampler& sampler, LogitsPart* parts, int n_parts, const int32_t* history, int64_t history_len,
                   int64_t reps, int64_t* ns_out, int32_t* last_token);
 
-// The bandwidth floor of a sampler: `reps` times, read every fp16 entry of the parts once (their largest bit
-// pattern, kept so the reads cannot be optimised away). Returns that value.
+// The bandwidth floor of a sampler: `reps` times, read every fp16 entry of the parts once (an OR of their bit
+// patterns, returned so that the reads cannot be optimised away).
 uint16_t bench_read_parts(const LogitsPart* parts, int n_parts, int64_t reps, int64_t* ns_out);
 
 }  // namespace anemll
