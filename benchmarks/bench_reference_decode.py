@@ -22,12 +22,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
+
+from anemll_fast.bench import baselines  # noqa: E402
+from anemll_fast.bench.chatpy_loop import ChatPyLoop  # noqa: E402
+from anemll_fast.bench.stats import interleaved  # noqa: E402
 
 PROMPT_LEN = 64
 
@@ -52,116 +56,15 @@ def model_bytes(path: str) -> int:
                for f in part.rglob("*") if f.is_file())
 
 
-# ---------------------------------------------------------------- sides
-class AnemllSide:
+# The sides are the suite's (anemll_fast/bench): the chat.py-style loop on the reference backend and the
+# optional external baselines.
+class AnemllSide(ChatPyLoop):
     """The reference backend driven as ANEMLL's chat.py drives Core ML (one state, parts in order)."""
 
     def __init__(self, model_dir: str):
-        from anemll_fast.backends.reference import ReferenceBackend
         from anemll_fast.config import ModelConfig
-        from anemll_fast.testing.pipeline import PythonPipeline
 
-        self.p = PythonPipeline(ModelConfig.from_anemll_dir(model_dir), ReferenceBackend)
-
-    def prefill(self, prompt: List[int]) -> int:
-        self.p.reset()
-        return self.p.token_of(self.p.prefill(prompt))
-
-    def decode(self, first: int, start: int, n: int) -> List[int]:
-        out, tok = [], first
-        for pos in range(start, start + n):
-            tok = self.p.token_of(self.p.infer(tok, pos))
-            out.append(tok)
-        return out
-
-
-class TorchSide:
-    """PyTorch eager float32 Llama (RMSNorm, rotary half-split, GQA, SwiGLU) with a KV cache."""
-
-    def __init__(self, weights: Dict[str, np.ndarray], cfg, max_len: int = 512):
-        import torch
-
-        torch.set_num_threads(1)
-        self.torch = torch
-        self.w = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in weights.items()}
-        self.cfg = cfg
-        self.L, self.nh, self.nkv, self.D = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.eps = cfg.rms_norm_eps
-        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.D, 2, dtype=torch.float64) / self.D))
-        ang = torch.arange(max_len, dtype=torch.float64)[:, None] * inv[None]
-        ang = torch.cat([ang, ang], -1)
-        self.cos, self.sin = ang.cos().float(), ang.sin().float()
-        self.head = self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])
-        self.k = torch.zeros(self.L, self.nkv, max_len, self.D)
-        self.v = torch.zeros(self.L, self.nkv, max_len, self.D)
-        self.pos = 0
-
-    def _rms(self, x, g):
-        return x * self.torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * g
-
-    def _rope(self, x, pos):
-        half = self.D // 2
-        rot = self.torch.cat([-x[..., half:], x[..., :half]], -1)
-        return x * self.cos[pos] + rot * self.sin[pos]
-
-    def forward(self, toks: List[int]):
-        torch, w = self.torch, self.w
-        with torch.inference_mode():
-            T, p0 = len(toks), self.pos
-            pos = torch.arange(p0, p0 + T)
-            x = w["model.embed_tokens.weight"][torch.tensor(toks)]
-            for i in range(self.L):
-                p = f"model.layers.{i}."
-                h = self._rms(x, w[p + "input_layernorm.weight"])
-                q = (h @ w[p + "self_attn.q_proj.weight"].T).view(T, self.nh, self.D).transpose(0, 1)
-                k = (h @ w[p + "self_attn.k_proj.weight"].T).view(T, self.nkv, self.D).transpose(0, 1)
-                v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, self.nkv, self.D).transpose(0, 1)
-                q, k = self._rope(q, pos), self._rope(k, pos)
-                self.k[i, :, p0:p0 + T], self.v[i, :, p0:p0 + T] = k, v
-                rep = self.nh // self.nkv
-                keys = self.k[i, :, :p0 + T].repeat_interleave(rep, 0)
-                vals = self.v[i, :, :p0 + T].repeat_interleave(rep, 0)
-                s = q @ keys.transpose(1, 2) / self.D ** 0.5
-                s = s.masked_fill(pos[:, None] < torch.arange(p0 + T)[None], float("-inf"))
-                a = (s.softmax(-1) @ vals).transpose(0, 1).reshape(T, self.nh * self.D)
-                x = x + a @ w[p + "self_attn.o_proj.weight"].T
-                h = self._rms(x, w[p + "post_attention_layernorm.weight"])
-                g = h @ w[p + "mlp.gate_proj.weight"].T
-                x = x + (torch.nn.functional.silu(g) * (h @ w[p + "mlp.up_proj.weight"].T)) \
-                    @ w[p + "mlp.down_proj.weight"].T
-            self.pos += T
-            return self._rms(x[-1:], w["model.norm.weight"]) @ self.head.T
-
-    def prefill(self, prompt: List[int]) -> int:
-        self.pos = 0
-        return int(self.forward(prompt).argmax())
-
-    def decode(self, first: int, start: int, n: int) -> List[int]:
-        self.pos, out, tok = start, [], first
-        for _ in range(n):
-            tok = int(self.forward([tok]).argmax())
-            out.append(tok)
-        return out
-
-
-class LlamaCppSide:
-    def __init__(self, path: str):
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=path, n_ctx=512, n_threads=1, n_batch=64, verbose=False)
-
-    def prefill(self, prompt: List[int]) -> int:
-        self.llm.reset()
-        self.llm.eval(prompt)
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-
-    def decode(self, first: int, start: int, n: int) -> List[int]:
-        out, tok = [], first
-        for _ in range(n):
-            self.llm.eval([tok])
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            out.append(tok)
-        return out
+        super().__init__(ModelConfig.from_anemll_dir(model_dir), "reference")
 
 
 # ---------------------------------------------------------------- measurement
@@ -210,33 +113,31 @@ def main() -> int:
     ensure_converted(args.lut_dir, "--lut-ffn", "4", "--lut-lmhead", "6")
 
     from anemll_fast._kernels import kernel_isa
-    from anemll_fast.convert.gguf_source import load_gguf
 
-    src = load_gguf(Path(gguf_path()))
-    prompt = [int(t) for t in np.random.default_rng(0).integers(100, src.config.vocab_size, PROMPT_LEN)]
     sides: Dict[str, object] = {"fp16": AnemllSide(args.fp16_dir), "lut4/6": AnemllSide(args.lut_dir)}
-    try:
-        sides["torch fp32"] = TorchSide(src.weights, src.config)
-    except ImportError:
-        print("(PyTorch not installed: no torch baseline)")
-    try:
-        sides["llama.cpp"] = LlamaCppSide(gguf_path())
-    except ImportError:
-        print("(llama-cpp-python not installed: no llama.cpp baseline)")
+    vocab = sides["fp16"].pipeline.vocab_size
+    prompt = [int(t) for t in np.random.default_rng(0).integers(100, vocab, PROMPT_LEN)]
+    extra = baselines.available(Path(gguf_path()))
+    for name in ("torch fp32", "llama.cpp"):
+        if name not in extra:
+            print(f"({name} baseline: its package is not installed)")
+    sides.update(extra)
 
-    pre: Dict[str, List[float]] = {k: [] for k in sides}
-    dec: Dict[str, List[float]] = {k: [] for k in sides}
     tokens: Dict[str, List[int]] = {}
-    for rnd in range(args.rounds + 1):  # round 0 warms up
-        for name, side in sides.items():
+
+    def measure(name: str, side) -> Callable[[], Tuple[float, float]]:
+        def run() -> Tuple[float, float]:
             first = [0]
             tp = timed(lambda: first.__setitem__(0, side.prefill(prompt)))
             out: List[int] = []
             td = timed(lambda: out.extend(side.decode(first[0], PROMPT_LEN, args.decode)))
-            if rnd:
-                pre[name].append(PROMPT_LEN / tp)
-                dec[name].append(args.decode / td)
             tokens[name] = [first[0]] + out
+            return PROMPT_LEN / tp, args.decode / td
+        return run
+
+    got = interleaved({name: measure(name, side) for name, side in sides.items()}, args.rounds)
+    pre = {name: [p for p, _ in v] for name, v in got.items()}
+    dec = {name: [d for _, d in v] for name, v in got.items()}
     print(f"\nkernels: {kernel_isa()}; prompt {PROMPT_LEN} tokens, {args.decode} decode steps, "
           f"{args.rounds} interleaved rounds, one thread; tokens/s of thread CPU time "
           f"(wall time was {sum(WALL):.0f} s in all)")

@@ -33,6 +33,8 @@ class Figure:
     better: str
     samples: List[float]
     params: Dict[str, Any] = field(default_factory=dict)
+    # Measured once by design (load time, peak memory): n = 1 is not noise.
+    single: bool = False
 
     def __post_init__(self) -> None:
         if not self.samples:
@@ -65,6 +67,8 @@ class Figure:
 
     @property
     def noisy(self) -> bool:
+        if self.single and len(self.samples) == 1:
+            return False
         return len(self.samples) < MIN_SAMPLES or self.spread > NOISY_SPREAD
 
     def to_dict(self) -> Dict[str, Any]:

@@ -163,51 +163,63 @@ def end_to_end(model_ref: Any, backend: str, compute_units: str, suite: Suite, r
         eng = model.engine._eng
         ctx, vocab = model.context_length, model.valid_vocab
         res.add(Figure(f"e2e/{tag}/load", "end to end", f"{tag}: load (once)", "s", LOWER, [load_s],
-                       {"backend": backend, "compute_units": compute_units}))
+                       {"backend": backend, "compute_units": compute_units}, single=True))
         if backend != "reference":
             _ane_share(model, tag, res)
         steps = suite.decode_steps
         lengths = prompt_lengths(suite, ctx, steps)
         progress(f"e2e {tag}: warm-up")
         eng.bench_prefill(_prompt(lengths[0], vocab), suite.warmup)
-        eng.set_timing(True)
-        eng.reset_timing()
+        per_step: List[Dict[str, Any]] = []
         for n in lengths:
             progress(f"e2e {tag}: prompt {n}")
             prompt = _prompt(n, vocab, seed=n)
             pre, first, tok = eng.bench_prefill(prompt, suite.prefill_reps)
             p = {"backend": backend, "compute_units": compute_units, "prompt": n}
-            # The timing counters measure decode steps only: the step giving the first token is not one of them.
-            eng.reset_timing() if n == lengths[0] else None
             res.add(Figure(f"e2e/{tag}/prefill/{n}", "end to end", f"{tag}: prefill, prompt {n}", "tokens/s",
                            HIGHER, rates(pre, n - 1), p),
                     Figure(f"e2e/{tag}/ttft/{n}", "end to end", f"{tag}: time to first token, prompt {n}", "ms",
                            LOWER, millis(first), p))
-            _, ns = eng.bench_decode(tok, n, steps)
+            ns = _decode_with_counters(eng, tok, n, steps, per_step)
             res.add(Figure(f"e2e/{tag}/decode/{n}", "end to end", f"{tag}: decode at positions {n}..{n + steps - 1}",
                            "tokens/s", HIGHER, rates(ns), dict(p, steps=steps)))
-        counters = eng.timing_counters()
-        eng.set_timing(False)
-        _breakdown(counters, tag, backend, compute_units, res)
+        _breakdown(per_step, tag, backend, compute_units, res)
         res.add(Figure(f"e2e/{tag}/peak_rss", "memory", f"{tag}: peak RSS of the process", "MB", LOWER,
-                       [peak_rss_bytes() / 2 ** 20], {"backend": backend}))
+                       [peak_rss_bytes() / 2 ** 20], {"backend": backend}, single=True))
         fp = footprint_bytes()
         if fp is not None:
             res.add(Figure(f"e2e/{tag}/footprint", "memory", f"{tag}: memory footprint", "MB", LOWER,
-                           [fp / 2 ** 20], {"backend": backend}))
+                           [fp / 2 ** 20], {"backend": backend}, single=True))
         progress(f"e2e {tag}: against the chat.py-style loop")
         _against_chatpy(model, backend, compute_units, tag, lengths[0], suite, res)
 
 
-def _breakdown(c: Dict[str, Any], tag: str, backend: str, compute_units: str, res: Results) -> None:
-    """Per-token milliseconds of each part, from the engine's native counters."""
-    steps = max(int(c["steps"]), 1)
-    parts = [("embeddings", c["embeddings"])] + [(f"FFN chunk {i + 1}", v) for i, v in enumerate(c["chunks"])] + \
-            [("LM head", c["lm_head"]), ("sampler", c["sampler"]), ("host", c["host"])]
-    for name, seconds in parts:
-        res.add(Figure(f"breakdown/{tag}/{name}", "per token", f"{tag}: {name}", "ms/token", LOWER,
-                       [1e3 * seconds / steps], {"backend": backend, "compute_units": compute_units, "part": name,
-                                                 "steps": steps}))
+def _decode_with_counters(eng: Any, token: int, pos: int, steps: int, per_step: List[Dict[str, Any]]) -> np.ndarray:
+    """`steps` decode steps, each timed natively, with the engine's per-part counters read after each one
+    (between steps, not inside them) so that every part has a distribution over the steps."""
+    eng.set_timing(True)
+    out = np.zeros(steps, np.int64)
+    try:
+        for k in range(steps):
+            eng.reset_timing()
+            tokens, ns = eng.bench_decode(token, pos + k, 1)
+            token, out[k] = int(tokens[0]), ns[0]
+            per_step.append(eng.timing_counters())
+    finally:
+        eng.set_timing(False)
+    return out
+
+
+def _breakdown(per_step: List[Dict[str, Any]], tag: str, backend: str, compute_units: str, res: Results) -> None:
+    """Milliseconds of each part per decode step, from the engine's native counters."""
+    names = ["embeddings"] + [f"FFN chunk {i + 1}" for i in range(len(per_step[0]["chunks"]))] + \
+            ["LM head", "sampler", "host"]
+    for i, name in enumerate(names):
+        samples = [1e3 * (c["chunks"][i - 1] if name.startswith("FFN") else
+                          c[{"embeddings": "embeddings", "LM head": "lm_head", "sampler": "sampler",
+                             "host": "host"}[name]]) for c in per_step]
+        res.add(Figure(f"breakdown/{tag}/{name}", "per token", f"{tag}: {name}", "ms/token", LOWER, samples,
+                       {"backend": backend, "compute_units": compute_units, "part": name, "steps": len(per_step)}))
 
 
 def _ane_share(model: Any, tag: str, res: Results) -> None:
@@ -223,7 +235,7 @@ def _ane_share(model: Any, tag: str, res: Results) -> None:
     if total > 0:
         ne = sum(f.cost.get("neural_engine", 0.0) for f in plan.functions)
         res.add(Figure(f"e2e/{tag}/ane_share", "end to end", f"{tag}: Neural Engine share (compute plan)", "%",
-                       HIGHER, [100 * ne / total], {"compute_units": plan.compute_units}))
+                       HIGHER, [100 * ne / total], {"compute_units": plan.compute_units}, single=True))
 
 
 def _against_chatpy(model: Any, backend: str, compute_units: str, tag: str, n: int, suite: Suite,
