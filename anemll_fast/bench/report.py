@@ -73,6 +73,9 @@ def machine_info() -> Dict[str, Any]:
         "native_build": {k: (v if isinstance(v, (str, int, float, bool)) or v is None else str(v))
                          for k, v in build.items()},
         "kernels": kernel_isa(),
+        # Thread counts change the reference backend's figures most of all (BLAS threads spin on a busy machine).
+        "env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                               "VECLIB_MAXIMUM_THREADS", "ANEMLL_FAST_KERNELS")},
     }
 
 
