@@ -51,13 +51,14 @@ def qwen3_tokenizer() -> Tokenizer:
 
 
 def main() -> None:
-    from bench_host_overhead import qwen_like_config
+    from anemll_fast.bench.suites import LAYOUTS
+    from anemll_fast.layout import anemll_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     tok = qwen3_tokenizer()
-    engine = Engine(qwen_like_config(1024, 512, 64, 16, 9496, 1), "null", sampling=SamplingSettings())
+    engine = Engine(anemll_config(**LAYOUTS["Qwen3-0.6B"]), "null", sampling=SamplingSettings())
     views = engine._eng.logits_views()
     offsets = np.cumsum([0] + [v.size for v in views])
     text = json.dumps(ANSWER)
