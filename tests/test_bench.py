@@ -255,3 +255,36 @@ def test_refuses_bad_compare_file(capsys, tmp_path):
 def test_refuses_plot_without_matplotlib(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     _refused(capsys, ["--only", "sampler", "--plot", str(tmp_path)], "anemll_fast[bench]")
+
+
+def test_neural_engine_share_from_the_compute_plan():
+    from anemll_fast.compute_plan import ComputePlan, ComputePlanUnavailable, FunctionPlacement
+
+    class Planned:
+        def __init__(self, plan):
+            self.plan = plan
+
+        def compute_plan(self):
+            if isinstance(self.plan, Exception):
+                raise self.plan
+            return self.plan
+
+    plan = ComputePlan("cpu_and_ne", [
+        FunctionPlacement("embeddings", "e", "main", {}, {"cpu": 1.0}),
+        FunctionPlacement("ffn_infer[0]", "f", "infer", {}, {"neural_engine": 6.0, "cpu": 1.0}),
+    ])
+    res = suites.Results()
+    suites._ane_share(Planned(plan), "coreml/cpu_and_ne", res)
+    (fig,) = res.figures
+    assert fig.id == "e2e/coreml/cpu_and_ne/ane_share" and fig.median == pytest.approx(75.0)
+    assert not fig.noisy  # measured once by design
+    res = suites.Results()
+    suites._ane_share(Planned(ComputePlanUnavailable("needs macOS 14.4")), "coreml/all", res)
+    assert not res.figures and "needs macOS 14.4" in res.notes[0]
+
+
+def test_prompt_lengths_fit_the_context():
+    quick, full = suites.SUITES["quick"], suites.SUITES["full"]
+    assert suites.prompt_lengths(full, 512, 32) == [16, 64, 256, 448]
+    assert suites.prompt_lengths(quick, 48, 12) == [16]
+    assert suites.prompt_lengths(quick, 16, 12) == [4]  # nothing fits: one prompt that leaves room to decode
