@@ -87,7 +87,9 @@ class LlamaCppSide:
     def __init__(self, path: str, n_ctx: int = 512):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=1, n_batch=64, verbose=False)
+        # logits_all: llama-cpp-python (0.3.x) fills `scores` only then (a row per position); without it the
+        # logits stay inside its sampler. It costs the prefill a head over every prompt row, not a decode step.
+        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=1, n_batch=64, logits_all=True, verbose=False)
 
     def prefill(self, prompt: List[int]) -> int:
         self.llm.reset()

@@ -50,7 +50,7 @@ def _check_model(model: Optional[str]) -> None:
         return
     path = Path(model).expanduser()
     if path.exists():
-        if path.is_dir() and not (path / "meta.yaml").is_file() and not any(path.glob("*.json")):
+        if path.is_dir() and not (path / "meta.yaml").is_file():
             raise BenchError(f"MODEL {model}: no meta.yaml there: not an ANEMLL model directory")
         return
     if not _REPO_ID.match(model) or model.startswith((".", "~")):
