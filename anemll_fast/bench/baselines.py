@@ -20,7 +20,8 @@ class TorchSide:
 
         torch.set_num_threads(1)
         self.torch = torch
-        self.w = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in weights.items()}
+        # Writable float32 arrays (torch refuses read-only ones; memory-mapped weights are read-only).
+        self.w = {k: torch.from_numpy(np.require(v, np.float32, ["C", "W"])) for k, v in weights.items()}
         self.cfg = cfg
         self.L, self.nh, self.nkv, self.D = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps

@@ -291,22 +291,31 @@ def external_baselines(suite: Suite, res: Results, progress: Progress) -> None:
         n, steps = 64, suite.chat_steps
         prompt = _prompt(n, model.valid_vocab, seed=n)
 
+        tokens: Dict[str, List[int]] = {}
+
         def native() -> float:
             _, _, tok = eng.bench_prefill(prompt, 1)
-            _, ns = eng.bench_decode(tok, n, steps)
+            out, ns = eng.bench_decode(tok, n, steps)
+            tokens["anemll_fast reference"] = [tok] + [int(t) for t in out]
             return steps * 1e9 / int(ns.sum())
 
-        def side_fn(side: Any) -> Callable[[], float]:
+        def side_fn(name: str, side: Any) -> Callable[[], float]:
             def run() -> float:
                 first = side.prefill(prompt)
                 t = time.perf_counter()
-                side.decode(first, n, steps)
-                return steps / (time.perf_counter() - t)
+                out = side.decode(first, n, steps)
+                elapsed = time.perf_counter() - t
+                tokens[name] = [first] + list(out)
+                return steps / elapsed
             return run
 
         fns = {"anemll_fast reference": native}
-        fns.update({name: side_fn(side) for name, side in sides.items()})
+        fns.update({name: side_fn(name, side) for name, side in sides.items()})
         got = interleaved(fns, suite.chat_rounds, suite.warmup)
+    ours = tokens["anemll_fast reference"]
+    for name in sides:  # the fp16 conversion may part from float32 after a few tokens: worth knowing where
+        same = next((i for i, (a, b) in enumerate(zip(ours, tokens[name])) if a != b), len(ours))
+        res.notes.append(f"baseline {name}: greedy tokens equal to anemll_fast's for the first {same} of {len(ours)}")
     for name, values in got.items():
         res.add(Figure(f"baselines/{name}", "baselines", f"{name} decode (default model)", "tokens/s", HIGHER,
                        values, {"prompt": n, "steps": steps}))
