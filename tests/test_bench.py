@@ -288,3 +288,11 @@ def test_prompt_lengths_fit_the_context():
     assert suites.prompt_lengths(full, 512, 32) == [16, 64, 256, 448]
     assert suites.prompt_lengths(quick, 48, 12) == [16]
     assert suites.prompt_lengths(quick, 16, 12) == [4]  # nothing fits: one prompt that leaves room to decode
+
+
+def test_quiet_lasts_for_the_run_only():
+    from anemll_fast import progress
+
+    assert not progress.is_quiet()
+    assert cli_main(["bench", "--only", "sampler", "--quiet"]) == 0
+    assert not progress.is_quiet()  # later progress displays of the process are not silenced

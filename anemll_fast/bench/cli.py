@@ -79,7 +79,6 @@ def _backends(asked: Optional[List[str]]) -> List[str]:
 
 def run_bench(args: argparse.Namespace) -> int:
     from anemll_fast import progress as progress_mod
-    from anemll_fast.bench import compare as compare_mod
     from anemll_fast.bench import report, suites
 
     # Every check first.
@@ -92,10 +91,22 @@ def run_bench(args: argparse.Namespace) -> int:
         from anemll_fast.bench.plots import require_matplotlib
 
         require_matplotlib()
-    if args.quiet:
-        progress_mod.set_quiet(True)
     units = tuple(args.compute_units) if args.compute_units else suite.compute_units
     suite = dataclasses.replace(suite, parts=tuple(parts), compute_units=units)
+
+    # --quiet for this run only: the flag is process-wide, and bench may run inside a longer-lived process.
+    was_quiet = getattr(progress_mod, "_quiet", False)
+    progress_mod.set_quiet(was_quiet or args.quiet)
+    try:
+        return _run_and_report(args, suite, backends, previous)
+    finally:
+        progress_mod.set_quiet(was_quiet)
+
+
+def _run_and_report(args: argparse.Namespace, suite: Any, backends: List[str], previous: Any) -> int:
+    from anemll_fast import progress as progress_mod
+    from anemll_fast.bench import compare as compare_mod
+    from anemll_fast.bench import report
 
     res = run(suite, args.model, backends)
     settings: Dict[str, Any] = {"suite": suite.name, "model": args.model or "default (SmolLM2-135M-Instruct)",
