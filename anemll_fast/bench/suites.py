@@ -238,6 +238,18 @@ def _ane_share(model: Any, tag: str, res: Results) -> None:
                        HIGHER, [100 * ne / total], {"compute_units": plan.compute_units}, single=True))
 
 
+def _native_round(eng: Any, prompt: List[int], steps: int, tokens: Dict[str, List[int]],
+                  key: str) -> Callable[[], float]:
+    """One round of the native engine for interleaved(): prefill, then `steps` decode steps timed natively;
+    decode tokens/s, the greedy tokens kept in tokens[key]."""
+    def run() -> float:
+        _, _, tok = eng.bench_prefill(prompt, 1)
+        out, ns = eng.bench_decode(tok, len(prompt), steps)
+        tokens[key] = [tok] + [int(t) for t in out]
+        return steps * 1e9 / int(ns.sum())
+    return run
+
+
 def _against_chatpy(model: Any, backend: str, compute_units: str, tag: str, n: int, suite: Suite,
                     res: Results) -> None:
     """Decode tokens/s of the native engine and of the chat.py-style loop, same model and prompt, interleaved."""
@@ -249,11 +261,7 @@ def _against_chatpy(model: Any, backend: str, compute_units: str, tag: str, n: i
     steps = suite.chat_steps
     tokens: Dict[str, List[int]] = {}
 
-    def native() -> float:
-        _, _, tok = eng.bench_prefill(prompt, 1)
-        out, ns = eng.bench_decode(tok, n, steps)
-        tokens["anemll_fast"] = [tok] + [int(t) for t in out]
-        return steps * 1e9 / int(ns.sum())
+    native = _native_round(eng, prompt, steps, tokens, "anemll_fast")
 
     def chatpy() -> float:
         out, seconds = loop.timed_decode(prompt, steps)
@@ -292,12 +300,7 @@ def external_baselines(suite: Suite, res: Results, progress: Progress) -> None:
         prompt = _prompt(n, model.valid_vocab, seed=n)
 
         tokens: Dict[str, List[int]] = {}
-
-        def native() -> float:
-            _, _, tok = eng.bench_prefill(prompt, 1)
-            out, ns = eng.bench_decode(tok, n, steps)
-            tokens["anemll_fast reference"] = [tok] + [int(t) for t in out]
-            return steps * 1e9 / int(ns.sum())
+        native = _native_round(eng, prompt, steps, tokens, "anemll_fast reference")
 
         def side_fn(name: str, side: Any) -> Callable[[], float]:
             def run() -> float:
