@@ -113,6 +113,7 @@ cdef extern from "engine/sampler.h" namespace "anemll" nogil:
         int sample(LogitsPart* parts, int n_parts, const int32_t* history, int64_t history_len,
                    int32_t* token)
         const char* error()
+        size_t candidates()
         float chosen_logprob
         int32_t n_top
         vector[int32_t] top_ids

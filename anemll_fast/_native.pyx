@@ -722,6 +722,11 @@ cdef class NativeSampler:
         self.s.set_token_mask(<const uint32_t*>address, n_bits)
         self.mask = words
 
+    @property
+    def candidates(self):
+        """Tokens the last stochastic draw weighed after its cuts (stale after a greedy sample)."""
+        return self.s.candidates()
+
     def logprobs(self):
         """(chosen logprob, [(id, logprob), ...]) of the last sample."""
         return self.s.chosen_logprob, [(self.s.top_ids[i], self.s.top_logprobs[i]) for i in range(self.s.n_top)]

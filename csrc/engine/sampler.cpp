@@ -526,13 +526,22 @@ int Sampler::vocab_pick(const LogitsPart* parts, int n_parts, int32_t* token) {
   if (cfg_.min_p > 0.0f) {
     // Only values with weight >= min_p survive; gathered in id order, overrides
     // last (the order in which the draw walks them).
+    // The cut is relative to the best value's weight (not to the previous value:
+    // neighbouring fp16 values are always within reach of each other, so that
+    // would gather the whole vocabulary). The best value always stays (its weight,
+    // rounded, may fall just under 1: min_p = 1 must keep the top token). An
+    // override better than every logit only raises draw()'s exact cut, so this
+    // gathers a superset of what survives.
     const double min_w = static_cast<double>(cfg_.min_p);
     int32_t kb = -1;
-    // The best value always stays (its weight, rounded, may fall just under 1:
-    // min_p = 1 must keep the top token); draw() applies the exact cut.
+    double w_top = 0.0;
     for (int32_t idx = hi_; idx >= stop; --idx) {
       if (!h[idx]) continue;
-      if (kb >= 0 && w[idx] < min_w * w[kb]) break;
+      if (kb < 0) {
+        w_top = w[idx];
+      } else if (w[idx] < min_w * w_top) {
+        break;
+      }
       kb = idx;
     }
     if (kb >= 0) gather_at_least(parts, n_parts, kb);

@@ -80,6 +80,8 @@ class Sampler {
   int sample(LogitsPart* parts, int n_parts, const int32_t* history, int64_t history_len,
              int32_t* token);
   const char* error() const { return error_; }
+  // Tokens the last stochastic draw weighed after its cuts (not reset by a greedy sample).
+  size_t candidates() const { return cand_.size(); }
 
   // Filled by sample() when top_logprobs >= 0.
   float chosen_logprob = 0.0f;
