@@ -21,6 +21,9 @@
             "-O3",
             "-fvisibility=hidden"
         ],
+        "extra_link_args": [
+            "-s"
+        ],
         "include_dirs": [
             "csrc",
             "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/numpy/_core/include"
@@ -2016,7 +2019,7 @@ struct __pyx_MemviewEnum_obj;
 struct __pyx_memoryview_obj;
 struct __pyx_memoryviewslice_obj;
 
-/* "anemll_fast/_kernels.pyx":35
+/* "anemll_fast/_kernels.pyx":48
  * 
  * 
  * cdef class PackedWeight:             # <<<<<<<<<<<<<<
@@ -2034,7 +2037,7 @@ struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight {
 };
 
 
-/* "anemll_fast/_kernels.pyx":113
+/* "anemll_fast/_kernels.pyx":126
  *     @property
  *     def nbytes(self) -> int:
  *         return sum(a.nbytes for a in self._keep)             # <<<<<<<<<<<<<<
@@ -3043,6 +3046,12 @@ static CYTHON_INLINE PyObject* __Pyx_decode_c_string(
          const char* encoding, const char* errors,
          PyObject* (*decode_func)(const char *s, Py_ssize_t size, const char *errors));
 
+/* pybuiltin_invalid.export */
+static void __Pyx_PyBuiltin_Invalid(PyObject *obj, const char *builtin_type_name, const char *argname);
+
+/* pyint_simplify.proto */
+static CYTHON_INLINE int __Pyx_PyInt_FromNumber(PyObject **number_var, const char *argname, int accept_none);
+
 /* PyObjectVectorcallKwds.proto */
 #if CYTHON_VECTORCALL
 #define __Pyx_Object_VectorcallKwds PyObject_Vectorcall
@@ -3530,6 +3539,9 @@ static int __Pyx_ValidateAndInit_memviewslice(
                 PyObject *original_obj);
 
 /* ObjectToMemviewSlice.proto */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint8_t__const__(PyObject *, int writable_flag);
+
+/* ObjectToMemviewSlice.proto */
 static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint16_t__const__(PyObject *, int writable_flag);
 
 /* ObjectToMemviewSlice.proto */
@@ -3699,6 +3711,9 @@ static CYTHON_INLINE int64_t __Pyx_PyLong_As_int64_t(PyObject *);
 #else
 static PyObject *__Pyx_Object_VectorcallMethodKwds(PyObject *name, PyObject *const *args, size_t nargsf, PyObject *kwnames);
 #endif
+
+/* CIntToPy.proto */
+static CYTHON_INLINE PyObject* __Pyx_PyLong_From_uint64_t(uint64_t value);
 
 /* CIntToPy.proto */
 static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value);
@@ -4020,8 +4035,8 @@ static void __pyx_memoryview_slice_assign_scalar(__Pyx_memviewslice *, int, size
 static void __pyx_memoryview__slice_assign_scalar(char *, Py_ssize_t *, Py_ssize_t *, int, size_t, void *); /*proto*/
 static PyObject *__pyx_unpickle_Enum__set_state(struct __pyx_MemviewEnum_obj *, PyObject *); /*proto*/
 /* #### Code section: typeinfo ### */
-static const __Pyx_TypeInfo __Pyx_TypeInfo_nn_uint16_t__const__ = { "const uint16_t", NULL, sizeof(uint16_t const ), { 0 }, 0, __PYX_IS_UNSIGNED(uint16_t const ) ? 'U' : 'I', __PYX_IS_UNSIGNED(uint16_t const ), 0 };
 static const __Pyx_TypeInfo __Pyx_TypeInfo_nn_uint8_t__const__ = { "const uint8_t", NULL, sizeof(uint8_t const ), { 0 }, 0, __PYX_IS_UNSIGNED(uint8_t const ) ? 'U' : 'I', __PYX_IS_UNSIGNED(uint8_t const ), 0 };
+static const __Pyx_TypeInfo __Pyx_TypeInfo_nn_uint16_t__const__ = { "const uint16_t", NULL, sizeof(uint16_t const ), { 0 }, 0, __PYX_IS_UNSIGNED(uint16_t const ) ? 'U' : 'I', __PYX_IS_UNSIGNED(uint16_t const ), 0 };
 static const __Pyx_TypeInfo __Pyx_TypeInfo_float__const__ = { "const float", NULL, sizeof(float const ), { 0 }, 0, 'R', 0, 0 };
 static const __Pyx_TypeInfo __Pyx_TypeInfo_float = { "float", NULL, sizeof(float), { 0 }, 0, 'R', 0, 0 };
 /* #### Code section: before_global_var ### */
@@ -4097,6 +4112,7 @@ static PyObject *__pyx_pf___pyx_memoryviewslice___reduce_cython__(CYTHON_UNUSED 
 static PyObject *__pyx_pf___pyx_memoryviewslice_2__setstate_cython__(CYTHON_UNUSED struct __pyx_memoryviewslice_obj *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_pf_15View_dot_MemoryView___pyx_unpickle_Enum(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v___pyx_type, long __pyx_v___pyx_checksum, PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_kernel_isa(CYTHON_UNUSED PyObject *__pyx_self); /* proto */
+static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_buf); /* proto */
 static int __pyx_pf_11anemll_fast_8_kernels_12PackedWeight___cinit__(struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObject *__pyx_v_weight); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(PyObject *__pyx_v_indices, PyObject *__pyx_v_lut, int __pyx_v_nbits); /* proto */
@@ -4310,8 +4326,8 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
     PyObject *__pyx_slice[3];
     PyObject *__pyx_tuple[9];
-    PyObject *__pyx_codeobj_tab[8];
-    PyObject *__pyx_string_tab[207];
+    PyObject *__pyx_codeobj_tab[9];
+    PyObject *__pyx_string_tab[213];
     PyObject *__pyx_number_tab[9];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -4473,114 +4489,120 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_astype __pyx_string_tab[96]
 #define __pyx_n_u_asyncio_coroutines __pyx_string_tab[97]
 #define __pyx_n_u_axis __pyx_string_tab[98]
-#define __pyx_n_u_base __pyx_string_tab[99]
-#define __pyx_n_u_bias __pyx_string_tab[100]
-#define __pyx_n_u_bits __pyx_string_tab[101]
-#define __pyx_n_u_bp __pyx_string_tab[102]
-#define __pyx_n_u_bv __pyx_string_tab[103]
-#define __pyx_n_u_c __pyx_string_tab[104]
-#define __pyx_n_u_c_contiguous __pyx_string_tab[105]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[106]
-#define __pyx_n_u_close __pyx_string_tab[107]
-#define __pyx_n_u_cols __pyx_string_tab[108]
-#define __pyx_n_u_concatenate __pyx_string_tab[109]
-#define __pyx_n_u_count __pyx_string_tab[110]
-#define __pyx_n_u_decode __pyx_string_tab[111]
-#define __pyx_n_u_dtype __pyx_string_tab[112]
-#define __pyx_n_u_dtype_is_object __pyx_string_tab[113]
-#define __pyx_n_u_empty __pyx_string_tab[114]
-#define __pyx_n_u_encode __pyx_string_tab[115]
-#define __pyx_n_u_end __pyx_string_tab[116]
-#define __pyx_n_u_enumerate __pyx_string_tab[117]
-#define __pyx_n_u_error __pyx_string_tab[118]
-#define __pyx_n_u_flags __pyx_string_tab[119]
-#define __pyx_n_u_float16 __pyx_string_tab[120]
-#define __pyx_n_u_float32 __pyx_string_tab[121]
-#define __pyx_n_u_format __pyx_string_tab[122]
-#define __pyx_n_u_fortran __pyx_string_tab[123]
-#define __pyx_n_u_fp16 __pyx_string_tab[124]
-#define __pyx_n_u_from_f16 __pyx_string_tab[125]
-#define __pyx_n_u_from_palette __pyx_string_tab[126]
-#define __pyx_n_u_genexpr __pyx_string_tab[127]
-#define __pyx_n_u_half __pyx_string_tab[128]
-#define __pyx_n_u_id __pyx_string_tab[129]
-#define __pyx_n_u_idx __pyx_string_tab[130]
-#define __pyx_n_u_index __pyx_string_tab[131]
-#define __pyx_n_u_indices __pyx_string_tab[132]
-#define __pyx_n_u_items __pyx_string_tab[133]
-#define __pyx_n_u_itemsize __pyx_string_tab[134]
-#define __pyx_n_u_keep __pyx_string_tab[135]
-#define __pyx_n_u_kernel_isa __pyx_string_tab[136]
-#define __pyx_n_u_lut __pyx_string_tab[137]
-#define __pyx_n_u_matmul __pyx_string_tab[138]
-#define __pyx_n_u_max __pyx_string_tab[139]
-#define __pyx_n_u_memview __pyx_string_tab[140]
-#define __pyx_n_u_min __pyx_string_tab[141]
-#define __pyx_n_u_mode __pyx_string_tab[142]
-#define __pyx_n_u_n __pyx_string_tab[143]
-#define __pyx_n_u_name __pyx_string_tab[144]
-#define __pyx_n_u_nbits __pyx_string_tab[145]
-#define __pyx_n_u_nbytes __pyx_string_tab[146]
-#define __pyx_n_u_ndim __pyx_string_tab[147]
-#define __pyx_n_u_next __pyx_string_tab[148]
-#define __pyx_n_u_np __pyx_string_tab[149]
-#define __pyx_n_u_nsub __pyx_string_tab[150]
-#define __pyx_n_u_numpy __pyx_string_tab[151]
-#define __pyx_n_u_obj __pyx_string_tab[152]
-#define __pyx_n_u_out __pyx_string_tab[153]
-#define __pyx_n_u_ov __pyx_string_tab[154]
-#define __pyx_n_u_p __pyx_string_tab[155]
-#define __pyx_n_u_pack __pyx_string_tab[156]
-#define __pyx_n_u_packed __pyx_string_tab[157]
-#define __pyx_n_u_palette __pyx_string_tab[158]
-#define __pyx_n_u_pk __pyx_string_tab[159]
-#define __pyx_n_u_pop __pyx_string_tab[160]
-#define __pyx_n_u_r0 __pyx_string_tab[161]
-#define __pyx_n_u_r1 __pyx_string_tab[162]
-#define __pyx_n_u_rc __pyx_string_tab[163]
-#define __pyx_n_u_register __pyx_string_tab[164]
-#define __pyx_n_u_reshape __pyx_string_tab[165]
-#define __pyx_n_u_return __pyx_string_tab[166]
-#define __pyx_n_u_rows_3 __pyx_string_tab[167]
-#define __pyx_n_u_self __pyx_string_tab[168]
-#define __pyx_n_u_send __pyx_string_tab[169]
-#define __pyx_n_u_setdefault __pyx_string_tab[170]
-#define __pyx_n_u_shape __pyx_string_tab[171]
-#define __pyx_n_u_size __pyx_string_tab[172]
-#define __pyx_n_u_split __pyx_string_tab[173]
-#define __pyx_n_u_start __pyx_string_tab[174]
-#define __pyx_n_u_staticmethod __pyx_string_tab[175]
-#define __pyx_n_u_step __pyx_string_tab[176]
-#define __pyx_n_u_stop __pyx_string_tab[177]
-#define __pyx_n_u_str __pyx_string_tab[178]
-#define __pyx_n_u_struct __pyx_string_tab[179]
-#define __pyx_n_u_sum __pyx_string_tab[180]
-#define __pyx_n_u_t16 __pyx_string_tab[181]
-#define __pyx_n_u_table __pyx_string_tab[182]
-#define __pyx_n_u_tb __pyx_string_tab[183]
-#define __pyx_n_u_throw __pyx_string_tab[184]
-#define __pyx_n_u_u __pyx_string_tab[185]
-#define __pyx_n_u_uint16 __pyx_string_tab[186]
-#define __pyx_n_u_uint8 __pyx_string_tab[187]
-#define __pyx_n_u_unpack __pyx_string_tab[188]
-#define __pyx_n_u_update __pyx_string_tab[189]
-#define __pyx_n_u_value __pyx_string_tab[190]
-#define __pyx_n_u_values __pyx_string_tab[191]
-#define __pyx_n_u_view __pyx_string_tab[192]
-#define __pyx_n_u_weight __pyx_string_tab[193]
-#define __pyx_n_u_x __pyx_string_tab[194]
-#define __pyx_n_u_xa __pyx_string_tab[195]
-#define __pyx_n_u_xv __pyx_string_tab[196]
-#define __pyx_n_u_yv __pyx_string_tab[197]
-#define __pyx_n_u_zeros __pyx_string_tab[198]
-#define __pyx_n_b_O __pyx_string_tab[199]
-#define __pyx_kp_b_iso88591_Q __pyx_string_tab[200]
-#define __pyx_kp_b_iso88591_A_l_B_r_1F_Rs_6_S_QfAS_1_A_TTUUY __pyx_string_tab[201]
-#define __pyx_kp_b_iso88591_A_l_b_AU_3fCr_CvQc_Bc_F_3c_A_UUV __pyx_string_tab[202]
-#define __pyx_kp_b_iso88591_A __pyx_string_tab[203]
-#define __pyx_kp_b_iso88591_A_3b_q __pyx_string_tab[204]
-#define __pyx_kp_b_iso88591_Zq_R_V2Q_2V3a_82S_2V3b_2V1Cs_a __pyx_string_tab[205]
-#define __pyx_kp_b_iso88591_a_4y_3j_4r_F_Q_AXQe1_at1_b_b_Bd __pyx_string_tab[206]
+#define __pyx_n_u_b __pyx_string_tab[99]
+#define __pyx_n_u_base __pyx_string_tab[100]
+#define __pyx_n_u_bias __pyx_string_tab[101]
+#define __pyx_n_u_bits __pyx_string_tab[102]
+#define __pyx_n_u_bp __pyx_string_tab[103]
+#define __pyx_n_u_buf __pyx_string_tab[104]
+#define __pyx_n_u_bv __pyx_string_tab[105]
+#define __pyx_n_u_c __pyx_string_tab[106]
+#define __pyx_n_u_c_contiguous __pyx_string_tab[107]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[108]
+#define __pyx_n_u_close __pyx_string_tab[109]
+#define __pyx_n_u_cols __pyx_string_tab[110]
+#define __pyx_n_u_concatenate __pyx_string_tab[111]
+#define __pyx_n_u_count __pyx_string_tab[112]
+#define __pyx_n_u_decode __pyx_string_tab[113]
+#define __pyx_n_u_dtype __pyx_string_tab[114]
+#define __pyx_n_u_dtype_is_object __pyx_string_tab[115]
+#define __pyx_n_u_empty __pyx_string_tab[116]
+#define __pyx_n_u_encode __pyx_string_tab[117]
+#define __pyx_n_u_end __pyx_string_tab[118]
+#define __pyx_n_u_enumerate __pyx_string_tab[119]
+#define __pyx_n_u_error __pyx_string_tab[120]
+#define __pyx_n_u_flags __pyx_string_tab[121]
+#define __pyx_n_u_float16 __pyx_string_tab[122]
+#define __pyx_n_u_float32 __pyx_string_tab[123]
+#define __pyx_n_u_format __pyx_string_tab[124]
+#define __pyx_n_u_fortran __pyx_string_tab[125]
+#define __pyx_n_u_fp16 __pyx_string_tab[126]
+#define __pyx_n_u_from_f16 __pyx_string_tab[127]
+#define __pyx_n_u_from_palette __pyx_string_tab[128]
+#define __pyx_n_u_genexpr __pyx_string_tab[129]
+#define __pyx_n_u_half __pyx_string_tab[130]
+#define __pyx_n_u_id __pyx_string_tab[131]
+#define __pyx_n_u_idx __pyx_string_tab[132]
+#define __pyx_n_u_index __pyx_string_tab[133]
+#define __pyx_n_u_indices __pyx_string_tab[134]
+#define __pyx_n_u_int __pyx_string_tab[135]
+#define __pyx_n_u_items __pyx_string_tab[136]
+#define __pyx_n_u_itemsize __pyx_string_tab[137]
+#define __pyx_n_u_keep __pyx_string_tab[138]
+#define __pyx_n_u_kernel_isa __pyx_string_tab[139]
+#define __pyx_n_u_lut __pyx_string_tab[140]
+#define __pyx_n_u_matmul __pyx_string_tab[141]
+#define __pyx_n_u_max __pyx_string_tab[142]
+#define __pyx_n_u_memview __pyx_string_tab[143]
+#define __pyx_n_u_min __pyx_string_tab[144]
+#define __pyx_n_u_mode __pyx_string_tab[145]
+#define __pyx_n_u_n __pyx_string_tab[146]
+#define __pyx_n_u_name __pyx_string_tab[147]
+#define __pyx_n_u_nbits __pyx_string_tab[148]
+#define __pyx_n_u_nbytes __pyx_string_tab[149]
+#define __pyx_n_u_ndim __pyx_string_tab[150]
+#define __pyx_n_u_next __pyx_string_tab[151]
+#define __pyx_n_u_np __pyx_string_tab[152]
+#define __pyx_n_u_nsub __pyx_string_tab[153]
+#define __pyx_n_u_numpy __pyx_string_tab[154]
+#define __pyx_n_u_obj __pyx_string_tab[155]
+#define __pyx_n_u_out __pyx_string_tab[156]
+#define __pyx_n_u_ov __pyx_string_tab[157]
+#define __pyx_n_u_p __pyx_string_tab[158]
+#define __pyx_n_u_pack __pyx_string_tab[159]
+#define __pyx_n_u_packed __pyx_string_tab[160]
+#define __pyx_n_u_palette __pyx_string_tab[161]
+#define __pyx_n_u_pk __pyx_string_tab[162]
+#define __pyx_n_u_pop __pyx_string_tab[163]
+#define __pyx_n_u_r0 __pyx_string_tab[164]
+#define __pyx_n_u_r1 __pyx_string_tab[165]
+#define __pyx_n_u_rc __pyx_string_tab[166]
+#define __pyx_n_u_register __pyx_string_tab[167]
+#define __pyx_n_u_reshape __pyx_string_tab[168]
+#define __pyx_n_u_return __pyx_string_tab[169]
+#define __pyx_n_u_rows_3 __pyx_string_tab[170]
+#define __pyx_n_u_s __pyx_string_tab[171]
+#define __pyx_n_u_self __pyx_string_tab[172]
+#define __pyx_n_u_send __pyx_string_tab[173]
+#define __pyx_n_u_setdefault __pyx_string_tab[174]
+#define __pyx_n_u_shape __pyx_string_tab[175]
+#define __pyx_n_u_size __pyx_string_tab[176]
+#define __pyx_n_u_split __pyx_string_tab[177]
+#define __pyx_n_u_start __pyx_string_tab[178]
+#define __pyx_n_u_staticmethod __pyx_string_tab[179]
+#define __pyx_n_u_step __pyx_string_tab[180]
+#define __pyx_n_u_stop __pyx_string_tab[181]
+#define __pyx_n_u_str __pyx_string_tab[182]
+#define __pyx_n_u_stream_read_bytes __pyx_string_tab[183]
+#define __pyx_n_u_struct __pyx_string_tab[184]
+#define __pyx_n_u_sum __pyx_string_tab[185]
+#define __pyx_n_u_t16 __pyx_string_tab[186]
+#define __pyx_n_u_table __pyx_string_tab[187]
+#define __pyx_n_u_tb __pyx_string_tab[188]
+#define __pyx_n_u_throw __pyx_string_tab[189]
+#define __pyx_n_u_u __pyx_string_tab[190]
+#define __pyx_n_u_uint16 __pyx_string_tab[191]
+#define __pyx_n_u_uint8 __pyx_string_tab[192]
+#define __pyx_n_u_unpack __pyx_string_tab[193]
+#define __pyx_n_u_update __pyx_string_tab[194]
+#define __pyx_n_u_value __pyx_string_tab[195]
+#define __pyx_n_u_values __pyx_string_tab[196]
+#define __pyx_n_u_view __pyx_string_tab[197]
+#define __pyx_n_u_weight __pyx_string_tab[198]
+#define __pyx_n_u_x __pyx_string_tab[199]
+#define __pyx_n_u_xa __pyx_string_tab[200]
+#define __pyx_n_u_xv __pyx_string_tab[201]
+#define __pyx_n_u_yv __pyx_string_tab[202]
+#define __pyx_n_u_zeros __pyx_string_tab[203]
+#define __pyx_n_b_O __pyx_string_tab[204]
+#define __pyx_kp_b_iso88591_Q __pyx_string_tab[205]
+#define __pyx_kp_b_iso88591_A_l_B_r_1F_Rs_6_S_QfAS_1_A_TTUUY __pyx_string_tab[206]
+#define __pyx_kp_b_iso88591_A_l_b_AU_3fCr_CvQc_Bc_F_3c_A_UUV __pyx_string_tab[207]
+#define __pyx_kp_b_iso88591_A __pyx_string_tab[208]
+#define __pyx_kp_b_iso88591_A_3b_q __pyx_string_tab[209]
+#define __pyx_kp_b_iso88591_a_4AT_2U_2Q_a_QfAQ_r_A_q_Kq_4q __pyx_string_tab[210]
+#define __pyx_kp_b_iso88591_Zq_R_V2Q_2V3a_82S_2V3b_2V1Cs_a __pyx_string_tab[211]
+#define __pyx_kp_b_iso88591_a_4y_3j_4r_F_Q_AXQe1_at1_b_b_Bd __pyx_string_tab[212]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_1 __pyx_number_tab[2]
@@ -4637,8 +4659,8 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
   for (int i=0; i<9; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<8; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<207; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<9; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<213; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<9; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -4698,8 +4720,8 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
   for (int i=0; i<9; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<8; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<207; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<9; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<213; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<9; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -20767,7 +20789,7 @@ static CYTHON_INLINE NPY_DATETIMEUNIT __pyx_f_5numpy_get_datetime64_unit(PyObjec
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":30
+/* "anemll_fast/_kernels.pyx":31
  * 
  * 
  * def kernel_isa() -> str:             # <<<<<<<<<<<<<<
@@ -20803,7 +20825,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_kernel_isa(CYTHON_UNUSED PyObj
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("kernel_isa", 0);
 
-  /* "anemll_fast/_kernels.pyx":32
+  /* "anemll_fast/_kernels.pyx":33
  * def kernel_isa() -> str:
  *     """Which vector path runs on this CPU ("avx2+fma+f16c", "neon" or "portable")."""
  *     return isa().decode()             # <<<<<<<<<<<<<<
@@ -20812,11 +20834,11 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_kernel_isa(CYTHON_UNUSED PyObj
 */
 
   __pyx_t_1 = anemll::kernels::isa();
-  __pyx_t_2 = __Pyx_ssize_strlen(__pyx_t_1); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 32, __pyx_L1_error)
-  __pyx_t_3 = __Pyx_decode_c_string(__pyx_t_1, 0, __pyx_t_2, NULL, NULL, NULL); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 32, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_ssize_strlen(__pyx_t_1); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 33, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_decode_c_string(__pyx_t_1, 0, __pyx_t_2, NULL, NULL, NULL); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 33, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
 
-  if (!(likely(PyUnicode_CheckExact(__pyx_t_3)) || __Pyx_RaiseUnexpectedTypeError("str", __pyx_t_3))) __PYX_ERR(0, 32, __pyx_L1_error)
+  if (!(likely(PyUnicode_CheckExact(__pyx_t_3)) || __Pyx_RaiseUnexpectedTypeError("str", __pyx_t_3))) __PYX_ERR(0, 33, __pyx_L1_error)
   {
     PyObject *__pyx_temp;
     {
@@ -20829,7 +20851,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_kernel_isa(CYTHON_UNUSED PyObj
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":30
+  /* "anemll_fast/_kernels.pyx":31
  * 
  * 
  * def kernel_isa() -> str:             # <<<<<<<<<<<<<<
@@ -20848,7 +20870,340 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_kernel_isa(CYTHON_UNUSED PyObj
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":44
+/* "anemll_fast/_kernels.pyx":36
+ * 
+ * 
+ * def stream_read_bytes(buf) -> int:             # <<<<<<<<<<<<<<
+ *     """Read every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum."""
+ *     cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_11anemll_fast_8_kernels_3stream_read_bytes(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_11anemll_fast_8_kernels_2stream_read_bytes, "stream_read_bytes(buf) -> int\n\nRead every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum.");
+static PyMethodDef __pyx_mdef_11anemll_fast_8_kernels_3stream_read_bytes = {"stream_read_bytes", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_11anemll_fast_8_kernels_3stream_read_bytes, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_11anemll_fast_8_kernels_2stream_read_bytes};
+static PyObject *__pyx_pw_11anemll_fast_8_kernels_3stream_read_bytes(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  PyObject *__pyx_v_buf = 0;
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[1] = {0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("stream_read_bytes (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_buf,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 36, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 36, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "stream_read_bytes", 0) < (0)) __PYX_ERR(0, 36, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("stream_read_bytes", 1, 1, 1, i); __PYX_ERR(0, 36, __pyx_L3_error) }
+      }
+    } else if (unlikely(__pyx_nargs != 1)) {
+      goto __pyx_L5_argtuple_error;
+    } else {
+      values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 36, __pyx_L3_error)
+    }
+    __pyx_v_buf = values[0];
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("stream_read_bytes", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 36, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_AddTraceback("anemll_fast._kernels.stream_read_bytes", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  __pyx_r = __pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(__pyx_self, __pyx_v_buf);
+
+  /* function exit code */
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_buf) {
+  __Pyx_memviewslice __pyx_v_b = { 0, 0, { 0 }, { 0 }, { 0 } };
+  uint64_t __pyx_v_s;
+  int64_t __pyx_v_n;
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  PyObject *__pyx_t_2 = NULL;
+  PyObject *__pyx_t_3 = NULL;
+  PyObject *__pyx_t_4 = NULL;
+  PyObject *__pyx_t_5 = NULL;
+  PyObject *__pyx_t_6 = NULL;
+  PyObject *__pyx_t_7 = NULL;
+  PyObject *__pyx_t_8 = NULL;
+  size_t __pyx_t_9;
+  __Pyx_memviewslice __pyx_t_10 = { 0, 0, { 0 }, { 0 }, { 0 } };
+  int __pyx_t_11;
+  Py_ssize_t __pyx_t_12;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("stream_read_bytes", 0);
+
+  /* "anemll_fast/_kernels.pyx":38
+ * def stream_read_bytes(buf) -> int:
+ *     """Read every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum."""
+ *     cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)             # <<<<<<<<<<<<<<
+ *     cdef uint64_t s = 0
+ *     cdef int64_t n = b.shape[0]
+*/
+  __pyx_t_6 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 38, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_7);
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 38, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_8);
+  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+  __pyx_t_9 = 1;
+  #if CYTHON_UNPACK_METHODS
+  if (unlikely(PyMethod_Check(__pyx_t_8))) {
+    __pyx_t_6 = PyMethod_GET_SELF(__pyx_t_8);
+    assert(__pyx_t_6);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_8);
+    __Pyx_INCREF(__pyx_t_6);
+    __Pyx_INCREF(__pyx__function);
+    __Pyx_DECREF_SET(__pyx_t_8, __pyx__function);
+    __pyx_t_9 = 0;
+  }
+  #endif
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_v_buf};
+    __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_8, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (__pyx_t_9*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 38, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+  }
+  __pyx_t_4 = __pyx_t_5;
+  __Pyx_INCREF(__pyx_t_4);
+  __pyx_t_9 = 0;
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_int_neg_1};
+    __pyx_t_3 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 38, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_3);
+  }
+  __pyx_t_2 = __pyx_t_3;
+  __Pyx_INCREF(__pyx_t_2);
+  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 38, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 38, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  __pyx_t_9 = 0;
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_t_4};
+    __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_view, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
+    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 38, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+  }
+  __pyx_t_10 = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint8_t__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_10.memview)) __PYX_ERR(0, 38, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_v_b = __pyx_t_10;
+  __pyx_t_10.memview = NULL;
+  __pyx_t_10.data = NULL;
+
+  /* "anemll_fast/_kernels.pyx":39
+ *     """Read every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum."""
+ *     cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+ *     cdef uint64_t s = 0             # <<<<<<<<<<<<<<
+ *     cdef int64_t n = b.shape[0]
+ *     if n == 0:
+*/
+  __pyx_v_s = 0;
+
+  /* "anemll_fast/_kernels.pyx":40
+ *     cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+ *     cdef uint64_t s = 0
+ *     cdef int64_t n = b.shape[0]             # <<<<<<<<<<<<<<
+ *     if n == 0:
+ *         return 0
+*/
+  __pyx_v_n = (__pyx_v_b.shape[0]);
+
+  /* "anemll_fast/_kernels.pyx":41
+ *     cdef uint64_t s = 0
+ *     cdef int64_t n = b.shape[0]
+ *     if n == 0:             # <<<<<<<<<<<<<<
+ *         return 0
+ *     with nogil:
+*/
+  __pyx_t_11 = (__pyx_v_n == 0);
+
+  if (__pyx_t_11) {
+
+
+    /* "anemll_fast/_kernels.pyx":42
+ *     cdef int64_t n = b.shape[0]
+ *     if n == 0:
+ *         return 0             # <<<<<<<<<<<<<<
+ *     with nogil:
+ *         s = stream_read(&b[0], n)
+*/
+    {
+      PyObject *__pyx_temp;
+      {
+        __pyx_temp = __pyx_r;
+        __Pyx_INCREF(__pyx_mstate_global->__pyx_int_0);
+        __pyx_r = __pyx_mstate_global->__pyx_int_0;
+      }
+      __Pyx_XDECREF(__pyx_temp);
+    }
+    goto __pyx_L0;
+
+    /* "anemll_fast/_kernels.pyx":41
+ *     cdef uint64_t s = 0
+ *     cdef int64_t n = b.shape[0]
+ *     if n == 0:             # <<<<<<<<<<<<<<
+ *         return 0
+ *     with nogil:
+*/
+  }
+
+  /* "anemll_fast/_kernels.pyx":43
+ *     if n == 0:
+ *         return 0
+ *     with nogil:             # <<<<<<<<<<<<<<
+ *         s = stream_read(&b[0], n)
+ *     return s
+*/
+  {
+      PyThreadState * _save;
+      _save = PyEval_SaveThread();
+      __Pyx_FastGIL_Remember();
+      /*try:*/ {
+
+        /* "anemll_fast/_kernels.pyx":44
+ *         return 0
+ *     with nogil:
+ *         s = stream_read(&b[0], n)             # <<<<<<<<<<<<<<
+ *     return s
+ * 
+*/
+        __pyx_t_12 = 0;
+        __pyx_v_s = anemll::kernels::stream_read((&(*((uint8_t const  *) ( /* dim=0 */ ((char *) (((uint8_t const  *) __pyx_v_b.data) + __pyx_t_12)) )))), __pyx_v_n);
+      }
+
+      /* "anemll_fast/_kernels.pyx":43
+ *     if n == 0:
+ *         return 0
+ *     with nogil:             # <<<<<<<<<<<<<<
+ *         s = stream_read(&b[0], n)
+ *     return s
+*/
+      /*finally:*/ {
+        /*normal exit:*/{
+          __Pyx_FastGIL_Forget();
+          PyEval_RestoreThread(_save);
+          goto __pyx_L6;
+        }
+        __pyx_L6:;
+      }
+  }
+
+  /* "anemll_fast/_kernels.pyx":45
+ *     with nogil:
+ *         s = stream_read(&b[0], n)
+ *     return s             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  __pyx_t_1 = __Pyx_PyLong_From_uint64_t(__pyx_v_s); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 45, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_1, NULL, 0) < (0)) __PYX_ERR(0, 45, __pyx_L1_error)
+  {
+    PyObject *__pyx_temp;
+    {
+      __pyx_temp = __pyx_r;
+      __pyx_r = ((PyObject*)__pyx_t_1);
+    }
+    __Pyx_XDECREF(__pyx_temp);
+  }
+  __pyx_t_1 = 0;
+  goto __pyx_L0;
+
+  /* "anemll_fast/_kernels.pyx":36
+ * 
+ * 
+ * def stream_read_bytes(buf) -> int:             # <<<<<<<<<<<<<<
+ *     """Read every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum."""
+ *     cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+*/
+
+  /* function exit code */
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_1);
+  __Pyx_XDECREF(__pyx_t_2);
+  __Pyx_XDECREF(__pyx_t_3);
+  __Pyx_XDECREF(__pyx_t_4);
+  __Pyx_XDECREF(__pyx_t_5);
+  __Pyx_XDECREF(__pyx_t_6);
+  __Pyx_XDECREF(__pyx_t_7);
+  __Pyx_XDECREF(__pyx_t_8);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_t_10, 1);
+  __Pyx_AddTraceback("anemll_fast._kernels.stream_read_bytes", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_b, 1);
+
+
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "anemll_fast/_kernels.pyx":57
  *     cdef readonly int nbits
  * 
  *     def __cinit__(self):             # <<<<<<<<<<<<<<
@@ -20902,7 +21257,7 @@ static int __pyx_pf_11anemll_fast_8_kernels_12PackedWeight___cinit__(struct __py
   __Pyx_RefNannyDeclarations
   __Pyx_RefNannySetupContext("__cinit__", 0);
 
-  /* "anemll_fast/_kernels.pyx":45
+  /* "anemll_fast/_kernels.pyx":58
  * 
  *     def __cinit__(self):
  *         self._keep = ()             # <<<<<<<<<<<<<<
@@ -20914,7 +21269,7 @@ static int __pyx_pf_11anemll_fast_8_kernels_12PackedWeight___cinit__(struct __py
   __Pyx_GOTREF(__pyx_v_self->_keep);
   __Pyx_DECREF_SET(__pyx_v_self->_keep, __pyx_mstate_global->__pyx_empty_tuple);
 
-  /* "anemll_fast/_kernels.pyx":44
+  /* "anemll_fast/_kernels.pyx":57
  *     cdef readonly int nbits
  * 
  *     def __cinit__(self):             # <<<<<<<<<<<<<<
@@ -20929,7 +21284,7 @@ static int __pyx_pf_11anemll_fast_8_kernels_12PackedWeight___cinit__(struct __py
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":47
+/* "anemll_fast/_kernels.pyx":60
  *         self._keep = ()
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
@@ -20977,32 +21332,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_weight,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 47, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 60, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 47, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 60, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "from_f16", 0) < (0)) __PYX_ERR(0, 47, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "from_f16", 0) < (0)) __PYX_ERR(0, 60, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("from_f16", 1, 1, 1, i); __PYX_ERR(0, 47, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("from_f16", 1, 1, 1, i); __PYX_ERR(0, 60, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 47, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 60, __pyx_L3_error)
     }
     __pyx_v_weight = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("from_f16", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 47, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("from_f16", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 60, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -21048,7 +21403,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("from_f16", 0);
 
-  /* "anemll_fast/_kernels.pyx":50
+  /* "anemll_fast/_kernels.pyx":63
  *     def from_f16(weight):
  *         """weight: float16 array [rows, cols] (C-contiguous copy taken if needed)."""
  *         cdef PackedWeight p = PackedWeight()             # <<<<<<<<<<<<<<
@@ -21061,13 +21416,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
     PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 50, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 63, __pyx_L1_error)
     __Pyx_GOTREF((PyObject *)__pyx_t_1);
   }
   __pyx_v_p = ((struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":51
+  /* "anemll_fast/_kernels.pyx":64
  *         """weight: float16 array [rows, cols] (C-contiguous copy taken if needed)."""
  *         cdef PackedWeight p = PackedWeight()
  *         a = np.ascontiguousarray(weight, dtype=np.float16)             # <<<<<<<<<<<<<<
@@ -21075,14 +21430,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
  *             raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 51, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 64, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 51, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 64, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 51, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 64, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float16); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 51, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float16); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 64, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   #if CYTHON_VECTORCALL
@@ -21103,13 +21458,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
     PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_v_weight, __pyx_t_6};
     #if CYTHON_VECTORCALL
     __pyx_t_4 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 51, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 64, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_4);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_4 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 51, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 64, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     #endif
@@ -21120,22 +21475,22 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 51, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 64, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_a = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":52
+  /* "anemll_fast/_kernels.pyx":65
  *         cdef PackedWeight p = PackedWeight()
  *         a = np.ascontiguousarray(weight, dtype=np.float16)
  *         if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:             # <<<<<<<<<<<<<<
  *             raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")
  *         cdef const uint16_t[:, ::1] bits = a.view(np.uint16)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 52, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 52, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_8) {
 
@@ -21145,12 +21500,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 52, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 52, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_5, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 52, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_5, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   if (!__pyx_t_8) {
 
@@ -21160,12 +21515,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 52, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_5, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 52, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_5, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 52, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
   __pyx_t_7 = __pyx_t_8;
@@ -21174,7 +21529,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":53
+    /* "anemll_fast/_kernels.pyx":66
  *         a = np.ascontiguousarray(weight, dtype=np.float16)
  *         if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
  *             raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")             # <<<<<<<<<<<<<<
@@ -21182,15 +21537,15 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
  *         p.w.rows, p.w.cols = a.shape[0], a.shape[1]
 */
     __pyx_t_5 = NULL;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 53, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 66, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_6 = __Pyx_PySequence_ListKeepNew(__pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 53, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PySequence_ListKeepNew(__pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 66, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 53, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 66, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __pyx_t_6 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_an_fp16_weight_must_be_a_non_emp, __pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 53, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_an_fp16_weight_must_be_a_non_emp, __pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 66, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __pyx_t_3 = 1;
@@ -21199,14 +21554,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 53, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 66, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 53, __pyx_L1_error)
+    __PYX_ERR(0, 66, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":52
+    /* "anemll_fast/_kernels.pyx":65
  *         cdef PackedWeight p = PackedWeight()
  *         a = np.ascontiguousarray(weight, dtype=np.float16)
  *         if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:             # <<<<<<<<<<<<<<
@@ -21215,7 +21570,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":54
+  /* "anemll_fast/_kernels.pyx":67
  *         if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
  *             raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")
  *         cdef const uint16_t[:, ::1] bits = a.view(np.uint16)             # <<<<<<<<<<<<<<
@@ -21224,9 +21579,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
 */
   __pyx_t_6 = __pyx_v_a;
   __Pyx_INCREF(__pyx_t_6);
-  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 54, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 67, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 54, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 67, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __pyx_t_3 = 0;
@@ -21235,40 +21590,40 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_view, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 54, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 67, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_9 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint16_t__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_9.memview)) __PYX_ERR(0, 54, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint16_t__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_9.memview)) __PYX_ERR(0, 67, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_bits = __pyx_t_9;
   __pyx_t_9.memview = NULL;
   __pyx_t_9.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":55
+  /* "anemll_fast/_kernels.pyx":68
  *             raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")
  *         cdef const uint16_t[:, ::1] bits = a.view(np.uint16)
  *         p.w.rows, p.w.cols = a.shape[0], a.shape[1]             # <<<<<<<<<<<<<<
  *         p.w.f16 = &bits[0, 0]
  *         p._keep = (a,)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 55, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 68, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 55, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 68, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_10 = __Pyx_PyLong_As_int64_t(__pyx_t_4); if (unlikely((__pyx_t_10 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 55, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyLong_As_int64_t(__pyx_t_4); if (unlikely((__pyx_t_10 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 68, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 55, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 68, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 55, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 68, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_11 = __Pyx_PyLong_As_int64_t(__pyx_t_1); if (unlikely((__pyx_t_11 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 55, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyLong_As_int64_t(__pyx_t_1); if (unlikely((__pyx_t_11 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 68, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_p->w.rows = __pyx_t_10;
   __pyx_v_p->w.cols = __pyx_t_11;
 
-  /* "anemll_fast/_kernels.pyx":56
+  /* "anemll_fast/_kernels.pyx":69
  *         cdef const uint16_t[:, ::1] bits = a.view(np.uint16)
  *         p.w.rows, p.w.cols = a.shape[0], a.shape[1]
  *         p.w.f16 = &bits[0, 0]             # <<<<<<<<<<<<<<
@@ -21279,43 +21634,43 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   __pyx_t_13 = 0;
   __pyx_v_p->w.f16 = (&(*((uint16_t const  *) ( /* dim=1 */ ((char *) (((uint16_t const  *) ( /* dim=0 */ (__pyx_v_bits.data + __pyx_t_12 * __pyx_v_bits.strides[0]) )) + __pyx_t_13)) ))));
 
-  /* "anemll_fast/_kernels.pyx":57
+  /* "anemll_fast/_kernels.pyx":70
  *         p.w.rows, p.w.cols = a.shape[0], a.shape[1]
  *         p.w.f16 = &bits[0, 0]
  *         p._keep = (a,)             # <<<<<<<<<<<<<<
  *         p.rows, p.cols, p.kind, p.nbits = a.shape[0], a.shape[1], "fp16", 16
  *         return p
 */
-  __pyx_t_1 = PyTuple_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 57, __pyx_L1_error)
+  __pyx_t_1 = PyTuple_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 70, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_INCREF(__pyx_v_a);
   __Pyx_GIVEREF(__pyx_v_a);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_v_a) != (0)) __PYX_ERR(0, 57, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_v_a) != (0)) __PYX_ERR(0, 70, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_1);
   __Pyx_GOTREF(__pyx_v_p->_keep);
   __Pyx_DECREF_SET(__pyx_v_p->_keep, __pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":58
+  /* "anemll_fast/_kernels.pyx":71
  *         p.w.f16 = &bits[0, 0]
  *         p._keep = (a,)
  *         p.rows, p.cols, p.kind, p.nbits = a.shape[0], a.shape[1], "fp16", 16             # <<<<<<<<<<<<<<
  *         return p
  * 
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 58, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 71, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 58, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 71, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_11 = __Pyx_PyLong_As_int64_t(__pyx_t_4); if (unlikely((__pyx_t_11 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 58, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyLong_As_int64_t(__pyx_t_4); if (unlikely((__pyx_t_11 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 71, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 58, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 71, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 58, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 71, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_10 = __Pyx_PyLong_As_int64_t(__pyx_t_1); if (unlikely((__pyx_t_10 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 58, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyLong_As_int64_t(__pyx_t_1); if (unlikely((__pyx_t_10 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 71, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_t_1 = __pyx_mstate_global->__pyx_n_u_fp16;
   __Pyx_INCREF(__pyx_t_1);
@@ -21329,7 +21684,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   __pyx_t_1 = 0;
   __pyx_v_p->nbits = __pyx_t_14;
 
-  /* "anemll_fast/_kernels.pyx":59
+  /* "anemll_fast/_kernels.pyx":72
  *         p._keep = (a,)
  *         p.rows, p.cols, p.kind, p.nbits = a.shape[0], a.shape[1], "fp16", 16
  *         return p             # <<<<<<<<<<<<<<
@@ -21347,7 +21702,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   }
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":47
+  /* "anemll_fast/_kernels.pyx":60
  *         self._keep = ()
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
@@ -21374,7 +21729,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":61
+/* "anemll_fast/_kernels.pyx":74
  *         return p
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
@@ -21424,46 +21779,46 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_indices,&__pyx_mstate_global->__pyx_n_u_lut,&__pyx_mstate_global->__pyx_n_u_nbits,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 61, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 74, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 61, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 74, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 61, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 74, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 61, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 74, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "from_palette", 0) < (0)) __PYX_ERR(0, 61, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "from_palette", 0) < (0)) __PYX_ERR(0, 74, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("from_palette", 1, 3, 3, i); __PYX_ERR(0, 61, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("from_palette", 1, 3, 3, i); __PYX_ERR(0, 74, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 3)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 61, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 74, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 61, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 74, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 61, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 74, __pyx_L3_error)
     }
     __pyx_v_indices = values[0];
     __pyx_v_lut = values[1];
-    __pyx_v_nbits = __Pyx_PyLong_As_int(values[2]); if (unlikely((__pyx_v_nbits == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 62, __pyx_L3_error)
+    __pyx_v_nbits = __Pyx_PyLong_As_int(values[2]); if (unlikely((__pyx_v_nbits == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 75, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("from_palette", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 61, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("from_palette", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 74, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -21539,7 +21894,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("from_palette", 0);
 
-  /* "anemll_fast/_kernels.pyx":65
+  /* "anemll_fast/_kernels.pyx":78
  *         """indices: integer array [rows, cols] (values < lut entries); lut: [groups, entries] floats,
  *         one table per block of rows / groups consecutive rows. Indices of <= 4 bits are nibble-packed."""
  *         cdef PackedWeight p = PackedWeight()             # <<<<<<<<<<<<<<
@@ -21552,13 +21907,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 65, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 78, __pyx_L1_error)
     __Pyx_GOTREF((PyObject *)__pyx_t_1);
   }
   __pyx_v_p = ((struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":66
+  /* "anemll_fast/_kernels.pyx":79
  *         one table per block of rows / groups consecutive rows. Indices of <= 4 bits are nibble-packed."""
  *         cdef PackedWeight p = PackedWeight()
  *         idx = np.asarray(indices)             # <<<<<<<<<<<<<<
@@ -21566,9 +21921,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 66, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 79, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_asarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 66, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_asarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 79, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __pyx_t_3 = 1;
@@ -21588,13 +21943,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 66, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 79, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_idx = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":67
+  /* "anemll_fast/_kernels.pyx":80
  *         cdef PackedWeight p = PackedWeight()
  *         idx = np.asarray(indices)
  *         table = np.ascontiguousarray(lut, dtype=np.float32)             # <<<<<<<<<<<<<<
@@ -21602,14 +21957,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")
 */
   __pyx_t_5 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 67, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 67, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 80, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 67, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 67, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 80, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   #if CYTHON_VECTORCALL
@@ -21630,13 +21985,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_v_lut, __pyx_t_6};
     #if CYTHON_VECTORCALL
     __pyx_t_2 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 67, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_2);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_2 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 67, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     #endif
@@ -21647,22 +22002,22 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 67, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 80, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_table = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":68
+  /* "anemll_fast/_kernels.pyx":81
  *         idx = np.asarray(indices)
  *         table = np.ascontiguousarray(lut, dtype=np.float32)
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:             # <<<<<<<<<<<<<<
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")
  *         if table.ndim != 2 or table.shape[0] == 0 or idx.shape[0] % table.shape[0]:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 81, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 81, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_8) {
 
@@ -21672,12 +22027,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 81, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 81, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 81, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   if (!__pyx_t_8) {
 
@@ -21687,12 +22042,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 81, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 81, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 81, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
   __pyx_t_7 = __pyx_t_8;
@@ -21701,7 +22056,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":69
+    /* "anemll_fast/_kernels.pyx":82
  *         table = np.ascontiguousarray(lut, dtype=np.float32)
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")             # <<<<<<<<<<<<<<
@@ -21709,15 +22064,15 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *             raise ValueError(f"lut of shape {list(table.shape)} for {idx.shape[0]} rows "
 */
     __pyx_t_4 = NULL;
-    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 69, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 82, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_6 = __Pyx_PySequence_ListKeepNew(__pyx_t_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 69, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PySequence_ListKeepNew(__pyx_t_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 82, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 69, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 82, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __pyx_t_6 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_palette_indices_must_be_a_non_em, __pyx_t_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 69, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_palette_indices_must_be_a_non_em, __pyx_t_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 82, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_t_3 = 1;
@@ -21726,14 +22081,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 69, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 82, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 69, __pyx_L1_error)
+    __PYX_ERR(0, 82, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":68
+    /* "anemll_fast/_kernels.pyx":81
  *         idx = np.asarray(indices)
  *         table = np.ascontiguousarray(lut, dtype=np.float32)
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:             # <<<<<<<<<<<<<<
@@ -21742,16 +22097,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":70
+  /* "anemll_fast/_kernels.pyx":83
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")
  *         if table.ndim != 2 or table.shape[0] == 0 or idx.shape[0] % table.shape[0]:             # <<<<<<<<<<<<<<
  *             raise ValueError(f"lut of shape {list(table.shape)} for {idx.shape[0]} rows "
  *                              f"(needs [groups, entries] with rows divisible by groups)")
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_8) {
 
@@ -21761,12 +22116,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     goto __pyx_L8_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_6 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_6, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_6, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
   if (!__pyx_t_8) {
 
@@ -21776,21 +22131,21 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     goto __pyx_L8_bool_binop_done;
   }
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_6, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_6, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_6, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_6, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_6 = PyNumber_Remainder(__pyx_t_1, __pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_6 = PyNumber_Remainder(__pyx_t_1, __pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
   __pyx_t_7 = __pyx_t_8;
@@ -21799,7 +22154,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":71
+    /* "anemll_fast/_kernels.pyx":84
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")
  *         if table.ndim != 2 or table.shape[0] == 0 or idx.shape[0] % table.shape[0]:
  *             raise ValueError(f"lut of shape {list(table.shape)} for {idx.shape[0]} rows "             # <<<<<<<<<<<<<<
@@ -21807,20 +22162,20 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):
 */
     __pyx_t_4 = NULL;
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 71, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 84, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_2 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 71, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 84, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyObject_FormatSimple(__pyx_t_2, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 71, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_FormatSimple(__pyx_t_2, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 84, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 71, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 84, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 71, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 84, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 71, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 84, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __pyx_t_9[0] = __pyx_mstate_global->__pyx_kp_u_lut_of_shape;
@@ -21837,7 +22192,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_9[1]) | __Pyx_PyUnicode_KIND_04(__pyx_t_9[3]);
     #endif
     __pyx_t_5 = __Pyx_PyUnicode_Join(__pyx_t_9, 5, __pyx_t_10, __pyx_t_11);
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 71, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 84, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
@@ -21847,14 +22202,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 71, __pyx_L1_error)
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 84, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
     }
     __Pyx_Raise(__pyx_t_6, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __PYX_ERR(0, 71, __pyx_L1_error)
+    __PYX_ERR(0, 84, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":70
+    /* "anemll_fast/_kernels.pyx":83
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")
  *         if table.ndim != 2 or table.shape[0] == 0 or idx.shape[0] % table.shape[0]:             # <<<<<<<<<<<<<<
@@ -21863,7 +22218,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":73
+  /* "anemll_fast/_kernels.pyx":86
  *             raise ValueError(f"lut of shape {list(table.shape)} for {idx.shape[0]} rows "
  *                              f"(needs [groups, entries] with rows divisible by groups)")
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):             # <<<<<<<<<<<<<<
@@ -21885,14 +22240,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     goto __pyx_L12_bool_binop_done;
   }
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 73, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 86, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_6, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 73, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_6, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 86, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_6 = __Pyx_PyLong_From_long((1 << __pyx_v_nbits)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 73, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyLong_From_long((1 << __pyx_v_nbits)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 86, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_12 = __Pyx_PyObject_CompareBoolGt_object_int(__pyx_t_5, __pyx_t_6, Py_GT); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 73, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyObject_CompareBoolGt_object_int(__pyx_t_5, __pyx_t_6, Py_GT); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 86, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
@@ -21902,7 +22257,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":74
+    /* "anemll_fast/_kernels.pyx":87
  *                              f"(needs [groups, entries] with rows divisible by groups)")
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):
  *             raise ValueError(f"{table.shape[1]} palette entries do not fit {nbits}-bit indices")             # <<<<<<<<<<<<<<
@@ -21910,15 +22265,15 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
 */
     __pyx_t_5 = NULL;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 74, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 87, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 74, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 87, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_FormatSimple(__pyx_t_2, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 74, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_FormatSimple(__pyx_t_2, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 87, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_2 = __Pyx_PyUnicode_From_int(__pyx_v_nbits, 0, ' ', 'd'); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 74, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyUnicode_From_int(__pyx_v_nbits, 0, ' ', 'd'); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 87, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __pyx_t_13[0] = __pyx_t_4;
     __pyx_t_13[1] = __pyx_mstate_global->__pyx_kp_u_palette_entries_do_not_fit;
@@ -21933,7 +22288,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_13[0]);
     #endif
     __pyx_t_1 = __Pyx_PyUnicode_Join(__pyx_t_13, 4, __pyx_t_10, __pyx_t_11);
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 74, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 87, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
@@ -21943,14 +22298,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 74, __pyx_L1_error)
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 87, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
     }
     __Pyx_Raise(__pyx_t_6, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __PYX_ERR(0, 74, __pyx_L1_error)
+    __PYX_ERR(0, 87, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":73
+    /* "anemll_fast/_kernels.pyx":86
  *             raise ValueError(f"lut of shape {list(table.shape)} for {idx.shape[0]} rows "
  *                              f"(needs [groups, entries] with rows divisible by groups)")
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):             # <<<<<<<<<<<<<<
@@ -21959,16 +22314,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":75
+  /* "anemll_fast/_kernels.pyx":88
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):
  *             raise ValueError(f"{table.shape[1]} palette entries do not fit {nbits}-bit indices")
  *         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[1]):             # <<<<<<<<<<<<<<
  *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
  *         rows, cols = idx.shape
 */
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_size); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 75, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_size); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 75, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
   if (__pyx_t_12) {
 
@@ -21985,13 +22340,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     PyObject *__pyx_callargs[2] = {__pyx_t_1, NULL};
     __pyx_t_6 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_min, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 75, __pyx_L1_error)
+    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 88, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
   }
-  __pyx_t_1 = __Pyx_PyNumber_Int(__pyx_t_6); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 75, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyNumber_Int(__pyx_t_6); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_12 = __Pyx_PyObject_CompareBoolLt_int_int(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, Py_LT); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 75, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyObject_CompareBoolLt_int_int(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, Py_LT); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_12) {
 
@@ -22008,18 +22363,18 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     PyObject *__pyx_callargs[2] = {__pyx_t_6, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_max, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 75, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 88, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_6 = __Pyx_PyNumber_Int(__pyx_t_1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 75, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyNumber_Int(__pyx_t_1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 75, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 75, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_12 = __Pyx_PyObject_CompareBoolGe_int_object(__pyx_t_6, __pyx_t_5, Py_GE); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 75, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyObject_CompareBoolGe_int_object(__pyx_t_6, __pyx_t_5, Py_GE); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
@@ -22029,7 +22384,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":76
+    /* "anemll_fast/_kernels.pyx":89
  *             raise ValueError(f"{table.shape[1]} palette entries do not fit {nbits}-bit indices")
  *         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[1]):
  *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")             # <<<<<<<<<<<<<<
@@ -22037,23 +22392,23 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *         if nbits <= 4:
 */
     __pyx_t_6 = NULL;
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_max); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 76, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_max); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_2 = __Pyx_PyObject_CallNoArg(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 76, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_CallNoArg(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 89, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyNumber_Int(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 76, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyNumber_Int(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_1, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 76, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_1, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 89, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 76, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 76, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 89, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyObject_FormatSimple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 76, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_FormatSimple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __pyx_t_9[0] = __pyx_mstate_global->__pyx_kp_u_palette_index;
@@ -22070,7 +22425,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_9[1]) | __Pyx_PyUnicode_KIND_04(__pyx_t_9[3]);
     #endif
     __pyx_t_4 = __Pyx_PyUnicode_Join(__pyx_t_9, 5, __pyx_t_10, __pyx_t_11);
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 76, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 89, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
@@ -22080,14 +22435,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 76, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 89, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __Pyx_Raise(__pyx_t_5, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __PYX_ERR(0, 76, __pyx_L1_error)
+    __PYX_ERR(0, 89, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":75
+    /* "anemll_fast/_kernels.pyx":88
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):
  *             raise ValueError(f"{table.shape[1]} palette entries do not fit {nbits}-bit indices")
  *         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[1]):             # <<<<<<<<<<<<<<
@@ -22096,14 +22451,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":77
+  /* "anemll_fast/_kernels.pyx":90
  *         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[1]):
  *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
  *         rows, cols = idx.shape             # <<<<<<<<<<<<<<
  *         if nbits <= 4:
  *             u = idx.astype(np.uint8)
 */
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 77, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 90, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   if ((likely(PyTuple_CheckExact(__pyx_t_5))) || (PyList_CheckExact(__pyx_t_5))) {
     PyObject* sequence = __pyx_t_5;
@@ -22111,7 +22466,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     if (unlikely(size != 2)) {
       if (size > 2) __Pyx_RaiseTooManyValuesError(2);
       else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-      __PYX_ERR(0, 77, __pyx_L1_error)
+      __PYX_ERR(0, 90, __pyx_L1_error)
     }
     #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
     if (likely(PyTuple_CheckExact(sequence))) {
@@ -22121,22 +22476,22 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __Pyx_INCREF(__pyx_t_6);
     } else {
       __pyx_t_4 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 77, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 90, __pyx_L1_error)
       __Pyx_XGOTREF(__pyx_t_4);
       __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
-      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 77, __pyx_L1_error)
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 90, __pyx_L1_error)
       __Pyx_XGOTREF(__pyx_t_6);
     }
     #else
-    __pyx_t_4 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 77, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 90, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 77, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 90, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     #endif
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   } else {
     Py_ssize_t index = -1;
-    __pyx_t_1 = PyObject_GetIter(__pyx_t_5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 77, __pyx_L1_error)
+    __pyx_t_1 = PyObject_GetIter(__pyx_t_5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 90, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __pyx_t_14 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1);
@@ -22144,7 +22499,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __Pyx_GOTREF(__pyx_t_4);
     index = 1; __pyx_t_6 = __pyx_t_14(__pyx_t_1); if (unlikely(!__pyx_t_6)) goto __pyx_L18_unpacking_failed;
     __Pyx_GOTREF(__pyx_t_6);
-    if (__Pyx_IternextUnpackEndCheck(__pyx_t_14(__pyx_t_1), 2) < (0)) __PYX_ERR(0, 77, __pyx_L1_error)
+    if (__Pyx_IternextUnpackEndCheck(__pyx_t_14(__pyx_t_1), 2) < (0)) __PYX_ERR(0, 90, __pyx_L1_error)
     __pyx_t_14 = NULL;
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     goto __pyx_L19_unpacking_done;
@@ -22152,7 +22507,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     __pyx_t_14 = NULL;
     if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
-    __PYX_ERR(0, 77, __pyx_L1_error)
+    __PYX_ERR(0, 90, __pyx_L1_error)
     __pyx_L19_unpacking_done:;
   }
   __pyx_v_rows = __pyx_t_4;
@@ -22160,7 +22515,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __pyx_v_cols = __pyx_t_6;
   __pyx_t_6 = 0;
 
-  /* "anemll_fast/_kernels.pyx":78
+  /* "anemll_fast/_kernels.pyx":91
  *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
  *         rows, cols = idx.shape
  *         if nbits <= 4:             # <<<<<<<<<<<<<<
@@ -22172,7 +22527,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":79
+    /* "anemll_fast/_kernels.pyx":92
  *         rows, cols = idx.shape
  *         if nbits <= 4:
  *             u = idx.astype(np.uint8)             # <<<<<<<<<<<<<<
@@ -22181,9 +22536,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
     __pyx_t_6 = __pyx_v_idx;
     __Pyx_INCREF(__pyx_t_6);
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 79, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 92, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 79, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 92, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __pyx_t_3 = 0;
@@ -22192,27 +22547,27 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_astype, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 79, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 92, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __pyx_v_u = __pyx_t_5;
     __pyx_t_5 = 0;
 
-    /* "anemll_fast/_kernels.pyx":80
+    /* "anemll_fast/_kernels.pyx":93
  *         if nbits <= 4:
  *             u = idx.astype(np.uint8)
  *             if cols % 2:             # <<<<<<<<<<<<<<
  *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)
  *             packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
 */
-    __pyx_t_5 = __Pyx_PyLong_RemainderObjC(__pyx_v_cols, __pyx_mstate_global->__pyx_int_2, 2, 0, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 80, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyLong_RemainderObjC(__pyx_v_cols, __pyx_mstate_global->__pyx_int_2, 2, 0, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 93, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_7 = __Pyx_PyObject_IsTrue(__pyx_t_5); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 80, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyObject_IsTrue(__pyx_t_5); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 93, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     if (__pyx_t_7) {
 
 
-      /* "anemll_fast/_kernels.pyx":81
+      /* "anemll_fast/_kernels.pyx":94
  *             u = idx.astype(np.uint8)
  *             if cols % 2:
  *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)             # <<<<<<<<<<<<<<
@@ -22220,28 +22575,28 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *         else:
 */
       __pyx_t_1 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 81, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 94, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
-      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 81, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 94, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
       __pyx_t_2 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 81, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 94, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_15);
-      __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_zeros); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 81, __pyx_L1_error)
+      __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_zeros); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 94, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_16);
       __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-      __pyx_t_15 = PyTuple_New(2); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 81, __pyx_L1_error)
+      __pyx_t_15 = PyTuple_New(2); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 94, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_15);
       __Pyx_INCREF(__pyx_v_rows);
       __Pyx_GIVEREF(__pyx_v_rows);
-      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 0, __pyx_v_rows) != (0)) __PYX_ERR(0, 81, __pyx_L1_error);
+      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 0, __pyx_v_rows) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
       __Pyx_INCREF(__pyx_mstate_global->__pyx_int_1);
       __Pyx_GIVEREF(__pyx_mstate_global->__pyx_int_1);
-      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 1, __pyx_mstate_global->__pyx_int_1) != (0)) __PYX_ERR(0, 81, __pyx_L1_error);
-      __Pyx_GetModuleGlobalName(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 81, __pyx_L1_error)
+      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 1, __pyx_mstate_global->__pyx_int_1) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
+      __Pyx_GetModuleGlobalName(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 94, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_17);
-      __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 81, __pyx_L1_error)
+      __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 94, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_18);
       __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
       __pyx_t_3 = 1;
@@ -22263,16 +22618,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
         __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
         __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
         __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 81, __pyx_L1_error)
+        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 94, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_6);
       }
-      __pyx_t_16 = PyList_New(2); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 81, __pyx_L1_error)
+      __pyx_t_16 = PyList_New(2); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 94, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_16);
       __Pyx_INCREF(__pyx_v_u);
       __Pyx_GIVEREF(__pyx_v_u);
-      if (__Pyx_PyList_SET_ITEM(__pyx_t_16, 0, __pyx_v_u) != (0)) __PYX_ERR(0, 81, __pyx_L1_error);
+      if (__Pyx_PyList_SET_ITEM(__pyx_t_16, 0, __pyx_v_u) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
       __Pyx_GIVEREF(__pyx_t_6);
-      if (__Pyx_PyList_SET_ITEM(__pyx_t_16, 1, __pyx_t_6) != (0)) __PYX_ERR(0, 81, __pyx_L1_error);
+      if (__Pyx_PyList_SET_ITEM(__pyx_t_16, 1, __pyx_t_6) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
       __pyx_t_6 = 0;
       #if CYTHON_VECTORCALL
       #endif
@@ -22292,13 +22647,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
         PyObject *__pyx_callargs[3] = {__pyx_t_1, __pyx_t_16, __pyx_mstate_global->__pyx_int_1};
         #if CYTHON_VECTORCALL
         __pyx_t_6 = __pyx_mstate_global->__pyx_tuple[3];
-        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 81, __pyx_L1_error)
+        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 94, __pyx_L1_error)
         __Pyx_INCREF(__pyx_t_6);
         #else
         {
           PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_axis};
           __pyx_t_6 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 81, __pyx_L1_error)
+          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 94, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_6);
         }
         #endif
@@ -22309,13 +22664,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
         #endif
         __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 81, __pyx_L1_error)
+        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 94, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_5);
       }
       __Pyx_DECREF_SET(__pyx_v_u, __pyx_t_5);
       __pyx_t_5 = 0;
 
-      /* "anemll_fast/_kernels.pyx":80
+      /* "anemll_fast/_kernels.pyx":93
  *         if nbits <= 4:
  *             u = idx.astype(np.uint8)
  *             if cols % 2:             # <<<<<<<<<<<<<<
@@ -22324,7 +22679,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
     }
 
-    /* "anemll_fast/_kernels.pyx":82
+    /* "anemll_fast/_kernels.pyx":95
  *             if cols % 2:
  *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)
  *             packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))             # <<<<<<<<<<<<<<
@@ -22332,19 +22687,19 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *             packed = np.ascontiguousarray(idx, dtype=np.uint8)
 */
     __pyx_t_4 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 82, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 95, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 82, __pyx_L1_error)
+    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 95, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_16);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __pyx_t_6 = __Pyx_PyObject_GetItem(__pyx_v_u, __pyx_mstate_global->__pyx_tuple[4]); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 82, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_GetItem(__pyx_v_u, __pyx_mstate_global->__pyx_tuple[4]); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 95, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_1 = __Pyx_PyObject_GetItem(__pyx_v_u, __pyx_mstate_global->__pyx_tuple[5]); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 82, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetItem(__pyx_v_u, __pyx_mstate_global->__pyx_tuple[5]); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 95, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_18 = __Pyx_PyLong_LshiftObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_4, 4, 0, 0); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 82, __pyx_L1_error)
+    __pyx_t_18 = __Pyx_PyLong_LshiftObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_4, 4, 0, 0); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 95, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_18);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyNumber_Or_object_object(__pyx_t_6, __pyx_t_18); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 82, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyNumber_Or_object_object(__pyx_t_6, __pyx_t_18); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 95, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
@@ -22366,13 +22721,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 82, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 95, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __pyx_v_packed = __pyx_t_5;
     __pyx_t_5 = 0;
 
-    /* "anemll_fast/_kernels.pyx":78
+    /* "anemll_fast/_kernels.pyx":91
  *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
  *         rows, cols = idx.shape
  *         if nbits <= 4:             # <<<<<<<<<<<<<<
@@ -22382,7 +22737,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     goto __pyx_L20;
   }
 
-  /* "anemll_fast/_kernels.pyx":84
+  /* "anemll_fast/_kernels.pyx":97
  *             packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
  *         else:
  *             packed = np.ascontiguousarray(idx, dtype=np.uint8)             # <<<<<<<<<<<<<<
@@ -22391,14 +22746,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   /*else*/ {
     __pyx_t_16 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 84, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 97, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 84, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 97, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 84, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 97, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 84, __pyx_L1_error)
+    __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 97, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_18);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     #if CYTHON_VECTORCALL
@@ -22419,13 +22774,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       PyObject *__pyx_callargs[3] = {__pyx_t_16, __pyx_v_idx, __pyx_t_18};
       #if CYTHON_VECTORCALL
       __pyx_t_1 = __pyx_mstate_global->__pyx_tuple[2];
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 84, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 97, __pyx_L1_error)
       __Pyx_INCREF(__pyx_t_1);
       #else
       {
         PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
         __pyx_t_1 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 84, __pyx_L1_error)
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 97, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
       }
       #endif
@@ -22436,7 +22791,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 84, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 97, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __pyx_v_packed = __pyx_t_5;
@@ -22444,49 +22799,49 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   }
   __pyx_L20:;
 
-  /* "anemll_fast/_kernels.pyx":85
+  /* "anemll_fast/_kernels.pyx":98
  *         else:
  *             packed = np.ascontiguousarray(idx, dtype=np.uint8)
  *         cdef const uint8_t[:, ::1] pk = packed             # <<<<<<<<<<<<<<
  *         cdef const float[:, ::1] tb = table
  *         cdef const uint8_t[:, ::1] t16
 */
-  __pyx_t_19 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(__pyx_v_packed, 0); if (unlikely(!__pyx_t_19.memview)) __PYX_ERR(0, 85, __pyx_L1_error)
+  __pyx_t_19 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(__pyx_v_packed, 0); if (unlikely(!__pyx_t_19.memview)) __PYX_ERR(0, 98, __pyx_L1_error)
   __pyx_v_pk = __pyx_t_19;
   __pyx_t_19.memview = NULL;
   __pyx_t_19.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":86
+  /* "anemll_fast/_kernels.pyx":99
  *             packed = np.ascontiguousarray(idx, dtype=np.uint8)
  *         cdef const uint8_t[:, ::1] pk = packed
  *         cdef const float[:, ::1] tb = table             # <<<<<<<<<<<<<<
  *         cdef const uint8_t[:, ::1] t16
  *         keep = (packed, table)
 */
-  __pyx_t_20 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(__pyx_v_table, 0); if (unlikely(!__pyx_t_20.memview)) __PYX_ERR(0, 86, __pyx_L1_error)
+  __pyx_t_20 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(__pyx_v_table, 0); if (unlikely(!__pyx_t_20.memview)) __PYX_ERR(0, 99, __pyx_L1_error)
   __pyx_v_tb = __pyx_t_20;
   __pyx_t_20.memview = NULL;
   __pyx_t_20.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":88
+  /* "anemll_fast/_kernels.pyx":101
  *         cdef const float[:, ::1] tb = table
  *         cdef const uint8_t[:, ::1] t16
  *         keep = (packed, table)             # <<<<<<<<<<<<<<
  *         half = table.astype(np.float16)
  *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
 */
-  __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 101, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_INCREF(__pyx_v_packed);
   __Pyx_GIVEREF(__pyx_v_packed);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_packed) != (0)) __PYX_ERR(0, 88, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_packed) != (0)) __PYX_ERR(0, 101, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_table);
   __Pyx_GIVEREF(__pyx_v_table);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_v_table) != (0)) __PYX_ERR(0, 88, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_v_table) != (0)) __PYX_ERR(0, 101, __pyx_L1_error);
   __pyx_v_keep = __pyx_t_5;
   __pyx_t_5 = 0;
 
-  /* "anemll_fast/_kernels.pyx":89
+  /* "anemll_fast/_kernels.pyx":102
  *         cdef const uint8_t[:, ::1] t16
  *         keep = (packed, table)
  *         half = table.astype(np.float16)             # <<<<<<<<<<<<<<
@@ -22495,9 +22850,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   __pyx_t_4 = __pyx_v_table;
   __Pyx_INCREF(__pyx_t_4);
-  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 102, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_float16); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 89, __pyx_L1_error)
+  __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_float16); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 102, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_18);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_t_3 = 0;
@@ -22506,13 +22861,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_astype, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 89, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 102, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
   }
   __pyx_v_half = __pyx_t_5;
   __pyx_t_5 = 0;
 
-  /* "anemll_fast/_kernels.pyx":90
+  /* "anemll_fast/_kernels.pyx":103
  *         keep = (packed, table)
  *         half = table.astype(np.float16)
  *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):             # <<<<<<<<<<<<<<
@@ -22530,16 +22885,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     goto __pyx_L23_bool_binop_done;
   }
   __pyx_t_18 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 90, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 103, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_array_equal); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 90, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_array_equal); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 103, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __pyx_t_16 = __pyx_v_half;
   __Pyx_INCREF(__pyx_t_16);
-  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 90, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 103, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 90, __pyx_L1_error)
+  __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 103, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_15);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
   __pyx_t_3 = 0;
@@ -22548,7 +22903,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_astype, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_16); __pyx_t_16 = 0;
     __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 90, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 103, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
   }
   __pyx_t_3 = 1;
@@ -22569,10 +22924,10 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 90, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 103, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
   }
-  __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_5); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 90, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_5); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 103, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   __pyx_t_7 = __pyx_t_12;
@@ -22581,7 +22936,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":92
+    /* "anemll_fast/_kernels.pyx":105
  *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
  *             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
  *             nsub = 1 if nbits <= 4 else 4             # <<<<<<<<<<<<<<
@@ -22600,7 +22955,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     __pyx_v_nsub = __pyx_t_21;
 
-    /* "anemll_fast/_kernels.pyx":93
+    /* "anemll_fast/_kernels.pyx":106
  *             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
  *             nsub = 1 if nbits <= 4 else 4
  *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)             # <<<<<<<<<<<<<<
@@ -22608,32 +22963,32 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
 */
     __pyx_t_1 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 106, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_zeros); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_zeros); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 106, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_18);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 106, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_15 = __Pyx_GetItemInt(__pyx_t_4, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __pyx_t_15 = __Pyx_GetItemInt(__pyx_t_4, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 106, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_15);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyLong_From_long(__pyx_v_nsub); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyLong_From_long(__pyx_v_nsub); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 106, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_16 = PyTuple_New(3); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __pyx_t_16 = PyTuple_New(3); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 106, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_16);
     __Pyx_GIVEREF(__pyx_t_15);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 0, __pyx_t_15) != (0)) __PYX_ERR(0, 93, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 0, __pyx_t_15) != (0)) __PYX_ERR(0, 106, __pyx_L1_error);
     __Pyx_GIVEREF(__pyx_t_4);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 93, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 106, __pyx_L1_error);
     __Pyx_INCREF(__pyx_mstate_global->__pyx_int_16);
     __Pyx_GIVEREF(__pyx_mstate_global->__pyx_int_16);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 2, __pyx_mstate_global->__pyx_int_16) != (0)) __PYX_ERR(0, 93, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 2, __pyx_mstate_global->__pyx_int_16) != (0)) __PYX_ERR(0, 106, __pyx_L1_error);
     __pyx_t_15 = 0;
     __pyx_t_4 = 0;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 106, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 93, __pyx_L1_error)
+    __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 106, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_15);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __pyx_t_3 = 1;
@@ -22655,13 +23010,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
       __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
       __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 93, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 106, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __pyx_v_bits = __pyx_t_5;
     __pyx_t_5 = 0;
 
-    /* "anemll_fast/_kernels.pyx":94
+    /* "anemll_fast/_kernels.pyx":107
  *             nsub = 1 if nbits <= 4 else 4
  *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
  *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)             # <<<<<<<<<<<<<<
@@ -22670,9 +23025,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
     __pyx_t_18 = __pyx_v_half;
     __Pyx_INCREF(__pyx_t_18);
-    __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_15);
-    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_16);
     __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
     __pyx_t_3 = 0;
@@ -22681,14 +23036,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_view, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
       __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 94, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 107, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __pyx_t_18 = __pyx_v_bits;
     __Pyx_INCREF(__pyx_t_18);
-    __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_15);
-    __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_15, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_15, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
     __pyx_t_3 = 0;
@@ -22697,31 +23052,31 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __pyx_t_16 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 94, __pyx_L1_error)
+      if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 107, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_16);
     }
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_18 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __pyx_t_18 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_18);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = PySlice_New(Py_None, __pyx_t_18, Py_None); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __pyx_t_1 = PySlice_New(Py_None, __pyx_t_18, Py_None); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-    __pyx_t_18 = PyTuple_New(2); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 94, __pyx_L1_error)
+    __pyx_t_18 = PyTuple_New(2); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_18);
     __Pyx_INCREF(__pyx_mstate_global->__pyx_slice[0]);
     __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[0]);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_18, 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_18, 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(0, 107, __pyx_L1_error);
     __Pyx_GIVEREF(__pyx_t_1);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_18, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_18, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 107, __pyx_L1_error);
     __pyx_t_1 = 0;
-    if (unlikely((PyObject_SetItem(__pyx_t_16, __pyx_t_18, __pyx_t_5) < 0))) __PYX_ERR(0, 94, __pyx_L1_error)
+    if (unlikely((PyObject_SetItem(__pyx_t_16, __pyx_t_18, __pyx_t_5) < 0))) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
     __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-    /* "anemll_fast/_kernels.pyx":95
+    /* "anemll_fast/_kernels.pyx":108
  *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
  *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),             # <<<<<<<<<<<<<<
@@ -22729,13 +23084,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *                                          .reshape(table.shape[0], -1))
 */
     __pyx_t_18 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_16, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_16, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 108, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_16);
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_16, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_16, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 108, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
 
-    /* "anemll_fast/_kernels.pyx":97
+    /* "anemll_fast/_kernels.pyx":110
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
  *                                          .reshape(table.shape[0], -1))             # <<<<<<<<<<<<<<
@@ -22744,25 +23099,25 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
     __pyx_t_6 = NULL;
 
-    /* "anemll_fast/_kernels.pyx":95
+    /* "anemll_fast/_kernels.pyx":108
  *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
  *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),             # <<<<<<<<<<<<<<
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
  *                                          .reshape(table.shape[0], -1))
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 108, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 108, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_17);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_23 = __Pyx_PyLong_AndObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_255, 0xFF, 0, 0); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __pyx_t_23 = __Pyx_PyLong_AndObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_255, 0xFF, 0, 0); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 108, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_23);
     __pyx_t_22 = __pyx_t_23;
     __Pyx_INCREF(__pyx_t_22);
-    __Pyx_GetModuleGlobalName(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 108, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_24);
-    __pyx_t_25 = __Pyx_PyObject_GetAttrStr(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_25)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __pyx_t_25 = __Pyx_PyObject_GetAttrStr(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_25)) __PYX_ERR(0, 108, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_25);
     __Pyx_DECREF(__pyx_t_24); __pyx_t_24 = 0;
     __pyx_t_3 = 0;
@@ -22772,24 +23127,24 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __Pyx_XDECREF(__pyx_t_22); __pyx_t_22 = 0;
       __Pyx_DECREF(__pyx_t_25); __pyx_t_25 = 0;
       __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 95, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 108, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
 
-    /* "anemll_fast/_kernels.pyx":96
+    /* "anemll_fast/_kernels.pyx":109
  *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)             # <<<<<<<<<<<<<<
  *                                          .reshape(table.shape[0], -1))
  *             t16 = split
 */
-    __pyx_t_22 = __Pyx_PyLong_RshiftObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_8, 8, 0, 0); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 96, __pyx_L1_error)
+    __pyx_t_22 = __Pyx_PyLong_RshiftObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_8, 8, 0, 0); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 109, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_22);
     __pyx_t_25 = __pyx_t_22;
     __Pyx_INCREF(__pyx_t_25);
-    __Pyx_GetModuleGlobalName(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 96, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 109, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_24);
-    __pyx_t_26 = __Pyx_PyObject_GetAttrStr(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_26)) __PYX_ERR(0, 96, __pyx_L1_error)
+    __pyx_t_26 = __Pyx_PyObject_GetAttrStr(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_26)) __PYX_ERR(0, 109, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_26);
     __Pyx_DECREF(__pyx_t_24); __pyx_t_24 = 0;
     __pyx_t_3 = 0;
@@ -22799,23 +23154,23 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __Pyx_XDECREF(__pyx_t_25); __pyx_t_25 = 0;
       __Pyx_DECREF(__pyx_t_26); __pyx_t_26 = 0;
       __Pyx_DECREF(__pyx_t_22); __pyx_t_22 = 0;
-      if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 96, __pyx_L1_error)
+      if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 109, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_23);
     }
 
-    /* "anemll_fast/_kernels.pyx":95
+    /* "anemll_fast/_kernels.pyx":108
  *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
  *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),             # <<<<<<<<<<<<<<
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
  *                                          .reshape(table.shape[0], -1))
 */
-    __pyx_t_22 = PyList_New(2); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __pyx_t_22 = PyList_New(2); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 108, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_22);
     __Pyx_GIVEREF(__pyx_t_2);
-    if (__Pyx_PyList_SET_ITEM(__pyx_t_22, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 95, __pyx_L1_error);
+    if (__Pyx_PyList_SET_ITEM(__pyx_t_22, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 108, __pyx_L1_error);
     __Pyx_GIVEREF(__pyx_t_23);
-    if (__Pyx_PyList_SET_ITEM(__pyx_t_22, 1, __pyx_t_23) != (0)) __PYX_ERR(0, 95, __pyx_L1_error);
+    if (__Pyx_PyList_SET_ITEM(__pyx_t_22, 1, __pyx_t_23) != (0)) __PYX_ERR(0, 108, __pyx_L1_error);
     __pyx_t_2 = 0;
     __pyx_t_23 = 0;
     #if CYTHON_VECTORCALL
@@ -22836,13 +23191,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       PyObject *__pyx_callargs[3] = {__pyx_t_6, __pyx_t_22, __pyx_mstate_global->__pyx_int_2};
       #if CYTHON_VECTORCALL
       __pyx_t_23 = __pyx_mstate_global->__pyx_tuple[3];
-      if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 95, __pyx_L1_error)
+      if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 108, __pyx_L1_error)
       __Pyx_INCREF(__pyx_t_23);
       #else
       {
         PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_axis};
         __pyx_t_23 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-        if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 95, __pyx_L1_error)
+        if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 108, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_23);
       }
       #endif
@@ -22853,22 +23208,22 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       #endif
       __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
       __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 95, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 108, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     __pyx_t_15 = __pyx_t_4;
     __Pyx_INCREF(__pyx_t_15);
 
-    /* "anemll_fast/_kernels.pyx":97
+    /* "anemll_fast/_kernels.pyx":110
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
  *                                          .reshape(table.shape[0], -1))             # <<<<<<<<<<<<<<
  *             t16 = split
  *             p.w.lut16_bytes = &t16[0, 0]
 */
-    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 97, __pyx_L1_error)
+    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 110, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_17);
-    __pyx_t_23 = __Pyx_GetItemInt(__pyx_t_17, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 97, __pyx_L1_error)
+    __pyx_t_23 = __Pyx_GetItemInt(__pyx_t_17, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 110, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_23);
     __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
     __pyx_t_3 = 0;
@@ -22878,7 +23233,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __Pyx_XDECREF(__pyx_t_15); __pyx_t_15 = 0;
       __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 97, __pyx_L1_error)
+      if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 110, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_16);
     }
     __pyx_t_3 = 1;
@@ -22899,25 +23254,25 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
       __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 95, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 108, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __pyx_v_split = __pyx_t_5;
     __pyx_t_5 = 0;
 
-    /* "anemll_fast/_kernels.pyx":98
+    /* "anemll_fast/_kernels.pyx":111
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
  *                                          .reshape(table.shape[0], -1))
  *             t16 = split             # <<<<<<<<<<<<<<
  *             p.w.lut16_bytes = &t16[0, 0]
  *             keep = keep + (split,)
 */
-    __pyx_t_27 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(__pyx_v_split, 0); if (unlikely(!__pyx_t_27.memview)) __PYX_ERR(0, 98, __pyx_L1_error)
+    __pyx_t_27 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(__pyx_v_split, 0); if (unlikely(!__pyx_t_27.memview)) __PYX_ERR(0, 111, __pyx_L1_error)
     __pyx_v_t16 = __pyx_t_27;
     __pyx_t_27.memview = NULL;
     __pyx_t_27.data = NULL;
 
-    /* "anemll_fast/_kernels.pyx":99
+    /* "anemll_fast/_kernels.pyx":112
  *                                          .reshape(table.shape[0], -1))
  *             t16 = split
  *             p.w.lut16_bytes = &t16[0, 0]             # <<<<<<<<<<<<<<
@@ -22928,25 +23283,25 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_29 = 0;
     __pyx_v_p->w.lut16_bytes = (&(*((uint8_t const  *) ( /* dim=1 */ ((char *) (((uint8_t const  *) ( /* dim=0 */ (__pyx_v_t16.data + __pyx_t_28 * __pyx_v_t16.strides[0]) )) + __pyx_t_29)) ))));
 
-    /* "anemll_fast/_kernels.pyx":100
+    /* "anemll_fast/_kernels.pyx":113
  *             t16 = split
  *             p.w.lut16_bytes = &t16[0, 0]
  *             keep = keep + (split,)             # <<<<<<<<<<<<<<
  *         p.w.rows, p.w.cols = rows, cols
  *         p.w.idx = &pk[0, 0]
 */
-    __pyx_t_5 = PyTuple_New(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 100, __pyx_L1_error)
+    __pyx_t_5 = PyTuple_New(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 113, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_INCREF(__pyx_v_split);
     __Pyx_GIVEREF(__pyx_v_split);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_split) != (0)) __PYX_ERR(0, 100, __pyx_L1_error);
-    __pyx_t_1 = PyNumber_Add(__pyx_v_keep, __pyx_t_5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 100, __pyx_L1_error)
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_split) != (0)) __PYX_ERR(0, 113, __pyx_L1_error);
+    __pyx_t_1 = PyNumber_Add(__pyx_v_keep, __pyx_t_5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 113, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF_SET(__pyx_v_keep, __pyx_t_1);
     __pyx_t_1 = 0;
 
-    /* "anemll_fast/_kernels.pyx":90
+    /* "anemll_fast/_kernels.pyx":103
  *         keep = (packed, table)
  *         half = table.astype(np.float16)
  *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):             # <<<<<<<<<<<<<<
@@ -22955,19 +23310,19 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":101
+  /* "anemll_fast/_kernels.pyx":114
  *             p.w.lut16_bytes = &t16[0, 0]
  *             keep = keep + (split,)
  *         p.w.rows, p.w.cols = rows, cols             # <<<<<<<<<<<<<<
  *         p.w.idx = &pk[0, 0]
  *         p.w.nbits = nbits
 */
-  __pyx_t_30 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_30 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 101, __pyx_L1_error)
-  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 101, __pyx_L1_error)
+  __pyx_t_30 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_30 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 114, __pyx_L1_error)
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 114, __pyx_L1_error)
   __pyx_v_p->w.rows = __pyx_t_30;
   __pyx_v_p->w.cols = __pyx_t_31;
 
-  /* "anemll_fast/_kernels.pyx":102
+  /* "anemll_fast/_kernels.pyx":115
  *             keep = keep + (split,)
  *         p.w.rows, p.w.cols = rows, cols
  *         p.w.idx = &pk[0, 0]             # <<<<<<<<<<<<<<
@@ -22978,7 +23333,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __pyx_t_28 = 0;
   __pyx_v_p->w.idx = (&(*((uint8_t const  *) ( /* dim=1 */ ((char *) (((uint8_t const  *) ( /* dim=0 */ (__pyx_v_pk.data + __pyx_t_29 * __pyx_v_pk.strides[0]) )) + __pyx_t_28)) ))));
 
-  /* "anemll_fast/_kernels.pyx":103
+  /* "anemll_fast/_kernels.pyx":116
  *         p.w.rows, p.w.cols = rows, cols
  *         p.w.idx = &pk[0, 0]
  *         p.w.nbits = nbits             # <<<<<<<<<<<<<<
@@ -22987,7 +23342,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   __pyx_v_p->w.nbits = __pyx_v_nbits;
 
-  /* "anemll_fast/_kernels.pyx":104
+  /* "anemll_fast/_kernels.pyx":117
  *         p.w.idx = &pk[0, 0]
  *         p.w.nbits = nbits
  *         p.w.lut = &tb[0, 0]             # <<<<<<<<<<<<<<
@@ -22998,42 +23353,42 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __pyx_t_29 = 0;
   __pyx_v_p->w.lut = (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_tb.data + __pyx_t_28 * __pyx_v_tb.strides[0]) )) + __pyx_t_29)) ))));
 
-  /* "anemll_fast/_kernels.pyx":105
+  /* "anemll_fast/_kernels.pyx":118
  *         p.w.nbits = nbits
  *         p.w.lut = &tb[0, 0]
  *         p.w.entries = table.shape[1]             # <<<<<<<<<<<<<<
  *         p.w.rows_per_group = rows // table.shape[0]
  *         p._keep = keep
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 105, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 105, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 105, __pyx_L1_error)
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __pyx_v_p->w.entries = __pyx_t_31;
 
-  /* "anemll_fast/_kernels.pyx":106
+  /* "anemll_fast/_kernels.pyx":119
  *         p.w.lut = &tb[0, 0]
  *         p.w.entries = table.shape[1]
  *         p.w.rows_per_group = rows // table.shape[0]             # <<<<<<<<<<<<<<
  *         p._keep = keep
  *         p.rows, p.cols, p.kind, p.nbits = rows, cols, "palette", nbits
 */
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 106, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 119, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_5, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 106, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_5, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 119, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = PyNumber_FloorDivide(__pyx_v_rows, __pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 106, __pyx_L1_error)
+  __pyx_t_5 = PyNumber_FloorDivide(__pyx_v_rows, __pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 119, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 106, __pyx_L1_error)
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 119, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __pyx_v_p->w.rows_per_group = __pyx_t_31;
 
-  /* "anemll_fast/_kernels.pyx":107
+  /* "anemll_fast/_kernels.pyx":120
  *         p.w.entries = table.shape[1]
  *         p.w.rows_per_group = rows // table.shape[0]
  *         p._keep = keep             # <<<<<<<<<<<<<<
@@ -23045,15 +23400,15 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __Pyx_GOTREF(__pyx_v_p->_keep);
   __Pyx_DECREF_SET(__pyx_v_p->_keep, __pyx_v_keep);
 
-  /* "anemll_fast/_kernels.pyx":108
+  /* "anemll_fast/_kernels.pyx":121
  *         p.w.rows_per_group = rows // table.shape[0]
  *         p._keep = keep
  *         p.rows, p.cols, p.kind, p.nbits = rows, cols, "palette", nbits             # <<<<<<<<<<<<<<
  *         return p
  * 
 */
-  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 108, __pyx_L1_error)
-  __pyx_t_30 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_30 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 108, __pyx_L1_error)
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 121, __pyx_L1_error)
+  __pyx_t_30 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_30 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 121, __pyx_L1_error)
   __pyx_t_5 = __pyx_mstate_global->__pyx_n_u_palette;
   __Pyx_INCREF(__pyx_t_5);
   __pyx_t_11 = __pyx_v_nbits;
@@ -23066,7 +23421,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __pyx_t_5 = 0;
   __pyx_v_p->nbits = __pyx_t_11;
 
-  /* "anemll_fast/_kernels.pyx":109
+  /* "anemll_fast/_kernels.pyx":122
  *         p._keep = keep
  *         p.rows, p.cols, p.kind, p.nbits = rows, cols, "palette", nbits
  *         return p             # <<<<<<<<<<<<<<
@@ -23084,7 +23439,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   }
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":61
+  /* "anemll_fast/_kernels.pyx":74
  *         return p
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
@@ -23134,7 +23489,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":111
+/* "anemll_fast/_kernels.pyx":124
  *         return p
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -23158,7 +23513,7 @@ static PyObject *__pyx_pw_11anemll_fast_8_kernels_12PackedWeight_6nbytes_1__get_
 }
 static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___2generator(__pyx_CoroutineObject *__pyx_generator, CYTHON_UNUSED PyThreadState *__pyx_tstate, PyObject *__pyx_sent_value); /* proto */
 
-/* "anemll_fast/_kernels.pyx":113
+/* "anemll_fast/_kernels.pyx":126
  *     @property
  *     def nbytes(self) -> int:
  *         return sum(a.nbytes for a in self._keep)             # <<<<<<<<<<<<<<
@@ -23178,7 +23533,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   if (unlikely(!__pyx_cur_scope)) {
     __pyx_cur_scope = ((struct __pyx_obj_11anemll_fast_8_kernels___pyx_scope_struct__genexpr *)Py_None);
     __Pyx_INCREF(Py_None);
-    __PYX_ERR(0, 113, __pyx_L1_error)
+    __PYX_ERR(0, 126, __pyx_L1_error)
   } else {
     __Pyx_GOTREF((PyObject *)__pyx_cur_scope);
   }
@@ -23186,7 +23541,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   __Pyx_INCREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   __Pyx_GIVEREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   {
-    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_PackedWeight___get___locals_gene, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels); if (unlikely(!gen)) __PYX_ERR(0, 113, __pyx_L1_error)
+    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_PackedWeight___get___locals_gene, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels); if (unlikely(!gen)) __PYX_ERR(0, 126, __pyx_L1_error)
     __Pyx_DECREF(__pyx_cur_scope);
     __Pyx_RefNannyFinishContext();
     return (PyObject *) gen;
@@ -23225,17 +23580,17 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   __pyx_L3_first_run:;
   if (unlikely(__pyx_sent_value != Py_None)) {
     if (unlikely(__pyx_sent_value)) PyErr_SetString(PyExc_TypeError, "can't send non-None value to a just-started generator");
-    __PYX_ERR(0, 113, __pyx_L1_error)
+    __PYX_ERR(0, 126, __pyx_L1_error)
   }
-  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 113, __pyx_L1_error) }
+  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 126, __pyx_L1_error) }
   if (likely(PyList_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) || PyTuple_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) {
     __pyx_t_1 = __pyx_cur_scope->__pyx_genexpr_arg_0; __Pyx_INCREF(__pyx_t_1);
     __pyx_t_2 = 0;
     __pyx_t_3 = NULL;
   } else {
-    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 113, __pyx_L1_error)
+    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 126, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 113, __pyx_L1_error)
+    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 126, __pyx_L1_error)
   }
   for (;;) {
     if (likely(!__pyx_t_3)) {
@@ -23243,7 +23598,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 113, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 126, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -23253,7 +23608,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 113, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 126, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -23264,13 +23619,13 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
         #endif
         ++__pyx_t_2;
       }
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 113, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 126, __pyx_L1_error)
     } else {
       __pyx_t_4 = __pyx_t_3(__pyx_t_1);
       if (unlikely(!__pyx_t_4)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 113, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 126, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -23281,7 +23636,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
     __Pyx_XDECREF_SET(__pyx_cur_scope->__pyx_v_a, __pyx_t_4);
     __Pyx_GIVEREF(__pyx_t_4);
     __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_a, __pyx_mstate_global->__pyx_n_u_nbytes); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 113, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_a, __pyx_mstate_global->__pyx_n_u_nbytes); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 126, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __pyx_r = __pyx_t_4;
     __pyx_t_4 = 0;
@@ -23303,7 +23658,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
     __Pyx_XGOTREF(__pyx_t_1);
     __pyx_t_2 = __pyx_cur_scope->__pyx_t_1;
     __pyx_t_3 = __pyx_cur_scope->__pyx_t_2;
-    if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 113, __pyx_L1_error)
+    if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 126, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   CYTHON_MAYBE_UNUSED_VAR(__pyx_cur_scope);
@@ -23329,7 +23684,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":111
+/* "anemll_fast/_kernels.pyx":124
  *         return p
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -23350,7 +23705,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__get__", 0);
 
-  /* "anemll_fast/_kernels.pyx":113
+  /* "anemll_fast/_kernels.pyx":126
  *     @property
  *     def nbytes(self) -> int:
  *         return sum(a.nbytes for a in self._keep)             # <<<<<<<<<<<<<<
@@ -23358,7 +23713,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
  *     def matmul(self, x, bias=None, out=None):
 */
   __pyx_t_2 = NULL;
-  __pyx_t_3 = __pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___genexpr(NULL, __pyx_v_self->_keep); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 113, __pyx_L1_error)
+  __pyx_t_3 = __pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___genexpr(NULL, __pyx_v_self->_keep); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 126, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_4 = 1;
   {
@@ -23366,7 +23721,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_sum, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 113, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 126, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   {
@@ -23380,7 +23735,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":111
+  /* "anemll_fast/_kernels.pyx":124
  *         return p
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -23402,7 +23757,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":115
+/* "anemll_fast/_kernels.pyx":128
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
@@ -23452,44 +23807,44 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_bias,&__pyx_mstate_global->__pyx_n_u_out,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 115, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 128, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 115, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 128, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 115, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 128, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 115, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 128, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "matmul", 0) < (0)) __PYX_ERR(0, 115, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "matmul", 0) < (0)) __PYX_ERR(0, 128, __pyx_L3_error)
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)Py_None));
       if (!values[2]) values[2] = __Pyx_NewRef(((PyObject *)Py_None));
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, i); __PYX_ERR(0, 115, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, i); __PYX_ERR(0, 128, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 115, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 128, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 115, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 128, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 115, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 128, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -23502,7 +23857,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, __pyx_nargs); __PYX_ERR(0, 115, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, __pyx_nargs); __PYX_ERR(0, 128, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -23561,7 +23916,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   __Pyx_RefNannySetupContext("matmul", 0);
   __Pyx_INCREF(__pyx_v_out);
 
-  /* "anemll_fast/_kernels.pyx":117
+  /* "anemll_fast/_kernels.pyx":130
  *     def matmul(self, x, bias=None, out=None):
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)             # <<<<<<<<<<<<<<
@@ -23569,14 +23924,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *             xa = xa.reshape(-1, 1)
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 117, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 130, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 117, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 130, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 117, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 130, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 117, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 130, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
@@ -23597,13 +23952,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_v_x, __pyx_t_5};
     #if CYTHON_VECTORCALL
     __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 117, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 130, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 117, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 130, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
@@ -23614,42 +23969,42 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 117, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 130, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_xa = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":118
+  /* "anemll_fast/_kernels.pyx":131
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:             # <<<<<<<<<<<<<<
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 131, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_7 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_1, 1, 0)); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 118, __pyx_L1_error)
+  __pyx_t_7 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_1, 1, 0)); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 131, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":119
+    /* "anemll_fast/_kernels.pyx":132
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)             # <<<<<<<<<<<<<<
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
 */
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_reshape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 119, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_reshape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 132, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_4 = __Pyx_PyObject_Call(__pyx_t_1, __pyx_mstate_global->__pyx_tuple[6], NULL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 119, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_Call(__pyx_t_1, __pyx_mstate_global->__pyx_tuple[6], NULL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF_SET(__pyx_v_xa, __pyx_t_4);
     __pyx_t_4 = 0;
 
-    /* "anemll_fast/_kernels.pyx":118
+    /* "anemll_fast/_kernels.pyx":131
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:             # <<<<<<<<<<<<<<
@@ -23658,16 +24013,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":120
+  /* "anemll_fast/_kernels.pyx":133
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:             # <<<<<<<<<<<<<<
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]
 */
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 120, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 120, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   if (!__pyx_t_8) {
 
@@ -23677,14 +24032,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 
     goto __pyx_L5_bool_binop_done;
   }
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 120, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 120, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 120, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_int(__pyx_t_1, __pyx_t_4, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 120, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_int(__pyx_t_1, __pyx_t_4, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
@@ -23694,7 +24049,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":121
+    /* "anemll_fast/_kernels.pyx":134
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")             # <<<<<<<<<<<<<<
@@ -23702,21 +24057,21 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *         if out is None:
 */
     __pyx_t_1 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 121, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 134, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 121, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 134, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __pyx_t_3 = __Pyx_PyObject_CallOneArg(__pyx_t_5, __pyx_v_x); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 121, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_CallOneArg(__pyx_t_5, __pyx_v_x); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 134, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_3); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 121, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_3); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 134, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __pyx_t_3 = __Pyx_PyObject_FormatSimple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 121, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_FormatSimple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 134, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __pyx_t_5 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->cols, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 121, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->cols, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 134, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_9[0] = __pyx_mstate_global->__pyx_kp_u_input_of_shape;
     __pyx_t_9[1] = __pyx_t_3;
@@ -23732,7 +24087,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_9[1]);
     #endif
     __pyx_t_2 = __Pyx_PyUnicode_Join(__pyx_t_9, 5, __pyx_t_10, __pyx_t_11);
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 121, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 134, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
@@ -23742,14 +24097,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 121, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 134, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     __Pyx_Raise(__pyx_t_4, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __PYX_ERR(0, 121, __pyx_L1_error)
+    __PYX_ERR(0, 134, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":120
+    /* "anemll_fast/_kernels.pyx":133
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:             # <<<<<<<<<<<<<<
@@ -23758,23 +24113,23 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":122
+  /* "anemll_fast/_kernels.pyx":135
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]             # <<<<<<<<<<<<<<
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)
 */
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 122, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 135, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 122, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 135, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_12 = __Pyx_PyLong_As_int64_t(__pyx_t_2); if (unlikely((__pyx_t_12 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 122, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyLong_As_int64_t(__pyx_t_2); if (unlikely((__pyx_t_12 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 135, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   __pyx_v_n = __pyx_t_12;
 
-  /* "anemll_fast/_kernels.pyx":123
+  /* "anemll_fast/_kernels.pyx":136
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]
  *         if out is None:             # <<<<<<<<<<<<<<
@@ -23785,7 +24140,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":124
+    /* "anemll_fast/_kernels.pyx":137
  *         cdef int64_t n = xa.shape[1]
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)             # <<<<<<<<<<<<<<
@@ -23793,26 +24148,26 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
 */
     __pyx_t_4 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 124, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 124, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 124, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 124, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 124, __pyx_L1_error)
+    __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
     __Pyx_GIVEREF(__pyx_t_1);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 124, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 137, __pyx_L1_error);
     __Pyx_GIVEREF(__pyx_t_3);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_3) != (0)) __PYX_ERR(0, 124, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_3) != (0)) __PYX_ERR(0, 137, __pyx_L1_error);
     __pyx_t_1 = 0;
     __pyx_t_3 = 0;
-    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 124, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 124, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __pyx_t_6 = 1;
@@ -23834,13 +24189,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 124, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 137, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     __Pyx_DECREF_SET(__pyx_v_out, __pyx_t_2);
     __pyx_t_2 = 0;
 
-    /* "anemll_fast/_kernels.pyx":123
+    /* "anemll_fast/_kernels.pyx":136
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]
  *         if out is None:             # <<<<<<<<<<<<<<
@@ -23850,28 +24205,28 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     goto __pyx_L7;
   }
 
-  /* "anemll_fast/_kernels.pyx":125
+  /* "anemll_fast/_kernels.pyx":138
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:             # <<<<<<<<<<<<<<
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
  *         cdef const float[:, ::1] xv = xa
 */
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_5 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
   __Pyx_GIVEREF(__pyx_t_5);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 125, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 138, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 125, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 138, __pyx_L1_error);
   __pyx_t_5 = 0;
   __pyx_t_1 = 0;
-  __pyx_t_8 = __Pyx_PyObject_RichCompareBool(__pyx_t_2, __pyx_t_13, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_RichCompareBool(__pyx_t_2, __pyx_t_13, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
   if (!__pyx_t_8) {
@@ -23882,14 +24237,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 
     goto __pyx_L8_bool_binop_done;
   }
-  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_dtype); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_dtype); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_object(__pyx_t_13, __pyx_t_1, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_object(__pyx_t_13, __pyx_t_1, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_8) {
@@ -23900,12 +24255,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 
     goto __pyx_L8_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_flags); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_flags); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_c_contiguous); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_c_contiguous); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_t_13); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_t_13); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 138, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
   __pyx_t_14 = (!__pyx_t_8);
 
@@ -23917,7 +24272,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":126
+    /* "anemll_fast/_kernels.pyx":139
  *             out = np.empty((self.rows, n), np.float32)
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")             # <<<<<<<<<<<<<<
@@ -23930,14 +24285,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_mstate_global->__pyx_kp_u_out_must_be_a_C_contiguous_float};
       __pyx_t_13 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 126, __pyx_L1_error)
+      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 139, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
     }
     __Pyx_Raise(__pyx_t_13, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-    __PYX_ERR(0, 126, __pyx_L1_error)
+    __PYX_ERR(0, 139, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":125
+    /* "anemll_fast/_kernels.pyx":138
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:             # <<<<<<<<<<<<<<
@@ -23947,31 +24302,31 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   }
   __pyx_L7:;
 
-  /* "anemll_fast/_kernels.pyx":127
+  /* "anemll_fast/_kernels.pyx":140
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
  *         cdef const float[:, ::1] xv = xa             # <<<<<<<<<<<<<<
  *         cdef float[:, ::1] yv = out
  *         cdef const float* bp = NULL
 */
-  __pyx_t_15 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(__pyx_v_xa, 0); if (unlikely(!__pyx_t_15.memview)) __PYX_ERR(0, 127, __pyx_L1_error)
+  __pyx_t_15 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(__pyx_v_xa, 0); if (unlikely(!__pyx_t_15.memview)) __PYX_ERR(0, 140, __pyx_L1_error)
   __pyx_v_xv = __pyx_t_15;
   __pyx_t_15.memview = NULL;
   __pyx_t_15.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":128
+  /* "anemll_fast/_kernels.pyx":141
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
  *         cdef const float[:, ::1] xv = xa
  *         cdef float[:, ::1] yv = out             # <<<<<<<<<<<<<<
  *         cdef const float* bp = NULL
  *         cdef const float[::1] bv
 */
-  __pyx_t_16 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_16.memview)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __pyx_t_16 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_16.memview)) __PYX_ERR(0, 141, __pyx_L1_error)
   __pyx_v_yv = __pyx_t_16;
   __pyx_t_16.memview = NULL;
   __pyx_t_16.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":129
+  /* "anemll_fast/_kernels.pyx":142
  *         cdef const float[:, ::1] xv = xa
  *         cdef float[:, ::1] yv = out
  *         cdef const float* bp = NULL             # <<<<<<<<<<<<<<
@@ -23980,7 +24335,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   __pyx_v_bp = NULL;
 
-  /* "anemll_fast/_kernels.pyx":131
+  /* "anemll_fast/_kernels.pyx":144
  *         cdef const float* bp = NULL
  *         cdef const float[::1] bv
  *         if bias is not None:             # <<<<<<<<<<<<<<
@@ -23991,7 +24346,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":132
+    /* "anemll_fast/_kernels.pyx":145
  *         cdef const float[::1] bv
  *         if bias is not None:
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)             # <<<<<<<<<<<<<<
@@ -23999,14 +24354,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *                 raise ValueError(f"bias of {bv.shape[0]} values for {self.rows} rows")
 */
     __pyx_t_5 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 145, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 132, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 145, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 145, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 132, __pyx_L1_error)
+    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 145, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_17);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     #if CYTHON_VECTORCALL
@@ -24027,13 +24382,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_v_bias, __pyx_t_17};
       #if CYTHON_VECTORCALL
       __pyx_t_4 = __pyx_mstate_global->__pyx_tuple[2];
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 145, __pyx_L1_error)
       __Pyx_INCREF(__pyx_t_4);
       #else
       {
         PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
         __pyx_t_4 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
+        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 145, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
       }
       #endif
@@ -24044,7 +24399,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 132, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 145, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     __pyx_t_1 = __pyx_t_2;
@@ -24055,16 +24410,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __pyx_t_13 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 132, __pyx_L1_error)
+      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 145, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
     }
-    __pyx_t_18 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_13, 0); if (unlikely(!__pyx_t_18.memview)) __PYX_ERR(0, 132, __pyx_L1_error)
+    __pyx_t_18 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_13, 0); if (unlikely(!__pyx_t_18.memview)) __PYX_ERR(0, 145, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
     __pyx_v_bv = __pyx_t_18;
     __pyx_t_18.memview = NULL;
     __pyx_t_18.data = NULL;
 
-    /* "anemll_fast/_kernels.pyx":133
+    /* "anemll_fast/_kernels.pyx":146
  *         if bias is not None:
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
  *             if bv.shape[0] != self.rows:             # <<<<<<<<<<<<<<
@@ -24076,7 +24431,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     if (unlikely(__pyx_t_7)) {
 
 
-      /* "anemll_fast/_kernels.pyx":134
+      /* "anemll_fast/_kernels.pyx":147
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
  *             if bv.shape[0] != self.rows:
  *                 raise ValueError(f"bias of {bv.shape[0]} values for {self.rows} rows")             # <<<<<<<<<<<<<<
@@ -24084,9 +24439,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *         cdef int rc
 */
       __pyx_t_2 = NULL;
-      __pyx_t_1 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_bv.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 134, __pyx_L1_error)
+      __pyx_t_1 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_bv.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 147, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
-      __pyx_t_3 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 134, __pyx_L1_error)
+      __pyx_t_3 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 147, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
       __pyx_t_9[0] = __pyx_mstate_global->__pyx_kp_u_bias_of;
       __pyx_t_9[1] = __pyx_t_1;
@@ -24099,7 +24454,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       #endif
       __pyx_t_11 = 0;
       __pyx_t_4 = __Pyx_PyUnicode_Join(__pyx_t_9, 5, __pyx_t_10, __pyx_t_11);
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 134, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 147, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
@@ -24109,14 +24464,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
         __pyx_t_13 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 134, __pyx_L1_error)
+        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 147, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_13);
       }
       __Pyx_Raise(__pyx_t_13, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-      __PYX_ERR(0, 134, __pyx_L1_error)
+      __PYX_ERR(0, 147, __pyx_L1_error)
 
-      /* "anemll_fast/_kernels.pyx":133
+      /* "anemll_fast/_kernels.pyx":146
  *         if bias is not None:
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
  *             if bv.shape[0] != self.rows:             # <<<<<<<<<<<<<<
@@ -24125,7 +24480,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
     }
 
-    /* "anemll_fast/_kernels.pyx":135
+    /* "anemll_fast/_kernels.pyx":148
  *             if bv.shape[0] != self.rows:
  *                 raise ValueError(f"bias of {bv.shape[0]} values for {self.rows} rows")
  *             bp = &bv[0]             # <<<<<<<<<<<<<<
@@ -24135,7 +24490,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     __pyx_t_19 = 0;
     __pyx_v_bp = (&(*((float const  *) ( /* dim=0 */ ((char *) (((float const  *) __pyx_v_bv.data) + __pyx_t_19)) ))));
 
-    /* "anemll_fast/_kernels.pyx":131
+    /* "anemll_fast/_kernels.pyx":144
  *         cdef const float* bp = NULL
  *         cdef const float[::1] bv
  *         if bias is not None:             # <<<<<<<<<<<<<<
@@ -24144,7 +24499,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":137
+  /* "anemll_fast/_kernels.pyx":150
  *             bp = &bv[0]
  *         cdef int rc
  *         if n == 0:             # <<<<<<<<<<<<<<
@@ -24156,7 +24511,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":138
+    /* "anemll_fast/_kernels.pyx":151
  *         cdef int rc
  *         if n == 0:
  *             return out             # <<<<<<<<<<<<<<
@@ -24174,7 +24529,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     }
     goto __pyx_L0;
 
-    /* "anemll_fast/_kernels.pyx":137
+    /* "anemll_fast/_kernels.pyx":150
  *             bp = &bv[0]
  *         cdef int rc
  *         if n == 0:             # <<<<<<<<<<<<<<
@@ -24183,7 +24538,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":139
+  /* "anemll_fast/_kernels.pyx":152
  *         if n == 0:
  *             return out
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -24196,7 +24551,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "anemll_fast/_kernels.pyx":140
+        /* "anemll_fast/_kernels.pyx":153
  *             return out
  *         with nogil:
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])             # <<<<<<<<<<<<<<
@@ -24210,7 +24565,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
         __pyx_v_rc = anemll::kernels::matmul(__pyx_v_self->w, (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_xv.data + __pyx_t_19 * __pyx_v_xv.strides[0]) )) + __pyx_t_20)) )))), __pyx_v_n, __pyx_v_bp, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_yv.data + __pyx_t_21 * __pyx_v_yv.strides[0]) )) + __pyx_t_22)) )))));
       }
 
-      /* "anemll_fast/_kernels.pyx":139
+      /* "anemll_fast/_kernels.pyx":152
  *         if n == 0:
  *             return out
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -24227,7 +24582,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       }
   }
 
-  /* "anemll_fast/_kernels.pyx":141
+  /* "anemll_fast/_kernels.pyx":154
  *         with nogil:
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -24239,7 +24594,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":142
+    /* "anemll_fast/_kernels.pyx":155
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")             # <<<<<<<<<<<<<<
@@ -24252,14 +24607,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_invalid_packed_weight};
       __pyx_t_13 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 142, __pyx_L1_error)
+      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 155, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
     }
     __Pyx_Raise(__pyx_t_13, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-    __PYX_ERR(0, 142, __pyx_L1_error)
+    __PYX_ERR(0, 155, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":141
+    /* "anemll_fast/_kernels.pyx":154
  *         with nogil:
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -24268,7 +24623,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":143
+  /* "anemll_fast/_kernels.pyx":156
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")
  *         return out             # <<<<<<<<<<<<<<
@@ -24286,7 +24641,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   }
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":115
+  /* "anemll_fast/_kernels.pyx":128
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
@@ -24322,7 +24677,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":145
+/* "anemll_fast/_kernels.pyx":158
  *         return out
  * 
  *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
@@ -24371,32 +24726,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_r0,&__pyx_mstate_global->__pyx_n_u_r1,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 145, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 158, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 145, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 158, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 145, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 158, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "decode", 0) < (0)) __PYX_ERR(0, 145, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "decode", 0) < (0)) __PYX_ERR(0, 158, __pyx_L3_error)
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)Py_None));
     } else {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 145, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 158, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 145, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 158, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
@@ -24404,7 +24759,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)Py_None));
     }
     if (values[0]) {
-      __pyx_v_r0 = __Pyx_PyLong_As_int64_t(values[0]); if (unlikely((__pyx_v_r0 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 145, __pyx_L3_error)
+      __pyx_v_r0 = __Pyx_PyLong_As_int64_t(values[0]); if (unlikely((__pyx_v_r0 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 158, __pyx_L3_error)
     } else {
       __pyx_v_r0 = ((int64_t)0);
     }
@@ -24412,7 +24767,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("decode", 0, 0, 2, __pyx_nargs); __PYX_ERR(0, 145, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("decode", 0, 0, 2, __pyx_nargs); __PYX_ERR(0, 158, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -24463,7 +24818,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("decode", 0);
 
-  /* "anemll_fast/_kernels.pyx":147
+  /* "anemll_fast/_kernels.pyx":160
  *     def decode(self, int64_t r0=0, r1=None):
  *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
  *         cdef int64_t end = self.rows if r1 is None else r1             # <<<<<<<<<<<<<<
@@ -24475,13 +24830,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
 
     __pyx_t_1 = __pyx_v_self->rows;
   } else {
-    __pyx_t_3 = __Pyx_PyLong_As_int64_t(__pyx_v_r1); if (unlikely((__pyx_t_3 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 147, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyLong_As_int64_t(__pyx_v_r1); if (unlikely((__pyx_t_3 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 160, __pyx_L1_error)
     __pyx_t_1 = __pyx_t_3;
   }
 
   __pyx_v_end = __pyx_t_1;
 
-  /* "anemll_fast/_kernels.pyx":148
+  /* "anemll_fast/_kernels.pyx":161
  *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
  *         cdef int64_t end = self.rows if r1 is None else r1
  *         if not 0 <= r0 <= end <= self.rows:             # <<<<<<<<<<<<<<
@@ -24501,7 +24856,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   if (unlikely(__pyx_t_4)) {
 
 
-    /* "anemll_fast/_kernels.pyx":149
+    /* "anemll_fast/_kernels.pyx":162
  *         cdef int64_t end = self.rows if r1 is None else r1
  *         if not 0 <= r0 <= end <= self.rows:
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")             # <<<<<<<<<<<<<<
@@ -24509,11 +24864,11 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
  *         if end == r0:
 */
     __pyx_t_6 = NULL;
-    __pyx_t_7 = __Pyx_PyUnicode_From_int64_t(__pyx_v_r0, 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 149, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyUnicode_From_int64_t(__pyx_v_r0, 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 162, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
-    __pyx_t_8 = __Pyx_PyUnicode_From_int64_t(__pyx_v_end, 0, ' ', 'd'); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 149, __pyx_L1_error)
+    __pyx_t_8 = __Pyx_PyUnicode_From_int64_t(__pyx_v_end, 0, ' ', 'd'); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 162, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_8);
-    __pyx_t_9 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 149, __pyx_L1_error)
+    __pyx_t_9 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 162, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_9);
     __pyx_t_10[0] = __pyx_mstate_global->__pyx_kp_u_rows_2;
     __pyx_t_10[1] = __pyx_t_7;
@@ -24528,7 +24883,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
     #endif
     __pyx_t_12 = 0;
     __pyx_t_13 = __Pyx_PyUnicode_Join(__pyx_t_10, 7, __pyx_t_11, __pyx_t_12);
-    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 149, __pyx_L1_error)
+    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 162, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
@@ -24539,14 +24894,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
       __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_14, (2-__pyx_t_14) | (__pyx_t_14*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 149, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 162, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __Pyx_Raise(__pyx_t_5, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __PYX_ERR(0, 149, __pyx_L1_error)
+    __PYX_ERR(0, 162, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":148
+    /* "anemll_fast/_kernels.pyx":161
  *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
  *         cdef int64_t end = self.rows if r1 is None else r1
  *         if not 0 <= r0 <= end <= self.rows:             # <<<<<<<<<<<<<<
@@ -24555,7 +24910,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":150
+  /* "anemll_fast/_kernels.pyx":163
  *         if not 0 <= r0 <= end <= self.rows:
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
  *         out = np.empty((end - r0, self.cols), np.float32)             # <<<<<<<<<<<<<<
@@ -24563,26 +24918,26 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
  *             return out
 */
   __pyx_t_13 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 150, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 150, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_6 = __Pyx_PyLong_From_int64_t((__pyx_v_end - __pyx_v_r0)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 150, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyLong_From_int64_t((__pyx_v_end - __pyx_v_r0)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_8 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 150, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  __pyx_t_7 = PyTuple_New(2); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 150, __pyx_L1_error)
+  __pyx_t_7 = PyTuple_New(2); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
   __Pyx_GIVEREF(__pyx_t_6);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 0, __pyx_t_6) != (0)) __PYX_ERR(0, 150, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 0, __pyx_t_6) != (0)) __PYX_ERR(0, 163, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_8);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 1, __pyx_t_8) != (0)) __PYX_ERR(0, 150, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 1, __pyx_t_8) != (0)) __PYX_ERR(0, 163, __pyx_L1_error);
   __pyx_t_6 = 0;
   __pyx_t_8 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 150, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 150, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
   __pyx_t_14 = 1;
@@ -24604,13 +24959,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 150, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 163, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
   }
   __pyx_v_out = __pyx_t_5;
   __pyx_t_5 = 0;
 
-  /* "anemll_fast/_kernels.pyx":151
+  /* "anemll_fast/_kernels.pyx":164
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
  *         out = np.empty((end - r0, self.cols), np.float32)
  *         if end == r0:             # <<<<<<<<<<<<<<
@@ -24622,7 +24977,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   if (__pyx_t_4) {
 
 
-    /* "anemll_fast/_kernels.pyx":152
+    /* "anemll_fast/_kernels.pyx":165
  *         out = np.empty((end - r0, self.cols), np.float32)
  *         if end == r0:
  *             return out             # <<<<<<<<<<<<<<
@@ -24640,7 +24995,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
     }
     goto __pyx_L0;
 
-    /* "anemll_fast/_kernels.pyx":151
+    /* "anemll_fast/_kernels.pyx":164
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
  *         out = np.empty((end - r0, self.cols), np.float32)
  *         if end == r0:             # <<<<<<<<<<<<<<
@@ -24649,19 +25004,19 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":153
+  /* "anemll_fast/_kernels.pyx":166
  *         if end == r0:
  *             return out
  *         cdef float[:, ::1] ov = out             # <<<<<<<<<<<<<<
  *         cdef int rc
  *         with nogil:
 */
-  __pyx_t_15 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_15.memview)) __PYX_ERR(0, 153, __pyx_L1_error)
+  __pyx_t_15 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_15.memview)) __PYX_ERR(0, 166, __pyx_L1_error)
   __pyx_v_ov = __pyx_t_15;
   __pyx_t_15.memview = NULL;
   __pyx_t_15.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":155
+  /* "anemll_fast/_kernels.pyx":168
  *         cdef float[:, ::1] ov = out
  *         cdef int rc
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -24674,7 +25029,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "anemll_fast/_kernels.pyx":156
+        /* "anemll_fast/_kernels.pyx":169
  *         cdef int rc
  *         with nogil:
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])             # <<<<<<<<<<<<<<
@@ -24686,7 +25041,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
         __pyx_v_rc = anemll::kernels::decode_rows(__pyx_v_self->w, __pyx_v_r0, __pyx_v_end, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_ov.data + __pyx_t_16 * __pyx_v_ov.strides[0]) )) + __pyx_t_17)) )))));
       }
 
-      /* "anemll_fast/_kernels.pyx":155
+      /* "anemll_fast/_kernels.pyx":168
  *         cdef float[:, ::1] ov = out
  *         cdef int rc
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -24703,7 +25058,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
       }
   }
 
-  /* "anemll_fast/_kernels.pyx":157
+  /* "anemll_fast/_kernels.pyx":170
  *         with nogil:
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -24715,7 +25070,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   if (unlikely(__pyx_t_4)) {
 
 
-    /* "anemll_fast/_kernels.pyx":158
+    /* "anemll_fast/_kernels.pyx":171
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")             # <<<<<<<<<<<<<<
@@ -24727,14 +25082,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
       PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_mstate_global->__pyx_kp_u_invalid_packed_weight};
       __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_14, (2-__pyx_t_14) | (__pyx_t_14*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 158, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 171, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __Pyx_Raise(__pyx_t_5, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __PYX_ERR(0, 158, __pyx_L1_error)
+    __PYX_ERR(0, 171, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":157
+    /* "anemll_fast/_kernels.pyx":170
  *         with nogil:
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -24743,7 +25098,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":159
+  /* "anemll_fast/_kernels.pyx":172
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")
  *         return out             # <<<<<<<<<<<<<<
@@ -24759,7 +25114,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   }
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":145
+  /* "anemll_fast/_kernels.pyx":158
  *         return out
  * 
  *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
@@ -24788,7 +25143,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":40
+/* "anemll_fast/_kernels.pyx":53
  *     cdef Weight w
  *     cdef object _keep   # the arrays the pointers refer to
  *     cdef readonly int64_t rows, cols             # <<<<<<<<<<<<<<
@@ -24827,7 +25182,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4rows___get__(s
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 40, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 53, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -24901,7 +25256,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4cols___get__(s
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 40, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 53, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -24944,7 +25299,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4cols___get__(s
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":41
+/* "anemll_fast/_kernels.pyx":54
  *     cdef object _keep   # the arrays the pointers refer to
  *     cdef readonly int64_t rows, cols
  *     cdef readonly str kind             # <<<<<<<<<<<<<<
@@ -25011,7 +25366,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4kind___get__(s
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":42
+/* "anemll_fast/_kernels.pyx":55
  *     cdef readonly int64_t rows, cols
  *     cdef readonly str kind
  *     cdef readonly int nbits             # <<<<<<<<<<<<<<
@@ -25050,7 +25405,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_5nbits___get__(
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyLong_From_int(__pyx_v_self->nbits); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 42, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyLong_From_int(__pyx_v_self->nbits); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 55, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -26932,14 +27287,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels_PackedWeight(
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels_PackedWeight", 0);
   /*--- Exttype __pyx_obj_11anemll_fast_8_kernels_PackedWeight ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_11anemll_fast_8_kernels_PackedWeight_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight)) __PYX_ERR(0, 35, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_11anemll_fast_8_kernels_PackedWeight_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight)) __PYX_ERR(0, 48, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight = &__pyx_type_11anemll_fast_8_kernels_PackedWeight;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 35, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 48, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight);
@@ -26949,8 +27304,8 @@ static int __Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels_PackedWeight(
     __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight->tp_getattro = PyObject_GenericGetAttr;
   }
   #endif
-  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_PackedWeight, (PyObject *) __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 35, __pyx_L1_error)
-  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 35, __pyx_L1_error)
+  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_PackedWeight, (PyObject *) __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 48, __pyx_L1_error)
+  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 48, __pyx_L1_error)
   __Pyx_RefNannyFinishContext();
   return 0;
   __pyx_L1_error:;
@@ -26967,14 +27322,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels___pyx_scope_s
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels___pyx_scope_struct__genexpr", 0);
   /*--- Exttype __pyx_obj_11anemll_fast_8_kernels___pyx_scope_struct__genexpr ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_11anemll_fast_8_kernels___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr)) __PYX_ERR(0, 113, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_11anemll_fast_8_kernels___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr)) __PYX_ERR(0, 126, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr = &__pyx_type_11anemll_fast_8_kernels___pyx_scope_struct__genexpr;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 113, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 126, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr);
@@ -28147,7 +28502,7 @@ __Pyx_RefNannySetupContext("PyInit__kernels", 0);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "anemll_fast/_kernels.pyx":9
- * from libc.stdint cimport int64_t, uint8_t, uint16_t
+ * from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
  * 
  * import numpy as np             # <<<<<<<<<<<<<<
  * cimport numpy as cnp
@@ -28169,128 +28524,148 @@ __Pyx_RefNannySetupContext("PyInit__kernels", 0);
   __pyx_t_9 = __pyx_f_5numpy_import_array(); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 12, __pyx_L1_error)
 
 
-  /* "anemll_fast/_kernels.pyx":30
+  /* "anemll_fast/_kernels.pyx":31
  * 
  * 
  * def kernel_isa() -> str:             # <<<<<<<<<<<<<<
  *     """Which vector path runs on this CPU ("avx2+fma+f16c", "neon" or "portable")."""
  *     return isa().decode()
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 30, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 31, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_str) < (0)) __PYX_ERR(0, 30, __pyx_L1_error)
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_1kernel_isa, 0, __pyx_mstate_global->__pyx_n_u_kernel_isa, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 30, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_str) < (0)) __PYX_ERR(0, 31, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_1kernel_isa, 0, __pyx_mstate_global->__pyx_n_u_kernel_isa, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 31, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_5, __pyx_t_4);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_kernel_isa, __pyx_t_5) < (0)) __PYX_ERR(0, 30, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_kernel_isa, __pyx_t_5) < (0)) __PYX_ERR(0, 31, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "anemll_fast/_kernels.pyx":47
+  /* "anemll_fast/_kernels.pyx":36
+ * 
+ * 
+ * def stream_read_bytes(buf) -> int:             # <<<<<<<<<<<<<<
+ *     """Read every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum."""
+ *     cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+*/
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 36, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 36, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_3stream_read_bytes, 0, __pyx_mstate_global->__pyx_n_u_stream_read_bytes, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 36, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  #endif
+  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_5);
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_stream_read_bytes, __pyx_t_4) < (0)) __PYX_ERR(0, 36, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "anemll_fast/_kernels.pyx":60
  *         self._keep = ()
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
  *     def from_f16(weight):
  *         """weight: float16 array [rows, cols] (C-contiguous copy taken if needed)."""
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_3from_f16, __Pyx_CYFUNCTION_STATICMETHOD | __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_from_f16, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 47, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_3from_f16, __Pyx_CYFUNCTION_STATICMETHOD | __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_from_f16, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 60, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16, __pyx_t_5) < (0)) __PYX_ERR(0, 47, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_4 = NULL;
-  __Pyx_GetNameInClass(__pyx_t_10, (PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 47, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16, __pyx_t_4) < (0)) __PYX_ERR(0, 60, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_t_5 = NULL;
+  __Pyx_GetNameInClass(__pyx_t_10, (PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 60, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __pyx_t_6 = 1;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_10};
-    __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_staticmethod, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+    PyObject *__pyx_callargs[2] = {__pyx_t_5, __pyx_t_10};
+    __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_staticmethod, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 47, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_5);
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 60, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_4);
   }
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16, __pyx_t_5) < (0)) __PYX_ERR(0, 47, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16, __pyx_t_4) < (0)) __PYX_ERR(0, 60, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "anemll_fast/_kernels.pyx":61
+  /* "anemll_fast/_kernels.pyx":74
  *         return p
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
  *     def from_palette(indices, lut, int nbits):
  *         """indices: integer array [rows, cols] (values < lut entries); lut: [groups, entries] floats,
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_5from_palette, __Pyx_CYFUNCTION_STATICMETHOD | __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_from_palette, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 61, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
-  #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette, __pyx_t_5) < (0)) __PYX_ERR(0, 61, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_10 = NULL;
-  __Pyx_GetNameInClass(__pyx_t_4, (PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 61, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_5from_palette, __Pyx_CYFUNCTION_STATICMETHOD | __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_from_palette, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 74, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  #endif
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette, __pyx_t_4) < (0)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_t_10 = NULL;
+  __Pyx_GetNameInClass(__pyx_t_5, (PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   __pyx_t_6 = 1;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_10, __pyx_t_4};
-    __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_staticmethod, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    PyObject *__pyx_callargs[2] = {__pyx_t_10, __pyx_t_5};
+    __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_staticmethod, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 61, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_5);
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 74, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_4);
   }
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette, __pyx_t_5) < (0)) __PYX_ERR(0, 61, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette, __pyx_t_4) < (0)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "anemll_fast/_kernels.pyx":115
+  /* "anemll_fast/_kernels.pyx":128
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_7matmul, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_matmul, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 115, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_7matmul, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_matmul, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[7]);
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_matmul, __pyx_t_5) < (0)) __PYX_ERR(0, 115, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_tuple[7]);
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_matmul, __pyx_t_4) < (0)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "anemll_fast/_kernels.pyx":145
+  /* "anemll_fast/_kernels.pyx":158
  *         return out
  * 
  *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
  *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
  *         cdef int64_t end = self.rows if r1 is None else r1
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_9decode, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_decode, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 145, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_9decode, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_decode, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 158, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[8]);
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_decode, __pyx_t_5) < (0)) __PYX_ERR(0, 145, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_tuple[8]);
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_decode, __pyx_t_4) < (0)) __PYX_ERR(0, 158, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "(tree fragment)":1
  * def __reduce_cython__(self):             # <<<<<<<<<<<<<<
  *     raise TypeError, "no default __reduce__ due to non-trivial __cinit__"
  * def __setstate_cython__(self, __pyx_state):
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_11__reduce_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight___reduce_cython, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_5)) __PYX_ERR(1, 1, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_11__reduce_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight___reduce_cython, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 1, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_reduce_cython, __pyx_t_5) < (0)) __PYX_ERR(1, 1, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_reduce_cython, __pyx_t_4) < (0)) __PYX_ERR(1, 1, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "(tree fragment)":3
  * def __reduce_cython__(self):
@@ -28298,23 +28673,23 @@ __Pyx_RefNannySetupContext("PyInit__kernels", 0);
  * def __setstate_cython__(self, __pyx_state):             # <<<<<<<<<<<<<<
  *     raise TypeError, "no default __reduce__ due to non-trivial __cinit__"
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_13__setstate_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight___setstate_cython, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_5)) __PYX_ERR(1, 3, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_13__setstate_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight___setstate_cython, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 3, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_setstate_cython, __pyx_t_5) < (0)) __PYX_ERR(1, 3, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_setstate_cython, __pyx_t_4) < (0)) __PYX_ERR(1, 3, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "anemll_fast/_kernels.pyx":1
  * # cython: language_level=3             # <<<<<<<<<<<<<<
  * """Thin typed skin over csrc/kernels: compressed-weight matmuls for the reference backend.
  * 
 */
-  __pyx_t_5 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_5) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_4) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /*--- Wrapped vars code ---*/
 
@@ -28357,8 +28732,8 @@ static int __Pyx_InitCachedBuiltins(__pyx_mstatetype *__pyx_mstate) {
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
-  __pyx_builtin_staticmethod = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_staticmethod); if (!__pyx_builtin_staticmethod) __PYX_ERR(0, 47, __pyx_L1_error)
-  __pyx_builtin_sum = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_sum); if (!__pyx_builtin_sum) __PYX_ERR(0, 113, __pyx_L1_error)
+  __pyx_builtin_staticmethod = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_staticmethod); if (!__pyx_builtin_staticmethod) __PYX_ERR(0, 60, __pyx_L1_error)
+  __pyx_builtin_sum = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_sum); if (!__pyx_builtin_sum) __PYX_ERR(0, 126, __pyx_L1_error)
   __pyx_builtin___import__ = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_import); if (!__pyx_builtin___import__) __PYX_ERR(1, 119, __pyx_L1_error)
   __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(1, 175, __pyx_L1_error)
   __pyx_builtin_Ellipsis = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_Ellipsis); if (!__pyx_builtin_Ellipsis) __PYX_ERR(1, 436, __pyx_L1_error)
@@ -28424,7 +28799,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   if (__Pyx_PyTuple_SET_ITEM(__pyx_mstate_global->__pyx_tuple[1], 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(1, 763, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[1]);
 
-  /* "anemll_fast/_kernels.pyx":51
+  /* "anemll_fast/_kernels.pyx":64
  *         """weight: float16 array [rows, cols] (C-contiguous copy taken if needed)."""
  *         cdef PackedWeight p = PackedWeight()
  *         a = np.ascontiguousarray(weight, dtype=np.float16)             # <<<<<<<<<<<<<<
@@ -28433,12 +28808,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 51, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 64, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[2]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[2]);
 
-  /* "anemll_fast/_kernels.pyx":81
+  /* "anemll_fast/_kernels.pyx":94
  *             u = idx.astype(np.uint8)
  *             if cols % 2:
  *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)             # <<<<<<<<<<<<<<
@@ -28447,38 +28822,38 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_axis};
-    __pyx_mstate_global->__pyx_tuple[3] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[3])) __PYX_ERR(0, 81, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[3] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[3])) __PYX_ERR(0, 94, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[3]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[3]);
 
-  /* "anemll_fast/_kernels.pyx":82
+  /* "anemll_fast/_kernels.pyx":95
  *             if cols % 2:
  *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)
  *             packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))             # <<<<<<<<<<<<<<
  *         else:
  *             packed = np.ascontiguousarray(idx, dtype=np.uint8)
 */
-  __pyx_mstate_global->__pyx_slice[1] = PySlice_New(__pyx_mstate_global->__pyx_int_0, Py_None, __pyx_mstate_global->__pyx_int_2); if (unlikely(!__pyx_mstate_global->__pyx_slice[1])) __PYX_ERR(0, 82, __pyx_L1_error)
+  __pyx_mstate_global->__pyx_slice[1] = PySlice_New(__pyx_mstate_global->__pyx_int_0, Py_None, __pyx_mstate_global->__pyx_int_2); if (unlikely(!__pyx_mstate_global->__pyx_slice[1])) __PYX_ERR(0, 95, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_mstate_global->__pyx_slice[1]);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[1]);
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_slice[0], __pyx_mstate_global->__pyx_slice[1]};
-    __pyx_mstate_global->__pyx_tuple[4] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[4])) __PYX_ERR(0, 82, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[4] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[4])) __PYX_ERR(0, 95, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[4]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[4]);
-  __pyx_mstate_global->__pyx_slice[2] = PySlice_New(__pyx_mstate_global->__pyx_int_1, Py_None, __pyx_mstate_global->__pyx_int_2); if (unlikely(!__pyx_mstate_global->__pyx_slice[2])) __PYX_ERR(0, 82, __pyx_L1_error)
+  __pyx_mstate_global->__pyx_slice[2] = PySlice_New(__pyx_mstate_global->__pyx_int_1, Py_None, __pyx_mstate_global->__pyx_int_2); if (unlikely(!__pyx_mstate_global->__pyx_slice[2])) __PYX_ERR(0, 95, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_mstate_global->__pyx_slice[2]);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[2]);
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_slice[0], __pyx_mstate_global->__pyx_slice[2]};
-    __pyx_mstate_global->__pyx_tuple[5] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[5])) __PYX_ERR(0, 82, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[5] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[5])) __PYX_ERR(0, 95, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[5]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[5]);
 
-  /* "anemll_fast/_kernels.pyx":119
+  /* "anemll_fast/_kernels.pyx":132
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)             # <<<<<<<<<<<<<<
@@ -28487,12 +28862,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_int_neg_1, __pyx_mstate_global->__pyx_int_1};
-    __pyx_mstate_global->__pyx_tuple[6] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[6])) __PYX_ERR(0, 119, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[6] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[6])) __PYX_ERR(0, 132, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[6]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[6]);
 
-  /* "anemll_fast/_kernels.pyx":115
+  /* "anemll_fast/_kernels.pyx":128
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
@@ -28501,12 +28876,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {Py_None, Py_None};
-    __pyx_mstate_global->__pyx_tuple[7] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[7])) __PYX_ERR(0, 115, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[7] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[7])) __PYX_ERR(0, 128, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[7]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[7]);
 
-  /* "anemll_fast/_kernels.pyx":145
+  /* "anemll_fast/_kernels.pyx":158
  *         return out
  * 
  *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
@@ -28515,7 +28890,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_int_0, Py_None};
-    __pyx_mstate_global->__pyx_tuple[8] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[8])) __PYX_ERR(0, 145, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[8] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[8])) __PYX_ERR(0, 158, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[8]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[8]);
@@ -28579,38 +28954,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{5},{17},{8},{11},{28},{5},{61},{12},{15},{1},{14},{2},{12},{12},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{53},{24},{8},{15},{7},{6},{2},{15},{21},{9},{13},{50},{39},{34},{59},{14},{54},{6},{30},{37},{5},{8},{12},{37},{30},{32},{19},{21},{25},{19},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{1},{3},{15},{20},{11},{7},{17},{6},{18},{4},{4},{4},{4},{2},{2},{1},{12},{18},{5},{4},{11},{5},{6},{5},{15},{5},{6},{3},{9},{5},{5},{7},{7},{6},{7},{4},{8},{12},{7},{4},{2},{3},{5},{7},{5},{8},{4},{10},{3},{6},{3},{7},{3},{4},{1},{4},{5},{6},{4},{4},{2},{4},{5},{3},{3},{2},{1},{4},{6},{7},{2},{3},{2},{2},{2},{8},{7},{6},{4},{4},{4},{10},{5},{4},{5},{5},{12},{4},{4},{3},{6},{3},{3},{5},{2},{5},{1},{6},{5},{6},{6},{5},{6},{4},{6},{1},{2},{2},{2},{5}};
-    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{9},{201},{800},{2},{16},{370},{156}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{5},{17},{8},{11},{28},{5},{61},{12},{15},{1},{14},{2},{12},{12},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{53},{24},{8},{15},{7},{6},{2},{15},{21},{9},{13},{50},{39},{34},{59},{14},{54},{6},{30},{37},{5},{8},{12},{37},{30},{32},{19},{21},{25},{19},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{1},{3},{15},{20},{11},{7},{17},{6},{18},{4},{1},{4},{4},{4},{2},{3},{2},{1},{12},{18},{5},{4},{11},{5},{6},{5},{15},{5},{6},{3},{9},{5},{5},{7},{7},{6},{7},{4},{8},{12},{7},{4},{2},{3},{5},{7},{3},{5},{8},{4},{10},{3},{6},{3},{7},{3},{4},{1},{4},{5},{6},{4},{4},{2},{4},{5},{3},{3},{2},{1},{4},{6},{7},{2},{3},{2},{2},{2},{8},{7},{6},{4},{1},{4},{4},{10},{5},{4},{5},{5},{12},{4},{4},{3},{17},{6},{3},{3},{5},{2},{5},{1},{6},{5},{6},{6},{5},{6},{4},{6},{1},{2},{2},{2},{5}};
+    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{9},{201},{800},{2},{16},{86},{370},{156}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2243 bytes) */
-static const char cstring[] = "x\332\215V\317s\333\306\025\016mUQ\032\371\207$K\256\223\361x)\331\226\325H\254)\311\212\223\272\316P\262\224\321\264MMQ\226\035\2536f\t,(X\340\002\304.(2\235Ns\344q\2178\342\210#\2168\362\310#\216<\352O\350\237\320\267\013\222\242\355\272S\215\010\002\373\343\355\367\276\367}\017D\230\243\207-\244;\266_\247\014\231\216\207\324\005\2433b\325N8rL\204\234\352;\242\363\247\310\3619\263\014\002\223\310\3056\341\234 B\271g\021\206\014\007Q\207#\323\342\010y\316\031\313.\017(!\006C\3075\317\361]\266:\\\375\006\235Y\374$[bXM\213YU\233\240j\033e\353VP\023\333>\311\320<\340\036!\310\364p\255\016\273WVVF(\216\037\256\242U\264V\205#-jX:ak2~\033q\014\341\n\337\243\047\177%u\307k\037Y\344L\246\361Dw(\267j\276\3433\204\251\001\047{2\253\017\207e\254l\202\001X\203\030c\213\021\000\372_\363\357\217\215V>\375a\007SI\017f\314\252Q\304\035\344\021l\2549\324n\243\272\002\331\004\220\373\024\362\266\014Tw\014\002\\\265\\\330\013\241\226\365ey\3562\260\301=L\227WQ\rB\r\027\263\023\354\0228\n\341\226\305\320O\016\324\204\237@Qw\332\374\304\241\010\306\014b[U\342aN\3404\211\017\242zr\021E\317w\237\257m>\336Th=\"\213\314\020\363\253\272\r@\201\177 \255\352[6\207\350\274\355\022V@\373&j;>\222e\225Y\270\260n|\003?!\0241\302\345\rZV9cn9T\203\355\026\255-\017h\262\232D\356\336\3036#\005l\030\032\254#\000\307t\213[C\335\325}\306QUj\215:t\215\324]\016Ta@\337\312\362\317\362\306\224\324m[31\343\177\320N\211G\211\315\nn\273U\265\260\202\017\272\266\345\201\016e\005\\\325\r\213Im\020*\2575\335\242\256\257\024>$1\243\324\305\372)\344\227\001\261X\266\332\260\307\227R\007h5\261os\244i\0361|\235h\0322|\225\227\004\014@\233\026\266a\026N\261\270\246Q\277\356\266\013\232\356x\244P\207}\026\366<\334F&\266\354\214K\253\356B\201\307\227\371\220\357\311G+@\376c\344\354\254\215\311\327\264\035\3147\326Q\026z\004\366X\032m\025\3217C\323\2020I\013\215=I\363\374\237\214+\323\036\373\212\023\t\n\333\266\243\203\266\006\207\032\230\343\302\177\231\035\226\313@\231CX\241T\331\331\337\337\265m\313e\026{\256(\177""\251\030\037\277/hZ\215\000{\205\0472\216\315\236\026j\204\2023\274\017\026\rJ\240+\321k\332\007\263\240H\006B\374\304\274At0\334{C\246\347\3245\263\270\365\361\340\200\264\367&\200$\250h\2054|Bu\"\333M\341\242\363\300a\355\026|\236\201\355\264\237H\213\037\020S\323\006\326\000\321\200@\244y.n _\213\223\272\0340\344\036\3703}\252\313\357\3320\017\370\313\304 \357\352\330\242\352\3331|[\315Q\\\317\276\345\361\232\006~\320\364\023\242\2372\277\236=\r\242\310[i\354\354\316\247\256\245\237B\204]:\\\327T\255T\306h\370\330\036\206\035\352\375#\332G\003\244%\037\200\366\021\0246\006\375\243rh\032\047L\346b1\251|P\270E\t\006\277\016\345\243U}\323\204\026v\341\366\302\320\355Jv\032\221\370p\366\200\331\205%\006\0032I\314\332T\267\234\302\350\000&;f\0253\"\233\005\274EX\325\2556u]\273\330\255\333\260L\003v\241\357\352\244\n5\327m\207\201\\ly\204\004F\341\243;>\345\231\210\014y\220\272\310T\262\327\2462\022\010\003\246\t\370\016\270U\275\230x\236\343\2316\2561\345\332\342\326\300\274\320\345AO\203^/\033\342P\213\343\362\033\230\340\004\333\246eXFK\031z\340c)\236\301\345\027rJ\210\233\021\005\200\340\245\3123\255\326q\013^;\362\235S\267\250|\335PY\047*I\240\3256\024\003B\325\341\010N]\n\355]5%\310\006xs\232\256l\217Y\213\034\240qO]\307\365\036zEO\367H\315b\360z\361\2102\274G\270\357Q\3312\030\261M\350\244\006\324~\3208\325\002\211\221\271\266%\005\341)UXz\235\200*\014\210\3422\356\300\307\203\177\037\336L~\035XR\202\344U~\002A}\337\2420$\257\217A\274\000\311w\241\377\020\365\353!\373\t!S\314\372x\253\205[\315v\363\027\3429\354o\277\346\372\023\277\355|#\312\277\226\376=\371\331\027w\002;\312\367\247\246;\333\351U\024\346\302\337E\013\221\027\317\364\247\276\354\024;{bI\034\010\026\344\203\255p&\\\n+\321\245h)*Gf\\\212+\311\345\244\330\237\236\025\277\017J\351\355\303\364\360E\372\342\347\364\347\327\351\353\343\364\370\357\375\251o\242b\264\033\317\304\213q\251?\365Eg\266\363\255\310\213u\361*(\007fX\n\017\243\231\350~\234\223\047\r\0477E#\270\034\024\345\300WB}\335\0249q3\310""\0057\001\330\255(\037mA\274\2731\216\233I91\272\017z\000\374Z\247\001\211L\215\022\271\332\251\212)\330\002q\257\213K\351\354]8\353\005\234t)\316\313\2346:\246\330\021^0\027\354\004\315\260\034\352\321\\\264\035\351\361\\\274\227\344\223\215D\357\316\214r\202\204\216\322\243,\241\267\351[M\356\177$&\205\036\314\006\033\001\t\267 \205\245\250\002\241\227\200\215\311\004\047\254\273\330\335\355-\364\032\351\363\362 L\240E\245\350\020p\337\213\377\331-u+\275\311\036\3565\316!\324f\307\023sb?8\010Xx/l\002\255\022\306v\254\047C\0100\325\010\177\023\036E\305t\365\317\275b\2574\314`\027\360\227\202J8\021>\203\212,F;\021\213\363\361Fl$w!\203\371\256\331+\365\312\243<\326T\350\031@y\230\334\351\345z\363=SU\353H\262U\023\225 \047\343n\001\230R\177\372\272\270,\276\205\202\257\007\020\340Z\307\027\333\002\367\257\337\200/;\314\207\305p\047\364\224B\026b\236\254\047\257\273>\240\232\236\027\007\351\315\025\240#\037m\002\024IG.\271\221T\272\227\273\033]|~1\177/j\306\007q\243?\365 \202C\357\207\370\034\2524%\001\310\243~\014\212\301v\200\207h\266\205\021,\006\177\211r\321\215\350%(\356 \376G7\177>=\047\036\005\223\201\036\336\204\020\360\260.\216\000\354\213\360\276Zw\024?J.%y\231\207T\301\274\322\332\013\240h7\236\217\315\244\224\034u7%\346\336A\257\321\237\206\264\322\005\200\022\315FO\342\006l\274\227x@_\255W\356Ue\t\277\377A\225\364G\340~\273\367.}\365&}\363\266\277RT\325\224\032$]\345\0008\356J\347\240\363\257\000C)\363\341F\210\373\n\345@\314\027\322?\n\337\033(\203\224\006\372\377N\224>1\363GA\224\373\362\3521\375\3626\344\272\244$=0\317-\221\377\330+\367\343\311\370\024\264,\375!J\351g7D\351|B\212\247*>\027\215t\342v\360:\004\025\002\354\364Z^y\373(Z\217\312\222\372\365\316\221\330\200\242O\317\210Y\361\030\270\255\204\271\213\361*d\265.\023\001%\260\350n\204G2+D8\342q\021\024\014<\247\177:H\017*i\345e\372\362U\177\352\0268f\220\203\324=\223\214\315\212E\261\007\365}\026~\036ru\366\225\353\200\215\007\233\301\231\262\345Nt\006^\230M\276\353\356tyoC\211vh\214\262\022O""\177\nIhw\002\345\247G23\205:\235\273\007\3266\243=h>\373\311\253\356A\267!\265\354\211\005\325a6\002\003\220\\_\020\357\200\252\257\240Mm\253\206\246\201=\017{32\302\014`+\211\362\271\312\272\"\224\316\212\375+W\345\234\2141\001\250s\341\254\"\201G\033\221\001\356[\217\313\312\272\312\242\272\230\031\203\n5H\047P8)\345\3765\344\327\216.\303\246wI\256?j\003{\301rx#\0345\215W\200\237H\333?\205\256\302Ae\252\257M\002\373\023\340\020#\274\033\236D\32587F\247\004(\3518\317P~\rA\016!\342a4\017e\361\224\373\313\237\300\366\037\301R\356\264";
-    PyObject *data = __Pyx_DecompressString(cstring, 2243, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2326 bytes) */
+static const char cstring[] = "x\332\215VMw\323H\026\305\220\t\241;|$!\241\351>\014\345\360\021\230&\036\234\2044\335\303\320\307\t\241\017\247gzp\034\002\r\003:e\251\344\210\310\222\254\222\214\335s\346\014K/\265\324RK-\265\324\322K/\265\3642?a~\302\334*\331I\200a\316\344$\262UUz\357\276\373\356}\n\241\036\271\333!\252m\372M\213\023\335v\211\274P\362\216\031\215=\217\330:!v\375-S\275\207\304\366=nh\014\233\304\241&\363<F\230\345\271\006\343D\263\211e{D7<B\\\373\035\317/\267,\3064N^5\\\333w\370\235\361\351\327\344\235\341\355\345G4\243mp\243n2R\357\222\374\334m\322\246\246\317r4\267<\2271\242\273\264\321\304\323\267o\337>D\361\352\356\035r\207,\327\221\322\2604Ce|Y\304\357\022\217\"\\\351\007\362\340\257\254i\273\335]\203\275\023e<Pm\3133\032\276\355sB-\r\231]Q\325\307\313\"V\276\301\001Vc\332\261\303\004\200\376\327\376\207k\207\047\037\376\270I-A\017\345\334hX\304\263\211\313\250\266l[f\2274%\3106@>\261P\267\241\221\246\2551p\325q\360,B-\251K\"\357\022\330\360\\j-\335!\r\204\032\037\346{\324aHEh\307\340\344\027\033=\361\366\320\324\315\256\267g[\004k\0323\215:s\251\307\220M\340CTW\034\262\310\323\255\247\313k\367\327$Z\227\211&s\302\375\272j\002(\370\007iu\3370=D\367\272\016\343%\362D\047]\333\047\242\255\242\n\007\347\216?\340\3551\213p\346\211/dI\326L=\303\266\024<nX\215\245\021MF\233\211\247\037S\223\263\022\3254\005\347\030\340\350Ny}\254\273\246\317=R\027Z\263lk\2315\035\017TQ\240\357\344\365\347uS\2135MS\321)\367\376\250\3543\327b&/9\335N\335\240\022>tm\212\204\266\305K\264\256j\006\027\332`\226\2706T\303r|\251\3601\2119\245\016U\367Q_\016\304\340\371i\315<~\324\262A\253N}\323#\212\3422\315W\231\242\020\315\227u\t\300\000\3326\250\211]d1<E\261\374\246\323-)\252\355\262R\023\317\031\324ui\227\350\3240s.\215\246\203\006\037?\346\243\336\275ON@\376\307\310\331\\>&_\335\264\251\267\272B\362\320\207`_\t\243\335!\326\353\261i!L\326!\307\356\204y\376O\306\245i_\371\222\023\001\212\232\246\255B[\243\244\032\365h\351\277\354\216\333\245\221\334!\274T\251m>y\262e\232\206\303\r\376TR\376\\2~\374{IQ""\032\014\354\225\036\2108&\177Xj0\013\316p?:4j\201*E\257(\037\355B\221\034B\374\314\276\306T\030\356\203%\335\265\233\212^^\377tqD\332\007\033 \t\035\255\261\226\317,\225\211qS:\232<H\326\355\340\357\021l\247\374\302:\3366\323\025ed\r\210\006\002\021\3469\372\202z\r\2175\305\202&\236\301\217\356[\252\370l\214\353\300O.\006\361\255I\rK~\332\232o\312=\2136\363O\221^Q\340\007E\335c\352>\367\233\371\335(\212\370*\214\235\177\363-\307P\367\021a\313\032\237k\313Q*b\264|j\216\303\216\365\376\t\355\207\013\254#n@\373!\024~\014\372\047\355P\024\217qQ\213\301\205\362\241p\303b\024~\035\313G\251\373\272\216\021v\344\366\322\330\355Rv\n\023\370h~C\371\221%F\013\242H\312\273\226j\330\245\303\004\\L\314z\235r&\246\005^#\274\356 O\275\255\252\312Q\004\325\304Q\005\014c\366\252\254\216\276\253\246\315!\031S\244\021\340,\374\251\266oy\271\2204\221L^D9\371\253S\232\t\342\3006\203\367\300\257\234\307\314umW7i\203K\347\226\327G\006\306\244\207\246F\363^\014\305\261\036\217Kpd\204=j\352\206fh\035i\352\221\227\rKj\210\347\227\337\330>cN\316\0270\341\335\352\345\222m\322\016\336>\342\325\3234,\361\326\261D\273,A\205U\357\242\047\210\326D\026\317r,Ly9\233P\020\350\263\333\216\230\222\371\244\034\001r\366\035\333q\357\272eWuY\303\340x\313\270L\372\336e\236\357Zbr\340-a\352\230\250\03240\032\240\362\204\000\311\035\323\020\302p\245:\014\265\311\240\016\ra\034\356\331\370s\361\313hS\021\257NE\302\303\202\217W\226\337\004uR\251^\335\333C\032\337\007\001\345uq\275\017U\003\244\357`01\371oE\376\277\205(:\037\360\235\016\355\264\273\355\337\230k\363\277\275/\014\047\276\350}\033T\337W\376=y\342\314\325\320\214\213\303\251\351\336Fv\216D\205\350\253x!v\223\231\341\324\227\275r\357qp-\330\016xX\014\327\243\231\350ZT\213O\306\327\342j\254\047\225\244\226\236J\313\303\351\331\340\017a%\273\262\223\355<\313\236\375\232\375\3722{\371*{\365\367\341\324\267q9\336Jf\222\305\2442\234:\323\233\355}\027\024\203\225\340EX\r\365\250\022\355\3043\361\315\244 2\2157\327\202Vx*,\213\205\257\003\371q)(\004\227""\302Bx\t\300.\307\305x\035\361\256\0474i\247\325T\353\337\032\000\370\371^\013\205L\035\026r\256W\017\246\360\010\342^\010Nf\263\327\221\353\0312\235L\212\242\246\325\236\036l\006n8\027n\206\355\250\032\251\361\\\274\021\253\311\\\3628-\246\253\251\332\2379\254\t\005\355f\273yAo\2627\212x\376^0\031\250\341l\270\032\262h\035%\\\213k\010}\rlL\2464\345\375\305\376\326`a\320\312\236VGaB%\256\304;\300}#\371g\277\322\257\r&\007t\320:@\250\265\236\033\314\005O\302\355\220G7\2426h\02506\0225\035C\300V+\372]\264\033\227\263;?\017\312\203\312\270\202-\340\257\204\265h\"z\204\216,\306\2331O\212\311j\242\245\327Q\301|_\037T\006\325\303:\226e\350\031\240\334I\257\016\n\203\371\201.\273\265+\330j\004\265\260 \342\256\003Le8}!8\025|\207\206\257\204\010p\276\347\007\033\001\035^\270\210\0173*F\345h3r\245B\026\022/]I_\366}\240\232\236\017\266\263K\267AG1^\003\024AG!\275\230\326\372\247\372\253}zp\264\177#n\047\333Ik8u+F\322\233\021=@\227\246\004\000\221\352\247\260\034n\204t\214f#\320\302\305\360/q!\276\030?\207\342\266\223\177\364\213\007\323s\301\275p2T\243K\010\201\233\225`\027`\237E7\345\271\335\344^z2-\212:\204\n\346\245\326\236\201\242\255d>\321\323J\272\333_\023\230\007\333\203\326p\032ee\013\200\022\317\306\017\222\026\036\274\221\272\240\2571\250\016\352\242\205?\374([\372\023\270\337\030\274\315^\274\316^\277\031\336.\313n\n\r\262\276t\000\322\235\355m\367\376\025R\264\262\030\255Ft(Q\216\304|$\375\335\350\203\205*\2444\322\377\367A\3453;\177\n\230t_Q\336f_^A\255\327\244\244G\346\271\034\024?\365\312\315d2\331\207\226\205?\202Jv\342bP9\230\020\342\251\007\247\203Vv\342\367!=\230 \321\311lq\r\314\356\244_\365g\373+\375g\203\342`\005\312\231X@\323\047\346\001C\207\316p\177\372\275\333\233\353Ud\270\341\231/\304\274\370\031n\205\315 \225\265\2605D\354r6q%|\031A\333 #;_\224\023c7^\211\253\242\241+\275\335`\025Q\247g\202\331\340>:V\213\nG\353up\265\"\350\201\276x|=\246\207\342-\3054\366\2222|\201\356e\177\336\316\266kY\355y\366\374\305p\3522|8bF\270\211\213>\314\006\213\301c""\250\346Qt:\362d\356\263\027P\261\007\220\357\244\3317\343wp\330l\372}\177\263\357\rV\245\025\306v\253JI\016\247\210\200v5\224.\275\047\370\222\250\263\271\033\030\030z\374\030#\355I\372\242\277\335o\t\207\270\301\202\234[\253\241\006$\027\026\202\267h\300\327\030~\033rL*0\375\316`FD\230\001\266JP=\220U\327\002\251\336\362\360\3549\261\047bL\000u!\232\225$x\361j\254\301\323+IU\016\004i|5\2309\006\025\255\310\320\302Ia\242oP_7>\205\207\336\246\205\341\341py\034.E\027\243\303Q\364\002\370\231\030&\0171\253<hWN\313I\260?\001\337i\321\365h/\256\047\205ct\n\200\202\216\203\034\3457\010\262\203\210;\361<\332\342\312\231R\375\014\266\377\000\275\332\033#";
+    PyObject *data = __Pyx_DecompressString(cstring, 2326, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2954 bytes) */
-static const char cstring[] = "\377 at 0x c\377olumns f\367or \000\002a we\377ight of \377 object>\377 outside\377 a  pale\377tte entr\377ies do n\377ot fit  \357rows\000\002 (n\377eeds [gr\337oups,&\005] \357with\"\003div\377isible b\373y \"\003) val\373ue\210\003(tree\277 fragmi\000)\373))}\006[0, ,\367 -bp\000indi\357ces-\212\001y t\375aL\000.: <Me\377moryView\376\303\001<contig\377uous and\017 dir\322\001\007\rH\001\023\003]s\330\000ded\"\010 \234 \346\004\031><(\tA\006>?C\373an\233!assig\377n to rea\377d-only m\332\240\002v\242\000In\365\000id\337 mode\251 xp\\\362 |\000\047c\047t\001\047\231@\377tran\047, g\374\347 %\005shape \377in axis \333No\221@th\322@Cy\337thon \021\000de\377liberate|k\000\320\001cter \"\000\377n PEP-48\3554\212\"re\341As s\217ubcl\246\000\322@\371@b\357uilt[\000typ\377es. If y\047ou \323A\302\001p\316\000%\t\377then set\356[\000e \047\357\002ati\367on_<\000ing\047\356\355$ive\200!Fal\177se.add_\270`\377ean fp16~\360emust b\350a\377non-empt\312\250 a\352`x\372\003\362\003an\377emll_fas\377t/_kerne\377ls.pyxbi\373as\267\204\001colle\375c\177\001s.abcd\333is\230aen\236agc\217inpu\335\204\002\275%\372#pgack\364@\373\204\003is(\003\373dl\037\tno de\377fault __\377reduce__\347 du\323\002\255\001tri\317vial\033\000c\000it\377__numpy.\177_core.m5\000\377iarray f\347ail\340`\217`imp\367ort\033\tumateh\021\016o\260\000\223\047C-\313\204\010\377float32 \256U\003of \227c[\215\206\001,\367 n]\255\206\005inde\223x \003\010\271\205\001 \314\201#\330\206\002[\371u\275\"\305\204\001alloc|\331`n\004data.\013\020\366\247Ed \320\205\003s.AS\377CIIEllip/sisP\356\"W\356\207\002\000\t\337.__ge\273 .<\376b\001ls>.genOexpr\026\014\374$c\360\204\002\373__4\014setst\357ate_\013\022dec\367odei\nfrom\017_f16\003\017\361\210\004\227\n\244@\376\317@Sequenc\345e\353\207\001.\360\207\007\212\000yx_\377PyDict_N\377extRef__l\224\205\004\262`__\351\205\002__\001\005^\355\000item\r\001d0\001^\027\000func\035\001g\300\005x+\000\251c3\001main\003\002\357odulM\002nam\326\002\003ewT\001p~\000ch\037ecksuT""\000\n\001\210#\351_\025\001\325\206\001_\005\002unp\267ick?\000En \005v<\306\211\002\230\001qualO\005\350\204\005X\361\204\006\357%\202\205\006ex\314\001s\267@\362\203\005s\260\010\376.__te\353st\321\001s\235\205\001out\177ineaabc\325e\177_buffer\343\206\010\351.\346\206\005\302\205\002_\371 ala\215s\317\205\002as\337\212\007\n\004\272\210\001a\377syncio.c\353or[\003s\256\211\001bas\375e\251\207\001bitsbp\337bvcc_\235\213\007cl\372\205\000_\333 trace\377backclosr\254`l_\001\362\204\001nat\273`\227unt\277cd\243\211\001\000\002_\307is_\261\215\003\266\210\002\226`od\377eendenum\376\207\212\002errorfl\267ags\261\206\00216\266\206\004f\037ormat\345\212\004\215\211\001\204\204\005\370\217\204\002\360\215\004\376\204\004halfi\217didx\314\206\002\376\214\004\271as\376\000\002izekeep\274\221\211\003\216\000alut\246\204\003m\337axmem\360\213\001mi\325n\353\213\001n\257an\201!nb\375y\212@ndimne\377xtnpnsub\376\267\210\002objouto\343vp\233\211\001\235\211\003\376\216\004pkp\377opr0r1rc\277regist\331\000e~\223\214\002return\214\217\001\337selfs\375\000se\351t\262\211\004\264\214\002s\241\000spl\356\372 tar\240\206\002icm\337ethodC\000ps\373to\001\000rstru\377ctsumt16\376\327\216\002tbthrow\317uuin\020\000\002\0018u\375n\262\212\001update\360\271\217\002\275\217\003\323\215\001\303\220\003xxax\377vyvzeros\377O\200\001\330\004\n\210+\377\220Q\200A\360\006\000\t\377\037\230l\250!\330\010\014\377\210B\320\016 \240\001\240\377\030\250\026\250r\260\021\330\377\010\013\2101\210F\220#\377\220R\220s\230!\2306\377\240\021\240#\240S\250\002\377\250#\250Q\250f\260A\377\260S\270\003\2701\330\014\377\022\220*\230A\320\035T\377\320TU\320UY\320Y\377Z\320Z[\320[\\\330\377\010+\2501\250E\260\021\377\260\"\260A\330\010\t\210\377\022\2107\220!\2202\220\377X\230Q\230f\240A\240\177T\250\021\250&\260\001f\001\376\025\0054\220q\230\003\2301\366*\001\032\220\002\002\027\220\001\220\337\027\230\001\230\027\226\000\031\250\367!\2506M\000$\260a\260\377v\270Q\270d\300(\310\256\266\000\017\210q\306\000""\010\300\006\016\317\210b\220\0100\000\277\000\020\220\257\002\320\022$i\000Ug\000\002\375\260\343\000\013\2103\210f\220\377C\220r\230\023\230C\230\377v\240Q\240c\250\023\250\377B\250c\260\023\260F\270\177!\2703\270c\300\021\313\006\356\316\000V\320V\313\003^\320^\375_\220!5\220\006\220c\230\177\022\2303\230e\2406\300\000\177#\250S\260\002\260#\213 \377\006\270a\270s\300\"\300\377E\310\026\310q\320PQ~\224$\230_\250A\250T\205 \377%\260}\300A\300S\310\277\006\310a\310q\340\334 4\377\210r\220\023\220I\230R?\230s\240%\240v\324 \203\001\317B\260c\270{\005\030\000q\240\377\005\240V\2501\320,K\247\3101\310\306 \274\003E\275\000A\277\230S\240\004\240D\217@\"\377\250C\250s\260!\2603\357\260d\270$\277\000\025\300fw\310A\310y\005\320\035-V\002\375\021\243\000T\270\037\310\001\310\367\025\310f\251BV\330\010\016\277\210g\220S\230\001\352A6\376\212\000A\330\014\020\220\003\220\3557\356@2\230\277\000\017\210u\177\220B\220a\330\020\024\004\000\377l\240!\2401\240C\240\375r\235b\026\260t\2702\270\367Z\300u\223\000\014\025\220Rw\320\027)\317@!\2504\210\000\376\213!\001\270\024\270S\300\003\337\3003\300a\340\026\007%\250\377v\260R\260q\330\010(\375\250r\000&\240a\340\010\020\366\253A\330\010g\001G\2301\230\367B\230a\206\005B\220d\230\377\"\230L\250\001\250\024\250\375W\357`R\260{\300!\340\377\014\023\2205\230\006\230c\363\240\027@\000\n\0002\220V\230\3372\230U\240&#\002V\260\2375\270\002\270!\304\001\202a\025\376\347bU\250\"\250E\260\025\377\260f\270A\270V\3004~\260\001\310R\310q\330\014\324\000\373\320\026\210\000\250\022\250<\260\375q6\000%\270r\300\025\300\337g\310Q\310b\277A:?\372\316BG\371 B\310j\320X\177]\320]^\330)1\311B\346\200\204\001e\300\375\204\002l\000\r\210R\357\210\177\230a\310@!\2403\307\240a\330\241\002\306\204\004\361\204\007V\240\3251\200\205\tQ\310`\021\227\205\0039\220]A\003\024;\220e\371\205\002!\301\205\002w\320\013\035\351\000#\240U\263\205\007\363\031\220\026\002\236\205\013&\260\006\260\367k\300\021\324!q\220A\320\277\000\024\220A\340\004\373\204\001b\377\220""\007\220q\320\004\035\230\337Z\240q\340\010\264\000\320\017}!\327\206\002V\2502\250Q\363\206\001\3372\210V\2203\362@\014\021\357\220\022\2208\331 S\240\001\256\016\007b\230\003\354 V\205bs\357\250$\250a\372\206\006.\250a\277\250t\2601\260B\344!\320\377=R\320RS\320SW\377\320WX\330\010\031\230\022\276\274\005\013\2104\210s\257\000\014\337\022\220\"\220F\335@D\240\267\007\240tw\002\r\020\231\000t\357\2304\230w\222\206\002C\250w\377\260c\270\022\2709\300C\017\300t\3103\260\204\002\315\205\005\246\000\272`\267\330\010 \227\001\037\230\313\205\0025\372\326\001\330\262\001\320\023%\240Q\377\240f\250F\260\"\260I\337\270X\300R\300\351@\017\210\367r\220\026\335\207\0023\230d\240\377!\330\020\026\220j\240\001\277\240\032\2501\250B\314\210\002_\277\300A\300T\310\021>\001\021\356\231\000A\220Q\242\206\0012\210S{\220\001\313A1\330\r\016Z\001\376@\001\004\230D\240\001\240\022\376\212\205\002t\2503\250d\260!\257\2602\260Q\266\206\002\010\341\207\001c\333\220\021\240\010\017\210\357  \240u\006\353\204\001\033\335\000y\250\0032\000\363j\270\363\205\002\201\207\003F\230\047\240\373\024\240\254\207\006X\240Q\240e\276\363\206\001>\270a\270t\343`\010\376\324\210\001\006\220b\230\004\230B~\274\000$\240h\250b\2609\004z\312\"\023\256\211\001 \240\001\340\240\003\337\033\230A\230TO\000T\250\315\025\224@r\260\372\206\001\331B3\210\000\213\016";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2954, 3848);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (3060 bytes) */
+static const char cstring[] = "\377 at 0x c\377olumns f\367or \000\002a we\377ight of \377 object>\377 outside\377 a  pale\377tte entr\377ies do n\377ot fit  \357rows\000\002 (n\377eeds [gr\337oups,&\005] \357with\"\003div\377isible b\373y \"\003) val\373ue\210\003(tree\277 fragmi\000)\373))}\006[0, ,\367 -bp\000indi\357ces-\212\001y t\375aL\000.: <Me\377moryView\376\303\001<contig\377uous and\017 dir\322\001\007\rH\001\023\003]s\330\000ded\"\010 \234 \346\004\031><(\tA\006>?C\373an\233!assig\377n to rea\377d-only m\332\240\002v\242\000In\365\000id\337 mode\251 xp\\\362 |\000\047c\047t\001\047\231@\377tran\047, g\374\347 %\005shape \377in axis \333No\221@th\322@Cy\337thon \021\000de\377liberate|k\000\320\001cter \"\000\377n PEP-48\3554\212\"re\341As s\217ubcl\246\000\322@\371@b\357uilt[\000typ\377es. If y\047ou \323A\302\001p\316\000%\t\377then set\356[\000e \047\357\002ati\367on_<\000ing\047\356\355$ive\200!Fal\177se.add_\270`\377ean fp16~\360emust b\350a\377non-empt\312\250 a\352`x\372\003\362\003an\377emll_fas\377t/_kerne\377ls.pyxbi\373as\267\204\001colle\375c\177\001s.abcd\333is\230aen\236agc\217inpu\335\204\002\275%\372#pgack\364@\373\204\003is(\003\373dl\037\tno de\377fault __\377reduce__\347 du\323\002\255\001tri\317vial\033\000c\000it\377__numpy.\177_core.m5\000\377iarray f\347ail\340`\217`imp\367ort\033\tumateh\021\016o\260\000\223\047C-\313\204\010\377float32 \256U\003of \227c[\215\206\001,\367 n]\255\206\005inde\223x \003\010\271\205\001 \314\201#\330\206\002[\371u\275\"\305\204\001alloc|\331`n\004data.\013\020\366\247Ed \320\205\003s.AS\377CIIEllip/sisP\356\"W\356\207\002\000\t\337.__ge\273 .<\376b\001ls>.genOexpr\026\014\374$c\360\204\002\373__4\014setst\357ate_\013\022dec\367odei\nfrom\017_f16\003\017\361\210\004\227\n\244@\376\317@Sequenc\345e\353\207\001.\360\207\007\212\000yx_\377PyDict_N\377extRef__l\224\205\004\262`__\351\205\002__\001\005^\355\000item\r\001d0\001^\027\000func\035\001g\300\005x+\000\251c3\001main\003\002\357odulM\002nam\326\002\003ewT\001p~\000ch\037ecksuT""\000\n\001\210#\351_\025\001\325\206\001_\005\002unp\267ick?\000En \005v<\306\211\002\230\001qualO\005\350\204\005X\361\204\006\357%\202\205\006ex\314\001s\267@\362\203\005s\260\010\376.__te\353st\321\001s\235\205\001out\177ineaabc\325e\177_buffer\343\206\010\351.\346\206\005\302\205\002_\371 ala\215s\317\205\002as\337\212\007\n\004\272\210\001a\377syncio.c\353or[\003s\256\211\001bba\373se\252\207\001bitsb}pe\000bvcc_\241\213\007\353cl\211\000_\337 tra\377cebackcl\313os\260`lc\001\366\204\001na]t\277`unt\303cd\247\211\001\036\000\002_is_\265\215\003\272\210\002\232`\377odeenden\373um\213\212\002error\337flags\265\206\00216~\272\206\004format\351\212\004\340\221\211\001\210\204\005\223\204\002\364\215\004\202\205\004hal?fididx\320\206\002\202\215\004\327int\300as\000\002iz\237ekeep\230\211\003\221\000a\367lut\255\204\003maxm\273em\367\213\001min\362\213\001n\272\266an\207!nby\221@n\377dimnextn\337pnsub\276\210\002ob\177joutovp\242\211\001\374\244\211\003\205\217\004pkpopr\3770r1rcreg\327ist\334\000e\232\214\002re\357turn\223\217\001ssewlfs\201 set\272\211\004\272\274\214\002s\242\000spl\201@t\373ar\250\206\002icmet\367hodD\000psto\376\001\000rstream\365_\267\215\001_\232\002stru\377ctsumt16\376\360\216\002tbthrow\333uu\376\00016\002\0018u\375n\313\212\001update\360\322\217\002\326\217\003\354\215\001\334\220\003xxax\377vyvzeros\377O\200\001\330\004\n\210+\377\220Q\200A\360\006\000\t\377\037\230l\250!\330\010\014\377\210B\320\016 \240\001\240\377\030\250\026\250r\260\021\330\377\010\013\2101\210F\220#\377\220R\220s\230!\2306\377\240\021\240#\240S\250\002\377\250#\250Q\250f\260A\377\260S\270\003\2701\330\014\377\022\220*\230A\320\035T\377\320TU\320UY\320Y\377Z\320Z[\320[\\\330\377\010+\2501\250E\260\021\377\260\"\260A\330\010\t\210\377\022\2107\220!\2202\220\377X\230Q\230f\240A\240\177T\250\021\250&\260\001f\001\376\025\0054\220q\230\003\2301\366*\001\032\220\002\002\027\220\001\220\337\027\230\001\230\027\226\000\031\250\367!\2506M\000$\260a\260\377v\270Q\270d\300(""\310\256\266\000\017\210q\306\000\010\300\006\016\317\210b\220\0100\000\277\000\020\220\257\002\320\022$i\000Ug\000\002\375\260\343\000\013\2103\210f\220\377C\220r\230\023\230C\230\377v\240Q\240c\250\023\250\377B\250c\260\023\260F\270\177!\2703\270c\300\021\313\006\356\316\000V\320V\313\003^\320^\375_\220!5\220\006\220c\230\177\022\2303\230e\2406\300\000\177#\250S\260\002\260#\213 \377\006\270a\270s\300\"\300\377E\310\026\310q\320PQ~\224$\230_\250A\250T\205 \377%\260}\300A\300S\310\277\006\310a\310q\340\334 4\377\210r\220\023\220I\230R?\230s\240%\240v\324 \203\001\317B\260c\270{\005\030\000q\240\377\005\240V\2501\320,K\247\3101\310\306 \274\003E\275\000A\277\230S\240\004\240D\217@\"\377\250C\250s\260!\2603\357\260d\270$\277\000\025\300fw\310A\310y\005\320\035-V\002\375\021\243\000T\270\037\310\001\310\367\025\310f\251BV\330\010\016\277\210g\220S\230\001\352A6\376\212\000A\330\014\020\220\003\220\3557\356@2\230\277\000\017\210u\177\220B\220a\330\020\024\004\000\377l\240!\2401\240C\240\375r\235b\026\260t\2702\270\367Z\300u\223\000\014\025\220Rw\320\027)\317@!\2504\210\000\376\213!\001\270\024\270S\300\003\337\3003\300a\340\026\007%\250\377v\260R\260q\330\010(\375\250r\000&\240a\340\010\020\366\253A\330\010g\001G\2301\230\367B\230a\206\005B\220d\230\377\"\230L\250\001\250\024\250\375W\357`R\260{\300!\340\377\014\023\2205\230\006\230c\363\240\027@\000\n\0002\220V\230\3372\230U\240&#\002V\260\2375\270\002\270!\304\001\202a\025\376\347bU\250\"\250E\260\025\377\260f\270A\270V\3004~\260\001\310R\310q\330\014\324\000\373\320\026\210\000\250\022\250<\260\375q6\000%\270r\300\025\300\337g\310Q\310b\277A:?\372\316BG\371 B\310j\320X\177]\320]^\330)1\311B\346\200\204\001e\300\375\204\002l\000\r\210R\357\210\177\230a\310@!\2403\307\240a\330\241\002\306\204\004\361\204\007V\240\3251\200\205\tQ\310`\021\227\205\0039\220]A\003\024;\220e\371\205\002!\301\205\002w\320\013\035\351\000#\240U\263\205\007\363\031\220\026\002\236\205\013&\260\006\260\367k\300\021\324!q\220A\320\277\000\024""\220A\340\004\373\204\001b\377\220\007\220q\320\000\036\230\377a\340\004 \240\002\320\"\3774\260A\260T\270\030\300\377\022\3002\300U\310!\310\3552\267`\004\026\362@\004\025\220\337Q\220f\230A\206`\004\007\277\200r\210\023\210AJ\002\330\273\t\n\254\207\001K\220q\343\205\001\230\277!\2304\230q\330Y\0001\377\320\004\035\230Z\240q\340\335\010\212 \320\017!\255\207\002V\250\3672\250Q\311\207\0012\210V\220\3753\310`\014\021\220\022\2208\356\257@S\240\001\016\007b\230\003\372\302@V\333bs\250$\250a\376\320\207\006.\250a\250t\2601\373\260B\272A\320=R\320R\377S\320SW\320WX\330\357\010\031\230\022\222%\013\2104\373\210s\205 \014\022\220\"\220}F\263`D\240\007\240tw\002\253\r\020\357\000t\242\000w\350\206\002C\377\250w\260c\270\022\2709?\300C\300t\3103\206\205\002\243\206\005\332\246\000&\271@\010 \227\001\037\230\352\241\206\0025\254!\330\262\001\320\023%\377\240Q\240f\250F\260\"\177\260I\270X\300R\300\277`\337\017\210r\220\026\263\210\0023\230\377d\240!\330\020\026\220j\377\240\001\240\032\2501\250B\376\242\211\002_\300A\300T\310\021\272>\001\021\231\000A\220Q\370\206\0012\357\210S\220\001\241a1\330\r\371\016Z\001@\001\004\230D\240\001\373\240\022\340\205\002t\2503\250d\277\260!\2602\260Q\214\207\002\010\356\267\210\001c\220\021\240\010\017\210q\325\320\300@\006\301\205\001\033\202@y\250\315\0032\000j\270\311\206\002\327\207\003F\230\357\047\240\024\240\202\210\006X\240Q\373\240e\311\207\001>\270a\270t\373\3001\374\206\001b\220\006\220b\357\230\004\230B\274\000$\240h\247\250b\2609\004\312\"\023\204\212\001 W\240\001\340\240\003\033\213`TO\0007T\250\025\224@r\260\320\207\001\331B\0033\210\213\016";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 3060, 3959);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (3848 bytes) */
-static const char bytes[] = " at 0x columns for  for a weight of  object> outside a  palette entries do not fit  rows rows (needs [groups, entries] with rows divisible by groups) values for (tree fragment))) outside [0, , -bit indices-entry table.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notean fp16 weight must be a non-empty matrix, got shape anemll_fast/_kernels.pyxbias of collections.abcdisableenablegcinput of shape invalid packed weightisenabledlut of shape no default __reduce__ due to non-trivial __cinit__numpy._core.multiarray failed to importnumpy._core.umath failed to importout must be a C-contiguous float32 array of shape [rows, n]palette index palette indices must be a non-empty matrix, got shape rows [unable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisPackedWeightPackedWeight.__get__.<locals>.genexprPackedWeight.__reduce_cython__PackedWeight.__setstate_cython__PackedWeight.decodePackedWeight.from_f16PackedWeight.from_palettePackedWeight.matmulSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineaabcallocate_bufferanemll_fast._kernelsarray_equalasarrayascontiguousarrayastypeasyncio.coroutinesaxisbasebiasbitsbpbvcc_contiguouscline_in_tracebackclosecolsconcatenatecountdecodedtypedtype_is_objectemptyencodeendenumerateerrorflagsfloat16float32formatfortranfp16from_f16from_palettegenexprh""alfididxindexindicesitemsitemsizekeepkernel_isalutmatmulmaxmemviewminmodennamenbitsnbytesndimnextnpnsubnumpyobjoutovppackpackedpalettepkpopr0r1rcregisterreshapereturnrowsselfsendsetdefaultshapesizesplitstartstaticmethodstepstopstrstructsumt16tabletbthrowuuint16uint8unpackupdatevaluevaluesviewweightxxaxvyvzerosO\200\001\330\004\n\210+\220Q\200A\360\006\000\t\037\230l\250!\330\010\014\210B\320\016 \240\001\240\030\250\026\250r\260\021\330\010\013\2101\210F\220#\220R\220s\230!\2306\240\021\240#\240S\250\002\250#\250Q\250f\260A\260S\270\003\2701\330\014\022\220*\230A\320\035T\320TU\320UY\320YZ\320Z[\320[\\\330\010+\2501\250E\260\021\260\"\260A\330\010\t\210\022\2107\220!\2202\220X\230Q\230f\240A\240T\250\021\250&\260\001\260\021\330\010\t\210\022\2107\220!\2204\220q\230\003\2301\330\010\t\210\032\2201\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250!\2506\260\021\260$\260a\260v\270Q\270d\300(\310!\330\010\017\210q\200A\360\010\000\t\037\230l\250!\330\010\016\210b\220\010\230\001\230\021\330\010\020\220\002\320\022$\240A\240U\250&\260\002\260!\330\010\013\2103\210f\220C\220r\230\023\230C\230v\240Q\240c\250\023\250B\250c\260\023\260F\270!\2703\270c\300\021\330\014\022\220*\230A\320\035U\320UV\320VZ\320Z[\320[^\320^_\330\010\013\2105\220\006\220c\230\022\2303\230e\2406\250\021\250#\250S\260\002\260#\260S\270\006\270a\270s\300\"\300E\310\026\310q\320PQ\330\014\022\220*\230A\230_\250A\250T\260\021\260%\260}\300A\300S\310\006\310a\310q\340\010\013\2104\210r\220\023\220I\230R\230s\240%\240v\250Q\250c\260\023\260B\260c\270\021\330\014\022\220*\230A\230R\230q\240\005\240V\2501\320,K\3101\310A\330\010\013\2103\210f\220E\230\023\230A\230S\240\004\240D\250\002\250\"\250C\250s\260!\2603\260d\270$\270c\300\025\300f\310A\310Q\330\014\022\220*\230A\320\035-\250Q\250c\260\021\260#\260T\270\037\310\001\310\025\310f\320TU\320UV\330\010\016\210g\220S\230\001\330\010\013\2106\220\023\220A\330\014\020\220\003\2207\230!\2302\230Q\330\014\017\210u\220B\220a\330\020\024""\220B\220l\240!\2401\240C\240r\250\026\250r\260\026\260t\2702\270Z\300u\310A\330\014\025\220R\320\027)\250\021\250!\2504\250s\260#\260S\270\001\270\024\270S\300\003\3003\300a\340\014\025\220R\320\027)\250\021\250%\250v\260R\260q\330\010(\250\001\330\010&\240a\340\010\020\220\010\230\001\330\010\017\210u\220G\2301\230B\230a\330\010\013\2106\220\023\220B\220d\230\"\230L\250\001\250\024\250W\260A\260R\260{\300!\340\014\023\2205\230\006\230c\240\027\250\001\330\014\023\2202\220V\2302\230U\240&\250\001\250\024\250V\2605\270\002\270!\330\014\020\220\010\230\001\230\025\230f\240A\240U\250\"\250E\260\025\260f\270A\270V\3004\300u\310A\310R\310q\330\014\024\220B\320\026(\250\001\250\022\250<\260q\270\002\270%\270r\300\025\300g\310Q\310b\320PQ\330:?\270s\300\"\300G\3101\310B\310j\320X]\320]^\330)1\260\021\260%\260v\270Q\270e\3001\330\014\022\220!\330\014\r\210R\210\177\230a\230s\240!\2403\240a\330\014\023\2205\230\003\2301\330\010\t\210\022\2107\220!\2202\220X\230V\2401\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\2109\220A\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\210;\220e\2306\240\021\240!\330\010\t\210\022\320\013\035\230U\240#\240U\250&\260\001\260\021\330\010\t\210\031\220!\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250&\260\006\260k\300\021\330\010\017\210q\220A\320\000\024\220A\340\004\013\2103\210b\220\007\220q\320\004\035\230Z\240q\340\010\r\210R\320\017!\240\021\240#\240V\2502\250Q\330\010\013\2102\210V\2203\220a\330\014\021\220\022\2208\2302\230S\240\001\330\010\013\2102\210V\2203\220b\230\003\2302\230V\2401\240C\240s\250$\250a\330\014\022\220*\230A\320\035.\250a\250t\2601\260B\260f\270A\320=R\320RS\320SW\320WX\330\010\031\230\022\2306\240\021\240!\330\010\013\2104\210s\220!\330\014\022\220\"\220F\230\"\230D\240\007\240t\2502\250Q\330\r\020\220\007\220t\2304\230w\240c\250\023\250C\250w\260c\270\022\2709\300C\300t\3103\310f\320TU\330\014\022\220*\230A\230Q\330\010&\240a\330\010 \240\001\330""\010\037\230q\340\010\013\2105\220\007\220q\330\014\021\220\022\320\023%\240Q\240f\250F\260\"\260I\270X\300R\300q\330\014\017\210r\220\026\220q\230\003\2303\230d\240!\330\020\026\220j\240\001\240\032\2501\250B\250f\260A\260_\300A\300T\310\021\330\014\021\220\021\220\"\220A\220Q\340\010\013\2102\210S\220\001\330\014\023\2201\330\r\016\330\014\021\220\026\220q\230\004\230D\240\001\240\022\2401\240C\240t\2503\250d\260!\2602\260Q\260c\270\021\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q\320\004 \240\006\240a\340\010\033\2304\230y\250\003\2503\250j\270\001\330\010\013\2104\210r\220\023\220F\230\047\240\024\240Q\330\014\022\220*\230A\230X\240Q\240e\2501\320,>\270a\270t\3001\330\010\016\210b\220\006\220b\230\004\230B\230d\240$\240h\250b\260\001\330\010\013\2104\210s\220!\330\014\023\2201\330\010 \240\001\340\r\016\330\014\021\220\033\230A\230T\240\024\240T\250\025\250a\250r\260\021\260#\260Q\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q";
+    #else /* compression: none (3959 bytes) */
+static const char bytes[] = " at 0x columns for  for a weight of  object> outside a  palette entries do not fit  rows rows (needs [groups, entries] with rows divisible by groups) values for (tree fragment))) outside [0, , -bit indices-entry table.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notean fp16 weight must be a non-empty matrix, got shape anemll_fast/_kernels.pyxbias of collections.abcdisableenablegcinput of shape invalid packed weightisenabledlut of shape no default __reduce__ due to non-trivial __cinit__numpy._core.multiarray failed to importnumpy._core.umath failed to importout must be a C-contiguous float32 array of shape [rows, n]palette index palette indices must be a non-empty matrix, got shape rows [unable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisPackedWeightPackedWeight.__get__.<locals>.genexprPackedWeight.__reduce_cython__PackedWeight.__setstate_cython__PackedWeight.decodePackedWeight.from_f16PackedWeight.from_palettePackedWeight.matmulSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineaabcallocate_bufferanemll_fast._kernelsarray_equalasarrayascontiguousarrayastypeasyncio.coroutinesaxisbbasebiasbitsbpbufbvcc_contiguouscline_in_tracebackclosecolsconcatenatecountdecodedtypedtype_is_objectemptyencodeendenumerateerrorflagsfloat16float32formatfortranfp16from_f16from_palettegene""xprhalfididxindexindicesintitemsitemsizekeepkernel_isalutmatmulmaxmemviewminmodennamenbitsnbytesndimnextnpnsubnumpyobjoutovppackpackedpalettepkpopr0r1rcregisterreshapereturnrowssselfsendsetdefaultshapesizesplitstartstaticmethodstepstopstrstream_read_bytesstructsumt16tabletbthrowuuint16uint8unpackupdatevaluevaluesviewweightxxaxvyvzerosO\200\001\330\004\n\210+\220Q\200A\360\006\000\t\037\230l\250!\330\010\014\210B\320\016 \240\001\240\030\250\026\250r\260\021\330\010\013\2101\210F\220#\220R\220s\230!\2306\240\021\240#\240S\250\002\250#\250Q\250f\260A\260S\270\003\2701\330\014\022\220*\230A\320\035T\320TU\320UY\320YZ\320Z[\320[\\\330\010+\2501\250E\260\021\260\"\260A\330\010\t\210\022\2107\220!\2202\220X\230Q\230f\240A\240T\250\021\250&\260\001\260\021\330\010\t\210\022\2107\220!\2204\220q\230\003\2301\330\010\t\210\032\2201\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250!\2506\260\021\260$\260a\260v\270Q\270d\300(\310!\330\010\017\210q\200A\360\010\000\t\037\230l\250!\330\010\016\210b\220\010\230\001\230\021\330\010\020\220\002\320\022$\240A\240U\250&\260\002\260!\330\010\013\2103\210f\220C\220r\230\023\230C\230v\240Q\240c\250\023\250B\250c\260\023\260F\270!\2703\270c\300\021\330\014\022\220*\230A\320\035U\320UV\320VZ\320Z[\320[^\320^_\330\010\013\2105\220\006\220c\230\022\2303\230e\2406\250\021\250#\250S\260\002\260#\260S\270\006\270a\270s\300\"\300E\310\026\310q\320PQ\330\014\022\220*\230A\230_\250A\250T\260\021\260%\260}\300A\300S\310\006\310a\310q\340\010\013\2104\210r\220\023\220I\230R\230s\240%\240v\250Q\250c\260\023\260B\260c\270\021\330\014\022\220*\230A\230R\230q\240\005\240V\2501\320,K\3101\310A\330\010\013\2103\210f\220E\230\023\230A\230S\240\004\240D\250\002\250\"\250C\250s\260!\2603\260d\270$\270c\300\025\300f\310A\310Q\330\014\022\220*\230A\320\035-\250Q\250c\260\021\260#\260T\270\037\310\001\310\025\310f\320TU\320UV\330\010\016\210g\220S\230\001\330\010\013\2106\220\023\220A\330\014\020\220\003\2207\230!\2302\230Q\330\014\017\210u""\220B\220a\330\020\024\220B\220l\240!\2401\240C\240r\250\026\250r\260\026\260t\2702\270Z\300u\310A\330\014\025\220R\320\027)\250\021\250!\2504\250s\260#\260S\270\001\270\024\270S\300\003\3003\300a\340\014\025\220R\320\027)\250\021\250%\250v\260R\260q\330\010(\250\001\330\010&\240a\340\010\020\220\010\230\001\330\010\017\210u\220G\2301\230B\230a\330\010\013\2106\220\023\220B\220d\230\"\230L\250\001\250\024\250W\260A\260R\260{\300!\340\014\023\2205\230\006\230c\240\027\250\001\330\014\023\2202\220V\2302\230U\240&\250\001\250\024\250V\2605\270\002\270!\330\014\020\220\010\230\001\230\025\230f\240A\240U\250\"\250E\260\025\260f\270A\270V\3004\300u\310A\310R\310q\330\014\024\220B\320\026(\250\001\250\022\250<\260q\270\002\270%\270r\300\025\300g\310Q\310b\320PQ\330:?\270s\300\"\300G\3101\310B\310j\320X]\320]^\330)1\260\021\260%\260v\270Q\270e\3001\330\014\022\220!\330\014\r\210R\210\177\230a\230s\240!\2403\240a\330\014\023\2205\230\003\2301\330\010\t\210\022\2107\220!\2202\220X\230V\2401\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\2109\220A\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\210;\220e\2306\240\021\240!\330\010\t\210\022\320\013\035\230U\240#\240U\250&\260\001\260\021\330\010\t\210\031\220!\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250&\260\006\260k\300\021\330\010\017\210q\220A\320\000\024\220A\340\004\013\2103\210b\220\007\220q\320\000\036\230a\340\004 \240\002\320\"4\260A\260T\270\030\300\022\3002\300U\310!\3102\310Q\330\004\026\220a\330\004\025\220Q\220f\230A\230Q\330\004\007\200r\210\023\210A\330\010\017\210q\330\t\n\330\010\014\210K\220q\230\001\230\021\230!\2304\230q\330\004\013\2101\320\004\035\230Z\240q\340\010\r\210R\320\017!\240\021\240#\240V\2502\250Q\330\010\013\2102\210V\2203\220a\330\014\021\220\022\2208\2302\230S\240\001\330\010\013\2102\210V\2203\220b\230\003\2302\230V\2401\240C\240s\250$\250a\330\014\022\220*\230A\320\035.\250a\250t\2601\260B\260f\270A\320=R\320RS\320SW\320W""X\330\010\031\230\022\2306\240\021\240!\330\010\013\2104\210s\220!\330\014\022\220\"\220F\230\"\230D\240\007\240t\2502\250Q\330\r\020\220\007\220t\2304\230w\240c\250\023\250C\250w\260c\270\022\2709\300C\300t\3103\310f\320TU\330\014\022\220*\230A\230Q\330\010&\240a\330\010 \240\001\330\010\037\230q\340\010\013\2105\220\007\220q\330\014\021\220\022\320\023%\240Q\240f\250F\260\"\260I\270X\300R\300q\330\014\017\210r\220\026\220q\230\003\2303\230d\240!\330\020\026\220j\240\001\240\032\2501\250B\250f\260A\260_\300A\300T\310\021\330\014\021\220\021\220\"\220A\220Q\340\010\013\2102\210S\220\001\330\014\023\2201\330\r\016\330\014\021\220\026\220q\230\004\230D\240\001\240\022\2401\240C\240t\2503\250d\260!\2602\260Q\260c\270\021\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q\320\004 \240\006\240a\340\010\033\2304\230y\250\003\2503\250j\270\001\330\010\013\2104\210r\220\023\220F\230\047\240\024\240Q\330\014\022\220*\230A\230X\240Q\240e\2501\320,>\270a\270t\3001\330\010\016\210b\220\006\220b\230\004\230B\230d\240$\240h\250b\260\001\330\010\013\2104\210s\220!\330\014\023\2201\330\010 \240\001\340\r\016\330\014\021\220\033\230A\230T\240\024\240T\250\025\250a\250r\260\021\260#\260Q\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 199; i++) {
+    for (int i = 0; i < 204; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 51) PyUnicode_InternInPlace(&string);
@@ -28621,8 +28996,8 @@ static const char bytes[] = " at 0x columns for  for a weight of  object> outsid
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 199; i < 207; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-199].length;
+    for (int i = 204; i < 213; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-204].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -28632,15 +29007,15 @@ static const char bytes[] = " at 0x columns for  for a weight of  object> outsid
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 207; i++) {
+    for (Py_ssize_t i = 0; i < 213; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 199;
-      for (Py_ssize_t i=0; i<8; ++i) {
+      PyObject **table = stringtab + 204;
+      for (Py_ssize_t i=0; i<9; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
         #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -28728,44 +29103,49 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 113};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 126};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_kp_b_iso88591_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 0, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 30};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 0, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 31};
     PyObject* const varnames[] = {0};
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_kernel_isa, __pyx_mstate->__pyx_kp_b_iso88591_A_3b_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 47};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 36};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_buf, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_s, __pyx_mstate->__pyx_n_u_n};
+    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_stream_read_bytes, __pyx_mstate->__pyx_kp_b_iso88591_a_4AT_2U_2Q_a_QfAQ_r_A_q_Kq_4q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 60};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_weight, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_bits};
-    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_from_f16, __pyx_mstate->__pyx_kp_b_iso88591_A_l_B_r_1F_Rs_6_S_QfAS_1_A_TTUUY, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_from_f16, __pyx_mstate->__pyx_kp_b_iso88591_A_l_B_r_1F_Rs_6_S_QfAS_1_A_TTUUY, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 18, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 61};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 18, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 74};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_indices, __pyx_mstate->__pyx_n_u_lut, __pyx_mstate->__pyx_n_u_nbits, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_idx, __pyx_mstate->__pyx_n_u_table, __pyx_mstate->__pyx_n_u_rows_3, __pyx_mstate->__pyx_n_u_cols, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_packed, __pyx_mstate->__pyx_n_u_pk, __pyx_mstate->__pyx_n_u_tb, __pyx_mstate->__pyx_n_u_t16, __pyx_mstate->__pyx_n_u_keep, __pyx_mstate->__pyx_n_u_half, __pyx_mstate->__pyx_n_u_nsub, __pyx_mstate->__pyx_n_u_bits, __pyx_mstate->__pyx_n_u_split};
-    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_from_palette, __pyx_mstate->__pyx_kp_b_iso88591_A_l_b_AU_3fCr_CvQc_Bc_F_3c_A_UUV, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_from_palette, __pyx_mstate->__pyx_kp_b_iso88591_A_l_b_AU_3fCr_CvQc_Bc_F_3c_A_UUV, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 115};
+    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 128};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_bias, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_xa, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_xv, __pyx_mstate->__pyx_n_u_yv, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_bv, __pyx_mstate->__pyx_n_u_rc};
-    __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_matmul, __pyx_mstate->__pyx_kp_b_iso88591_Zq_R_V2Q_2V3a_82S_2V3b_2V1Cs_a, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_matmul, __pyx_mstate->__pyx_kp_b_iso88591_Zq_R_V2Q_2V3a_82S_2V3b_2V1Cs_a, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 145};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 158};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_r0, __pyx_mstate->__pyx_n_u_r1, __pyx_mstate->__pyx_n_u_end, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_ov, __pyx_mstate->__pyx_n_u_rc};
-    __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_decode, __pyx_mstate->__pyx_kp_b_iso88591_a_4y_3j_4r_F_Q_AXQe1_at1_b_b_Bd, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_decode, __pyx_mstate->__pyx_kp_b_iso88591_a_4y_3j_4r_F_Q_AXQe1_at1_b_b_Bd, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
   }
   {
     const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 1};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
-    __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_reduce_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_reduce_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
   }
   {
     const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 3};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_pyx_state};
-    __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_setstate_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[8] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_setstate_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[8])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
   return 0;
@@ -32090,6 +32470,54 @@ static CYTHON_INLINE PyObject* __Pyx_decode_c_string(
     } else {
         return PyUnicode_Decode(cstring, length, encoding, errors);
     }
+}
+
+/* pybuiltin_invalid (used by pyint_simplify) */
+static void __Pyx_PyBuiltin_Invalid(PyObject *obj, const char *builtin_type_name, const char *argname) {
+    __Pyx_TypeName obj_type_name = __Pyx_PyType_GetFullyQualifiedName(Py_TYPE(obj));
+    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
+    if (unlikely(!obj_type_name)) return;
+    #endif
+    if (argname) {
+        PyErr_Format(PyExc_TypeError,
+            "Argument '%.200s' has incorrect type (expected %.5s, got " __Pyx_FMT_TYPENAME ")",
+            argname, builtin_type_name, obj_type_name
+        );
+    } else {
+        PyErr_Format(PyExc_TypeError,
+            "Expected %.5s, got " __Pyx_FMT_TYPENAME,
+            builtin_type_name, obj_type_name
+        );
+    }
+    __Pyx_DECREF_TypeName(obj_type_name);
+}
+
+/* pyint_simplify */
+static int __Pyx__PyInt_FromNumber(PyObject **number_var, const char *argname);
+static CYTHON_INLINE int __Pyx_PyInt_FromNumber(PyObject **number_var, const char *argname, int accept_none) {
+    PyObject *number = *number_var;
+    if (likely((accept_none && number == Py_None) || PyLong_CheckExact(number))) {
+        return 0;
+    }
+    return __Pyx__PyInt_FromNumber(number_var, argname);
+}
+static int __Pyx__PyInt_FromNumber(PyObject **number_var, const char *argname) {
+    PyObject *number = *number_var;
+    PyObject *int_object;
+    if (likely(PyNumber_Check(number))) {
+        int_object = PyNumber_Long(number);
+        if (unlikely(!int_object)) goto bad;
+    } else {
+        __Pyx_PyBuiltin_Invalid(number, "int", argname);
+        goto bad;
+    }
+    *number_var = int_object;
+    Py_DECREF(number);
+    return 0;
+bad:
+    *number_var = NULL;
+    Py_DECREF(number);
+    return -1;
 }
 
 /* PyObjectVectorcallKwds */
@@ -37468,6 +37896,29 @@ no_fail:
 }
 
 /* ObjectToMemviewSlice */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint8_t__const__(PyObject *obj, int writable_flag) {
+    __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
+    __Pyx_BufFmt_StackElem stack[1];
+    int axes_specs[] = { (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_CONTIG) };
+    int retcode;
+    if (obj == Py_None) {
+        result.memview = (struct __pyx_memoryview_obj *) Py_None;
+        return result;
+    }
+    retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
+                                                 (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 1,
+                                                 &__Pyx_TypeInfo_nn_uint8_t__const__, stack,
+                                                 &result, obj);
+    if (unlikely(retcode == -1))
+        goto __pyx_fail;
+    return result;
+__pyx_fail:
+    result.memview = NULL;
+    result.data = NULL;
+    return result;
+}
+
+/* ObjectToMemviewSlice */
 static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint16_t__const__(PyObject *obj, int writable_flag) {
     __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
     __Pyx_BufFmt_StackElem stack[1];
@@ -38728,6 +39179,85 @@ static PyObject *__Pyx_Object_VectorcallMethodKwds(PyObject *name, PyObject *con
     return result;
 }
 #endif
+
+/* CIntToPy */
+static CYTHON_INLINE PyObject* __Pyx_PyLong_From_uint64_t(uint64_t value) {
+#ifdef __Pyx_HAS_GCC_DIAGNOSTIC
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wconversion"
+#endif
+    const uint64_t neg_one = (uint64_t) -1, const_zero = (uint64_t) 0;
+#ifdef __Pyx_HAS_GCC_DIAGNOSTIC
+#pragma GCC diagnostic pop
+#endif
+    const int is_unsigned = neg_one > const_zero;
+    if (is_unsigned) {
+        if (sizeof(uint64_t) < sizeof(long)) {
+            return PyLong_FromLong((long) value);
+        } else if (sizeof(uint64_t) <= sizeof(unsigned long)) {
+            return PyLong_FromUnsignedLong((unsigned long) value);
+#if !CYTHON_COMPILING_IN_PYPY
+        } else if (sizeof(uint64_t) <= sizeof(unsigned PY_LONG_LONG)) {
+            return PyLong_FromUnsignedLongLong((unsigned PY_LONG_LONG) value);
+#endif
+        }
+    } else {
+        if (sizeof(uint64_t) <= sizeof(long)) {
+            return PyLong_FromLong((long) value);
+        } else if (sizeof(uint64_t) <= sizeof(PY_LONG_LONG)) {
+            return PyLong_FromLongLong((PY_LONG_LONG) value);
+        }
+    }
+    {
+        unsigned char *bytes = (unsigned char *)&value;
+#if !CYTHON_COMPILING_IN_LIMITED_API && PY_VERSION_HEX >= 0x030d00A4
+        if (is_unsigned) {
+            return PyLong_FromUnsignedNativeBytes(bytes, sizeof(value), -1);
+        } else {
+            return PyLong_FromNativeBytes(bytes, sizeof(value), -1);
+        }
+#elif !CYTHON_COMPILING_IN_LIMITED_API && PY_VERSION_HEX < 0x030d0000
+        int one = 1; int little = (int)*(unsigned char *)&one;
+        return _PyLong_FromByteArray(bytes, sizeof(uint64_t),
+                                     little, !is_unsigned);
+#else
+        int one = 1; int little = (int)*(unsigned char *)&one;
+        PyObject *result = NULL, *kwds = NULL;
+        PyObject *py_bytes = NULL, *order_str = NULL, *from_bytes_str = NULL;;
+        py_bytes = PyBytes_FromStringAndSize((char*)bytes, sizeof(uint64_t));
+        if (!py_bytes) goto limited_bad;
+        from_bytes_str = PyUnicode_FromStringAndSize("from_bytes", 10);
+        if (!from_bytes_str) goto limited_bad;
+        order_str = PyUnicode_FromString(little ? "little" : "big");
+        if (!order_str) goto limited_bad;
+        {
+            PyObject *args[] = { (PyObject*)&PyLong_Type, py_bytes, order_str, Py_True };
+            if (!is_unsigned) {
+                PyObject *signed_str = PyUnicode_FromStringAndSize("signed", 6);
+                if (!signed_str) goto limited_bad;
+#if CYTHON_VECTORCALL
+                kwds = PyTuple_Pack(1, signed_str);
+#else
+                {
+                    PyObject *keys[] = {signed_str};
+                    PyObject *values[] = {Py_True};
+                    kwds = __Pyx_MakeKwargDict(keys, values, 1);
+                }
+#endif
+                Py_DECREF(signed_str);
+                if (unlikely(!kwds)) goto limited_bad;
+            }
+            result = __Pyx_Object_VectorcallMethodKwds(from_bytes_str, args, 3 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET, kwds);
+        }
+        limited_bad:
+        Py_XDECREF(kwds);
+        Py_XDECREF(order_str);
+        Py_XDECREF(py_bytes);
+        Py_XDECREF(from_bytes_str);
+        return result;
+#endif
+    }
+}
 
 /* CIntToPy */
 static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value) {

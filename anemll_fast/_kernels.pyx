@@ -4,7 +4,7 @@
 Weights stay in their stored form (fp16 bits, or palette indices with per-row-group tables); each
 call decodes a few rows at a time into L1 and multiplies, with the GIL released.
 """
-from libc.stdint cimport int64_t, uint8_t, uint16_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
 
 import numpy as np
 cimport numpy as cnp
@@ -25,11 +25,24 @@ cdef extern from "kernels/matmul_kernels.h" namespace "anemll::kernels" nogil:
     int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float* y)
     int decode_rows(const Weight& w, int64_t r0, int64_t r1, float* out)
     const char* isa()
+    uint64_t stream_read(const uint8_t* p, int64_t n)
 
 
 def kernel_isa() -> str:
     """Which vector path runs on this CPU ("avx2+fma+f16c", "neon" or "portable")."""
     return isa().decode()
+
+
+def stream_read_bytes(buf) -> int:
+    """Read every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum."""
+    cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+    cdef uint64_t s = 0
+    cdef int64_t n = b.shape[0]
+    if n == 0:
+        return 0
+    with nogil:
+        s = stream_read(&b[0], n)
+    return s
 
 
 cdef class PackedWeight:

@@ -27,6 +27,8 @@ from typing import Callable, Dict, List
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's anemll_fast first
+
 import numpy as np  # noqa: E402
 
 PROMPT_LEN = 64
@@ -41,6 +43,7 @@ def gguf_path() -> str:
 def ensure_converted(out: str, *extra: str) -> str:
     if not os.path.isfile(os.path.join(out, "meta.yaml")):
         print(f"converting {gguf_path()} -> {out} {' '.join(extra)} (once)", flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         subprocess.run([sys.executable, "-m", "anemll_fast", "convert", gguf_path(), out, "--context", "512",
                         "--batch", "64", "--chunks", "1", "--quiet", *extra], check=True)
     return out
@@ -148,18 +151,25 @@ class LlamaCppSide:
     def __init__(self, path: str):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=path, n_ctx=512, n_threads=1, n_batch=64, verbose=False)
+        self.llm = Llama(model_path=path, n_ctx=512, n_threads=1, n_threads_batch=1, n_batch=PROMPT_LEN,
+                         verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def _next(self) -> int:
+        # without logits_all the wrapper keeps no scores: read the last token's logits from the context
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))
+        return int(np.argmax(logits))
 
     def prefill(self, prompt: List[int]) -> int:
         self.llm.reset()
         self.llm.eval(prompt)
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return self._next()
 
     def decode(self, first: int, start: int, n: int) -> List[int]:
         out, tok = [], first
         for _ in range(n):
             self.llm.eval([tok])
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            tok = self._next()
             out.append(tok)
         return out
 

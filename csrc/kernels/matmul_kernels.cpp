@@ -145,105 +145,153 @@ AF_AVX2 void rows_times_x_avx2(const float* wr, int nr, int64_t cols, const floa
   }
 }
 
-// Decode steps (n == 1) fuse the decode into the dot product: no scratch round trip.
+// Decode steps (n == 1) fuse the decode into the dot product: no scratch round trip. One row at a
+// time, front to back: a single sequential stream is what the hardware prefetcher follows best
+// (measured with benchmarks/bench_kernels.py: blocks of 2-8 interleaved row streams, or software
+// prefetch, ran at 1.5-2.5x the time of streaming the bytes; one stream runs at about 1x).
 AF_AVX2 void matvec_f16_avx2(const Weight& w, const float* x, float* y) {
   const int64_t cols = w.cols;
-  int64_t r = 0;
-  for (; r < w.rows; r += kRows) {
-    const int nr = static_cast<int>(w.rows - r < kRows ? w.rows - r : kRows);
-    __m256 a0[kRows], a1[kRows];
-    for (int i = 0; i < kRows; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
-    const uint16_t* base = w.f16 + r * cols;
-    int64_t k = 0;
-    for (; k + 16 <= cols; k += 16) {
-      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-      for (int i = 0; i < nr; ++i) {
-        const uint16_t* wr = base + i * cols + k;
-        a0[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr))), x0, a0[i]);
-        a1[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 8))), x1,
-                                a1[i]);
-      }
-    }
-    for (int i = 0; i < nr; ++i) {
-      float s = hsum(_mm256_add_ps(a0[i], a1[i]));
-      for (int64_t kk = k; kk < cols; ++kk) s += half_to_float(base[i * cols + kk]) * x[kk];
-      y[r + i] = s;
-    }
-  }
-}
-
-// 4-bit palettes with fp16 tables: pshufb looks up the low and the high byte of 16 halves at
-// once, so 16 weights cost about a dozen instructions.
-AF_AVX2 void matvec_lut4_avx2(const Weight& w, const float* x, float* y) {
-  const int64_t cols = w.cols, rb = row_bytes(w);
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t r = 0; r < w.rows; r += kRows) {
-    const int nr = static_cast<int>(w.rows - r < kRows ? w.rows - r : kRows);
-    __m128i tlo[kRows], thi[kRows];
-    __m256 a0[kRows], a1[kRows];
-    for (int i = 0; i < nr; ++i) {
-      const uint8_t* t = w.lut16_bytes + ((r + i) / w.rows_per_group) * 32;
-      tlo[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t));
-      thi[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16));
-      a0[i] = a1[i] = _mm256_setzero_ps();
-    }
-    int64_t k = 0;
-    for (; k + 16 <= cols; k += 16) {
-      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-      for (int i = 0; i < nr; ++i) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.idx + (r + i) * rb + (k >> 1)));
-        const __m128i id = _mm_unpacklo_epi8(_mm_and_si128(b, low4), _mm_and_si128(_mm_srli_epi16(b, 4), low4));
-        const __m128i vl = _mm_shuffle_epi8(tlo[i], id), vh = _mm_shuffle_epi8(thi[i], id);
-        a0[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_unpacklo_epi8(vl, vh)), x0, a0[i]);
-        a1[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_unpackhi_epi8(vl, vh)), x1, a1[i]);
-      }
-    }
-    for (int i = 0; i < nr; ++i) {
-      float s = hsum(_mm256_add_ps(a0[i], a1[i]));
-      const float* table = w.lut + ((r + i) / w.rows_per_group) * w.entries;
-      const uint8_t* row = w.idx + (r + i) * rb;
-      for (int64_t kk = k; kk < cols; ++kk) s += table[(row[kk >> 1] >> ((kk & 1) * 4)) & 0xF] * x[kk];
-      y[r + i] = s;
-    }
-  }
-}
-
-// 5- and 6-bit palettes (one uint8 index per weight): four 16-entry sub-tables per byte plane,
-// looked up with pshufb and chosen by the index's top two bits.
-AF_AVX2 void matvec_lut6_avx2(const Weight& w, const float* x, float* y) {
-  const int64_t cols = w.cols;
-  const __m128i low4 = _mm_set1_epi8(0x0F), one = _mm_set1_epi8(1), two = _mm_set1_epi8(2),
-                three = _mm_set1_epi8(3);
   for (int64_t r = 0; r < w.rows; ++r) {
-    const uint8_t* t = w.lut16_bytes + (r / w.rows_per_group) * 128;
-    __m128i lo[4], hi[4];
-    for (int k = 0; k < 4; ++k) {
-      lo[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 * k));
-      hi[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 * k + 16));
-    }
-    const uint8_t* row = w.idx + r * cols;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    const uint16_t* wr = w.f16 + r * cols;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // four chains hide the FMA latency
     int64_t k = 0;
-    for (; k + 16 <= cols; k += 16) {
-      const __m128i id = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
-      const __m128i sub = _mm_and_si128(id, low4);
-      const __m128i sel = _mm_and_si128(_mm_srli_epi16(id, 4), low4);
-      const __m128i m1 = _mm_cmpeq_epi8(sel, one), m2 = _mm_cmpeq_epi8(sel, two), m3 = _mm_cmpeq_epi8(sel, three);
-      __m128i vl = _mm_shuffle_epi8(lo[0], sub), vh = _mm_shuffle_epi8(hi[0], sub);
-      vl = _mm_blendv_epi8(vl, _mm_shuffle_epi8(lo[1], sub), m1);
-      vh = _mm_blendv_epi8(vh, _mm_shuffle_epi8(hi[1], sub), m1);
-      vl = _mm_blendv_epi8(vl, _mm_shuffle_epi8(lo[2], sub), m2);
-      vh = _mm_blendv_epi8(vh, _mm_shuffle_epi8(hi[2], sub), m2);
-      vl = _mm_blendv_epi8(vl, _mm_shuffle_epi8(lo[3], sub), m3);
-      vh = _mm_blendv_epi8(vh, _mm_shuffle_epi8(hi[3], sub), m3);
-      a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_unpacklo_epi8(vl, vh)), _mm256_loadu_ps(x + k), a0);
-      a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_unpackhi_epi8(vl, vh)), _mm256_loadu_ps(x + k + 8), a1);
+    for (; k + 32 <= cols; k += 32) {
+      const __m128i* h = reinterpret_cast<const __m128i*>(wr + k);
+      a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(h)), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(h + 1)), _mm256_loadu_ps(x + k + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(h + 2)), _mm256_loadu_ps(x + k + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(h + 3)), _mm256_loadu_ps(x + k + 24), a3);
     }
-    float s = hsum(_mm256_add_ps(a0, a1));
-    const float* table = w.lut + (r / w.rows_per_group) * w.entries;
-    for (; k < cols; ++k) s += table[row[k]] * x[k];
+    for (; k + 8 <= cols; k += 8) {
+      a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))),
+                           _mm256_loadu_ps(x + k), a0);
+    }
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < cols; ++k) s += half_to_float(wr[k]) * x[k];
     y[r] = s;
   }
+}
+
+// The palette paths look up 16-entry fp16 tables with pshufb: one shuffle for the low bytes and one
+// for the high bytes of 32 halves at once (the same table in both 128-bit lanes), then F16C widens
+// them. The lookups leave the weights of a 32-column block in a fixed lane order; rather than
+// shuffling every row back, x is permuted once per call into that order (xp), so the rows' FMAs read
+// xp contiguously.
+//
+// 4-bit: byte j of the block holds columns 2j (low nibble) and 2j+1 (high nibble). Lane 0 of the
+// index vector gets the low nibbles, lane 1 the high ones; after the byte interleave the four groups
+// of 8 halves are columns {0,2,..,14}, {1,3,..,15}, {16,18,..,30}, {17,19,..,31}.
+inline int64_t lut4_xp_column(int64_t i) {
+  const int64_t q = i >> 3, j = i & 7;
+  return (q >> 1) * 16 + 2 * j + (q & 1);
+}
+// 5-6 bit (one index byte per column): lane 0 holds columns 0-15, lane 1 columns 16-31; after the
+// interleave the groups are columns 0-7, 16-23, 8-15, 24-31.
+inline int64_t lut6_xp_column(int64_t i) {
+  static const int64_t base[4] = {0, 16, 8, 24};
+  return base[i >> 3] + (i & 7);
+}
+
+AF_AVX2 inline __m256i broadcast_table(const uint8_t* t) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
+// lo/hi: table bytes looked up for 32 weights -> 4 x 8 fp32 weights, FMA'd with xp (32 floats).
+AF_AVX2 inline void fma_halves(__m256i vl, __m256i vh, const float* xp, __m256& a0, __m256& a1) {
+  const __m256i h0 = _mm256_unpacklo_epi8(vl, vh), h1 = _mm256_unpackhi_epi8(vl, vh);
+  a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h0)), _mm256_loadu_ps(xp), a0);
+  a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h0, 1)), _mm256_loadu_ps(xp + 8), a1);
+  a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h1)), _mm256_loadu_ps(xp + 16), a0);
+  a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h1, 1)), _mm256_loadu_ps(xp + 24), a1);
+}
+
+// Row r of a 4-bit palette: the 32-column body through pshufb, the tail scalar.
+AF_AVX2 inline void lut4_row(const Weight& w, int64_t r, int64_t rb, int64_t body, const float* xp,
+                             const float* x, float* y) {
+  const __m256i nib = _mm256_set1_epi8(0x0F), shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  const uint8_t* t = w.lut16_bytes + (r / w.rows_per_group) * 32;
+  const __m256i tl = broadcast_table(t), th = broadcast_table(t + 16);
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  const uint8_t* row = w.idx + r * rb;
+  for (int64_t k = 0; k < body; k += 32) {
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
+    const __m256i id = _mm256_and_si256(_mm256_srlv_epi32(b, shifts), nib);
+    fma_halves(_mm256_shuffle_epi8(tl, id), _mm256_shuffle_epi8(th, id), xp + k, a0, a1);
+  }
+  float s = hsum(_mm256_add_ps(a0, a1));
+  const float* table = w.lut + (r / w.rows_per_group) * w.entries;
+  for (int64_t k = body; k < w.cols; ++k) s += table[(row[k >> 1] >> ((k & 1) * 4)) & 0xF] * x[k];
+  y[r] = s;
+}
+
+// Row r of a 5-6 bit palette. The index's bits 0-3 pick the entry within a 16-entry sub-table
+// (pshufb ignores bits 4-6); bits 4 and 5, shifted up to bit 7, pick the sub-table by byte blends.
+AF_AVX2 inline void lut6_row(const Weight& w, int64_t r, int64_t body, const float* xp, const float* x,
+                             float* y) {
+  const uint8_t* tb = w.lut16_bytes + (r / w.rows_per_group) * 128;
+  __m256i t[8];  // sub-tables 0-3: low bytes in t[0..3], high bytes in t[4..7]
+  for (int s = 0; s < 4; ++s) {
+    t[s] = broadcast_table(tb + 32 * s);
+    t[4 + s] = broadcast_table(tb + 32 * s + 16);
+  }
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  const uint8_t* row = w.idx + r * w.cols;
+  for (int64_t k = 0; k < body; k += 32) {
+    const __m256i id = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+    const __m256i b4 = _mm256_slli_epi16(id, 3), b5 = _mm256_slli_epi16(id, 2);
+    const __m256i l01 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[0], id), _mm256_shuffle_epi8(t[1], id), b4);
+    const __m256i l23 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[2], id), _mm256_shuffle_epi8(t[3], id), b4);
+    const __m256i h01 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[4], id), _mm256_shuffle_epi8(t[5], id), b4);
+    const __m256i h23 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[6], id), _mm256_shuffle_epi8(t[7], id), b4);
+    fma_halves(_mm256_blendv_epi8(l01, l23, b5), _mm256_blendv_epi8(h01, h23, b5), xp + k, a0, a1);
+  }
+  float s = hsum(_mm256_add_ps(a0, a1));
+  const float* table = w.lut + (r / w.rows_per_group) * w.entries;
+  for (int64_t k = body; k < w.cols; ++k) s += table[row[k]] * x[k];
+  y[r] = s;
+}
+
+// x permuted into the lookups' lane order, for the 32-column body of each row.
+template <int64_t (*column)(int64_t)>
+const float* permuted_x(const float* x, int64_t body) {
+  thread_local std::vector<float> xp;  // reused: no allocation per call once grown
+  if (static_cast<int64_t>(xp.size()) < body) xp.resize(static_cast<size_t>(body));
+  for (int64_t k = 0; k < body; k += 32) {
+    for (int64_t i = 0; i < 32; ++i) xp[static_cast<size_t>(k + i)] = x[k + column(i)];
+  }
+  return xp.data();
+}
+
+// One row at a time, as for fp16 (one memory stream).
+template <bool six>
+AF_AVX2 void matvec_lut_avx2(const Weight& w, const float* x, float* y) {
+  const int64_t body = w.cols & ~int64_t{31}, rb = row_bytes(w);
+  if (six) {
+    const float* xp = permuted_x<lut6_xp_column>(x, body);
+    for (int64_t r = 0; r < w.rows; ++r) lut6_row(w, r, body, xp, x, y);
+  } else {
+    const float* xp = permuted_x<lut4_xp_column>(x, body);
+    for (int64_t r = 0; r < w.rows; ++r) lut4_row(w, r, rb, body, xp, x, y);
+  }
+}
+
+AF_AVX2 void matvec_lut4_avx2(const Weight& w, const float* x, float* y) { matvec_lut_avx2<false>(w, x, y); }
+AF_AVX2 void matvec_lut6_avx2(const Weight& w, const float* x, float* y) { matvec_lut_avx2<true>(w, x, y); }
+
+AF_AVX2 uint64_t stream_read_avx2(const uint8_t* p, int64_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    a0 = _mm256_xor_si256(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+    a1 = _mm256_xor_si256(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+    a2 = _mm256_xor_si256(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
+    a3 = _mm256_xor_si256(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
+  }
+  const __m256i a = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+  uint64_t s = static_cast<uint64_t>(_mm256_extract_epi64(a, 0) ^ _mm256_extract_epi64(a, 1) ^
+                                     _mm256_extract_epi64(a, 2) ^ _mm256_extract_epi64(a, 3));
+  for (; i < n; ++i) s ^= p[i];
+  return s;
 }
 
 bool cpu_has_avx2() {
@@ -389,6 +437,21 @@ int decode_rows(const Weight& w, int64_t r0, int64_t r1, float* out) {
     decode_block(d, w, r, nr, out + (r - r0) * w.cols);
   }
   return 0;
+}
+
+uint64_t stream_read(const uint8_t* p, int64_t n) {
+  int64_t i = 0;
+  uint64_t s = 0;
+#if AF_X86
+  if (cpu_has_avx2()) return stream_read_avx2(p, n);
+#endif
+  for (; i + 8 <= n; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, p + i, 8);
+    s ^= v;
+  }
+  for (; i < n; ++i) s ^= p[i];
+  return s;
 }
 
 const char* isa() { return dispatch().name; }

@@ -35,6 +35,10 @@ int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float*
 // Rows [r0, r1) of W decoded to fp32 into out ([r1 - r0, cols]).
 int decode_rows(const Weight& w, int64_t r0, int64_t r1, float* out);
 
+// Reads n bytes once, as fast as one thread can stream them (a bandwidth probe for benchmarks: the
+// floor a matvec over the same bytes could reach). Returns a checksum so the reads are not elided.
+uint64_t stream_read(const uint8_t* p, int64_t n);
+
 // "avx2+fma+f16c" when the vector path runs on this CPU, else "portable" (or "neon" on arm64).
 const char* isa();
 
