@@ -2019,7 +2019,7 @@ struct __pyx_MemviewEnum_obj;
 struct __pyx_memoryview_obj;
 struct __pyx_memoryviewslice_obj;
 
-/* "anemll_fast/_kernels.pyx":48
+/* "anemll_fast/_kernels.pyx":81
  * 
  * 
  * cdef class PackedWeight:             # <<<<<<<<<<<<<<
@@ -2037,7 +2037,7 @@ struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight {
 };
 
 
-/* "anemll_fast/_kernels.pyx":126
+/* "anemll_fast/_kernels.pyx":156
  *     @property
  *     def nbytes(self) -> int:
  *         return sum(a.nbytes for a in self._keep)             # <<<<<<<<<<<<<<
@@ -3046,12 +3046,6 @@ static CYTHON_INLINE PyObject* __Pyx_decode_c_string(
          const char* encoding, const char* errors,
          PyObject* (*decode_func)(const char *s, Py_ssize_t size, const char *errors));
 
-/* pybuiltin_invalid.export */
-static void __Pyx_PyBuiltin_Invalid(PyObject *obj, const char *builtin_type_name, const char *argname);
-
-/* pyint_simplify.proto */
-static CYTHON_INLINE int __Pyx_PyInt_FromNumber(PyObject **number_var, const char *argname, int accept_none);
-
 /* PyObjectVectorcallKwds.proto */
 #if CYTHON_VECTORCALL
 #define __Pyx_Object_VectorcallKwds PyObject_Vectorcall
@@ -3061,6 +3055,18 @@ CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject *kwnames, Py_ssize_
 CYTHON_UNUSED static PyObject *__Pyx_MakeKwargDict(PyObject **keys, PyObject **values, Py_ssize_t n);
 CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject **kwnames, Py_ssize_t i);
 #endif
+
+/* pybuiltin_invalid.export */
+static void __Pyx_PyBuiltin_Invalid(PyObject *obj, const char *builtin_type_name, const char *argname);
+
+/* pyint_simplify.proto */
+static CYTHON_INLINE int __Pyx_PyInt_FromNumber(PyObject **number_var, const char *argname, int accept_none);
+
+/* DivInt[int64_t].proto */
+static CYTHON_INLINE int64_t __Pyx_div_int64_t(int64_t, int64_t, int b_is_constant);
+
+/* ModInt[int64_t].proto */
+static CYTHON_INLINE int64_t __Pyx_mod_int64_t(int64_t, int64_t, int b_is_constant);
 
 /* PyLongCompare.proto */
 static CYTHON_INLINE int __Pyx_PyLong_BoolNeObjC(PyObject *op1, PyObject *op2, long intval, long inplace);
@@ -3085,32 +3091,6 @@ static CYTHON_INLINE int __Pyx_IterFinish(void);
 
 /* UnpackItemEndCheck.proto */
 static int __Pyx_IternextUnpackEndCheck(PyObject *retval, Py_ssize_t expected);
-
-/* PyLongBinop.proto */
-#if !CYTHON_COMPILING_IN_PYPY
-static CYTHON_INLINE PyObject* __Pyx_PyLong_RemainderObjC(PyObject *op1, PyObject *op2, long intval, int inplace, int zerodivision_check);
-#else
-#define __Pyx_PyLong_RemainderObjC(op1, op2, intval, inplace, zerodivision_check)\
-    (inplace ? PyNumber_InPlaceRemainder(op1, op2) : PyNumber_Remainder(op1, op2))
-#endif
-
-/* PyLongBinop.proto */
-#if !CYTHON_COMPILING_IN_PYPY
-static CYTHON_INLINE PyObject* __Pyx_PyLong_LshiftObjC(PyObject *op1, PyObject *op2, long intval, int inplace, int zerodivision_check);
-#else
-#define __Pyx_PyLong_LshiftObjC(op1, op2, intval, inplace, zerodivision_check)\
-    (inplace ? PyNumber_InPlaceLshift(op1, op2) : PyNumber_Lshift(op1, op2))
-#endif
-
-/* PyNumberBinop.proto */
-#if CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL || CYTHON_COMPILING_IN_LIMITED_API
-#define __Pyx_PyNumber_Or_object_object(op1, op2)  PyNumber_Or(op1, op2)
-#define __Pyx_PyNumber_InPlaceOr_object_object(op1, op2)  PyNumber_InPlaceOr(op1, op2)
-#else
-#define __Pyx_PyNumber_Or_object_object(op1, op2)  __Pyx__PyNumber_Or_object_object(op1, op2, 0)
-#define __Pyx_PyNumber_InPlaceOr_object_object(op1, op2)  __Pyx__PyNumber_Or_object_object(op1, op2, 1)
-static CYTHON_INLINE PyObject* __Pyx__PyNumber_Or_object_object(PyObject *op1, PyObject *op2, int inplace);
-#endif
 
 /* PyLongBinop.proto */
 #if !CYTHON_COMPILING_IN_PYPY
@@ -3145,6 +3125,15 @@ static CYTHON_INLINE PyObject* __Pyx____Pyx_PyUnicode_From_int64_t(int64_t value
 
 /* PyObjectCompare.proto */
 static CYTHON_INLINE int __Pyx_PyObject_CompareBoolNe_object_object(PyObject *op1, PyObject *op2, int pyop);
+
+/* PyObjectCompare.proto */
+static CYTHON_INLINE int __Pyx_PyObject_CompareBoolLt_object_int(PyObject *op1, PyObject *op2, int pyop);
+
+/* SliceObject.proto */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_GetSlice(
+        PyObject* obj, Py_ssize_t cstart, Py_ssize_t cstop,
+        PyObject** py_start, PyObject** py_stop, PyObject** py_slice,
+        int has_cstart, int has_cstop, int wraparound);
 
 /* DefaultPlacementNew.proto */
 #include <new>
@@ -3539,22 +3528,28 @@ static int __Pyx_ValidateAndInit_memviewslice(
                 PyObject *original_obj);
 
 /* ObjectToMemviewSlice.proto */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(PyObject *, int writable_flag);
+
+/* ObjectToMemviewSlice.proto */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(PyObject *, int writable_flag);
+
+/* ObjectToMemviewSlice.proto */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_float(PyObject *, int writable_flag);
+
+/* ObjectToMemviewSlice.proto */
 static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint8_t__const__(PyObject *, int writable_flag);
 
 /* ObjectToMemviewSlice.proto */
-static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint16_t__const__(PyObject *, int writable_flag);
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t(PyObject *, int writable_flag);
 
 /* ObjectToMemviewSlice.proto */
-static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(PyObject *, int writable_flag);
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint16_t__const__(PyObject *, int writable_flag);
 
 /* ObjectToMemviewSlice.proto */
 static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(PyObject *, int writable_flag);
 
 /* ObjectToMemviewSlice.proto */
 static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(PyObject *, int writable_flag);
-
-/* ObjectToMemviewSlice.proto */
-static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(PyObject *, int writable_flag);
 
 /* RealImag.proto */
 #if CYTHON_CCOMPLEX
@@ -3716,10 +3711,10 @@ static PyObject *__Pyx_Object_VectorcallMethodKwds(PyObject *name, PyObject *con
 static CYTHON_INLINE PyObject* __Pyx_PyLong_From_uint64_t(uint64_t value);
 
 /* CIntToPy.proto */
-static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value);
+static CYTHON_INLINE PyObject* __Pyx_PyLong_From_int64_t(int64_t value);
 
 /* CIntToPy.proto */
-static CYTHON_INLINE PyObject* __Pyx_PyLong_From_int64_t(int64_t value);
+static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value);
 
 /* CIntToPy.proto */
 static CYTHON_INLINE PyObject* __Pyx_PyLong_From_int(int value);
@@ -4036,9 +4031,10 @@ static void __pyx_memoryview__slice_assign_scalar(char *, Py_ssize_t *, Py_ssize
 static PyObject *__pyx_unpickle_Enum__set_state(struct __pyx_MemviewEnum_obj *, PyObject *); /*proto*/
 /* #### Code section: typeinfo ### */
 static const __Pyx_TypeInfo __Pyx_TypeInfo_nn_uint8_t__const__ = { "const uint8_t", NULL, sizeof(uint8_t const ), { 0 }, 0, __PYX_IS_UNSIGNED(uint8_t const ) ? 'U' : 'I', __PYX_IS_UNSIGNED(uint8_t const ), 0 };
-static const __Pyx_TypeInfo __Pyx_TypeInfo_nn_uint16_t__const__ = { "const uint16_t", NULL, sizeof(uint16_t const ), { 0 }, 0, __PYX_IS_UNSIGNED(uint16_t const ) ? 'U' : 'I', __PYX_IS_UNSIGNED(uint16_t const ), 0 };
 static const __Pyx_TypeInfo __Pyx_TypeInfo_float__const__ = { "const float", NULL, sizeof(float const ), { 0 }, 0, 'R', 0, 0 };
 static const __Pyx_TypeInfo __Pyx_TypeInfo_float = { "float", NULL, sizeof(float), { 0 }, 0, 'R', 0, 0 };
+static const __Pyx_TypeInfo __Pyx_TypeInfo_nn_uint8_t = { "uint8_t", NULL, sizeof(uint8_t), { 0 }, 0, __PYX_IS_UNSIGNED(uint8_t) ? 'U' : 'I', __PYX_IS_UNSIGNED(uint8_t), 0 };
+static const __Pyx_TypeInfo __Pyx_TypeInfo_nn_uint16_t__const__ = { "const uint16_t", NULL, sizeof(uint16_t const ), { 0 }, 0, __PYX_IS_UNSIGNED(uint16_t const ) ? 'U' : 'I', __PYX_IS_UNSIGNED(uint16_t const ), 0 };
 /* #### Code section: before_global_var ### */
 #define __Pyx_MODULE_NAME "anemll_fast._kernels"
 extern int __pyx_module_is_main_anemll_fast___kernels;
@@ -4112,14 +4108,16 @@ static PyObject *__pyx_pf___pyx_memoryviewslice___reduce_cython__(CYTHON_UNUSED 
 static PyObject *__pyx_pf___pyx_memoryviewslice_2__setstate_cython__(CYTHON_UNUSED struct __pyx_memoryviewslice_obj *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_pf_15View_dot_MemoryView___pyx_unpickle_Enum(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v___pyx_type, long __pyx_v___pyx_checksum, PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_kernel_isa(CYTHON_UNUSED PyObject *__pyx_self); /* proto */
-static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_buf); /* proto */
+static PyObject *__pyx_pf_11anemll_fast_8_kernels_2round_fp16(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_r); /* proto */
+static PyObject *__pyx_pf_11anemll_fast_8_kernels_4stream_read_bytes(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_buf); /* proto */
+static PyObject *__pyx_pf_11anemll_fast_8_kernels_6_pack_nibbles(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_u); /* proto */
 static int __pyx_pf_11anemll_fast_8_kernels_12PackedWeight___cinit__(struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObject *__pyx_v_weight); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(PyObject *__pyx_v_indices, PyObject *__pyx_v_lut, int __pyx_v_nbits); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___genexpr(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_genexpr_arg_0); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__(struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *__pyx_v_self, PyObject *__pyx_v_x, PyObject *__pyx_v_bias, PyObject *__pyx_v_out); /* proto */
-static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *__pyx_v_self, int64_t __pyx_v_r0, PyObject *__pyx_v_r1); /* proto */
+static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *__pyx_v_self, int64_t __pyx_v_r0, PyObject *__pyx_v_r1, PyObject *__pyx_v_out); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4rows___get__(struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4cols___get__(struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4kind___get__(struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *__pyx_v_self); /* proto */
@@ -4324,11 +4322,11 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_items;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_pop;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
-    PyObject *__pyx_slice[3];
-    PyObject *__pyx_tuple[9];
-    PyObject *__pyx_codeobj_tab[9];
-    PyObject *__pyx_string_tab[213];
-    PyObject *__pyx_number_tab[9];
+    PyObject *__pyx_slice[1];
+    PyObject *__pyx_tuple[7];
+    PyObject *__pyx_codeobj_tab[11];
+    PyObject *__pyx_string_tab[224];
+    PyObject *__pyx_number_tab[8];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
 #if CYTHON_COMPILING_IN_LIMITED_API
@@ -4392,226 +4390,236 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 /* #### Code section: constant_name_defines ### */
 #define __pyx_kp_u_at_0x __pyx_string_tab[0]
 #define __pyx_kp_u_columns __pyx_string_tab[1]
-#define __pyx_kp_u_for __pyx_string_tab[2]
-#define __pyx_kp_u_for_a_weight_of __pyx_string_tab[3]
-#define __pyx_kp_u_object __pyx_string_tab[4]
-#define __pyx_kp_u_outside_a __pyx_string_tab[5]
-#define __pyx_kp_u_palette_entries_do_not_fit __pyx_string_tab[6]
-#define __pyx_kp_u_rows __pyx_string_tab[7]
-#define __pyx_kp_u_rows_needs_groups_entries_with __pyx_string_tab[8]
-#define __pyx_kp_u_values_for __pyx_string_tab[9]
-#define __pyx_kp_u_tree_fragment __pyx_string_tab[10]
-#define __pyx_kp_u__6 __pyx_string_tab[11]
-#define __pyx_kp_u_outside_0 __pyx_string_tab[12]
-#define __pyx_kp_u__5 __pyx_string_tab[13]
-#define __pyx_kp_u_bit_indices __pyx_string_tab[14]
-#define __pyx_kp_u_entry_table __pyx_string_tab[15]
-#define __pyx_kp_u__3 __pyx_string_tab[16]
-#define __pyx_kp_u__2 __pyx_string_tab[17]
-#define __pyx_kp_u_MemoryView_of __pyx_string_tab[18]
-#define __pyx_kp_u_contiguous_and_direct __pyx_string_tab[19]
-#define __pyx_kp_u_contiguous_and_indirect __pyx_string_tab[20]
-#define __pyx_kp_u_strided_and_direct_or_indirect __pyx_string_tab[21]
-#define __pyx_kp_u_strided_and_direct __pyx_string_tab[22]
-#define __pyx_kp_u_strided_and_indirect __pyx_string_tab[23]
-#define __pyx_kp_u__4 __pyx_string_tab[24]
-#define __pyx_kp_u_ __pyx_string_tab[25]
-#define __pyx_kp_u_Cannot_assign_to_read_only_memor __pyx_string_tab[26]
-#define __pyx_kp_u_Invalid_mode_expected_c_or_fortr __pyx_string_tab[27]
-#define __pyx_kp_u_Invalid_shape_in_axis __pyx_string_tab[28]
-#define __pyx_kp_u_Note_that_Cython_is_deliberately __pyx_string_tab[29]
-#define __pyx_kp_u_add_note __pyx_string_tab[30]
-#define __pyx_kp_u_an_fp16_weight_must_be_a_non_emp __pyx_string_tab[31]
-#define __pyx_kp_u_anemll_fast__kernels_pyx __pyx_string_tab[32]
-#define __pyx_kp_u_bias_of __pyx_string_tab[33]
-#define __pyx_kp_u_collections_abc __pyx_string_tab[34]
-#define __pyx_kp_u_disable __pyx_string_tab[35]
-#define __pyx_kp_u_enable __pyx_string_tab[36]
-#define __pyx_kp_u_gc __pyx_string_tab[37]
-#define __pyx_kp_u_input_of_shape __pyx_string_tab[38]
-#define __pyx_kp_u_invalid_packed_weight __pyx_string_tab[39]
-#define __pyx_kp_u_isenabled __pyx_string_tab[40]
-#define __pyx_kp_u_lut_of_shape __pyx_string_tab[41]
-#define __pyx_kp_u_no_default___reduce___due_to_non __pyx_string_tab[42]
-#define __pyx_kp_u_numpy__core_multiarray_failed_to __pyx_string_tab[43]
-#define __pyx_kp_u_numpy__core_umath_failed_to_impo __pyx_string_tab[44]
-#define __pyx_kp_u_out_must_be_a_C_contiguous_float __pyx_string_tab[45]
-#define __pyx_kp_u_palette_index __pyx_string_tab[46]
-#define __pyx_kp_u_palette_indices_must_be_a_non_em __pyx_string_tab[47]
-#define __pyx_kp_u_rows_2 __pyx_string_tab[48]
-#define __pyx_kp_u_unable_to_allocate_array_data __pyx_string_tab[49]
-#define __pyx_kp_u_unable_to_allocate_shape_and_str __pyx_string_tab[50]
-#define __pyx_n_u_ASCII __pyx_string_tab[51]
-#define __pyx_n_u_Ellipsis __pyx_string_tab[52]
-#define __pyx_n_u_PackedWeight __pyx_string_tab[53]
-#define __pyx_n_u_PackedWeight___get___locals_gene __pyx_string_tab[54]
-#define __pyx_n_u_PackedWeight___reduce_cython __pyx_string_tab[55]
-#define __pyx_n_u_PackedWeight___setstate_cython __pyx_string_tab[56]
-#define __pyx_n_u_PackedWeight_decode __pyx_string_tab[57]
-#define __pyx_n_u_PackedWeight_from_f16 __pyx_string_tab[58]
-#define __pyx_n_u_PackedWeight_from_palette __pyx_string_tab[59]
-#define __pyx_n_u_PackedWeight_matmul __pyx_string_tab[60]
-#define __pyx_n_u_Sequence __pyx_string_tab[61]
-#define __pyx_n_u_View_MemoryView __pyx_string_tab[62]
-#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[63]
-#define __pyx_n_u_annotate __pyx_string_tab[64]
-#define __pyx_n_u_class __pyx_string_tab[65]
-#define __pyx_n_u_class_getitem __pyx_string_tab[66]
-#define __pyx_n_u_dict __pyx_string_tab[67]
-#define __pyx_n_u_func __pyx_string_tab[68]
-#define __pyx_n_u_getstate __pyx_string_tab[69]
-#define __pyx_n_u_import __pyx_string_tab[70]
-#define __pyx_n_u_main __pyx_string_tab[71]
-#define __pyx_n_u_module __pyx_string_tab[72]
-#define __pyx_n_u_name_2 __pyx_string_tab[73]
-#define __pyx_n_u_new __pyx_string_tab[74]
-#define __pyx_n_u_pyx_checksum __pyx_string_tab[75]
-#define __pyx_n_u_pyx_state __pyx_string_tab[76]
-#define __pyx_n_u_pyx_type __pyx_string_tab[77]
-#define __pyx_n_u_pyx_unpickle_Enum __pyx_string_tab[78]
-#define __pyx_n_u_pyx_vtable __pyx_string_tab[79]
-#define __pyx_n_u_qualname __pyx_string_tab[80]
-#define __pyx_n_u_reduce __pyx_string_tab[81]
-#define __pyx_n_u_reduce_cython __pyx_string_tab[82]
-#define __pyx_n_u_reduce_ex __pyx_string_tab[83]
-#define __pyx_n_u_set_name __pyx_string_tab[84]
-#define __pyx_n_u_setstate __pyx_string_tab[85]
-#define __pyx_n_u_setstate_cython __pyx_string_tab[86]
-#define __pyx_n_u_test __pyx_string_tab[87]
-#define __pyx_n_u_is_coroutine __pyx_string_tab[88]
-#define __pyx_n_u_a __pyx_string_tab[89]
-#define __pyx_n_u_abc __pyx_string_tab[90]
-#define __pyx_n_u_allocate_buffer __pyx_string_tab[91]
-#define __pyx_n_u_anemll_fast__kernels __pyx_string_tab[92]
-#define __pyx_n_u_array_equal __pyx_string_tab[93]
-#define __pyx_n_u_asarray __pyx_string_tab[94]
-#define __pyx_n_u_ascontiguousarray __pyx_string_tab[95]
-#define __pyx_n_u_astype __pyx_string_tab[96]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[97]
-#define __pyx_n_u_axis __pyx_string_tab[98]
-#define __pyx_n_u_b __pyx_string_tab[99]
-#define __pyx_n_u_base __pyx_string_tab[100]
-#define __pyx_n_u_bias __pyx_string_tab[101]
-#define __pyx_n_u_bits __pyx_string_tab[102]
-#define __pyx_n_u_bp __pyx_string_tab[103]
-#define __pyx_n_u_buf __pyx_string_tab[104]
-#define __pyx_n_u_bv __pyx_string_tab[105]
-#define __pyx_n_u_c __pyx_string_tab[106]
-#define __pyx_n_u_c_contiguous __pyx_string_tab[107]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[108]
-#define __pyx_n_u_close __pyx_string_tab[109]
-#define __pyx_n_u_cols __pyx_string_tab[110]
-#define __pyx_n_u_concatenate __pyx_string_tab[111]
-#define __pyx_n_u_count __pyx_string_tab[112]
-#define __pyx_n_u_decode __pyx_string_tab[113]
-#define __pyx_n_u_dtype __pyx_string_tab[114]
-#define __pyx_n_u_dtype_is_object __pyx_string_tab[115]
-#define __pyx_n_u_empty __pyx_string_tab[116]
-#define __pyx_n_u_encode __pyx_string_tab[117]
-#define __pyx_n_u_end __pyx_string_tab[118]
-#define __pyx_n_u_enumerate __pyx_string_tab[119]
-#define __pyx_n_u_error __pyx_string_tab[120]
-#define __pyx_n_u_flags __pyx_string_tab[121]
-#define __pyx_n_u_float16 __pyx_string_tab[122]
-#define __pyx_n_u_float32 __pyx_string_tab[123]
-#define __pyx_n_u_format __pyx_string_tab[124]
-#define __pyx_n_u_fortran __pyx_string_tab[125]
-#define __pyx_n_u_fp16 __pyx_string_tab[126]
-#define __pyx_n_u_from_f16 __pyx_string_tab[127]
-#define __pyx_n_u_from_palette __pyx_string_tab[128]
-#define __pyx_n_u_genexpr __pyx_string_tab[129]
-#define __pyx_n_u_half __pyx_string_tab[130]
-#define __pyx_n_u_id __pyx_string_tab[131]
-#define __pyx_n_u_idx __pyx_string_tab[132]
-#define __pyx_n_u_index __pyx_string_tab[133]
-#define __pyx_n_u_indices __pyx_string_tab[134]
-#define __pyx_n_u_int __pyx_string_tab[135]
-#define __pyx_n_u_items __pyx_string_tab[136]
-#define __pyx_n_u_itemsize __pyx_string_tab[137]
-#define __pyx_n_u_keep __pyx_string_tab[138]
-#define __pyx_n_u_kernel_isa __pyx_string_tab[139]
-#define __pyx_n_u_lut __pyx_string_tab[140]
-#define __pyx_n_u_matmul __pyx_string_tab[141]
-#define __pyx_n_u_max __pyx_string_tab[142]
-#define __pyx_n_u_memview __pyx_string_tab[143]
-#define __pyx_n_u_min __pyx_string_tab[144]
-#define __pyx_n_u_mode __pyx_string_tab[145]
-#define __pyx_n_u_n __pyx_string_tab[146]
-#define __pyx_n_u_name __pyx_string_tab[147]
-#define __pyx_n_u_nbits __pyx_string_tab[148]
-#define __pyx_n_u_nbytes __pyx_string_tab[149]
-#define __pyx_n_u_ndim __pyx_string_tab[150]
-#define __pyx_n_u_next __pyx_string_tab[151]
-#define __pyx_n_u_np __pyx_string_tab[152]
-#define __pyx_n_u_nsub __pyx_string_tab[153]
-#define __pyx_n_u_numpy __pyx_string_tab[154]
-#define __pyx_n_u_obj __pyx_string_tab[155]
-#define __pyx_n_u_out __pyx_string_tab[156]
-#define __pyx_n_u_ov __pyx_string_tab[157]
-#define __pyx_n_u_p __pyx_string_tab[158]
-#define __pyx_n_u_pack __pyx_string_tab[159]
-#define __pyx_n_u_packed __pyx_string_tab[160]
-#define __pyx_n_u_palette __pyx_string_tab[161]
-#define __pyx_n_u_pk __pyx_string_tab[162]
-#define __pyx_n_u_pop __pyx_string_tab[163]
-#define __pyx_n_u_r0 __pyx_string_tab[164]
-#define __pyx_n_u_r1 __pyx_string_tab[165]
-#define __pyx_n_u_rc __pyx_string_tab[166]
-#define __pyx_n_u_register __pyx_string_tab[167]
-#define __pyx_n_u_reshape __pyx_string_tab[168]
-#define __pyx_n_u_return __pyx_string_tab[169]
-#define __pyx_n_u_rows_3 __pyx_string_tab[170]
-#define __pyx_n_u_s __pyx_string_tab[171]
-#define __pyx_n_u_self __pyx_string_tab[172]
-#define __pyx_n_u_send __pyx_string_tab[173]
-#define __pyx_n_u_setdefault __pyx_string_tab[174]
-#define __pyx_n_u_shape __pyx_string_tab[175]
-#define __pyx_n_u_size __pyx_string_tab[176]
-#define __pyx_n_u_split __pyx_string_tab[177]
-#define __pyx_n_u_start __pyx_string_tab[178]
-#define __pyx_n_u_staticmethod __pyx_string_tab[179]
-#define __pyx_n_u_step __pyx_string_tab[180]
-#define __pyx_n_u_stop __pyx_string_tab[181]
-#define __pyx_n_u_str __pyx_string_tab[182]
-#define __pyx_n_u_stream_read_bytes __pyx_string_tab[183]
-#define __pyx_n_u_struct __pyx_string_tab[184]
-#define __pyx_n_u_sum __pyx_string_tab[185]
-#define __pyx_n_u_t16 __pyx_string_tab[186]
-#define __pyx_n_u_table __pyx_string_tab[187]
-#define __pyx_n_u_tb __pyx_string_tab[188]
-#define __pyx_n_u_throw __pyx_string_tab[189]
-#define __pyx_n_u_u __pyx_string_tab[190]
-#define __pyx_n_u_uint16 __pyx_string_tab[191]
-#define __pyx_n_u_uint8 __pyx_string_tab[192]
-#define __pyx_n_u_unpack __pyx_string_tab[193]
-#define __pyx_n_u_update __pyx_string_tab[194]
-#define __pyx_n_u_value __pyx_string_tab[195]
-#define __pyx_n_u_values __pyx_string_tab[196]
-#define __pyx_n_u_view __pyx_string_tab[197]
-#define __pyx_n_u_weight __pyx_string_tab[198]
-#define __pyx_n_u_x __pyx_string_tab[199]
-#define __pyx_n_u_xa __pyx_string_tab[200]
-#define __pyx_n_u_xv __pyx_string_tab[201]
-#define __pyx_n_u_yv __pyx_string_tab[202]
-#define __pyx_n_u_zeros __pyx_string_tab[203]
-#define __pyx_n_b_O __pyx_string_tab[204]
-#define __pyx_kp_b_iso88591_Q __pyx_string_tab[205]
-#define __pyx_kp_b_iso88591_A_l_B_r_1F_Rs_6_S_QfAS_1_A_TTUUY __pyx_string_tab[206]
-#define __pyx_kp_b_iso88591_A_l_b_AU_3fCr_CvQc_Bc_F_3c_A_UUV __pyx_string_tab[207]
-#define __pyx_kp_b_iso88591_A __pyx_string_tab[208]
-#define __pyx_kp_b_iso88591_A_3b_q __pyx_string_tab[209]
-#define __pyx_kp_b_iso88591_a_4AT_2U_2Q_a_QfAQ_r_A_q_Kq_4q __pyx_string_tab[210]
-#define __pyx_kp_b_iso88591_Zq_R_V2Q_2V3a_82S_2V3b_2V1Cs_a __pyx_string_tab[211]
-#define __pyx_kp_b_iso88591_a_4y_3j_4r_F_Q_AXQe1_at1_b_b_Bd __pyx_string_tab[212]
+#define __pyx_kp_u_elements __pyx_string_tab[2]
+#define __pyx_kp_u_for __pyx_string_tab[3]
+#define __pyx_kp_u_for_a_weight_of __pyx_string_tab[4]
+#define __pyx_kp_u_object __pyx_string_tab[5]
+#define __pyx_kp_u_outside_a __pyx_string_tab[6]
+#define __pyx_kp_u_palette_entries_do_not_fit __pyx_string_tab[7]
+#define __pyx_kp_u_rows __pyx_string_tab[8]
+#define __pyx_kp_u_rows_needs_groups_entries_with __pyx_string_tab[9]
+#define __pyx_kp_u_values_for __pyx_string_tab[10]
+#define __pyx_kp_u_tree_fragment __pyx_string_tab[11]
+#define __pyx_kp_u__6 __pyx_string_tab[12]
+#define __pyx_kp_u_outside_0 __pyx_string_tab[13]
+#define __pyx_kp_u__5 __pyx_string_tab[14]
+#define __pyx_kp_u_bit_indices __pyx_string_tab[15]
+#define __pyx_kp_u_entry_table __pyx_string_tab[16]
+#define __pyx_kp_u__3 __pyx_string_tab[17]
+#define __pyx_kp_u__2 __pyx_string_tab[18]
+#define __pyx_kp_u_MemoryView_of __pyx_string_tab[19]
+#define __pyx_kp_u_contiguous_and_direct __pyx_string_tab[20]
+#define __pyx_kp_u_contiguous_and_indirect __pyx_string_tab[21]
+#define __pyx_kp_u_strided_and_direct_or_indirect __pyx_string_tab[22]
+#define __pyx_kp_u_strided_and_direct __pyx_string_tab[23]
+#define __pyx_kp_u_strided_and_indirect __pyx_string_tab[24]
+#define __pyx_kp_u__4 __pyx_string_tab[25]
+#define __pyx_kp_u_ __pyx_string_tab[26]
+#define __pyx_kp_u_Cannot_assign_to_read_only_memor __pyx_string_tab[27]
+#define __pyx_kp_u_Invalid_mode_expected_c_or_fortr __pyx_string_tab[28]
+#define __pyx_kp_u_Invalid_shape_in_axis __pyx_string_tab[29]
+#define __pyx_kp_u_Note_that_Cython_is_deliberately __pyx_string_tab[30]
+#define __pyx_kp_u_add_note __pyx_string_tab[31]
+#define __pyx_kp_u_an_fp16_weight_must_be_a_non_emp __pyx_string_tab[32]
+#define __pyx_kp_u_anemll_fast__kernels_pyx __pyx_string_tab[33]
+#define __pyx_kp_u_bias_of __pyx_string_tab[34]
+#define __pyx_kp_u_collections_abc __pyx_string_tab[35]
+#define __pyx_kp_u_disable __pyx_string_tab[36]
+#define __pyx_kp_u_enable __pyx_string_tab[37]
+#define __pyx_kp_u_gc __pyx_string_tab[38]
+#define __pyx_kp_u_input_of_shape __pyx_string_tab[39]
+#define __pyx_kp_u_invalid_packed_weight __pyx_string_tab[40]
+#define __pyx_kp_u_isenabled __pyx_string_tab[41]
+#define __pyx_kp_u_lut_of_shape __pyx_string_tab[42]
+#define __pyx_kp_u_no_default___reduce___due_to_non __pyx_string_tab[43]
+#define __pyx_kp_u_numpy__core_multiarray_failed_to __pyx_string_tab[44]
+#define __pyx_kp_u_numpy__core_umath_failed_to_impo __pyx_string_tab[45]
+#define __pyx_kp_u_out_must_be_a_C_contiguous_float_2 __pyx_string_tab[46]
+#define __pyx_kp_u_out_must_be_a_C_contiguous_float __pyx_string_tab[47]
+#define __pyx_kp_u_palette_index __pyx_string_tab[48]
+#define __pyx_kp_u_palette_indices_must_be_a_non_em __pyx_string_tab[49]
+#define __pyx_kp_u_rows_2 __pyx_string_tab[50]
+#define __pyx_kp_u_unable_to_allocate_array_data __pyx_string_tab[51]
+#define __pyx_kp_u_unable_to_allocate_shape_and_str __pyx_string_tab[52]
+#define __pyx_n_u_ASCII __pyx_string_tab[53]
+#define __pyx_n_u_Ellipsis __pyx_string_tab[54]
+#define __pyx_n_u_PackedWeight __pyx_string_tab[55]
+#define __pyx_n_u_PackedWeight___get___locals_gene __pyx_string_tab[56]
+#define __pyx_n_u_PackedWeight___reduce_cython __pyx_string_tab[57]
+#define __pyx_n_u_PackedWeight___setstate_cython __pyx_string_tab[58]
+#define __pyx_n_u_PackedWeight_decode __pyx_string_tab[59]
+#define __pyx_n_u_PackedWeight_from_f16 __pyx_string_tab[60]
+#define __pyx_n_u_PackedWeight_from_palette __pyx_string_tab[61]
+#define __pyx_n_u_PackedWeight_matmul __pyx_string_tab[62]
+#define __pyx_n_u_Sequence __pyx_string_tab[63]
+#define __pyx_n_u_View_MemoryView __pyx_string_tab[64]
+#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[65]
+#define __pyx_n_u_annotate __pyx_string_tab[66]
+#define __pyx_n_u_class __pyx_string_tab[67]
+#define __pyx_n_u_class_getitem __pyx_string_tab[68]
+#define __pyx_n_u_dict __pyx_string_tab[69]
+#define __pyx_n_u_func __pyx_string_tab[70]
+#define __pyx_n_u_getstate __pyx_string_tab[71]
+#define __pyx_n_u_import __pyx_string_tab[72]
+#define __pyx_n_u_main __pyx_string_tab[73]
+#define __pyx_n_u_module __pyx_string_tab[74]
+#define __pyx_n_u_name_2 __pyx_string_tab[75]
+#define __pyx_n_u_new __pyx_string_tab[76]
+#define __pyx_n_u_pyx_checksum __pyx_string_tab[77]
+#define __pyx_n_u_pyx_state __pyx_string_tab[78]
+#define __pyx_n_u_pyx_type __pyx_string_tab[79]
+#define __pyx_n_u_pyx_unpickle_Enum __pyx_string_tab[80]
+#define __pyx_n_u_pyx_vtable __pyx_string_tab[81]
+#define __pyx_n_u_qualname __pyx_string_tab[82]
+#define __pyx_n_u_reduce __pyx_string_tab[83]
+#define __pyx_n_u_reduce_cython __pyx_string_tab[84]
+#define __pyx_n_u_reduce_ex __pyx_string_tab[85]
+#define __pyx_n_u_set_name __pyx_string_tab[86]
+#define __pyx_n_u_setstate __pyx_string_tab[87]
+#define __pyx_n_u_setstate_cython __pyx_string_tab[88]
+#define __pyx_n_u_test __pyx_string_tab[89]
+#define __pyx_n_u_is_coroutine __pyx_string_tab[90]
+#define __pyx_n_u_pack_nibbles __pyx_string_tab[91]
+#define __pyx_n_u_a __pyx_string_tab[92]
+#define __pyx_n_u_abc __pyx_string_tab[93]
+#define __pyx_n_u_allocate_buffer __pyx_string_tab[94]
+#define __pyx_n_u_anemll_fast__kernels __pyx_string_tab[95]
+#define __pyx_n_u_array_equal __pyx_string_tab[96]
+#define __pyx_n_u_asarray __pyx_string_tab[97]
+#define __pyx_n_u_ascontiguousarray __pyx_string_tab[98]
+#define __pyx_n_u_astype __pyx_string_tab[99]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[100]
+#define __pyx_n_u_axis __pyx_string_tab[101]
+#define __pyx_n_u_b __pyx_string_tab[102]
+#define __pyx_n_u_base __pyx_string_tab[103]
+#define __pyx_n_u_bias __pyx_string_tab[104]
+#define __pyx_n_u_bits __pyx_string_tab[105]
+#define __pyx_n_u_bp __pyx_string_tab[106]
+#define __pyx_n_u_buf __pyx_string_tab[107]
+#define __pyx_n_u_bv __pyx_string_tab[108]
+#define __pyx_n_u_c __pyx_string_tab[109]
+#define __pyx_n_u_c_contiguous __pyx_string_tab[110]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[111]
+#define __pyx_n_u_close __pyx_string_tab[112]
+#define __pyx_n_u_cols __pyx_string_tab[113]
+#define __pyx_n_u_concatenate __pyx_string_tab[114]
+#define __pyx_n_u_count __pyx_string_tab[115]
+#define __pyx_n_u_decode __pyx_string_tab[116]
+#define __pyx_n_u_dst __pyx_string_tab[117]
+#define __pyx_n_u_dtype __pyx_string_tab[118]
+#define __pyx_n_u_dtype_is_object __pyx_string_tab[119]
+#define __pyx_n_u_empty __pyx_string_tab[120]
+#define __pyx_n_u_encode __pyx_string_tab[121]
+#define __pyx_n_u_end __pyx_string_tab[122]
+#define __pyx_n_u_enumerate __pyx_string_tab[123]
+#define __pyx_n_u_error __pyx_string_tab[124]
+#define __pyx_n_u_flags __pyx_string_tab[125]
+#define __pyx_n_u_float16 __pyx_string_tab[126]
+#define __pyx_n_u_float32 __pyx_string_tab[127]
+#define __pyx_n_u_format __pyx_string_tab[128]
+#define __pyx_n_u_fortran __pyx_string_tab[129]
+#define __pyx_n_u_fp16 __pyx_string_tab[130]
+#define __pyx_n_u_from_f16 __pyx_string_tab[131]
+#define __pyx_n_u_from_palette __pyx_string_tab[132]
+#define __pyx_n_u_genexpr __pyx_string_tab[133]
+#define __pyx_n_u_half __pyx_string_tab[134]
+#define __pyx_n_u_id __pyx_string_tab[135]
+#define __pyx_n_u_idx __pyx_string_tab[136]
+#define __pyx_n_u_index __pyx_string_tab[137]
+#define __pyx_n_u_indices __pyx_string_tab[138]
+#define __pyx_n_u_int __pyx_string_tab[139]
+#define __pyx_n_u_items __pyx_string_tab[140]
+#define __pyx_n_u_itemsize __pyx_string_tab[141]
+#define __pyx_n_u_k __pyx_string_tab[142]
+#define __pyx_n_u_keep __pyx_string_tab[143]
+#define __pyx_n_u_kernel_isa __pyx_string_tab[144]
+#define __pyx_n_u_lut __pyx_string_tab[145]
+#define __pyx_n_u_matmul __pyx_string_tab[146]
+#define __pyx_n_u_max __pyx_string_tab[147]
+#define __pyx_n_u_memview __pyx_string_tab[148]
+#define __pyx_n_u_min __pyx_string_tab[149]
+#define __pyx_n_u_mode __pyx_string_tab[150]
+#define __pyx_n_u_n __pyx_string_tab[151]
+#define __pyx_n_u_name __pyx_string_tab[152]
+#define __pyx_n_u_nbits __pyx_string_tab[153]
+#define __pyx_n_u_nbytes __pyx_string_tab[154]
+#define __pyx_n_u_ndim __pyx_string_tab[155]
+#define __pyx_n_u_next __pyx_string_tab[156]
+#define __pyx_n_u_np __pyx_string_tab[157]
+#define __pyx_n_u_nsub __pyx_string_tab[158]
+#define __pyx_n_u_numpy __pyx_string_tab[159]
+#define __pyx_n_u_o __pyx_string_tab[160]
+#define __pyx_n_u_obj __pyx_string_tab[161]
+#define __pyx_n_u_out __pyx_string_tab[162]
+#define __pyx_n_u_ov __pyx_string_tab[163]
+#define __pyx_n_u_p __pyx_string_tab[164]
+#define __pyx_n_u_pack __pyx_string_tab[165]
+#define __pyx_n_u_packed __pyx_string_tab[166]
+#define __pyx_n_u_palette __pyx_string_tab[167]
+#define __pyx_n_u_pk __pyx_string_tab[168]
+#define __pyx_n_u_pop __pyx_string_tab[169]
+#define __pyx_n_u_r __pyx_string_tab[170]
+#define __pyx_n_u_r0 __pyx_string_tab[171]
+#define __pyx_n_u_r1 __pyx_string_tab[172]
+#define __pyx_n_u_rc __pyx_string_tab[173]
+#define __pyx_n_u_register __pyx_string_tab[174]
+#define __pyx_n_u_reshape __pyx_string_tab[175]
+#define __pyx_n_u_return __pyx_string_tab[176]
+#define __pyx_n_u_round_fp16 __pyx_string_tab[177]
+#define __pyx_n_u_rows_3 __pyx_string_tab[178]
+#define __pyx_n_u_s __pyx_string_tab[179]
+#define __pyx_n_u_self __pyx_string_tab[180]
+#define __pyx_n_u_send __pyx_string_tab[181]
+#define __pyx_n_u_setdefault __pyx_string_tab[182]
+#define __pyx_n_u_shape __pyx_string_tab[183]
+#define __pyx_n_u_size __pyx_string_tab[184]
+#define __pyx_n_u_split __pyx_string_tab[185]
+#define __pyx_n_u_src __pyx_string_tab[186]
+#define __pyx_n_u_start __pyx_string_tab[187]
+#define __pyx_n_u_staticmethod __pyx_string_tab[188]
+#define __pyx_n_u_step __pyx_string_tab[189]
+#define __pyx_n_u_stop __pyx_string_tab[190]
+#define __pyx_n_u_str __pyx_string_tab[191]
+#define __pyx_n_u_stream_read_bytes __pyx_string_tab[192]
+#define __pyx_n_u_struct __pyx_string_tab[193]
+#define __pyx_n_u_sum __pyx_string_tab[194]
+#define __pyx_n_u_t16 __pyx_string_tab[195]
+#define __pyx_n_u_table __pyx_string_tab[196]
+#define __pyx_n_u_tb __pyx_string_tab[197]
+#define __pyx_n_u_throw __pyx_string_tab[198]
+#define __pyx_n_u_u __pyx_string_tab[199]
+#define __pyx_n_u_uint16 __pyx_string_tab[200]
+#define __pyx_n_u_uint8 __pyx_string_tab[201]
+#define __pyx_n_u_unpack __pyx_string_tab[202]
+#define __pyx_n_u_update __pyx_string_tab[203]
+#define __pyx_n_u_value __pyx_string_tab[204]
+#define __pyx_n_u_values __pyx_string_tab[205]
+#define __pyx_n_u_view __pyx_string_tab[206]
+#define __pyx_n_u_weight __pyx_string_tab[207]
+#define __pyx_n_u_x __pyx_string_tab[208]
+#define __pyx_n_u_xa __pyx_string_tab[209]
+#define __pyx_n_u_xv __pyx_string_tab[210]
+#define __pyx_n_u_yv __pyx_string_tab[211]
+#define __pyx_n_u_zeros __pyx_string_tab[212]
+#define __pyx_n_b_O __pyx_string_tab[213]
+#define __pyx_kp_b_iso88591_Q __pyx_string_tab[214]
+#define __pyx_kp_b_iso88591_3fBa_t1F_B_F_1HBa_Qa_r_A_q_1_XR __pyx_string_tab[215]
+#define __pyx_kp_b_iso88591_q_1F_1_F_G5_S_Ba_Q_E_aq_U_3e2S __pyx_string_tab[216]
+#define __pyx_kp_b_iso88591_A_l_B_r_1F_Rs_6_S_QfAS_1_A_TTUUY __pyx_string_tab[217]
+#define __pyx_kp_b_iso88591_A_l_b_AU_3fCr_CvQc_Bc_F_3c_A_UUV __pyx_string_tab[218]
+#define __pyx_kp_b_iso88591_A __pyx_string_tab[219]
+#define __pyx_kp_b_iso88591_A_3b_q __pyx_string_tab[220]
+#define __pyx_kp_b_iso88591_a_4AT_2U_2Q_a_QfAQ_r_A_q_Kq_4q __pyx_string_tab[221]
+#define __pyx_kp_b_iso88591_Zq_R_V2Q_2V3a_82S_2V3b_2V1Cs_a __pyx_string_tab[222]
+#define __pyx_kp_b_iso88591_j_4y_3j_4r_F_Q_AXQe1_at1_4s_F_D __pyx_string_tab[223]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_1 __pyx_number_tab[2]
 #define __pyx_int_2 __pyx_number_tab[3]
-#define __pyx_int_4 __pyx_number_tab[4]
-#define __pyx_int_8 __pyx_number_tab[5]
-#define __pyx_int_16 __pyx_number_tab[6]
-#define __pyx_int_255 __pyx_number_tab[7]
-#define __pyx_int_136983863 __pyx_number_tab[8]
+#define __pyx_int_8 __pyx_number_tab[4]
+#define __pyx_int_16 __pyx_number_tab[5]
+#define __pyx_int_255 __pyx_number_tab[6]
+#define __pyx_int_136983863 __pyx_number_tab[7]
 /* #### Code section: module_state_clear ### */
 #if CYTHON_USE_MODULE_STATE
 static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
@@ -4657,11 +4665,11 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_items.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
-  for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
-  for (int i=0; i<9; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<9; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<213; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
-  for (int i=0; i<9; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
+  for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
+  for (int i=0; i<7; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<11; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<224; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<8; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
 Py_CLEAR(clear_module_state->__pyx_CommonTypesMetaclassType);
@@ -4718,11 +4726,11 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_items.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
-  for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
-  for (int i=0; i<9; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<9; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<213; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
-  for (int i=0; i<9; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
+  for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
+  for (int i=0; i<7; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<11; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<224; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<8; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
 Py_VISIT(traverse_module_state->__pyx_CommonTypesMetaclassType);
@@ -20789,7 +20797,7 @@ static CYTHON_INLINE NPY_DATETIMEUNIT __pyx_f_5numpy_get_datetime64_unit(PyObjec
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":31
+/* "anemll_fast/_kernels.pyx":32
  * 
  * 
  * def kernel_isa() -> str:             # <<<<<<<<<<<<<<
@@ -20825,7 +20833,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_kernel_isa(CYTHON_UNUSED PyObj
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("kernel_isa", 0);
 
-  /* "anemll_fast/_kernels.pyx":33
+  /* "anemll_fast/_kernels.pyx":34
  * def kernel_isa() -> str:
  *     """Which vector path runs on this CPU ("avx2+fma+f16c", "neon" or "portable")."""
  *     return isa().decode()             # <<<<<<<<<<<<<<
@@ -20834,11 +20842,11 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_kernel_isa(CYTHON_UNUSED PyObj
 */
 
   __pyx_t_1 = anemll::kernels::isa();
-  __pyx_t_2 = __Pyx_ssize_strlen(__pyx_t_1); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 33, __pyx_L1_error)
-  __pyx_t_3 = __Pyx_decode_c_string(__pyx_t_1, 0, __pyx_t_2, NULL, NULL, NULL); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 33, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_ssize_strlen(__pyx_t_1); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 34, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_decode_c_string(__pyx_t_1, 0, __pyx_t_2, NULL, NULL, NULL); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 34, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
 
-  if (!(likely(PyUnicode_CheckExact(__pyx_t_3)) || __Pyx_RaiseUnexpectedTypeError("str", __pyx_t_3))) __PYX_ERR(0, 33, __pyx_L1_error)
+  if (!(likely(PyUnicode_CheckExact(__pyx_t_3)) || __Pyx_RaiseUnexpectedTypeError("str", __pyx_t_3))) __PYX_ERR(0, 34, __pyx_L1_error)
   {
     PyObject *__pyx_temp;
     {
@@ -20851,7 +20859,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_kernel_isa(CYTHON_UNUSED PyObj
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":31
+  /* "anemll_fast/_kernels.pyx":32
  * 
  * 
  * def kernel_isa() -> str:             # <<<<<<<<<<<<<<
@@ -20870,7 +20878,486 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_kernel_isa(CYTHON_UNUSED PyObj
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":36
+/* "anemll_fast/_kernels.pyx":37
+ * 
+ * 
+ * def round_fp16(r):             # <<<<<<<<<<<<<<
+ *     """r rounded to fp16 precision, as a new float32 array: numpy's float16 round trip in one
+ *     vectorized pass (F16C / NEON), for the outputs of fp16-typed ops."""
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_11anemll_fast_8_kernels_3round_fp16(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_11anemll_fast_8_kernels_2round_fp16, "round_fp16(r)\n\nr rounded to fp16 precision, as a new float32 array: numpy\047s float16 round trip in one\nvectorized pass (F16C / NEON), for the outputs of fp16-typed ops.");
+static PyMethodDef __pyx_mdef_11anemll_fast_8_kernels_3round_fp16 = {"round_fp16", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_11anemll_fast_8_kernels_3round_fp16, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_11anemll_fast_8_kernels_2round_fp16};
+static PyObject *__pyx_pw_11anemll_fast_8_kernels_3round_fp16(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  PyObject *__pyx_v_r = 0;
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[1] = {0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("round_fp16 (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_r,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 37, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 37, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "round_fp16", 0) < (0)) __PYX_ERR(0, 37, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("round_fp16", 1, 1, 1, i); __PYX_ERR(0, 37, __pyx_L3_error) }
+      }
+    } else if (unlikely(__pyx_nargs != 1)) {
+      goto __pyx_L5_argtuple_error;
+    } else {
+      values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 37, __pyx_L3_error)
+    }
+    __pyx_v_r = values[0];
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("round_fp16", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 37, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_AddTraceback("anemll_fast._kernels.round_fp16", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  __pyx_r = __pyx_pf_11anemll_fast_8_kernels_2round_fp16(__pyx_self, __pyx_v_r);
+
+  /* function exit code */
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_11anemll_fast_8_kernels_2round_fp16(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_r) {
+  PyObject *__pyx_v_a = NULL;
+  PyObject *__pyx_v_out = NULL;
+  int64_t __pyx_v_n;
+  __Pyx_memviewslice __pyx_v_src = { 0, 0, { 0 }, { 0 }, { 0 } };
+  __Pyx_memviewslice __pyx_v_dst = { 0, 0, { 0 }, { 0 }, { 0 } };
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  PyObject *__pyx_t_2 = NULL;
+  PyObject *__pyx_t_3 = NULL;
+  PyObject *__pyx_t_4 = NULL;
+  PyObject *__pyx_t_5 = NULL;
+  size_t __pyx_t_6;
+  int __pyx_t_7;
+  int __pyx_t_8;
+  PyObject *__pyx_t_9 = NULL;
+  int64_t __pyx_t_10;
+  __Pyx_memviewslice __pyx_t_11 = { 0, 0, { 0 }, { 0 }, { 0 } };
+  __Pyx_memviewslice __pyx_t_12 = { 0, 0, { 0 }, { 0 }, { 0 } };
+  Py_ssize_t __pyx_t_13;
+  Py_ssize_t __pyx_t_14;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("round_fp16", 0);
+
+  /* "anemll_fast/_kernels.pyx":40
+ *     """r rounded to fp16 precision, as a new float32 array: numpy's float16 round trip in one
+ *     vectorized pass (F16C / NEON), for the outputs of fp16-typed ops."""
+ *     a = np.asarray(r, dtype=np.float32)             # <<<<<<<<<<<<<<
+ *     if not a.flags.c_contiguous:
+ *         a = np.ascontiguousarray(a)
+*/
+  __pyx_t_2 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 40, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_asarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 40, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 40, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 40, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  #if CYTHON_VECTORCALL
+  #endif
+  __pyx_t_6 = 1;
+  #if CYTHON_UNPACK_METHODS
+  if (unlikely(PyMethod_Check(__pyx_t_4))) {
+    __pyx_t_2 = PyMethod_GET_SELF(__pyx_t_4);
+    assert(__pyx_t_2);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_4);
+    __Pyx_INCREF(__pyx_t_2);
+    __Pyx_INCREF(__pyx__function);
+    __Pyx_DECREF_SET(__pyx_t_4, __pyx__function);
+    __pyx_t_6 = 0;
+  }
+  #endif
+  {
+    PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_v_r, __pyx_t_5};
+    #if CYTHON_VECTORCALL
+    __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[2];
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 40, __pyx_L1_error)
+    __Pyx_INCREF(__pyx_t_3);
+    #else
+    {
+      PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
+      __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 40, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
+    }
+    #endif
+    __pyx_t_1 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_3);
+    __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
+    #if CYTHON_VECTORCALL
+    #endif
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 40, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+  }
+  __pyx_v_a = __pyx_t_1;
+  __pyx_t_1 = 0;
+
+  /* "anemll_fast/_kernels.pyx":41
+ *     vectorized pass (F16C / NEON), for the outputs of fp16-typed ops."""
+ *     a = np.asarray(r, dtype=np.float32)
+ *     if not a.flags.c_contiguous:             # <<<<<<<<<<<<<<
+ *         a = np.ascontiguousarray(a)
+ *     out = np.empty(a.shape, np.float32)
+*/
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_flags); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 41, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_c_contiguous); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 41, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_t_7 = __Pyx_PyObject_IsTrue(__pyx_t_4); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 41, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_t_8 = (!__pyx_t_7);
+
+
+  if (__pyx_t_8) {
+
+
+    /* "anemll_fast/_kernels.pyx":42
+ *     a = np.asarray(r, dtype=np.float32)
+ *     if not a.flags.c_contiguous:
+ *         a = np.ascontiguousarray(a)             # <<<<<<<<<<<<<<
+ *     out = np.empty(a.shape, np.float32)
+ *     cdef int64_t n = a.size
+*/
+    __pyx_t_1 = NULL;
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 42, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_3);
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 42, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __pyx_t_6 = 1;
+    #if CYTHON_UNPACK_METHODS
+    if (unlikely(PyMethod_Check(__pyx_t_5))) {
+      __pyx_t_1 = PyMethod_GET_SELF(__pyx_t_5);
+      assert(__pyx_t_1);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_5);
+      __Pyx_INCREF(__pyx_t_1);
+      __Pyx_INCREF(__pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_5, __pyx__function);
+      __pyx_t_6 = 0;
+    }
+    #endif
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_v_a};
+      __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
+      __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 42, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_4);
+    }
+    __Pyx_DECREF_SET(__pyx_v_a, __pyx_t_4);
+    __pyx_t_4 = 0;
+
+    /* "anemll_fast/_kernels.pyx":41
+ *     vectorized pass (F16C / NEON), for the outputs of fp16-typed ops."""
+ *     a = np.asarray(r, dtype=np.float32)
+ *     if not a.flags.c_contiguous:             # <<<<<<<<<<<<<<
+ *         a = np.ascontiguousarray(a)
+ *     out = np.empty(a.shape, np.float32)
+*/
+  }
+
+  /* "anemll_fast/_kernels.pyx":43
+ *     if not a.flags.c_contiguous:
+ *         a = np.ascontiguousarray(a)
+ *     out = np.empty(a.shape, np.float32)             # <<<<<<<<<<<<<<
+ *     cdef int64_t n = a.size
+ *     if n == 0:
+*/
+  __pyx_t_5 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 43, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 43, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 43, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 43, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 43, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_9);
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+  __pyx_t_6 = 1;
+  #if CYTHON_UNPACK_METHODS
+  if (unlikely(PyMethod_Check(__pyx_t_3))) {
+    __pyx_t_5 = PyMethod_GET_SELF(__pyx_t_3);
+    assert(__pyx_t_5);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_3);
+    __Pyx_INCREF(__pyx_t_5);
+    __Pyx_INCREF(__pyx__function);
+    __Pyx_DECREF_SET(__pyx_t_3, __pyx__function);
+    __pyx_t_6 = 0;
+  }
+  #endif
+  {
+    PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_t_1, __pyx_t_9};
+    __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_6, (3-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 43, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_4);
+  }
+  __pyx_v_out = __pyx_t_4;
+  __pyx_t_4 = 0;
+
+  /* "anemll_fast/_kernels.pyx":44
+ *         a = np.ascontiguousarray(a)
+ *     out = np.empty(a.shape, np.float32)
+ *     cdef int64_t n = a.size             # <<<<<<<<<<<<<<
+ *     if n == 0:
+ *         return out
+*/
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_size); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 44, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __pyx_t_10 = __Pyx_PyLong_As_int64_t(__pyx_t_4); if (unlikely((__pyx_t_10 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 44, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_v_n = __pyx_t_10;
+
+  /* "anemll_fast/_kernels.pyx":45
+ *     out = np.empty(a.shape, np.float32)
+ *     cdef int64_t n = a.size
+ *     if n == 0:             # <<<<<<<<<<<<<<
+ *         return out
+ *     cdef const float[::1] src = a.reshape(-1)
+*/
+  __pyx_t_8 = (__pyx_v_n == 0);
+
+  if (__pyx_t_8) {
+
+
+    /* "anemll_fast/_kernels.pyx":46
+ *     cdef int64_t n = a.size
+ *     if n == 0:
+ *         return out             # <<<<<<<<<<<<<<
+ *     cdef const float[::1] src = a.reshape(-1)
+ *     cdef float[::1] dst = out.reshape(-1)
+*/
+    {
+      PyObject *__pyx_temp;
+      {
+        __pyx_temp = __pyx_r;
+        __Pyx_INCREF(__pyx_v_out);
+        __pyx_r = __pyx_v_out;
+      }
+      __Pyx_XDECREF(__pyx_temp);
+    }
+    goto __pyx_L0;
+
+    /* "anemll_fast/_kernels.pyx":45
+ *     out = np.empty(a.shape, np.float32)
+ *     cdef int64_t n = a.size
+ *     if n == 0:             # <<<<<<<<<<<<<<
+ *         return out
+ *     cdef const float[::1] src = a.reshape(-1)
+*/
+  }
+
+  /* "anemll_fast/_kernels.pyx":47
+ *     if n == 0:
+ *         return out
+ *     cdef const float[::1] src = a.reshape(-1)             # <<<<<<<<<<<<<<
+ *     cdef float[::1] dst = out.reshape(-1)
+ *     with nogil:
+*/
+  __pyx_t_3 = __pyx_v_a;
+  __Pyx_INCREF(__pyx_t_3);
+  __pyx_t_6 = 0;
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_mstate_global->__pyx_int_neg_1};
+    __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 47, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_4);
+  }
+  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_4, 0); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 47, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_v_src = __pyx_t_11;
+  __pyx_t_11.memview = NULL;
+  __pyx_t_11.data = NULL;
+
+  /* "anemll_fast/_kernels.pyx":48
+ *         return out
+ *     cdef const float[::1] src = a.reshape(-1)
+ *     cdef float[::1] dst = out.reshape(-1)             # <<<<<<<<<<<<<<
+ *     with nogil:
+ *         round_f16(&src[0], n, &dst[0])
+*/
+  __pyx_t_3 = __pyx_v_out;
+  __Pyx_INCREF(__pyx_t_3);
+  __pyx_t_6 = 0;
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_mstate_global->__pyx_int_neg_1};
+    __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 48, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_4);
+  }
+  __pyx_t_12 = __Pyx_PyObject_to_MemoryviewSlice_dc_float(__pyx_t_4, PyBUF_WRITABLE); if (unlikely(!__pyx_t_12.memview)) __PYX_ERR(0, 48, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_v_dst = __pyx_t_12;
+  __pyx_t_12.memview = NULL;
+  __pyx_t_12.data = NULL;
+
+  /* "anemll_fast/_kernels.pyx":49
+ *     cdef const float[::1] src = a.reshape(-1)
+ *     cdef float[::1] dst = out.reshape(-1)
+ *     with nogil:             # <<<<<<<<<<<<<<
+ *         round_f16(&src[0], n, &dst[0])
+ *     return out
+*/
+  {
+      PyThreadState * _save;
+      _save = PyEval_SaveThread();
+      __Pyx_FastGIL_Remember();
+      /*try:*/ {
+
+        /* "anemll_fast/_kernels.pyx":50
+ *     cdef float[::1] dst = out.reshape(-1)
+ *     with nogil:
+ *         round_f16(&src[0], n, &dst[0])             # <<<<<<<<<<<<<<
+ *     return out
+ * 
+*/
+        __pyx_t_13 = 0;
+        __pyx_t_14 = 0;
+        anemll::kernels::round_f16((&(*((float const  *) ( /* dim=0 */ ((char *) (((float const  *) __pyx_v_src.data) + __pyx_t_13)) )))), __pyx_v_n, (&(*((float *) ( /* dim=0 */ ((char *) (((float *) __pyx_v_dst.data) + __pyx_t_14)) )))));
+      }
+
+      /* "anemll_fast/_kernels.pyx":49
+ *     cdef const float[::1] src = a.reshape(-1)
+ *     cdef float[::1] dst = out.reshape(-1)
+ *     with nogil:             # <<<<<<<<<<<<<<
+ *         round_f16(&src[0], n, &dst[0])
+ *     return out
+*/
+      /*finally:*/ {
+        /*normal exit:*/{
+          __Pyx_FastGIL_Forget();
+          PyEval_RestoreThread(_save);
+          goto __pyx_L7;
+        }
+        __pyx_L7:;
+      }
+  }
+
+  /* "anemll_fast/_kernels.pyx":51
+ *     with nogil:
+ *         round_f16(&src[0], n, &dst[0])
+ *     return out             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  {
+    PyObject *__pyx_temp;
+    {
+      __pyx_temp = __pyx_r;
+      __Pyx_INCREF(__pyx_v_out);
+      __pyx_r = __pyx_v_out;
+    }
+    __Pyx_XDECREF(__pyx_temp);
+  }
+  goto __pyx_L0;
+
+  /* "anemll_fast/_kernels.pyx":37
+ * 
+ * 
+ * def round_fp16(r):             # <<<<<<<<<<<<<<
+ *     """r rounded to fp16 precision, as a new float32 array: numpy's float16 round trip in one
+ *     vectorized pass (F16C / NEON), for the outputs of fp16-typed ops."""
+*/
+
+  /* function exit code */
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_1);
+  __Pyx_XDECREF(__pyx_t_2);
+  __Pyx_XDECREF(__pyx_t_3);
+  __Pyx_XDECREF(__pyx_t_4);
+  __Pyx_XDECREF(__pyx_t_5);
+  __Pyx_XDECREF(__pyx_t_9);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_t_11, 1);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_t_12, 1);
+  __Pyx_AddTraceback("anemll_fast._kernels.round_fp16", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+  __Pyx_XDECREF(__pyx_v_a);
+  __Pyx_XDECREF(__pyx_v_out);
+
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_src, 1);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_dst, 1);
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "anemll_fast/_kernels.pyx":54
  * 
  * 
  * def stream_read_bytes(buf) -> int:             # <<<<<<<<<<<<<<
@@ -20879,16 +21366,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_kernel_isa(CYTHON_UNUSED PyObj
 */
 
 /* Python wrapper */
-static PyObject *__pyx_pw_11anemll_fast_8_kernels_3stream_read_bytes(PyObject *__pyx_self, 
+static PyObject *__pyx_pw_11anemll_fast_8_kernels_5stream_read_bytes(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-PyDoc_STRVAR(__pyx_doc_11anemll_fast_8_kernels_2stream_read_bytes, "stream_read_bytes(buf) -> int\n\nRead every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum.");
-static PyMethodDef __pyx_mdef_11anemll_fast_8_kernels_3stream_read_bytes = {"stream_read_bytes", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_11anemll_fast_8_kernels_3stream_read_bytes, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_11anemll_fast_8_kernels_2stream_read_bytes};
-static PyObject *__pyx_pw_11anemll_fast_8_kernels_3stream_read_bytes(PyObject *__pyx_self, 
+PyDoc_STRVAR(__pyx_doc_11anemll_fast_8_kernels_4stream_read_bytes, "stream_read_bytes(buf) -> int\n\nRead every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum.");
+static PyMethodDef __pyx_mdef_11anemll_fast_8_kernels_5stream_read_bytes = {"stream_read_bytes", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_11anemll_fast_8_kernels_5stream_read_bytes, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_11anemll_fast_8_kernels_4stream_read_bytes};
+static PyObject *__pyx_pw_11anemll_fast_8_kernels_5stream_read_bytes(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
@@ -20918,32 +21405,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_buf,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 36, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 54, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 36, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 54, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "stream_read_bytes", 0) < (0)) __PYX_ERR(0, 36, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "stream_read_bytes", 0) < (0)) __PYX_ERR(0, 54, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("stream_read_bytes", 1, 1, 1, i); __PYX_ERR(0, 36, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("stream_read_bytes", 1, 1, 1, i); __PYX_ERR(0, 54, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 36, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 54, __pyx_L3_error)
     }
     __pyx_v_buf = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("stream_read_bytes", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 36, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("stream_read_bytes", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 54, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -20954,7 +21441,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(__pyx_self, __pyx_v_buf);
+  __pyx_r = __pyx_pf_11anemll_fast_8_kernels_4stream_read_bytes(__pyx_self, __pyx_v_buf);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -20964,7 +21451,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_buf) {
+static PyObject *__pyx_pf_11anemll_fast_8_kernels_4stream_read_bytes(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_buf) {
   __Pyx_memviewslice __pyx_v_b = { 0, 0, { 0 }, { 0 }, { 0 } };
   uint64_t __pyx_v_s;
   int64_t __pyx_v_n;
@@ -20987,7 +21474,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("stream_read_bytes", 0);
 
-  /* "anemll_fast/_kernels.pyx":38
+  /* "anemll_fast/_kernels.pyx":56
  * def stream_read_bytes(buf) -> int:
  *     """Read every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum."""
  *     cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)             # <<<<<<<<<<<<<<
@@ -20995,9 +21482,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
  *     cdef int64_t n = b.shape[0]
 */
   __pyx_t_6 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 38, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 56, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 38, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 56, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
   __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
   __pyx_t_9 = 1;
@@ -21017,7 +21504,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
     __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_8, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (__pyx_t_9*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 38, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 56, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
   }
   __pyx_t_4 = __pyx_t_5;
@@ -21028,14 +21515,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
     __pyx_t_3 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 38, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 56, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
   }
   __pyx_t_2 = __pyx_t_3;
   __Pyx_INCREF(__pyx_t_2);
-  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 38, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 56, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 38, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 56, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __pyx_t_9 = 0;
@@ -21045,16 +21532,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 38, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 56, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_10 = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint8_t__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_10.memview)) __PYX_ERR(0, 38, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint8_t__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_10.memview)) __PYX_ERR(0, 56, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_b = __pyx_t_10;
   __pyx_t_10.memview = NULL;
   __pyx_t_10.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":39
+  /* "anemll_fast/_kernels.pyx":57
  *     """Read every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum."""
  *     cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
  *     cdef uint64_t s = 0             # <<<<<<<<<<<<<<
@@ -21063,7 +21550,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
 */
   __pyx_v_s = 0;
 
-  /* "anemll_fast/_kernels.pyx":40
+  /* "anemll_fast/_kernels.pyx":58
  *     cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
  *     cdef uint64_t s = 0
  *     cdef int64_t n = b.shape[0]             # <<<<<<<<<<<<<<
@@ -21072,7 +21559,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
 */
   __pyx_v_n = (__pyx_v_b.shape[0]);
 
-  /* "anemll_fast/_kernels.pyx":41
+  /* "anemll_fast/_kernels.pyx":59
  *     cdef uint64_t s = 0
  *     cdef int64_t n = b.shape[0]
  *     if n == 0:             # <<<<<<<<<<<<<<
@@ -21084,7 +21571,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
   if (__pyx_t_11) {
 
 
-    /* "anemll_fast/_kernels.pyx":42
+    /* "anemll_fast/_kernels.pyx":60
  *     cdef int64_t n = b.shape[0]
  *     if n == 0:
  *         return 0             # <<<<<<<<<<<<<<
@@ -21102,7 +21589,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
     }
     goto __pyx_L0;
 
-    /* "anemll_fast/_kernels.pyx":41
+    /* "anemll_fast/_kernels.pyx":59
  *     cdef uint64_t s = 0
  *     cdef int64_t n = b.shape[0]
  *     if n == 0:             # <<<<<<<<<<<<<<
@@ -21111,7 +21598,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":43
+  /* "anemll_fast/_kernels.pyx":61
  *     if n == 0:
  *         return 0
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -21124,7 +21611,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "anemll_fast/_kernels.pyx":44
+        /* "anemll_fast/_kernels.pyx":62
  *         return 0
  *     with nogil:
  *         s = stream_read(&b[0], n)             # <<<<<<<<<<<<<<
@@ -21135,7 +21622,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
         __pyx_v_s = anemll::kernels::stream_read((&(*((uint8_t const  *) ( /* dim=0 */ ((char *) (((uint8_t const  *) __pyx_v_b.data) + __pyx_t_12)) )))), __pyx_v_n);
       }
 
-      /* "anemll_fast/_kernels.pyx":43
+      /* "anemll_fast/_kernels.pyx":61
  *     if n == 0:
  *         return 0
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -21152,16 +21639,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
       }
   }
 
-  /* "anemll_fast/_kernels.pyx":45
+  /* "anemll_fast/_kernels.pyx":63
  *     with nogil:
  *         s = stream_read(&b[0], n)
  *     return s             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  __pyx_t_1 = __Pyx_PyLong_From_uint64_t(__pyx_v_s); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 45, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_uint64_t(__pyx_v_s); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 63, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_1, NULL, 0) < (0)) __PYX_ERR(0, 45, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_1, NULL, 0) < (0)) __PYX_ERR(0, 63, __pyx_L1_error)
   {
     PyObject *__pyx_temp;
     {
@@ -21173,7 +21660,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":36
+  /* "anemll_fast/_kernels.pyx":54
  * 
  * 
  * def stream_read_bytes(buf) -> int:             # <<<<<<<<<<<<<<
@@ -21203,7 +21690,376 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_2stream_read_bytes(CYTHON_UNUS
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":57
+/* "anemll_fast/_kernels.pyx":66
+ * 
+ * 
+ * def _pack_nibbles(const uint8_t[:, ::1] u):             # <<<<<<<<<<<<<<
+ *     """[rows, cols] values < 16 -> [rows, ceil(cols / 2)] bytes, low nibble first, written in one
+ *     pass (no temporaries the size of the matrix: the indices may be a few hundred MB)."""
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_11anemll_fast_8_kernels_7_pack_nibbles(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_11anemll_fast_8_kernels_6_pack_nibbles, "_pack_nibbles(const uint8_t[:, ::1] u)\n\n[rows, cols] values < 16 -> [rows, ceil(cols / 2)] bytes, low nibble first, written in one\npass (no temporaries the size of the matrix: the indices may be a few hundred MB).");
+static PyMethodDef __pyx_mdef_11anemll_fast_8_kernels_7_pack_nibbles = {"_pack_nibbles", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_11anemll_fast_8_kernels_7_pack_nibbles, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_11anemll_fast_8_kernels_6_pack_nibbles};
+static PyObject *__pyx_pw_11anemll_fast_8_kernels_7_pack_nibbles(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  __Pyx_memviewslice __pyx_v_u = { 0, 0, { 0 }, { 0 }, { 0 } };
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[1] = {0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("_pack_nibbles (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_u,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 66, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 66, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_pack_nibbles", 0) < (0)) __PYX_ERR(0, 66, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_pack_nibbles", 1, 1, 1, i); __PYX_ERR(0, 66, __pyx_L3_error) }
+      }
+    } else if (unlikely(__pyx_nargs != 1)) {
+      goto __pyx_L5_argtuple_error;
+    } else {
+      values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 66, __pyx_L3_error)
+    }
+    __pyx_v_u = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(values[0], 0); if (unlikely(!__pyx_v_u.memview)) __PYX_ERR(0, 66, __pyx_L3_error)
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("_pack_nibbles", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 66, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_u, 1);
+  __Pyx_AddTraceback("anemll_fast._kernels._pack_nibbles", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  __pyx_r = __pyx_pf_11anemll_fast_8_kernels_6_pack_nibbles(__pyx_self, __pyx_v_u);
+
+  /* function exit code */
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_u, 1);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_11anemll_fast_8_kernels_6_pack_nibbles(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_u) {
+  int64_t __pyx_v_rows;
+  int64_t __pyx_v_cols;
+  int64_t __pyx_v_r;
+  int64_t __pyx_v_k;
+  PyObject *__pyx_v_out = NULL;
+  __Pyx_memviewslice __pyx_v_o = { 0, 0, { 0 }, { 0 }, { 0 } };
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  PyObject *__pyx_t_2 = NULL;
+  PyObject *__pyx_t_3 = NULL;
+  PyObject *__pyx_t_4 = NULL;
+  PyObject *__pyx_t_5 = NULL;
+  PyObject *__pyx_t_6 = NULL;
+  size_t __pyx_t_7;
+  __Pyx_memviewslice __pyx_t_8 = { 0, 0, { 0 }, { 0 }, { 0 } };
+  int64_t __pyx_t_9;
+  int64_t __pyx_t_10;
+  int64_t __pyx_t_11;
+  int64_t __pyx_t_12;
+  int64_t __pyx_t_13;
+  int64_t __pyx_t_14;
+  Py_ssize_t __pyx_t_15;
+  Py_ssize_t __pyx_t_16;
+  Py_ssize_t __pyx_t_17;
+  Py_ssize_t __pyx_t_18;
+  Py_ssize_t __pyx_t_19;
+  Py_ssize_t __pyx_t_20;
+  int __pyx_t_21;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("_pack_nibbles", 0);
+
+  /* "anemll_fast/_kernels.pyx":69
+ *     """[rows, cols] values < 16 -> [rows, ceil(cols / 2)] bytes, low nibble first, written in one
+ *     pass (no temporaries the size of the matrix: the indices may be a few hundred MB)."""
+ *     cdef int64_t rows = u.shape[0], cols = u.shape[1], r, k             # <<<<<<<<<<<<<<
+ *     out = np.empty((rows, (cols + 1) // 2), np.uint8)
+ *     cdef uint8_t[:, ::1] o = out
+*/
+  __pyx_v_rows = (__pyx_v_u.shape[0]);
+  __pyx_v_cols = (__pyx_v_u.shape[1]);
+
+  /* "anemll_fast/_kernels.pyx":70
+ *     pass (no temporaries the size of the matrix: the indices may be a few hundred MB)."""
+ *     cdef int64_t rows = u.shape[0], cols = u.shape[1], r, k
+ *     out = np.empty((rows, (cols + 1) // 2), np.uint8)             # <<<<<<<<<<<<<<
+ *     cdef uint8_t[:, ::1] o = out
+ *     with nogil:
+*/
+  __pyx_t_2 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __pyx_t_3 = __Pyx_PyLong_From_int64_t(__pyx_v_rows); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_5 = __Pyx_PyLong_From_int64_t(__Pyx_div_int64_t((__pyx_v_cols + 1), 2, 1)); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  __pyx_t_6 = PyTuple_New(2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_6);
+  __Pyx_GIVEREF(__pyx_t_3);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_6, 0, __pyx_t_3) != (0)) __PYX_ERR(0, 70, __pyx_L1_error);
+  __Pyx_GIVEREF(__pyx_t_5);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_6, 1, __pyx_t_5) != (0)) __PYX_ERR(0, 70, __pyx_L1_error);
+  __pyx_t_3 = 0;
+  __pyx_t_5 = 0;
+  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  __pyx_t_7 = 1;
+  #if CYTHON_UNPACK_METHODS
+  if (unlikely(PyMethod_Check(__pyx_t_4))) {
+    __pyx_t_2 = PyMethod_GET_SELF(__pyx_t_4);
+    assert(__pyx_t_2);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_4);
+    __Pyx_INCREF(__pyx_t_2);
+    __Pyx_INCREF(__pyx__function);
+    __Pyx_DECREF_SET(__pyx_t_4, __pyx__function);
+    __pyx_t_7 = 0;
+  }
+  #endif
+  {
+    PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_t_6, __pyx_t_3};
+    __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_7, (3-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 70, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+  }
+  __pyx_v_out = __pyx_t_1;
+  __pyx_t_1 = 0;
+
+  /* "anemll_fast/_kernels.pyx":71
+ *     cdef int64_t rows = u.shape[0], cols = u.shape[1], r, k
+ *     out = np.empty((rows, (cols + 1) // 2), np.uint8)
+ *     cdef uint8_t[:, ::1] o = out             # <<<<<<<<<<<<<<
+ *     with nogil:
+ *         for r in range(rows):
+*/
+  __pyx_t_8 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_8.memview)) __PYX_ERR(0, 71, __pyx_L1_error)
+  __pyx_v_o = __pyx_t_8;
+  __pyx_t_8.memview = NULL;
+  __pyx_t_8.data = NULL;
+
+  /* "anemll_fast/_kernels.pyx":72
+ *     out = np.empty((rows, (cols + 1) // 2), np.uint8)
+ *     cdef uint8_t[:, ::1] o = out
+ *     with nogil:             # <<<<<<<<<<<<<<
+ *         for r in range(rows):
+ *             for k in range(0, cols - 1, 2):
+*/
+  {
+      PyThreadState * _save;
+      _save = PyEval_SaveThread();
+      __Pyx_FastGIL_Remember();
+      /*try:*/ {
+
+        /* "anemll_fast/_kernels.pyx":73
+ *     cdef uint8_t[:, ::1] o = out
+ *     with nogil:
+ *         for r in range(rows):             # <<<<<<<<<<<<<<
+ *             for k in range(0, cols - 1, 2):
+ *                 o[r, k >> 1] = u[r, k] | (u[r, k + 1] << 4)
+*/
+
+        __pyx_t_9 = __pyx_v_rows;
+        __pyx_t_10 = __pyx_t_9;
+
+        for (__pyx_t_11 = 0; __pyx_t_11 < __pyx_t_10; __pyx_t_11+=1) {
+          __pyx_v_r = __pyx_t_11;
+
+          /* "anemll_fast/_kernels.pyx":74
+ *     with nogil:
+ *         for r in range(rows):
+ *             for k in range(0, cols - 1, 2):             # <<<<<<<<<<<<<<
+ *                 o[r, k >> 1] = u[r, k] | (u[r, k + 1] << 4)
+ *             if cols % 2:
+*/
+
+          __pyx_t_12 = (__pyx_v_cols - 1);
+          __pyx_t_13 = __pyx_t_12;
+
+          for (__pyx_t_14 = 0; __pyx_t_14 < __pyx_t_13; __pyx_t_14+=2) {
+            __pyx_v_k = __pyx_t_14;
+
+            /* "anemll_fast/_kernels.pyx":75
+ *         for r in range(rows):
+ *             for k in range(0, cols - 1, 2):
+ *                 o[r, k >> 1] = u[r, k] | (u[r, k + 1] << 4)             # <<<<<<<<<<<<<<
+ *             if cols % 2:
+ *                 o[r, cols >> 1] = u[r, cols - 1]
+*/
+            __pyx_t_15 = __pyx_v_r;
+            __pyx_t_16 = __pyx_v_k;
+            __pyx_t_17 = __pyx_v_r;
+            __pyx_t_18 = (__pyx_v_k + 1);
+            __pyx_t_19 = __pyx_v_r;
+            __pyx_t_20 = (__pyx_v_k >> 1);
+            *((uint8_t *) ( /* dim=1 */ ((char *) (((uint8_t *) ( /* dim=0 */ (__pyx_v_o.data + __pyx_t_19 * __pyx_v_o.strides[0]) )) + __pyx_t_20)) )) = ((*((uint8_t const  *) ( /* dim=1 */ ((char *) (((uint8_t const  *) ( /* dim=0 */ (__pyx_v_u.data + __pyx_t_15 * __pyx_v_u.strides[0]) )) + __pyx_t_16)) ))) | ((*((uint8_t const  *) ( /* dim=1 */ ((char *) (((uint8_t const  *) ( /* dim=0 */ (__pyx_v_u.data + __pyx_t_17 * __pyx_v_u.strides[0]) )) + __pyx_t_18)) ))) << 4));
+          }
+
+
+          /* "anemll_fast/_kernels.pyx":76
+ *             for k in range(0, cols - 1, 2):
+ *                 o[r, k >> 1] = u[r, k] | (u[r, k + 1] << 4)
+ *             if cols % 2:             # <<<<<<<<<<<<<<
+ *                 o[r, cols >> 1] = u[r, cols - 1]
+ *     return out
+*/
+          __pyx_t_21 = (__Pyx_mod_int64_t(__pyx_v_cols, 2, 1) != 0);
+
+          if (__pyx_t_21) {
+
+
+            /* "anemll_fast/_kernels.pyx":77
+ *                 o[r, k >> 1] = u[r, k] | (u[r, k + 1] << 4)
+ *             if cols % 2:
+ *                 o[r, cols >> 1] = u[r, cols - 1]             # <<<<<<<<<<<<<<
+ *     return out
+ * 
+*/
+            __pyx_t_18 = __pyx_v_r;
+            __pyx_t_17 = (__pyx_v_cols - 1);
+            __pyx_t_16 = __pyx_v_r;
+            __pyx_t_15 = (__pyx_v_cols >> 1);
+            *((uint8_t *) ( /* dim=1 */ ((char *) (((uint8_t *) ( /* dim=0 */ (__pyx_v_o.data + __pyx_t_16 * __pyx_v_o.strides[0]) )) + __pyx_t_15)) )) = (*((uint8_t const  *) ( /* dim=1 */ ((char *) (((uint8_t const  *) ( /* dim=0 */ (__pyx_v_u.data + __pyx_t_18 * __pyx_v_u.strides[0]) )) + __pyx_t_17)) )));
+
+            /* "anemll_fast/_kernels.pyx":76
+ *             for k in range(0, cols - 1, 2):
+ *                 o[r, k >> 1] = u[r, k] | (u[r, k + 1] << 4)
+ *             if cols % 2:             # <<<<<<<<<<<<<<
+ *                 o[r, cols >> 1] = u[r, cols - 1]
+ *     return out
+*/
+          }
+        }
+
+      }
+
+      /* "anemll_fast/_kernels.pyx":72
+ *     out = np.empty((rows, (cols + 1) // 2), np.uint8)
+ *     cdef uint8_t[:, ::1] o = out
+ *     with nogil:             # <<<<<<<<<<<<<<
+ *         for r in range(rows):
+ *             for k in range(0, cols - 1, 2):
+*/
+      /*finally:*/ {
+        /*normal exit:*/{
+          __Pyx_FastGIL_Forget();
+          PyEval_RestoreThread(_save);
+          goto __pyx_L5;
+        }
+        __pyx_L5:;
+      }
+  }
+
+  /* "anemll_fast/_kernels.pyx":78
+ *             if cols % 2:
+ *                 o[r, cols >> 1] = u[r, cols - 1]
+ *     return out             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  {
+    PyObject *__pyx_temp;
+    {
+      __pyx_temp = __pyx_r;
+      __Pyx_INCREF(__pyx_v_out);
+      __pyx_r = __pyx_v_out;
+    }
+    __Pyx_XDECREF(__pyx_temp);
+  }
+  goto __pyx_L0;
+
+  /* "anemll_fast/_kernels.pyx":66
+ * 
+ * 
+ * def _pack_nibbles(const uint8_t[:, ::1] u):             # <<<<<<<<<<<<<<
+ *     """[rows, cols] values < 16 -> [rows, ceil(cols / 2)] bytes, low nibble first, written in one
+ *     pass (no temporaries the size of the matrix: the indices may be a few hundred MB)."""
+*/
+
+  /* function exit code */
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_1);
+  __Pyx_XDECREF(__pyx_t_2);
+  __Pyx_XDECREF(__pyx_t_3);
+  __Pyx_XDECREF(__pyx_t_4);
+  __Pyx_XDECREF(__pyx_t_5);
+  __Pyx_XDECREF(__pyx_t_6);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_t_8, 1);
+  __Pyx_AddTraceback("anemll_fast._kernels._pack_nibbles", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+
+
+
+
+  __Pyx_XDECREF(__pyx_v_out);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_o, 1);
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "anemll_fast/_kernels.pyx":90
  *     cdef readonly int nbits
  * 
  *     def __cinit__(self):             # <<<<<<<<<<<<<<
@@ -21257,7 +22113,7 @@ static int __pyx_pf_11anemll_fast_8_kernels_12PackedWeight___cinit__(struct __py
   __Pyx_RefNannyDeclarations
   __Pyx_RefNannySetupContext("__cinit__", 0);
 
-  /* "anemll_fast/_kernels.pyx":58
+  /* "anemll_fast/_kernels.pyx":91
  * 
  *     def __cinit__(self):
  *         self._keep = ()             # <<<<<<<<<<<<<<
@@ -21269,7 +22125,7 @@ static int __pyx_pf_11anemll_fast_8_kernels_12PackedWeight___cinit__(struct __py
   __Pyx_GOTREF(__pyx_v_self->_keep);
   __Pyx_DECREF_SET(__pyx_v_self->_keep, __pyx_mstate_global->__pyx_empty_tuple);
 
-  /* "anemll_fast/_kernels.pyx":57
+  /* "anemll_fast/_kernels.pyx":90
  *     cdef readonly int nbits
  * 
  *     def __cinit__(self):             # <<<<<<<<<<<<<<
@@ -21284,7 +22140,7 @@ static int __pyx_pf_11anemll_fast_8_kernels_12PackedWeight___cinit__(struct __py
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":60
+/* "anemll_fast/_kernels.pyx":93
  *         self._keep = ()
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
@@ -21332,32 +22188,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_weight,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 60, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 93, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 60, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 93, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "from_f16", 0) < (0)) __PYX_ERR(0, 60, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "from_f16", 0) < (0)) __PYX_ERR(0, 93, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("from_f16", 1, 1, 1, i); __PYX_ERR(0, 60, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("from_f16", 1, 1, 1, i); __PYX_ERR(0, 93, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 60, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 93, __pyx_L3_error)
     }
     __pyx_v_weight = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("from_f16", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 60, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("from_f16", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 93, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -21403,7 +22259,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("from_f16", 0);
 
-  /* "anemll_fast/_kernels.pyx":63
+  /* "anemll_fast/_kernels.pyx":96
  *     def from_f16(weight):
  *         """weight: float16 array [rows, cols] (C-contiguous copy taken if needed)."""
  *         cdef PackedWeight p = PackedWeight()             # <<<<<<<<<<<<<<
@@ -21416,13 +22272,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
     PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 63, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 96, __pyx_L1_error)
     __Pyx_GOTREF((PyObject *)__pyx_t_1);
   }
   __pyx_v_p = ((struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":64
+  /* "anemll_fast/_kernels.pyx":97
  *         """weight: float16 array [rows, cols] (C-contiguous copy taken if needed)."""
  *         cdef PackedWeight p = PackedWeight()
  *         a = np.ascontiguousarray(weight, dtype=np.float16)             # <<<<<<<<<<<<<<
@@ -21430,14 +22286,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
  *             raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 64, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 97, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 64, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 97, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 64, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 97, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float16); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 64, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float16); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 97, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   #if CYTHON_VECTORCALL
@@ -21458,13 +22314,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
     PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_v_weight, __pyx_t_6};
     #if CYTHON_VECTORCALL
     __pyx_t_4 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 64, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 97, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_4);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_4 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 64, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 97, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     #endif
@@ -21475,22 +22331,22 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 64, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 97, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_a = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":65
+  /* "anemll_fast/_kernels.pyx":98
  *         cdef PackedWeight p = PackedWeight()
  *         a = np.ascontiguousarray(weight, dtype=np.float16)
  *         if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:             # <<<<<<<<<<<<<<
  *             raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")
  *         cdef const uint16_t[:, ::1] bits = a.view(np.uint16)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 98, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 98, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_8) {
 
@@ -21500,12 +22356,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 98, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 98, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_5, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_5, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 98, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   if (!__pyx_t_8) {
 
@@ -21515,12 +22371,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 98, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_5, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_5, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 98, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 98, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
   __pyx_t_7 = __pyx_t_8;
@@ -21529,7 +22385,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":66
+    /* "anemll_fast/_kernels.pyx":99
  *         a = np.ascontiguousarray(weight, dtype=np.float16)
  *         if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
  *             raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")             # <<<<<<<<<<<<<<
@@ -21537,15 +22393,15 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
  *         p.w.rows, p.w.cols = a.shape[0], a.shape[1]
 */
     __pyx_t_5 = NULL;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 66, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 99, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_6 = __Pyx_PySequence_ListKeepNew(__pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 66, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PySequence_ListKeepNew(__pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 99, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 66, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 99, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __pyx_t_6 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_an_fp16_weight_must_be_a_non_emp, __pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 66, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_an_fp16_weight_must_be_a_non_emp, __pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 99, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __pyx_t_3 = 1;
@@ -21554,14 +22410,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 66, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 99, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 66, __pyx_L1_error)
+    __PYX_ERR(0, 99, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":65
+    /* "anemll_fast/_kernels.pyx":98
  *         cdef PackedWeight p = PackedWeight()
  *         a = np.ascontiguousarray(weight, dtype=np.float16)
  *         if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:             # <<<<<<<<<<<<<<
@@ -21570,7 +22426,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":67
+  /* "anemll_fast/_kernels.pyx":100
  *         if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
  *             raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")
  *         cdef const uint16_t[:, ::1] bits = a.view(np.uint16)             # <<<<<<<<<<<<<<
@@ -21579,9 +22435,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
 */
   __pyx_t_6 = __pyx_v_a;
   __Pyx_INCREF(__pyx_t_6);
-  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 67, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 100, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 67, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 100, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __pyx_t_3 = 0;
@@ -21590,40 +22446,40 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_view, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 67, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 100, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_9 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint16_t__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_9.memview)) __PYX_ERR(0, 67, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint16_t__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_9.memview)) __PYX_ERR(0, 100, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_bits = __pyx_t_9;
   __pyx_t_9.memview = NULL;
   __pyx_t_9.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":68
+  /* "anemll_fast/_kernels.pyx":101
  *             raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")
  *         cdef const uint16_t[:, ::1] bits = a.view(np.uint16)
  *         p.w.rows, p.w.cols = a.shape[0], a.shape[1]             # <<<<<<<<<<<<<<
  *         p.w.f16 = &bits[0, 0]
  *         p._keep = (a,)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 101, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 101, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_10 = __Pyx_PyLong_As_int64_t(__pyx_t_4); if (unlikely((__pyx_t_10 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyLong_As_int64_t(__pyx_t_4); if (unlikely((__pyx_t_10 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 101, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 101, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 101, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_11 = __Pyx_PyLong_As_int64_t(__pyx_t_1); if (unlikely((__pyx_t_11 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyLong_As_int64_t(__pyx_t_1); if (unlikely((__pyx_t_11 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 101, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_p->w.rows = __pyx_t_10;
   __pyx_v_p->w.cols = __pyx_t_11;
 
-  /* "anemll_fast/_kernels.pyx":69
+  /* "anemll_fast/_kernels.pyx":102
  *         cdef const uint16_t[:, ::1] bits = a.view(np.uint16)
  *         p.w.rows, p.w.cols = a.shape[0], a.shape[1]
  *         p.w.f16 = &bits[0, 0]             # <<<<<<<<<<<<<<
@@ -21634,43 +22490,43 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   __pyx_t_13 = 0;
   __pyx_v_p->w.f16 = (&(*((uint16_t const  *) ( /* dim=1 */ ((char *) (((uint16_t const  *) ( /* dim=0 */ (__pyx_v_bits.data + __pyx_t_12 * __pyx_v_bits.strides[0]) )) + __pyx_t_13)) ))));
 
-  /* "anemll_fast/_kernels.pyx":70
+  /* "anemll_fast/_kernels.pyx":103
  *         p.w.rows, p.w.cols = a.shape[0], a.shape[1]
  *         p.w.f16 = &bits[0, 0]
  *         p._keep = (a,)             # <<<<<<<<<<<<<<
  *         p.rows, p.cols, p.kind, p.nbits = a.shape[0], a.shape[1], "fp16", 16
  *         return p
 */
-  __pyx_t_1 = PyTuple_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 70, __pyx_L1_error)
+  __pyx_t_1 = PyTuple_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 103, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_INCREF(__pyx_v_a);
   __Pyx_GIVEREF(__pyx_v_a);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_v_a) != (0)) __PYX_ERR(0, 70, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_v_a) != (0)) __PYX_ERR(0, 103, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_1);
   __Pyx_GOTREF(__pyx_v_p->_keep);
   __Pyx_DECREF_SET(__pyx_v_p->_keep, __pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":71
+  /* "anemll_fast/_kernels.pyx":104
  *         p.w.f16 = &bits[0, 0]
  *         p._keep = (a,)
  *         p.rows, p.cols, p.kind, p.nbits = a.shape[0], a.shape[1], "fp16", 16             # <<<<<<<<<<<<<<
  *         return p
  * 
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 71, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 104, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 71, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 104, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_11 = __Pyx_PyLong_As_int64_t(__pyx_t_4); if (unlikely((__pyx_t_11 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 71, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyLong_As_int64_t(__pyx_t_4); if (unlikely((__pyx_t_11 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 104, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 71, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_a, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 104, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 71, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 104, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_10 = __Pyx_PyLong_As_int64_t(__pyx_t_1); if (unlikely((__pyx_t_10 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 71, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyLong_As_int64_t(__pyx_t_1); if (unlikely((__pyx_t_10 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 104, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_t_1 = __pyx_mstate_global->__pyx_n_u_fp16;
   __Pyx_INCREF(__pyx_t_1);
@@ -21684,7 +22540,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   __pyx_t_1 = 0;
   __pyx_v_p->nbits = __pyx_t_14;
 
-  /* "anemll_fast/_kernels.pyx":72
+  /* "anemll_fast/_kernels.pyx":105
  *         p._keep = (a,)
  *         p.rows, p.cols, p.kind, p.nbits = a.shape[0], a.shape[1], "fp16", 16
  *         return p             # <<<<<<<<<<<<<<
@@ -21702,7 +22558,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   }
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":60
+  /* "anemll_fast/_kernels.pyx":93
  *         self._keep = ()
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
@@ -21729,7 +22585,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_2from_f16(PyObj
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":74
+/* "anemll_fast/_kernels.pyx":107
  *         return p
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
@@ -21779,46 +22635,46 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_indices,&__pyx_mstate_global->__pyx_n_u_lut,&__pyx_mstate_global->__pyx_n_u_nbits,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 74, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 107, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 74, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 107, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 74, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 107, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 74, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 107, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "from_palette", 0) < (0)) __PYX_ERR(0, 74, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "from_palette", 0) < (0)) __PYX_ERR(0, 107, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("from_palette", 1, 3, 3, i); __PYX_ERR(0, 74, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("from_palette", 1, 3, 3, i); __PYX_ERR(0, 107, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 3)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 74, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 107, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 74, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 107, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 74, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 107, __pyx_L3_error)
     }
     __pyx_v_indices = values[0];
     __pyx_v_lut = values[1];
-    __pyx_v_nbits = __Pyx_PyLong_As_int(values[2]); if (unlikely((__pyx_v_nbits == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 75, __pyx_L3_error)
+    __pyx_v_nbits = __Pyx_PyLong_As_int(values[2]); if (unlikely((__pyx_v_nbits == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 108, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("from_palette", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 74, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("from_palette", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 107, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -21846,7 +22702,6 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   PyObject *__pyx_v_table = NULL;
   PyObject *__pyx_v_rows = NULL;
   PyObject *__pyx_v_cols = NULL;
-  PyObject *__pyx_v_u = NULL;
   PyObject *__pyx_v_packed = NULL;
   __Pyx_memviewslice __pyx_v_pk = { 0, 0, { 0 }, { 0 }, { 0 } };
   __Pyx_memviewslice __pyx_v_tb = { 0, 0, { 0 }, { 0 }, { 0 } };
@@ -21875,10 +22730,10 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   PyObject *__pyx_t_15 = NULL;
   PyObject *__pyx_t_16 = NULL;
   PyObject *__pyx_t_17 = NULL;
-  PyObject *__pyx_t_18 = NULL;
+  __Pyx_memviewslice __pyx_t_18 = { 0, 0, { 0 }, { 0 }, { 0 } };
   __Pyx_memviewslice __pyx_t_19 = { 0, 0, { 0 }, { 0 }, { 0 } };
-  __Pyx_memviewslice __pyx_t_20 = { 0, 0, { 0 }, { 0 }, { 0 } };
-  long __pyx_t_21;
+  long __pyx_t_20;
+  PyObject *__pyx_t_21 = NULL;
   PyObject *__pyx_t_22 = NULL;
   PyObject *__pyx_t_23 = NULL;
   PyObject *__pyx_t_24 = NULL;
@@ -21894,7 +22749,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("from_palette", 0);
 
-  /* "anemll_fast/_kernels.pyx":78
+  /* "anemll_fast/_kernels.pyx":111
  *         """indices: integer array [rows, cols] (values < lut entries); lut: [groups, entries] floats,
  *         one table per block of rows / groups consecutive rows. Indices of <= 4 bits are nibble-packed."""
  *         cdef PackedWeight p = PackedWeight()             # <<<<<<<<<<<<<<
@@ -21907,13 +22762,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 78, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 111, __pyx_L1_error)
     __Pyx_GOTREF((PyObject *)__pyx_t_1);
   }
   __pyx_v_p = ((struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":79
+  /* "anemll_fast/_kernels.pyx":112
  *         one table per block of rows / groups consecutive rows. Indices of <= 4 bits are nibble-packed."""
  *         cdef PackedWeight p = PackedWeight()
  *         idx = np.asarray(indices)             # <<<<<<<<<<<<<<
@@ -21921,9 +22776,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 79, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 112, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_asarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 79, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_asarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 112, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __pyx_t_3 = 1;
@@ -21943,13 +22798,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 79, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 112, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_idx = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":80
+  /* "anemll_fast/_kernels.pyx":113
  *         cdef PackedWeight p = PackedWeight()
  *         idx = np.asarray(indices)
  *         table = np.ascontiguousarray(lut, dtype=np.float32)             # <<<<<<<<<<<<<<
@@ -21957,14 +22812,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")
 */
   __pyx_t_5 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 113, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 80, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 113, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 113, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 80, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 113, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   #if CYTHON_VECTORCALL
@@ -21985,13 +22840,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_v_lut, __pyx_t_6};
     #if CYTHON_VECTORCALL
     __pyx_t_2 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 113, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_2);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_2 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 80, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 113, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     #endif
@@ -22002,22 +22857,22 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 80, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 113, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_table = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":81
+  /* "anemll_fast/_kernels.pyx":114
  *         idx = np.asarray(indices)
  *         table = np.ascontiguousarray(lut, dtype=np.float32)
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:             # <<<<<<<<<<<<<<
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")
  *         if table.ndim != 2 or table.shape[0] == 0 or idx.shape[0] % table.shape[0]:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 114, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 114, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_8) {
 
@@ -22027,12 +22882,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 114, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 114, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 114, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   if (!__pyx_t_8) {
 
@@ -22042,12 +22897,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 114, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 114, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 114, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
   __pyx_t_7 = __pyx_t_8;
@@ -22056,7 +22911,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":82
+    /* "anemll_fast/_kernels.pyx":115
  *         table = np.ascontiguousarray(lut, dtype=np.float32)
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")             # <<<<<<<<<<<<<<
@@ -22064,15 +22919,15 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *             raise ValueError(f"lut of shape {list(table.shape)} for {idx.shape[0]} rows "
 */
     __pyx_t_4 = NULL;
-    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 82, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 115, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_6 = __Pyx_PySequence_ListKeepNew(__pyx_t_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 82, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PySequence_ListKeepNew(__pyx_t_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 115, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 82, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 115, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __pyx_t_6 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_palette_indices_must_be_a_non_em, __pyx_t_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 82, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_palette_indices_must_be_a_non_em, __pyx_t_2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 115, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_t_3 = 1;
@@ -22081,14 +22936,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 82, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 115, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 82, __pyx_L1_error)
+    __PYX_ERR(0, 115, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":81
+    /* "anemll_fast/_kernels.pyx":114
  *         idx = np.asarray(indices)
  *         table = np.ascontiguousarray(lut, dtype=np.float32)
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:             # <<<<<<<<<<<<<<
@@ -22097,16 +22952,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":83
+  /* "anemll_fast/_kernels.pyx":116
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")
  *         if table.ndim != 2 or table.shape[0] == 0 or idx.shape[0] % table.shape[0]:             # <<<<<<<<<<<<<<
  *             raise ValueError(f"lut of shape {list(table.shape)} for {idx.shape[0]} rows "
  *                              f"(needs [groups, entries] with rows divisible by groups)")
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_8) {
 
@@ -22116,12 +22971,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     goto __pyx_L8_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_6 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_6, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_6, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
   if (!__pyx_t_8) {
 
@@ -22131,21 +22986,21 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     goto __pyx_L8_bool_binop_done;
   }
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_6, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_6, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_6, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_6, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_6 = PyNumber_Remainder(__pyx_t_1, __pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_6 = PyNumber_Remainder(__pyx_t_1, __pyx_t_4); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 116, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
   __pyx_t_7 = __pyx_t_8;
@@ -22154,7 +23009,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":84
+    /* "anemll_fast/_kernels.pyx":117
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")
  *         if table.ndim != 2 or table.shape[0] == 0 or idx.shape[0] % table.shape[0]:
  *             raise ValueError(f"lut of shape {list(table.shape)} for {idx.shape[0]} rows "             # <<<<<<<<<<<<<<
@@ -22162,20 +23017,20 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):
 */
     __pyx_t_4 = NULL;
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 84, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 117, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_2 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 84, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 117, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyObject_FormatSimple(__pyx_t_2, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 84, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_FormatSimple(__pyx_t_2, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 117, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 84, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 117, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 84, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 117, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 84, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 117, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __pyx_t_9[0] = __pyx_mstate_global->__pyx_kp_u_lut_of_shape;
@@ -22192,7 +23047,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_9[1]) | __Pyx_PyUnicode_KIND_04(__pyx_t_9[3]);
     #endif
     __pyx_t_5 = __Pyx_PyUnicode_Join(__pyx_t_9, 5, __pyx_t_10, __pyx_t_11);
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 84, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 117, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
@@ -22202,14 +23057,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 84, __pyx_L1_error)
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 117, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
     }
     __Pyx_Raise(__pyx_t_6, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __PYX_ERR(0, 84, __pyx_L1_error)
+    __PYX_ERR(0, 117, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":83
+    /* "anemll_fast/_kernels.pyx":116
  *         if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
  *             raise ValueError(f"palette indices must be a non-empty matrix, got shape {list(idx.shape)}")
  *         if table.ndim != 2 or table.shape[0] == 0 or idx.shape[0] % table.shape[0]:             # <<<<<<<<<<<<<<
@@ -22218,7 +23073,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":86
+  /* "anemll_fast/_kernels.pyx":119
  *             raise ValueError(f"lut of shape {list(table.shape)} for {idx.shape[0]} rows "
  *                              f"(needs [groups, entries] with rows divisible by groups)")
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):             # <<<<<<<<<<<<<<
@@ -22240,14 +23095,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     goto __pyx_L12_bool_binop_done;
   }
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 86, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 119, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_6, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 86, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_6, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 119, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_6 = __Pyx_PyLong_From_long((1 << __pyx_v_nbits)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 86, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyLong_From_long((1 << __pyx_v_nbits)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 119, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_12 = __Pyx_PyObject_CompareBoolGt_object_int(__pyx_t_5, __pyx_t_6, Py_GT); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 86, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyObject_CompareBoolGt_object_int(__pyx_t_5, __pyx_t_6, Py_GT); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 119, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
@@ -22257,7 +23112,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":87
+    /* "anemll_fast/_kernels.pyx":120
  *                              f"(needs [groups, entries] with rows divisible by groups)")
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):
  *             raise ValueError(f"{table.shape[1]} palette entries do not fit {nbits}-bit indices")             # <<<<<<<<<<<<<<
@@ -22265,15 +23120,15 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
 */
     __pyx_t_5 = NULL;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 87, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 120, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 87, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 120, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_FormatSimple(__pyx_t_2, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 87, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_FormatSimple(__pyx_t_2, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 120, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_2 = __Pyx_PyUnicode_From_int(__pyx_v_nbits, 0, ' ', 'd'); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 87, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyUnicode_From_int(__pyx_v_nbits, 0, ' ', 'd'); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 120, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __pyx_t_13[0] = __pyx_t_4;
     __pyx_t_13[1] = __pyx_mstate_global->__pyx_kp_u_palette_entries_do_not_fit;
@@ -22288,7 +23143,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_13[0]);
     #endif
     __pyx_t_1 = __Pyx_PyUnicode_Join(__pyx_t_13, 4, __pyx_t_10, __pyx_t_11);
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 87, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 120, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
@@ -22298,14 +23153,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 87, __pyx_L1_error)
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 120, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
     }
     __Pyx_Raise(__pyx_t_6, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __PYX_ERR(0, 87, __pyx_L1_error)
+    __PYX_ERR(0, 120, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":86
+    /* "anemll_fast/_kernels.pyx":119
  *             raise ValueError(f"lut of shape {list(table.shape)} for {idx.shape[0]} rows "
  *                              f"(needs [groups, entries] with rows divisible by groups)")
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):             # <<<<<<<<<<<<<<
@@ -22314,16 +23169,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":88
+  /* "anemll_fast/_kernels.pyx":121
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):
  *             raise ValueError(f"{table.shape[1]} palette entries do not fit {nbits}-bit indices")
  *         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[1]):             # <<<<<<<<<<<<<<
  *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
  *         rows, cols = idx.shape
 */
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_size); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_size); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 121, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 121, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
   if (__pyx_t_12) {
 
@@ -22340,13 +23195,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     PyObject *__pyx_callargs[2] = {__pyx_t_1, NULL};
     __pyx_t_6 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_min, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 88, __pyx_L1_error)
+    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 121, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
   }
-  __pyx_t_1 = __Pyx_PyNumber_Int(__pyx_t_6); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyNumber_Int(__pyx_t_6); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 121, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_12 = __Pyx_PyObject_CompareBoolLt_int_int(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, Py_LT); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyObject_CompareBoolLt_int_int(__pyx_t_1, __pyx_mstate_global->__pyx_int_0, Py_LT); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 121, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_12) {
 
@@ -22363,18 +23218,18 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     PyObject *__pyx_callargs[2] = {__pyx_t_6, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_max, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 88, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 121, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_6 = __Pyx_PyNumber_Int(__pyx_t_1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyNumber_Int(__pyx_t_1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 121, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 121, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 121, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_12 = __Pyx_PyObject_CompareBoolGe_int_object(__pyx_t_6, __pyx_t_5, Py_GE); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyObject_CompareBoolGe_int_object(__pyx_t_6, __pyx_t_5, Py_GE); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 121, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
@@ -22384,7 +23239,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":89
+    /* "anemll_fast/_kernels.pyx":122
  *             raise ValueError(f"{table.shape[1]} palette entries do not fit {nbits}-bit indices")
  *         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[1]):
  *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")             # <<<<<<<<<<<<<<
@@ -22392,23 +23247,23 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *         if nbits <= 4:
 */
     __pyx_t_6 = NULL;
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_max); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_max); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 122, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_2 = __Pyx_PyObject_CallNoArg(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 89, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_CallNoArg(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 122, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyNumber_Int(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyNumber_Int(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 122, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_1, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 89, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_1, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 122, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 122, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 89, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 122, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyObject_FormatSimple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_FormatSimple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 122, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __pyx_t_9[0] = __pyx_mstate_global->__pyx_kp_u_palette_index;
@@ -22425,7 +23280,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_9[1]) | __Pyx_PyUnicode_KIND_04(__pyx_t_9[3]);
     #endif
     __pyx_t_4 = __Pyx_PyUnicode_Join(__pyx_t_9, 5, __pyx_t_10, __pyx_t_11);
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 89, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 122, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
@@ -22435,14 +23290,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 89, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 122, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __Pyx_Raise(__pyx_t_5, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __PYX_ERR(0, 89, __pyx_L1_error)
+    __PYX_ERR(0, 122, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":88
+    /* "anemll_fast/_kernels.pyx":121
  *         if not 1 <= nbits <= 8 or table.shape[1] > (1 << nbits):
  *             raise ValueError(f"{table.shape[1]} palette entries do not fit {nbits}-bit indices")
  *         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[1]):             # <<<<<<<<<<<<<<
@@ -22451,14 +23306,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":90
+  /* "anemll_fast/_kernels.pyx":123
  *         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[1]):
  *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
  *         rows, cols = idx.shape             # <<<<<<<<<<<<<<
  *         if nbits <= 4:
- *             u = idx.astype(np.uint8)
+ *             packed = _pack_nibbles(np.ascontiguousarray(idx, dtype=np.uint8))
 */
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 90, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_idx, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 123, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   if ((likely(PyTuple_CheckExact(__pyx_t_5))) || (PyList_CheckExact(__pyx_t_5))) {
     PyObject* sequence = __pyx_t_5;
@@ -22466,7 +23321,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     if (unlikely(size != 2)) {
       if (size > 2) __Pyx_RaiseTooManyValuesError(2);
       else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-      __PYX_ERR(0, 90, __pyx_L1_error)
+      __PYX_ERR(0, 123, __pyx_L1_error)
     }
     #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
     if (likely(PyTuple_CheckExact(sequence))) {
@@ -22476,22 +23331,22 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __Pyx_INCREF(__pyx_t_6);
     } else {
       __pyx_t_4 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 90, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 123, __pyx_L1_error)
       __Pyx_XGOTREF(__pyx_t_4);
       __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
-      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 90, __pyx_L1_error)
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 123, __pyx_L1_error)
       __Pyx_XGOTREF(__pyx_t_6);
     }
     #else
-    __pyx_t_4 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 90, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 123, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 90, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 123, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     #endif
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   } else {
     Py_ssize_t index = -1;
-    __pyx_t_1 = PyObject_GetIter(__pyx_t_5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 90, __pyx_L1_error)
+    __pyx_t_1 = PyObject_GetIter(__pyx_t_5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 123, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __pyx_t_14 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1);
@@ -22499,7 +23354,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __Pyx_GOTREF(__pyx_t_4);
     index = 1; __pyx_t_6 = __pyx_t_14(__pyx_t_1); if (unlikely(!__pyx_t_6)) goto __pyx_L18_unpacking_failed;
     __Pyx_GOTREF(__pyx_t_6);
-    if (__Pyx_IternextUnpackEndCheck(__pyx_t_14(__pyx_t_1), 2) < (0)) __PYX_ERR(0, 90, __pyx_L1_error)
+    if (__Pyx_IternextUnpackEndCheck(__pyx_t_14(__pyx_t_1), 2) < (0)) __PYX_ERR(0, 123, __pyx_L1_error)
     __pyx_t_14 = NULL;
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     goto __pyx_L19_unpacking_done;
@@ -22507,7 +23362,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     __pyx_t_14 = NULL;
     if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
-    __PYX_ERR(0, 90, __pyx_L1_error)
+    __PYX_ERR(0, 123, __pyx_L1_error)
     __pyx_L19_unpacking_done:;
   }
   __pyx_v_rows = __pyx_t_4;
@@ -22515,283 +23370,166 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __pyx_v_cols = __pyx_t_6;
   __pyx_t_6 = 0;
 
-  /* "anemll_fast/_kernels.pyx":91
+  /* "anemll_fast/_kernels.pyx":124
  *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
  *         rows, cols = idx.shape
  *         if nbits <= 4:             # <<<<<<<<<<<<<<
- *             u = idx.astype(np.uint8)
- *             if cols % 2:
+ *             packed = _pack_nibbles(np.ascontiguousarray(idx, dtype=np.uint8))
+ *         else:
 */
   __pyx_t_7 = (__pyx_v_nbits <= 4);
 
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":92
+    /* "anemll_fast/_kernels.pyx":125
  *         rows, cols = idx.shape
  *         if nbits <= 4:
- *             u = idx.astype(np.uint8)             # <<<<<<<<<<<<<<
- *             if cols % 2:
- *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)
-*/
-    __pyx_t_6 = __pyx_v_idx;
-    __Pyx_INCREF(__pyx_t_6);
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 92, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 92, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_1);
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_3 = 0;
-    {
-      PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_t_1};
-      __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_astype, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-      __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 92, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_5);
-    }
-    __pyx_v_u = __pyx_t_5;
-    __pyx_t_5 = 0;
-
-    /* "anemll_fast/_kernels.pyx":93
- *         if nbits <= 4:
- *             u = idx.astype(np.uint8)
- *             if cols % 2:             # <<<<<<<<<<<<<<
- *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)
- *             packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
-*/
-    __pyx_t_5 = __Pyx_PyLong_RemainderObjC(__pyx_v_cols, __pyx_mstate_global->__pyx_int_2, 2, 0, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 93, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_7 = __Pyx_PyObject_IsTrue(__pyx_t_5); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 93, __pyx_L1_error)
-    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (__pyx_t_7) {
-
-
-      /* "anemll_fast/_kernels.pyx":94
- *             u = idx.astype(np.uint8)
- *             if cols % 2:
- *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)             # <<<<<<<<<<<<<<
- *             packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
- *         else:
-*/
-      __pyx_t_1 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 94, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_6);
-      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 94, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_4);
-      __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      __pyx_t_2 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 94, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_15);
-      __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_zeros); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 94, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_16);
-      __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-      __pyx_t_15 = PyTuple_New(2); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 94, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_15);
-      __Pyx_INCREF(__pyx_v_rows);
-      __Pyx_GIVEREF(__pyx_v_rows);
-      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 0, __pyx_v_rows) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
-      __Pyx_INCREF(__pyx_mstate_global->__pyx_int_1);
-      __Pyx_GIVEREF(__pyx_mstate_global->__pyx_int_1);
-      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 1, __pyx_mstate_global->__pyx_int_1) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
-      __Pyx_GetModuleGlobalName(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 94, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_17);
-      __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 94, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_18);
-      __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-      __pyx_t_3 = 1;
-      #if CYTHON_UNPACK_METHODS
-      if (unlikely(PyMethod_Check(__pyx_t_16))) {
-        __pyx_t_2 = PyMethod_GET_SELF(__pyx_t_16);
-        assert(__pyx_t_2);
-        PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_16);
-        __Pyx_INCREF(__pyx_t_2);
-        __Pyx_INCREF(__pyx__function);
-        __Pyx_DECREF_SET(__pyx_t_16, __pyx__function);
-        __pyx_t_3 = 0;
-      }
-      #endif
-      {
-        PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_t_15, __pyx_t_18};
-        __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_16, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-        __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-        __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-        __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-        __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 94, __pyx_L1_error)
-        __Pyx_GOTREF(__pyx_t_6);
-      }
-      __pyx_t_16 = PyList_New(2); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 94, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_16);
-      __Pyx_INCREF(__pyx_v_u);
-      __Pyx_GIVEREF(__pyx_v_u);
-      if (__Pyx_PyList_SET_ITEM(__pyx_t_16, 0, __pyx_v_u) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
-      __Pyx_GIVEREF(__pyx_t_6);
-      if (__Pyx_PyList_SET_ITEM(__pyx_t_16, 1, __pyx_t_6) != (0)) __PYX_ERR(0, 94, __pyx_L1_error);
-      __pyx_t_6 = 0;
-      #if CYTHON_VECTORCALL
-      #endif
-      __pyx_t_3 = 1;
-      #if CYTHON_UNPACK_METHODS
-      if (unlikely(PyMethod_Check(__pyx_t_4))) {
-        __pyx_t_1 = PyMethod_GET_SELF(__pyx_t_4);
-        assert(__pyx_t_1);
-        PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_4);
-        __Pyx_INCREF(__pyx_t_1);
-        __Pyx_INCREF(__pyx__function);
-        __Pyx_DECREF_SET(__pyx_t_4, __pyx__function);
-        __pyx_t_3 = 0;
-      }
-      #endif
-      {
-        PyObject *__pyx_callargs[3] = {__pyx_t_1, __pyx_t_16, __pyx_mstate_global->__pyx_int_1};
-        #if CYTHON_VECTORCALL
-        __pyx_t_6 = __pyx_mstate_global->__pyx_tuple[3];
-        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 94, __pyx_L1_error)
-        __Pyx_INCREF(__pyx_t_6);
-        #else
-        {
-          PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_axis};
-          __pyx_t_6 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 94, __pyx_L1_error)
-          __Pyx_GOTREF(__pyx_t_6);
-        }
-        #endif
-        __pyx_t_5 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_6);
-        __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-        __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-        #if CYTHON_VECTORCALL
-        #endif
-        __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-        __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 94, __pyx_L1_error)
-        __Pyx_GOTREF(__pyx_t_5);
-      }
-      __Pyx_DECREF_SET(__pyx_v_u, __pyx_t_5);
-      __pyx_t_5 = 0;
-
-      /* "anemll_fast/_kernels.pyx":93
- *         if nbits <= 4:
- *             u = idx.astype(np.uint8)
- *             if cols % 2:             # <<<<<<<<<<<<<<
- *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)
- *             packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
-*/
-    }
-
-    /* "anemll_fast/_kernels.pyx":95
- *             if cols % 2:
- *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)
- *             packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))             # <<<<<<<<<<<<<<
+ *             packed = _pack_nibbles(np.ascontiguousarray(idx, dtype=np.uint8))             # <<<<<<<<<<<<<<
  *         else:
  *             packed = np.ascontiguousarray(idx, dtype=np.uint8)
 */
-    __pyx_t_4 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 95, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 95, __pyx_L1_error)
+    __pyx_t_6 = NULL;
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_pack_nibbles); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 125, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_4);
+    __pyx_t_2 = NULL;
+    __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 125, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_15);
+    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 125, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_16);
-    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __pyx_t_6 = __Pyx_PyObject_GetItem(__pyx_v_u, __pyx_mstate_global->__pyx_tuple[4]); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 95, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_1 = __Pyx_PyObject_GetItem(__pyx_v_u, __pyx_mstate_global->__pyx_tuple[5]); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 95, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_18 = __Pyx_PyLong_LshiftObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_4, 4, 0, 0); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 95, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_18);
-    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyNumber_Or_object_object(__pyx_t_6, __pyx_t_18); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 95, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_1);
-    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
+    __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
+    __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 125, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_15);
+    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 125, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_17);
+    __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
+    #if CYTHON_VECTORCALL
+    #endif
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
     if (unlikely(PyMethod_Check(__pyx_t_16))) {
-      __pyx_t_4 = PyMethod_GET_SELF(__pyx_t_16);
-      assert(__pyx_t_4);
+      __pyx_t_2 = PyMethod_GET_SELF(__pyx_t_16);
+      assert(__pyx_t_2);
       PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_16);
-      __Pyx_INCREF(__pyx_t_4);
+      __Pyx_INCREF(__pyx_t_2);
       __Pyx_INCREF(__pyx__function);
       __Pyx_DECREF_SET(__pyx_t_16, __pyx__function);
       __pyx_t_3 = 0;
     }
     #endif
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_1};
-      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_16, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+      PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_v_idx, __pyx_t_17};
+      #if CYTHON_VECTORCALL
+      __pyx_t_15 = __pyx_mstate_global->__pyx_tuple[2];
+      if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 125, __pyx_L1_error)
+      __Pyx_INCREF(__pyx_t_15);
+      #else
+      {
+        PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
+        __pyx_t_15 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
+        if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 125, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_15);
+      }
+      #endif
+      __pyx_t_1 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_16, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_15);
+      __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
+      #if CYTHON_VECTORCALL
+      #endif
+      __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
+      __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
       __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 95, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_5);
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 125, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_1);
     }
-    __pyx_v_packed = __pyx_t_5;
-    __pyx_t_5 = 0;
-
-    /* "anemll_fast/_kernels.pyx":91
- *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
- *         rows, cols = idx.shape
- *         if nbits <= 4:             # <<<<<<<<<<<<<<
- *             u = idx.astype(np.uint8)
- *             if cols % 2:
-*/
-    goto __pyx_L20;
-  }
-
-  /* "anemll_fast/_kernels.pyx":97
- *             packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
- *         else:
- *             packed = np.ascontiguousarray(idx, dtype=np.uint8)             # <<<<<<<<<<<<<<
- *         cdef const uint8_t[:, ::1] pk = packed
- *         cdef const float[:, ::1] tb = table
-*/
-  /*else*/ {
-    __pyx_t_16 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 97, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 97, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
-    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 97, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 97, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_18);
-    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    #if CYTHON_VECTORCALL
-    #endif
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
     if (unlikely(PyMethod_Check(__pyx_t_4))) {
-      __pyx_t_16 = PyMethod_GET_SELF(__pyx_t_4);
-      assert(__pyx_t_16);
+      __pyx_t_6 = PyMethod_GET_SELF(__pyx_t_4);
+      assert(__pyx_t_6);
       PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_4);
-      __Pyx_INCREF(__pyx_t_16);
+      __Pyx_INCREF(__pyx_t_6);
       __Pyx_INCREF(__pyx__function);
       __Pyx_DECREF_SET(__pyx_t_4, __pyx__function);
       __pyx_t_3 = 0;
     }
     #endif
     {
-      PyObject *__pyx_callargs[3] = {__pyx_t_16, __pyx_v_idx, __pyx_t_18};
+      PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_t_1};
+      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+      __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 125, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_5);
+    }
+    __pyx_v_packed = __pyx_t_5;
+    __pyx_t_5 = 0;
+
+    /* "anemll_fast/_kernels.pyx":124
+ *             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
+ *         rows, cols = idx.shape
+ *         if nbits <= 4:             # <<<<<<<<<<<<<<
+ *             packed = _pack_nibbles(np.ascontiguousarray(idx, dtype=np.uint8))
+ *         else:
+*/
+    goto __pyx_L20;
+  }
+
+  /* "anemll_fast/_kernels.pyx":127
+ *             packed = _pack_nibbles(np.ascontiguousarray(idx, dtype=np.uint8))
+ *         else:
+ *             packed = np.ascontiguousarray(idx, dtype=np.uint8)             # <<<<<<<<<<<<<<
+ *         cdef const uint8_t[:, ::1] pk = packed
+ *         cdef const float[:, ::1] tb = table
+*/
+  /*else*/ {
+    __pyx_t_4 = NULL;
+    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 127, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 127, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 127, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 127, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_16);
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+    #if CYTHON_VECTORCALL
+    #endif
+    __pyx_t_3 = 1;
+    #if CYTHON_UNPACK_METHODS
+    if (unlikely(PyMethod_Check(__pyx_t_6))) {
+      __pyx_t_4 = PyMethod_GET_SELF(__pyx_t_6);
+      assert(__pyx_t_4);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_6);
+      __Pyx_INCREF(__pyx_t_4);
+      __Pyx_INCREF(__pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_6, __pyx__function);
+      __pyx_t_3 = 0;
+    }
+    #endif
+    {
+      PyObject *__pyx_callargs[3] = {__pyx_t_4, __pyx_v_idx, __pyx_t_16};
       #if CYTHON_VECTORCALL
       __pyx_t_1 = __pyx_mstate_global->__pyx_tuple[2];
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 97, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 127, __pyx_L1_error)
       __Pyx_INCREF(__pyx_t_1);
       #else
       {
         PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
         __pyx_t_1 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 97, __pyx_L1_error)
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 127, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
       }
       #endif
-      __pyx_t_5 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_1);
-      __Pyx_XDECREF(__pyx_t_16); __pyx_t_16 = 0;
+      __pyx_t_5 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_1);
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       #if CYTHON_VECTORCALL
       #endif
-      __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
+      __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 97, __pyx_L1_error)
+      __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 127, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __pyx_v_packed = __pyx_t_5;
@@ -22799,75 +23537,75 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   }
   __pyx_L20:;
 
-  /* "anemll_fast/_kernels.pyx":98
+  /* "anemll_fast/_kernels.pyx":128
  *         else:
  *             packed = np.ascontiguousarray(idx, dtype=np.uint8)
  *         cdef const uint8_t[:, ::1] pk = packed             # <<<<<<<<<<<<<<
  *         cdef const float[:, ::1] tb = table
  *         cdef const uint8_t[:, ::1] t16
 */
-  __pyx_t_19 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(__pyx_v_packed, 0); if (unlikely(!__pyx_t_19.memview)) __PYX_ERR(0, 98, __pyx_L1_error)
-  __pyx_v_pk = __pyx_t_19;
-  __pyx_t_19.memview = NULL;
-  __pyx_t_19.data = NULL;
+  __pyx_t_18 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(__pyx_v_packed, 0); if (unlikely(!__pyx_t_18.memview)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __pyx_v_pk = __pyx_t_18;
+  __pyx_t_18.memview = NULL;
+  __pyx_t_18.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":99
+  /* "anemll_fast/_kernels.pyx":129
  *             packed = np.ascontiguousarray(idx, dtype=np.uint8)
  *         cdef const uint8_t[:, ::1] pk = packed
  *         cdef const float[:, ::1] tb = table             # <<<<<<<<<<<<<<
  *         cdef const uint8_t[:, ::1] t16
  *         keep = (packed, table)
 */
-  __pyx_t_20 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(__pyx_v_table, 0); if (unlikely(!__pyx_t_20.memview)) __PYX_ERR(0, 99, __pyx_L1_error)
-  __pyx_v_tb = __pyx_t_20;
-  __pyx_t_20.memview = NULL;
-  __pyx_t_20.data = NULL;
+  __pyx_t_19 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(__pyx_v_table, 0); if (unlikely(!__pyx_t_19.memview)) __PYX_ERR(0, 129, __pyx_L1_error)
+  __pyx_v_tb = __pyx_t_19;
+  __pyx_t_19.memview = NULL;
+  __pyx_t_19.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":101
+  /* "anemll_fast/_kernels.pyx":131
  *         cdef const float[:, ::1] tb = table
  *         cdef const uint8_t[:, ::1] t16
  *         keep = (packed, table)             # <<<<<<<<<<<<<<
  *         half = table.astype(np.float16)
  *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
 */
-  __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 101, __pyx_L1_error)
+  __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 131, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_INCREF(__pyx_v_packed);
   __Pyx_GIVEREF(__pyx_v_packed);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_packed) != (0)) __PYX_ERR(0, 101, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_packed) != (0)) __PYX_ERR(0, 131, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_table);
   __Pyx_GIVEREF(__pyx_v_table);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_v_table) != (0)) __PYX_ERR(0, 101, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_v_table) != (0)) __PYX_ERR(0, 131, __pyx_L1_error);
   __pyx_v_keep = __pyx_t_5;
   __pyx_t_5 = 0;
 
-  /* "anemll_fast/_kernels.pyx":102
+  /* "anemll_fast/_kernels.pyx":132
  *         cdef const uint8_t[:, ::1] t16
  *         keep = (packed, table)
  *         half = table.astype(np.float16)             # <<<<<<<<<<<<<<
  *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
  *             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
 */
-  __pyx_t_4 = __pyx_v_table;
-  __Pyx_INCREF(__pyx_t_4);
-  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 102, __pyx_L1_error)
+  __pyx_t_6 = __pyx_v_table;
+  __Pyx_INCREF(__pyx_t_6);
+  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 132, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_float16); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 102, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_18);
+  __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_float16); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 132, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_16);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_t_3 = 0;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_18};
+    PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_t_16};
     __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_astype, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 102, __pyx_L1_error)
+    __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 132, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
   }
   __pyx_v_half = __pyx_t_5;
   __pyx_t_5 = 0;
 
-  /* "anemll_fast/_kernels.pyx":103
+  /* "anemll_fast/_kernels.pyx":133
  *         keep = (packed, table)
  *         half = table.astype(np.float16)
  *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):             # <<<<<<<<<<<<<<
@@ -22882,61 +23620,61 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     __pyx_t_7 = __pyx_t_12;
 
-    goto __pyx_L23_bool_binop_done;
+    goto __pyx_L22_bool_binop_done;
   }
-  __pyx_t_18 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 103, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_array_equal); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 103, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_16 = __pyx_v_half;
-  __Pyx_INCREF(__pyx_t_16);
-  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 103, __pyx_L1_error)
+  __pyx_t_16 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 103, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_15);
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_array_equal); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 133, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  __pyx_t_4 = __pyx_v_half;
+  __Pyx_INCREF(__pyx_t_4);
+  __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 133, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_15);
+  __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 133, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_17);
+  __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
   __pyx_t_3 = 0;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_16, __pyx_t_15};
-    __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_astype, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_16); __pyx_t_16 = 0;
-    __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 103, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
+    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_17};
+    __pyx_t_6 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_astype, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
+    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 133, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
   }
   __pyx_t_3 = 1;
   #if CYTHON_UNPACK_METHODS
   if (unlikely(PyMethod_Check(__pyx_t_1))) {
-    __pyx_t_18 = PyMethod_GET_SELF(__pyx_t_1);
-    assert(__pyx_t_18);
+    __pyx_t_16 = PyMethod_GET_SELF(__pyx_t_1);
+    assert(__pyx_t_16);
     PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_1);
-    __Pyx_INCREF(__pyx_t_18);
+    __Pyx_INCREF(__pyx_t_16);
     __Pyx_INCREF(__pyx__function);
     __Pyx_DECREF_SET(__pyx_t_1, __pyx__function);
     __pyx_t_3 = 0;
   }
   #endif
   {
-    PyObject *__pyx_callargs[3] = {__pyx_t_18, __pyx_t_4, __pyx_v_table};
+    PyObject *__pyx_callargs[3] = {__pyx_t_16, __pyx_t_6, __pyx_v_table};
     __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_1, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_XDECREF(__pyx_t_16); __pyx_t_16 = 0;
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 103, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 133, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
   }
-  __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_5); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 103, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_5); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   __pyx_t_7 = __pyx_t_12;
 
-  __pyx_L23_bool_binop_done:;
+  __pyx_L22_bool_binop_done:;
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":105
+    /* "anemll_fast/_kernels.pyx":135
  *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
  *             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
  *             nsub = 1 if nbits <= 4 else 4             # <<<<<<<<<<<<<<
@@ -22947,15 +23685,15 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 
     if (__pyx_t_7) {
 
-      __pyx_t_21 = 1;
+      __pyx_t_20 = 1;
     } else {
 
-      __pyx_t_21 = 4;
+      __pyx_t_20 = 4;
     }
 
-    __pyx_v_nsub = __pyx_t_21;
+    __pyx_v_nsub = __pyx_t_20;
 
-    /* "anemll_fast/_kernels.pyx":106
+    /* "anemll_fast/_kernels.pyx":136
  *             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
  *             nsub = 1 if nbits <= 4 else 4
  *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)             # <<<<<<<<<<<<<<
@@ -22963,161 +23701,161 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
 */
     __pyx_t_1 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 106, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_zeros); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 106, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_18);
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 106, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_15 = __Pyx_GetItemInt(__pyx_t_4, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 106, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_15);
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyLong_From_long(__pyx_v_nsub); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 106, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_16 = PyTuple_New(3); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 106, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 136, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_zeros); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 136, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_16);
-    __Pyx_GIVEREF(__pyx_t_15);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 0, __pyx_t_15) != (0)) __PYX_ERR(0, 106, __pyx_L1_error);
-    __Pyx_GIVEREF(__pyx_t_4);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 106, __pyx_L1_error);
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 136, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_17 = __Pyx_GetItemInt(__pyx_t_6, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 136, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_17);
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __pyx_t_6 = __Pyx_PyLong_From_long(__pyx_v_nsub); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 136, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_4 = PyTuple_New(3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 136, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_4);
+    __Pyx_GIVEREF(__pyx_t_17);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 0, __pyx_t_17) != (0)) __PYX_ERR(0, 136, __pyx_L1_error);
+    __Pyx_GIVEREF(__pyx_t_6);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 1, __pyx_t_6) != (0)) __PYX_ERR(0, 136, __pyx_L1_error);
     __Pyx_INCREF(__pyx_mstate_global->__pyx_int_16);
     __Pyx_GIVEREF(__pyx_mstate_global->__pyx_int_16);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 2, __pyx_mstate_global->__pyx_int_16) != (0)) __PYX_ERR(0, 106, __pyx_L1_error);
-    __pyx_t_15 = 0;
-    __pyx_t_4 = 0;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 106, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 106, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_15);
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 2, __pyx_mstate_global->__pyx_int_16) != (0)) __PYX_ERR(0, 136, __pyx_L1_error);
+    __pyx_t_17 = 0;
+    __pyx_t_6 = 0;
+    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 136, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 136, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_17);
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
-    if (unlikely(PyMethod_Check(__pyx_t_18))) {
-      __pyx_t_1 = PyMethod_GET_SELF(__pyx_t_18);
+    if (unlikely(PyMethod_Check(__pyx_t_16))) {
+      __pyx_t_1 = PyMethod_GET_SELF(__pyx_t_16);
       assert(__pyx_t_1);
-      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_18);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_16);
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_INCREF(__pyx__function);
-      __Pyx_DECREF_SET(__pyx_t_18, __pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_16, __pyx__function);
       __pyx_t_3 = 0;
     }
     #endif
     {
-      PyObject *__pyx_callargs[3] = {__pyx_t_1, __pyx_t_16, __pyx_t_15};
-      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_18, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      PyObject *__pyx_callargs[3] = {__pyx_t_1, __pyx_t_4, __pyx_t_17};
+      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_16, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
+      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+      __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
       __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-      __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-      __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 106, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 136, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __pyx_v_bits = __pyx_t_5;
     __pyx_t_5 = 0;
 
-    /* "anemll_fast/_kernels.pyx":107
+    /* "anemll_fast/_kernels.pyx":137
  *             nsub = 1 if nbits <= 4 else 4
  *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
  *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)             # <<<<<<<<<<<<<<
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
 */
-    __pyx_t_18 = __pyx_v_half;
-    __Pyx_INCREF(__pyx_t_18);
-    __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 107, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_15);
-    __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 107, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_16);
-    __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
+    __pyx_t_16 = __pyx_v_half;
+    __Pyx_INCREF(__pyx_t_16);
+    __Pyx_GetModuleGlobalName(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_17);
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_uint16); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_4);
+    __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
     __pyx_t_3 = 0;
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_18, __pyx_t_16};
+      PyObject *__pyx_callargs[2] = {__pyx_t_16, __pyx_t_4};
       __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_view, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
-      __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 107, __pyx_L1_error)
+      __Pyx_XDECREF(__pyx_t_16); __pyx_t_16 = 0;
+      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 137, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
-    __pyx_t_18 = __pyx_v_bits;
-    __Pyx_INCREF(__pyx_t_18);
-    __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 107, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_15);
-    __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_15, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 107, __pyx_L1_error)
+    __pyx_t_16 = __pyx_v_bits;
+    __Pyx_INCREF(__pyx_t_16);
+    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_17);
+    __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_17, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
+    __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
     __pyx_t_3 = 0;
     {
-      PyObject *__pyx_callargs[3] = {__pyx_t_18, __pyx_t_1, __pyx_mstate_global->__pyx_int_neg_1};
-      __pyx_t_16 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
+      PyObject *__pyx_callargs[3] = {__pyx_t_16, __pyx_t_1, __pyx_mstate_global->__pyx_int_neg_1};
+      __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_16); __pyx_t_16 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 107, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_16);
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 137, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_4);
     }
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 107, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_18 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 107, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_18);
+    __pyx_t_16 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_16);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = PySlice_New(Py_None, __pyx_t_18, Py_None); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 107, __pyx_L1_error)
+    __pyx_t_1 = PySlice_New(Py_None, __pyx_t_16, Py_None); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-    __pyx_t_18 = PyTuple_New(2); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 107, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_18);
+    __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
+    __pyx_t_16 = PyTuple_New(2); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_16);
     __Pyx_INCREF(__pyx_mstate_global->__pyx_slice[0]);
     __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[0]);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_18, 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(0, 107, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(0, 137, __pyx_L1_error);
     __Pyx_GIVEREF(__pyx_t_1);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_18, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 107, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_16, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 137, __pyx_L1_error);
     __pyx_t_1 = 0;
-    if (unlikely((PyObject_SetItem(__pyx_t_16, __pyx_t_18, __pyx_t_5) < 0))) __PYX_ERR(0, 107, __pyx_L1_error)
+    if (unlikely((PyObject_SetItem(__pyx_t_4, __pyx_t_16, __pyx_t_5) < 0))) __PYX_ERR(0, 137, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-    __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-    /* "anemll_fast/_kernels.pyx":108
+    /* "anemll_fast/_kernels.pyx":138
  *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
  *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),             # <<<<<<<<<<<<<<
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
  *                                          .reshape(table.shape[0], -1))
 */
-    __pyx_t_18 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_16, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 108, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_16);
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_16, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 108, __pyx_L1_error)
+    __pyx_t_16 = NULL;
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 138, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_4);
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
+    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-    /* "anemll_fast/_kernels.pyx":110
+    /* "anemll_fast/_kernels.pyx":140
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
  *                                          .reshape(table.shape[0], -1))             # <<<<<<<<<<<<<<
  *             t16 = split
  *             p.w.lut16_bytes = &t16[0, 0]
 */
-    __pyx_t_6 = NULL;
+    __pyx_t_15 = NULL;
 
-    /* "anemll_fast/_kernels.pyx":108
+    /* "anemll_fast/_kernels.pyx":138
  *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
  *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),             # <<<<<<<<<<<<<<
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
  *                                          .reshape(table.shape[0], -1))
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 108, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 138, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 108, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_17);
+    __pyx_t_21 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 138, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_21);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __pyx_t_23 = __Pyx_PyLong_AndObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_255, 0xFF, 0, 0); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 108, __pyx_L1_error)
+    __pyx_t_23 = __Pyx_PyLong_AndObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_255, 0xFF, 0, 0); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 138, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_23);
     __pyx_t_22 = __pyx_t_23;
     __Pyx_INCREF(__pyx_t_22);
-    __Pyx_GetModuleGlobalName(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 108, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 138, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_24);
-    __pyx_t_25 = __Pyx_PyObject_GetAttrStr(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_25)) __PYX_ERR(0, 108, __pyx_L1_error)
+    __pyx_t_25 = __Pyx_PyObject_GetAttrStr(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_25)) __PYX_ERR(0, 138, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_25);
     __Pyx_DECREF(__pyx_t_24); __pyx_t_24 = 0;
     __pyx_t_3 = 0;
@@ -23127,24 +23865,24 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __Pyx_XDECREF(__pyx_t_22); __pyx_t_22 = 0;
       __Pyx_DECREF(__pyx_t_25); __pyx_t_25 = 0;
       __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 108, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 138, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
 
-    /* "anemll_fast/_kernels.pyx":109
+    /* "anemll_fast/_kernels.pyx":139
  *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)             # <<<<<<<<<<<<<<
  *                                          .reshape(table.shape[0], -1))
  *             t16 = split
 */
-    __pyx_t_22 = __Pyx_PyLong_RshiftObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_8, 8, 0, 0); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 109, __pyx_L1_error)
+    __pyx_t_22 = __Pyx_PyLong_RshiftObjC(__pyx_v_bits, __pyx_mstate_global->__pyx_int_8, 8, 0, 0); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 139, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_22);
     __pyx_t_25 = __pyx_t_22;
     __Pyx_INCREF(__pyx_t_25);
-    __Pyx_GetModuleGlobalName(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 109, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 139, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_24);
-    __pyx_t_26 = __Pyx_PyObject_GetAttrStr(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_26)) __PYX_ERR(0, 109, __pyx_L1_error)
+    __pyx_t_26 = __Pyx_PyObject_GetAttrStr(__pyx_t_24, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_26)) __PYX_ERR(0, 139, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_26);
     __Pyx_DECREF(__pyx_t_24); __pyx_t_24 = 0;
     __pyx_t_3 = 0;
@@ -23154,125 +23892,125 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
       __Pyx_XDECREF(__pyx_t_25); __pyx_t_25 = 0;
       __Pyx_DECREF(__pyx_t_26); __pyx_t_26 = 0;
       __Pyx_DECREF(__pyx_t_22); __pyx_t_22 = 0;
-      if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 109, __pyx_L1_error)
+      if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 139, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_23);
     }
 
-    /* "anemll_fast/_kernels.pyx":108
+    /* "anemll_fast/_kernels.pyx":138
  *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
  *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),             # <<<<<<<<<<<<<<
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
  *                                          .reshape(table.shape[0], -1))
 */
-    __pyx_t_22 = PyList_New(2); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 108, __pyx_L1_error)
+    __pyx_t_22 = PyList_New(2); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 138, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_22);
     __Pyx_GIVEREF(__pyx_t_2);
-    if (__Pyx_PyList_SET_ITEM(__pyx_t_22, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 108, __pyx_L1_error);
+    if (__Pyx_PyList_SET_ITEM(__pyx_t_22, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 138, __pyx_L1_error);
     __Pyx_GIVEREF(__pyx_t_23);
-    if (__Pyx_PyList_SET_ITEM(__pyx_t_22, 1, __pyx_t_23) != (0)) __PYX_ERR(0, 108, __pyx_L1_error);
+    if (__Pyx_PyList_SET_ITEM(__pyx_t_22, 1, __pyx_t_23) != (0)) __PYX_ERR(0, 138, __pyx_L1_error);
     __pyx_t_2 = 0;
     __pyx_t_23 = 0;
     #if CYTHON_VECTORCALL
     #endif
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
-    if (unlikely(PyMethod_Check(__pyx_t_17))) {
-      __pyx_t_6 = PyMethod_GET_SELF(__pyx_t_17);
-      assert(__pyx_t_6);
-      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_17);
-      __Pyx_INCREF(__pyx_t_6);
+    if (unlikely(PyMethod_Check(__pyx_t_21))) {
+      __pyx_t_15 = PyMethod_GET_SELF(__pyx_t_21);
+      assert(__pyx_t_15);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_21);
+      __Pyx_INCREF(__pyx_t_15);
       __Pyx_INCREF(__pyx__function);
-      __Pyx_DECREF_SET(__pyx_t_17, __pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_21, __pyx__function);
       __pyx_t_3 = 0;
     }
     #endif
     {
-      PyObject *__pyx_callargs[3] = {__pyx_t_6, __pyx_t_22, __pyx_mstate_global->__pyx_int_2};
+      PyObject *__pyx_callargs[3] = {__pyx_t_15, __pyx_t_22, __pyx_mstate_global->__pyx_int_2};
       #if CYTHON_VECTORCALL
       __pyx_t_23 = __pyx_mstate_global->__pyx_tuple[3];
-      if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 108, __pyx_L1_error)
+      if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 138, __pyx_L1_error)
       __Pyx_INCREF(__pyx_t_23);
       #else
       {
         PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_axis};
         __pyx_t_23 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-        if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 108, __pyx_L1_error)
+        if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 138, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_23);
       }
       #endif
-      __pyx_t_4 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_17, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_23);
-      __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+      __pyx_t_6 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_21, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_23);
+      __Pyx_XDECREF(__pyx_t_15); __pyx_t_15 = 0;
       __Pyx_DECREF(__pyx_t_22); __pyx_t_22 = 0;
       #if CYTHON_VECTORCALL
       #endif
       __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-      __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 108, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_4);
+      __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 138, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_6);
     }
-    __pyx_t_15 = __pyx_t_4;
-    __Pyx_INCREF(__pyx_t_15);
+    __pyx_t_17 = __pyx_t_6;
+    __Pyx_INCREF(__pyx_t_17);
 
-    /* "anemll_fast/_kernels.pyx":110
+    /* "anemll_fast/_kernels.pyx":140
  *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
  *                                          .reshape(table.shape[0], -1))             # <<<<<<<<<<<<<<
  *             t16 = split
  *             p.w.lut16_bytes = &t16[0, 0]
 */
-    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 110, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_17);
-    __pyx_t_23 = __Pyx_GetItemInt(__pyx_t_17, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 110, __pyx_L1_error)
+    __pyx_t_21 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 140, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_21);
+    __pyx_t_23 = __Pyx_GetItemInt(__pyx_t_21, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 140, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_23);
-    __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
+    __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
     __pyx_t_3 = 0;
     {
-      PyObject *__pyx_callargs[3] = {__pyx_t_15, __pyx_t_23, __pyx_mstate_global->__pyx_int_neg_1};
-      __pyx_t_16 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_15); __pyx_t_15 = 0;
+      PyObject *__pyx_callargs[3] = {__pyx_t_17, __pyx_t_23, __pyx_mstate_global->__pyx_int_neg_1};
+      __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_17); __pyx_t_17 = 0;
       __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 110, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_16);
+      __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 140, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_4);
     }
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
     if (unlikely(PyMethod_Check(__pyx_t_1))) {
-      __pyx_t_18 = PyMethod_GET_SELF(__pyx_t_1);
-      assert(__pyx_t_18);
+      __pyx_t_16 = PyMethod_GET_SELF(__pyx_t_1);
+      assert(__pyx_t_16);
       PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_1);
-      __Pyx_INCREF(__pyx_t_18);
+      __Pyx_INCREF(__pyx_t_16);
       __Pyx_INCREF(__pyx__function);
       __Pyx_DECREF_SET(__pyx_t_1, __pyx__function);
       __pyx_t_3 = 0;
     }
     #endif
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_18, __pyx_t_16};
+      PyObject *__pyx_callargs[2] = {__pyx_t_16, __pyx_t_4};
       __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_1, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
-      __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
+      __Pyx_XDECREF(__pyx_t_16); __pyx_t_16 = 0;
+      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 108, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 138, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __pyx_v_split = __pyx_t_5;
     __pyx_t_5 = 0;
 
-    /* "anemll_fast/_kernels.pyx":111
+    /* "anemll_fast/_kernels.pyx":141
  *                                                          (bits >> 8).astype(np.uint8)], axis=2)
  *                                          .reshape(table.shape[0], -1))
  *             t16 = split             # <<<<<<<<<<<<<<
  *             p.w.lut16_bytes = &t16[0, 0]
  *             keep = keep + (split,)
 */
-    __pyx_t_27 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(__pyx_v_split, 0); if (unlikely(!__pyx_t_27.memview)) __PYX_ERR(0, 111, __pyx_L1_error)
+    __pyx_t_27 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(__pyx_v_split, 0); if (unlikely(!__pyx_t_27.memview)) __PYX_ERR(0, 141, __pyx_L1_error)
     __pyx_v_t16 = __pyx_t_27;
     __pyx_t_27.memview = NULL;
     __pyx_t_27.data = NULL;
 
-    /* "anemll_fast/_kernels.pyx":112
+    /* "anemll_fast/_kernels.pyx":142
  *                                          .reshape(table.shape[0], -1))
  *             t16 = split
  *             p.w.lut16_bytes = &t16[0, 0]             # <<<<<<<<<<<<<<
@@ -23283,25 +24021,25 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
     __pyx_t_29 = 0;
     __pyx_v_p->w.lut16_bytes = (&(*((uint8_t const  *) ( /* dim=1 */ ((char *) (((uint8_t const  *) ( /* dim=0 */ (__pyx_v_t16.data + __pyx_t_28 * __pyx_v_t16.strides[0]) )) + __pyx_t_29)) ))));
 
-    /* "anemll_fast/_kernels.pyx":113
+    /* "anemll_fast/_kernels.pyx":143
  *             t16 = split
  *             p.w.lut16_bytes = &t16[0, 0]
  *             keep = keep + (split,)             # <<<<<<<<<<<<<<
  *         p.w.rows, p.w.cols = rows, cols
  *         p.w.idx = &pk[0, 0]
 */
-    __pyx_t_5 = PyTuple_New(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 113, __pyx_L1_error)
+    __pyx_t_5 = PyTuple_New(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 143, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_INCREF(__pyx_v_split);
     __Pyx_GIVEREF(__pyx_v_split);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_split) != (0)) __PYX_ERR(0, 113, __pyx_L1_error);
-    __pyx_t_1 = PyNumber_Add(__pyx_v_keep, __pyx_t_5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 113, __pyx_L1_error)
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_split) != (0)) __PYX_ERR(0, 143, __pyx_L1_error);
+    __pyx_t_1 = PyNumber_Add(__pyx_v_keep, __pyx_t_5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 143, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF_SET(__pyx_v_keep, __pyx_t_1);
     __pyx_t_1 = 0;
 
-    /* "anemll_fast/_kernels.pyx":103
+    /* "anemll_fast/_kernels.pyx":133
  *         keep = (packed, table)
  *         half = table.astype(np.float16)
  *         if nbits <= 6 and np.array_equal(half.astype(np.float32), table):             # <<<<<<<<<<<<<<
@@ -23310,19 +24048,19 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":114
+  /* "anemll_fast/_kernels.pyx":144
  *             p.w.lut16_bytes = &t16[0, 0]
  *             keep = keep + (split,)
  *         p.w.rows, p.w.cols = rows, cols             # <<<<<<<<<<<<<<
  *         p.w.idx = &pk[0, 0]
  *         p.w.nbits = nbits
 */
-  __pyx_t_30 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_30 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 114, __pyx_L1_error)
-  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 114, __pyx_L1_error)
+  __pyx_t_30 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_30 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 144, __pyx_L1_error)
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 144, __pyx_L1_error)
   __pyx_v_p->w.rows = __pyx_t_30;
   __pyx_v_p->w.cols = __pyx_t_31;
 
-  /* "anemll_fast/_kernels.pyx":115
+  /* "anemll_fast/_kernels.pyx":145
  *             keep = keep + (split,)
  *         p.w.rows, p.w.cols = rows, cols
  *         p.w.idx = &pk[0, 0]             # <<<<<<<<<<<<<<
@@ -23333,7 +24071,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __pyx_t_28 = 0;
   __pyx_v_p->w.idx = (&(*((uint8_t const  *) ( /* dim=1 */ ((char *) (((uint8_t const  *) ( /* dim=0 */ (__pyx_v_pk.data + __pyx_t_29 * __pyx_v_pk.strides[0]) )) + __pyx_t_28)) ))));
 
-  /* "anemll_fast/_kernels.pyx":116
+  /* "anemll_fast/_kernels.pyx":146
  *         p.w.rows, p.w.cols = rows, cols
  *         p.w.idx = &pk[0, 0]
  *         p.w.nbits = nbits             # <<<<<<<<<<<<<<
@@ -23342,7 +24080,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
 */
   __pyx_v_p->w.nbits = __pyx_v_nbits;
 
-  /* "anemll_fast/_kernels.pyx":117
+  /* "anemll_fast/_kernels.pyx":147
  *         p.w.idx = &pk[0, 0]
  *         p.w.nbits = nbits
  *         p.w.lut = &tb[0, 0]             # <<<<<<<<<<<<<<
@@ -23353,42 +24091,42 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __pyx_t_29 = 0;
   __pyx_v_p->w.lut = (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_tb.data + __pyx_t_28 * __pyx_v_tb.strides[0]) )) + __pyx_t_29)) ))));
 
-  /* "anemll_fast/_kernels.pyx":118
+  /* "anemll_fast/_kernels.pyx":148
  *         p.w.nbits = nbits
  *         p.w.lut = &tb[0, 0]
  *         p.w.entries = table.shape[1]             # <<<<<<<<<<<<<<
  *         p.w.rows_per_group = rows // table.shape[0]
  *         p._keep = keep
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 148, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 118, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_1, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 148, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 118, __pyx_L1_error)
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 148, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __pyx_v_p->w.entries = __pyx_t_31;
 
-  /* "anemll_fast/_kernels.pyx":119
+  /* "anemll_fast/_kernels.pyx":149
  *         p.w.lut = &tb[0, 0]
  *         p.w.entries = table.shape[1]
  *         p.w.rows_per_group = rows // table.shape[0]             # <<<<<<<<<<<<<<
  *         p._keep = keep
  *         p.rows, p.cols, p.kind, p.nbits = rows, cols, "palette", nbits
 */
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 119, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_table, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 149, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_5, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 119, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_5, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 149, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = PyNumber_FloorDivide(__pyx_v_rows, __pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 119, __pyx_L1_error)
+  __pyx_t_5 = PyNumber_FloorDivide(__pyx_v_rows, __pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 149, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 119, __pyx_L1_error)
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_t_5); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 149, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __pyx_v_p->w.rows_per_group = __pyx_t_31;
 
-  /* "anemll_fast/_kernels.pyx":120
+  /* "anemll_fast/_kernels.pyx":150
  *         p.w.entries = table.shape[1]
  *         p.w.rows_per_group = rows // table.shape[0]
  *         p._keep = keep             # <<<<<<<<<<<<<<
@@ -23400,15 +24138,15 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __Pyx_GOTREF(__pyx_v_p->_keep);
   __Pyx_DECREF_SET(__pyx_v_p->_keep, __pyx_v_keep);
 
-  /* "anemll_fast/_kernels.pyx":121
+  /* "anemll_fast/_kernels.pyx":151
  *         p.w.rows_per_group = rows // table.shape[0]
  *         p._keep = keep
  *         p.rows, p.cols, p.kind, p.nbits = rows, cols, "palette", nbits             # <<<<<<<<<<<<<<
  *         return p
  * 
 */
-  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 121, __pyx_L1_error)
-  __pyx_t_30 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_30 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 121, __pyx_L1_error)
+  __pyx_t_31 = __Pyx_PyLong_As_int64_t(__pyx_v_rows); if (unlikely((__pyx_t_31 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 151, __pyx_L1_error)
+  __pyx_t_30 = __Pyx_PyLong_As_int64_t(__pyx_v_cols); if (unlikely((__pyx_t_30 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 151, __pyx_L1_error)
   __pyx_t_5 = __pyx_mstate_global->__pyx_n_u_palette;
   __Pyx_INCREF(__pyx_t_5);
   __pyx_t_11 = __pyx_v_nbits;
@@ -23421,7 +24159,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __pyx_t_5 = 0;
   __pyx_v_p->nbits = __pyx_t_11;
 
-  /* "anemll_fast/_kernels.pyx":122
+  /* "anemll_fast/_kernels.pyx":152
  *         p._keep = keep
  *         p.rows, p.cols, p.kind, p.nbits = rows, cols, "palette", nbits
  *         return p             # <<<<<<<<<<<<<<
@@ -23439,7 +24177,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   }
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":74
+  /* "anemll_fast/_kernels.pyx":107
  *         return p
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
@@ -23457,9 +24195,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __Pyx_XDECREF(__pyx_t_15);
   __Pyx_XDECREF(__pyx_t_16);
   __Pyx_XDECREF(__pyx_t_17);
-  __Pyx_XDECREF(__pyx_t_18);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_t_18, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_t_19, 1);
-  __PYX_XCLEAR_MEMVIEW(&__pyx_t_20, 1);
+  __Pyx_XDECREF(__pyx_t_21);
   __Pyx_XDECREF(__pyx_t_22);
   __Pyx_XDECREF(__pyx_t_23);
   __Pyx_XDECREF(__pyx_t_24);
@@ -23474,7 +24212,6 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   __Pyx_XDECREF(__pyx_v_table);
   __Pyx_XDECREF(__pyx_v_rows);
   __Pyx_XDECREF(__pyx_v_cols);
-  __Pyx_XDECREF(__pyx_v_u);
   __Pyx_XDECREF(__pyx_v_packed);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_pk, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_tb, 1);
@@ -23489,7 +24226,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4from_palette(P
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":124
+/* "anemll_fast/_kernels.pyx":154
  *         return p
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -23513,7 +24250,7 @@ static PyObject *__pyx_pw_11anemll_fast_8_kernels_12PackedWeight_6nbytes_1__get_
 }
 static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___2generator(__pyx_CoroutineObject *__pyx_generator, CYTHON_UNUSED PyThreadState *__pyx_tstate, PyObject *__pyx_sent_value); /* proto */
 
-/* "anemll_fast/_kernels.pyx":126
+/* "anemll_fast/_kernels.pyx":156
  *     @property
  *     def nbytes(self) -> int:
  *         return sum(a.nbytes for a in self._keep)             # <<<<<<<<<<<<<<
@@ -23533,7 +24270,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   if (unlikely(!__pyx_cur_scope)) {
     __pyx_cur_scope = ((struct __pyx_obj_11anemll_fast_8_kernels___pyx_scope_struct__genexpr *)Py_None);
     __Pyx_INCREF(Py_None);
-    __PYX_ERR(0, 126, __pyx_L1_error)
+    __PYX_ERR(0, 156, __pyx_L1_error)
   } else {
     __Pyx_GOTREF((PyObject *)__pyx_cur_scope);
   }
@@ -23541,7 +24278,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   __Pyx_INCREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   __Pyx_GIVEREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   {
-    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_PackedWeight___get___locals_gene, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels); if (unlikely(!gen)) __PYX_ERR(0, 126, __pyx_L1_error)
+    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_PackedWeight___get___locals_gene, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels); if (unlikely(!gen)) __PYX_ERR(0, 156, __pyx_L1_error)
     __Pyx_DECREF(__pyx_cur_scope);
     __Pyx_RefNannyFinishContext();
     return (PyObject *) gen;
@@ -23580,17 +24317,17 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   __pyx_L3_first_run:;
   if (unlikely(__pyx_sent_value != Py_None)) {
     if (unlikely(__pyx_sent_value)) PyErr_SetString(PyExc_TypeError, "can't send non-None value to a just-started generator");
-    __PYX_ERR(0, 126, __pyx_L1_error)
+    __PYX_ERR(0, 156, __pyx_L1_error)
   }
-  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 126, __pyx_L1_error) }
+  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 156, __pyx_L1_error) }
   if (likely(PyList_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) || PyTuple_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) {
     __pyx_t_1 = __pyx_cur_scope->__pyx_genexpr_arg_0; __Pyx_INCREF(__pyx_t_1);
     __pyx_t_2 = 0;
     __pyx_t_3 = NULL;
   } else {
-    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 126, __pyx_L1_error)
+    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 156, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 126, __pyx_L1_error)
+    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 156, __pyx_L1_error)
   }
   for (;;) {
     if (likely(!__pyx_t_3)) {
@@ -23598,7 +24335,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 126, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 156, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -23608,7 +24345,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 126, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 156, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -23619,13 +24356,13 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
         #endif
         ++__pyx_t_2;
       }
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 126, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 156, __pyx_L1_error)
     } else {
       __pyx_t_4 = __pyx_t_3(__pyx_t_1);
       if (unlikely(!__pyx_t_4)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 126, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 156, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -23636,7 +24373,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
     __Pyx_XDECREF_SET(__pyx_cur_scope->__pyx_v_a, __pyx_t_4);
     __Pyx_GIVEREF(__pyx_t_4);
     __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_a, __pyx_mstate_global->__pyx_n_u_nbytes); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 126, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_a, __pyx_mstate_global->__pyx_n_u_nbytes); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 156, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __pyx_r = __pyx_t_4;
     __pyx_t_4 = 0;
@@ -23658,7 +24395,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
     __Pyx_XGOTREF(__pyx_t_1);
     __pyx_t_2 = __pyx_cur_scope->__pyx_t_1;
     __pyx_t_3 = __pyx_cur_scope->__pyx_t_2;
-    if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 126, __pyx_L1_error)
+    if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 156, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   CYTHON_MAYBE_UNUSED_VAR(__pyx_cur_scope);
@@ -23684,7 +24421,7 @@ static PyObject *__pyx_gb_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get_
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":124
+/* "anemll_fast/_kernels.pyx":154
  *         return p
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -23705,7 +24442,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__get__", 0);
 
-  /* "anemll_fast/_kernels.pyx":126
+  /* "anemll_fast/_kernels.pyx":156
  *     @property
  *     def nbytes(self) -> int:
  *         return sum(a.nbytes for a in self._keep)             # <<<<<<<<<<<<<<
@@ -23713,7 +24450,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
  *     def matmul(self, x, bias=None, out=None):
 */
   __pyx_t_2 = NULL;
-  __pyx_t_3 = __pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___genexpr(NULL, __pyx_v_self->_keep); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 126, __pyx_L1_error)
+  __pyx_t_3 = __pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes_7__get___genexpr(NULL, __pyx_v_self->_keep); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 156, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_4 = 1;
   {
@@ -23721,7 +24458,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_sum, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 126, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 156, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   {
@@ -23735,7 +24472,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":124
+  /* "anemll_fast/_kernels.pyx":154
  *         return p
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -23757,7 +24494,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6nbytes___get__
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":128
+/* "anemll_fast/_kernels.pyx":158
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
@@ -23807,44 +24544,44 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_bias,&__pyx_mstate_global->__pyx_n_u_out,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 128, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 158, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 128, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 158, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 128, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 158, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 128, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 158, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "matmul", 0) < (0)) __PYX_ERR(0, 128, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "matmul", 0) < (0)) __PYX_ERR(0, 158, __pyx_L3_error)
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)Py_None));
       if (!values[2]) values[2] = __Pyx_NewRef(((PyObject *)Py_None));
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, i); __PYX_ERR(0, 128, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, i); __PYX_ERR(0, 158, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 128, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 158, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 128, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 158, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 128, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 158, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -23857,7 +24594,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, __pyx_nargs); __PYX_ERR(0, 128, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("matmul", 0, 1, 3, __pyx_nargs); __PYX_ERR(0, 158, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -23916,7 +24653,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   __Pyx_RefNannySetupContext("matmul", 0);
   __Pyx_INCREF(__pyx_v_out);
 
-  /* "anemll_fast/_kernels.pyx":130
+  /* "anemll_fast/_kernels.pyx":160
  *     def matmul(self, x, bias=None, out=None):
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)             # <<<<<<<<<<<<<<
@@ -23924,14 +24661,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *             xa = xa.reshape(-1, 1)
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 130, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 160, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 130, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 160, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 130, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 160, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 130, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 160, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
@@ -23952,13 +24689,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_v_x, __pyx_t_5};
     #if CYTHON_VECTORCALL
     __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 130, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 160, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 130, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 160, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
@@ -23969,42 +24706,42 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 130, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 160, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_xa = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "anemll_fast/_kernels.pyx":131
+  /* "anemll_fast/_kernels.pyx":161
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:             # <<<<<<<<<<<<<<
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 131, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 161, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_7 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_1, 1, 0)); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 131, __pyx_L1_error)
+  __pyx_t_7 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_1, __pyx_mstate_global->__pyx_int_1, 1, 0)); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 161, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":132
+    /* "anemll_fast/_kernels.pyx":162
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)             # <<<<<<<<<<<<<<
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
 */
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_reshape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 132, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_reshape); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 162, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_4 = __Pyx_PyObject_Call(__pyx_t_1, __pyx_mstate_global->__pyx_tuple[6], NULL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_Call(__pyx_t_1, __pyx_mstate_global->__pyx_tuple[4], NULL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 162, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF_SET(__pyx_v_xa, __pyx_t_4);
     __pyx_t_4 = 0;
 
-    /* "anemll_fast/_kernels.pyx":131
+    /* "anemll_fast/_kernels.pyx":161
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:             # <<<<<<<<<<<<<<
@@ -24013,16 +24750,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":133
+  /* "anemll_fast/_kernels.pyx":163
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:             # <<<<<<<<<<<<<<
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]
 */
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 133, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_ndim); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 133, __pyx_L1_error)
+  __pyx_t_8 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_2, 2, 0)); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   if (!__pyx_t_8) {
 
@@ -24032,14 +24769,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 
     goto __pyx_L5_bool_binop_done;
   }
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 133, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 133, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_t_4, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 133, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_int(__pyx_t_1, __pyx_t_4, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 133, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_int(__pyx_t_1, __pyx_t_4, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
@@ -24049,7 +24786,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":134
+    /* "anemll_fast/_kernels.pyx":164
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")             # <<<<<<<<<<<<<<
@@ -24057,21 +24794,21 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *         if out is None:
 */
     __pyx_t_1 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 134, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 164, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 134, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 164, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __pyx_t_3 = __Pyx_PyObject_CallOneArg(__pyx_t_5, __pyx_v_x); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 134, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_CallOneArg(__pyx_t_5, __pyx_v_x); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 164, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_3); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 134, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_3); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 164, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __pyx_t_3 = __Pyx_PyObject_FormatSimple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 134, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_FormatSimple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 164, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __pyx_t_5 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->cols, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 134, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->cols, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 164, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_9[0] = __pyx_mstate_global->__pyx_kp_u_input_of_shape;
     __pyx_t_9[1] = __pyx_t_3;
@@ -24087,7 +24824,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_9[1]);
     #endif
     __pyx_t_2 = __Pyx_PyUnicode_Join(__pyx_t_9, 5, __pyx_t_10, __pyx_t_11);
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 134, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 164, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
@@ -24097,14 +24834,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 134, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 164, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     __Pyx_Raise(__pyx_t_4, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __PYX_ERR(0, 134, __pyx_L1_error)
+    __PYX_ERR(0, 164, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":133
+    /* "anemll_fast/_kernels.pyx":163
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:             # <<<<<<<<<<<<<<
@@ -24113,23 +24850,23 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":135
+  /* "anemll_fast/_kernels.pyx":165
  *         if xa.ndim != 2 or xa.shape[0] != self.cols:
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]             # <<<<<<<<<<<<<<
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)
 */
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 135, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_xa, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 135, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_4, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_12 = __Pyx_PyLong_As_int64_t(__pyx_t_2); if (unlikely((__pyx_t_12 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 135, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyLong_As_int64_t(__pyx_t_2); if (unlikely((__pyx_t_12 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   __pyx_v_n = __pyx_t_12;
 
-  /* "anemll_fast/_kernels.pyx":136
+  /* "anemll_fast/_kernels.pyx":166
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]
  *         if out is None:             # <<<<<<<<<<<<<<
@@ -24140,7 +24877,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":137
+    /* "anemll_fast/_kernels.pyx":167
  *         cdef int64_t n = xa.shape[1]
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)             # <<<<<<<<<<<<<<
@@ -24148,26 +24885,26 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
 */
     __pyx_t_4 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 167, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 167, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 167, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 167, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 167, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
     __Pyx_GIVEREF(__pyx_t_1);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 137, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 167, __pyx_L1_error);
     __Pyx_GIVEREF(__pyx_t_3);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_3) != (0)) __PYX_ERR(0, 137, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_3) != (0)) __PYX_ERR(0, 167, __pyx_L1_error);
     __pyx_t_1 = 0;
     __pyx_t_3 = 0;
-    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 167, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 167, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __pyx_t_6 = 1;
@@ -24189,13 +24926,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 137, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 167, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     __Pyx_DECREF_SET(__pyx_v_out, __pyx_t_2);
     __pyx_t_2 = 0;
 
-    /* "anemll_fast/_kernels.pyx":136
+    /* "anemll_fast/_kernels.pyx":166
  *             raise ValueError(f"input of shape {list(np.shape(x))} for a weight of {self.cols} columns")
  *         cdef int64_t n = xa.shape[1]
  *         if out is None:             # <<<<<<<<<<<<<<
@@ -24205,28 +24942,28 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     goto __pyx_L7;
   }
 
-  /* "anemll_fast/_kernels.pyx":138
+  /* "anemll_fast/_kernels.pyx":168
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:             # <<<<<<<<<<<<<<
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
  *         cdef const float[:, ::1] xv = xa
 */
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_5 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_int64_t(__pyx_v_n); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_13 = PyTuple_New(2); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
   __Pyx_GIVEREF(__pyx_t_5);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 138, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 168, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 138, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_13, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 168, __pyx_L1_error);
   __pyx_t_5 = 0;
   __pyx_t_1 = 0;
-  __pyx_t_8 = __Pyx_PyObject_RichCompareBool(__pyx_t_2, __pyx_t_13, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_RichCompareBool(__pyx_t_2, __pyx_t_13, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
   if (!__pyx_t_8) {
@@ -24237,14 +24974,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 
     goto __pyx_L8_bool_binop_done;
   }
-  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_dtype); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_dtype); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 138, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_object(__pyx_t_13, __pyx_t_1, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_CompareBoolNe_object_object(__pyx_t_13, __pyx_t_1, Py_NE); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (!__pyx_t_8) {
@@ -24255,12 +24992,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 
     goto __pyx_L8_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_flags); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_flags); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_c_contiguous); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_c_contiguous); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_t_13); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_t_13); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
   __pyx_t_14 = (!__pyx_t_8);
 
@@ -24272,7 +25009,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":139
+    /* "anemll_fast/_kernels.pyx":169
  *             out = np.empty((self.rows, n), np.float32)
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")             # <<<<<<<<<<<<<<
@@ -24285,14 +25022,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_mstate_global->__pyx_kp_u_out_must_be_a_C_contiguous_float};
       __pyx_t_13 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 139, __pyx_L1_error)
+      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 169, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
     }
     __Pyx_Raise(__pyx_t_13, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-    __PYX_ERR(0, 139, __pyx_L1_error)
+    __PYX_ERR(0, 169, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":138
+    /* "anemll_fast/_kernels.pyx":168
  *         if out is None:
  *             out = np.empty((self.rows, n), np.float32)
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:             # <<<<<<<<<<<<<<
@@ -24302,31 +25039,31 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   }
   __pyx_L7:;
 
-  /* "anemll_fast/_kernels.pyx":140
+  /* "anemll_fast/_kernels.pyx":170
  *         elif out.shape != (self.rows, n) or out.dtype != np.float32 or not out.flags.c_contiguous:
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
  *         cdef const float[:, ::1] xv = xa             # <<<<<<<<<<<<<<
  *         cdef float[:, ::1] yv = out
  *         cdef const float* bp = NULL
 */
-  __pyx_t_15 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(__pyx_v_xa, 0); if (unlikely(!__pyx_t_15.memview)) __PYX_ERR(0, 140, __pyx_L1_error)
+  __pyx_t_15 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(__pyx_v_xa, 0); if (unlikely(!__pyx_t_15.memview)) __PYX_ERR(0, 170, __pyx_L1_error)
   __pyx_v_xv = __pyx_t_15;
   __pyx_t_15.memview = NULL;
   __pyx_t_15.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":141
+  /* "anemll_fast/_kernels.pyx":171
  *             raise ValueError("out must be a C-contiguous float32 array of shape [rows, n]")
  *         cdef const float[:, ::1] xv = xa
  *         cdef float[:, ::1] yv = out             # <<<<<<<<<<<<<<
  *         cdef const float* bp = NULL
  *         cdef const float[::1] bv
 */
-  __pyx_t_16 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_16.memview)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __pyx_t_16 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_16.memview)) __PYX_ERR(0, 171, __pyx_L1_error)
   __pyx_v_yv = __pyx_t_16;
   __pyx_t_16.memview = NULL;
   __pyx_t_16.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":142
+  /* "anemll_fast/_kernels.pyx":172
  *         cdef const float[:, ::1] xv = xa
  *         cdef float[:, ::1] yv = out
  *         cdef const float* bp = NULL             # <<<<<<<<<<<<<<
@@ -24335,7 +25072,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   __pyx_v_bp = NULL;
 
-  /* "anemll_fast/_kernels.pyx":144
+  /* "anemll_fast/_kernels.pyx":174
  *         cdef const float* bp = NULL
  *         cdef const float[::1] bv
  *         if bias is not None:             # <<<<<<<<<<<<<<
@@ -24346,7 +25083,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":145
+    /* "anemll_fast/_kernels.pyx":175
  *         cdef const float[::1] bv
  *         if bias is not None:
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)             # <<<<<<<<<<<<<<
@@ -24354,14 +25091,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *                 raise ValueError(f"bias of {bv.shape[0]} values for {self.rows} rows")
 */
     __pyx_t_5 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 145, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 175, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 145, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 175, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 145, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 175, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 145, __pyx_L1_error)
+    __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 175, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_17);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     #if CYTHON_VECTORCALL
@@ -24382,13 +25119,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_v_bias, __pyx_t_17};
       #if CYTHON_VECTORCALL
       __pyx_t_4 = __pyx_mstate_global->__pyx_tuple[2];
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 145, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 175, __pyx_L1_error)
       __Pyx_INCREF(__pyx_t_4);
       #else
       {
         PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
         __pyx_t_4 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 145, __pyx_L1_error)
+        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 175, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
       }
       #endif
@@ -24399,7 +25136,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 145, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 175, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     __pyx_t_1 = __pyx_t_2;
@@ -24410,16 +25147,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __pyx_t_13 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 145, __pyx_L1_error)
+      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 175, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
     }
-    __pyx_t_18 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_13, 0); if (unlikely(!__pyx_t_18.memview)) __PYX_ERR(0, 145, __pyx_L1_error)
+    __pyx_t_18 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_13, 0); if (unlikely(!__pyx_t_18.memview)) __PYX_ERR(0, 175, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
     __pyx_v_bv = __pyx_t_18;
     __pyx_t_18.memview = NULL;
     __pyx_t_18.data = NULL;
 
-    /* "anemll_fast/_kernels.pyx":146
+    /* "anemll_fast/_kernels.pyx":176
  *         if bias is not None:
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
  *             if bv.shape[0] != self.rows:             # <<<<<<<<<<<<<<
@@ -24431,7 +25168,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     if (unlikely(__pyx_t_7)) {
 
 
-      /* "anemll_fast/_kernels.pyx":147
+      /* "anemll_fast/_kernels.pyx":177
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
  *             if bv.shape[0] != self.rows:
  *                 raise ValueError(f"bias of {bv.shape[0]} values for {self.rows} rows")             # <<<<<<<<<<<<<<
@@ -24439,9 +25176,9 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
  *         cdef int rc
 */
       __pyx_t_2 = NULL;
-      __pyx_t_1 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_bv.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 147, __pyx_L1_error)
+      __pyx_t_1 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_bv.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 177, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
-      __pyx_t_3 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 147, __pyx_L1_error)
+      __pyx_t_3 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 177, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
       __pyx_t_9[0] = __pyx_mstate_global->__pyx_kp_u_bias_of;
       __pyx_t_9[1] = __pyx_t_1;
@@ -24454,7 +25191,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       #endif
       __pyx_t_11 = 0;
       __pyx_t_4 = __Pyx_PyUnicode_Join(__pyx_t_9, 5, __pyx_t_10, __pyx_t_11);
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 147, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 177, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
@@ -24464,14 +25201,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
         __pyx_t_13 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 147, __pyx_L1_error)
+        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 177, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_13);
       }
       __Pyx_Raise(__pyx_t_13, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-      __PYX_ERR(0, 147, __pyx_L1_error)
+      __PYX_ERR(0, 177, __pyx_L1_error)
 
-      /* "anemll_fast/_kernels.pyx":146
+      /* "anemll_fast/_kernels.pyx":176
  *         if bias is not None:
  *             bv = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
  *             if bv.shape[0] != self.rows:             # <<<<<<<<<<<<<<
@@ -24480,7 +25217,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
     }
 
-    /* "anemll_fast/_kernels.pyx":148
+    /* "anemll_fast/_kernels.pyx":178
  *             if bv.shape[0] != self.rows:
  *                 raise ValueError(f"bias of {bv.shape[0]} values for {self.rows} rows")
  *             bp = &bv[0]             # <<<<<<<<<<<<<<
@@ -24490,7 +25227,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     __pyx_t_19 = 0;
     __pyx_v_bp = (&(*((float const  *) ( /* dim=0 */ ((char *) (((float const  *) __pyx_v_bv.data) + __pyx_t_19)) ))));
 
-    /* "anemll_fast/_kernels.pyx":144
+    /* "anemll_fast/_kernels.pyx":174
  *         cdef const float* bp = NULL
  *         cdef const float[::1] bv
  *         if bias is not None:             # <<<<<<<<<<<<<<
@@ -24499,7 +25236,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":150
+  /* "anemll_fast/_kernels.pyx":180
  *             bp = &bv[0]
  *         cdef int rc
  *         if n == 0:             # <<<<<<<<<<<<<<
@@ -24511,7 +25248,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (__pyx_t_7) {
 
 
-    /* "anemll_fast/_kernels.pyx":151
+    /* "anemll_fast/_kernels.pyx":181
  *         cdef int rc
  *         if n == 0:
  *             return out             # <<<<<<<<<<<<<<
@@ -24529,7 +25266,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
     }
     goto __pyx_L0;
 
-    /* "anemll_fast/_kernels.pyx":150
+    /* "anemll_fast/_kernels.pyx":180
  *             bp = &bv[0]
  *         cdef int rc
  *         if n == 0:             # <<<<<<<<<<<<<<
@@ -24538,7 +25275,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":152
+  /* "anemll_fast/_kernels.pyx":182
  *         if n == 0:
  *             return out
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -24551,7 +25288,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "anemll_fast/_kernels.pyx":153
+        /* "anemll_fast/_kernels.pyx":183
  *             return out
  *         with nogil:
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])             # <<<<<<<<<<<<<<
@@ -24565,7 +25302,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
         __pyx_v_rc = anemll::kernels::matmul(__pyx_v_self->w, (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_xv.data + __pyx_t_19 * __pyx_v_xv.strides[0]) )) + __pyx_t_20)) )))), __pyx_v_n, __pyx_v_bp, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_yv.data + __pyx_t_21 * __pyx_v_yv.strides[0]) )) + __pyx_t_22)) )))));
       }
 
-      /* "anemll_fast/_kernels.pyx":152
+      /* "anemll_fast/_kernels.pyx":182
  *         if n == 0:
  *             return out
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -24582,7 +25319,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       }
   }
 
-  /* "anemll_fast/_kernels.pyx":154
+  /* "anemll_fast/_kernels.pyx":184
  *         with nogil:
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -24594,7 +25331,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "anemll_fast/_kernels.pyx":155
+    /* "anemll_fast/_kernels.pyx":185
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")             # <<<<<<<<<<<<<<
@@ -24607,14 +25344,14 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_invalid_packed_weight};
       __pyx_t_13 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 155, __pyx_L1_error)
+      if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 185, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
     }
     __Pyx_Raise(__pyx_t_13, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-    __PYX_ERR(0, 155, __pyx_L1_error)
+    __PYX_ERR(0, 185, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":154
+    /* "anemll_fast/_kernels.pyx":184
  *         with nogil:
  *             rc = matmul(self.w, &xv[0, 0], n, bp, &yv[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -24623,12 +25360,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":156
+  /* "anemll_fast/_kernels.pyx":186
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")
  *         return out             # <<<<<<<<<<<<<<
  * 
- *     def decode(self, int64_t r0=0, r1=None):
+ *     def decode(self, int64_t r0=0, r1=None, out=None):
 */
   {
     PyObject *__pyx_temp;
@@ -24641,7 +25378,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   }
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":128
+  /* "anemll_fast/_kernels.pyx":158
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
@@ -24677,12 +25414,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_6matmul(struct 
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":158
+/* "anemll_fast/_kernels.pyx":188
  *         return out
  * 
- *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
- *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
- *         cdef int64_t end = self.rows if r1 is None else r1
+ *     def decode(self, int64_t r0=0, r1=None, out=None):             # <<<<<<<<<<<<<<
+ *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests);
+ *         `out`, when given, is a C-contiguous float32 array of at least that many elements whose
 */
 
 /* Python wrapper */
@@ -24693,7 +25430,7 @@ PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-PyDoc_STRVAR(__pyx_doc_11anemll_fast_8_kernels_12PackedWeight_8decode, "PackedWeight.decode(self, int64_t r0=0, r1=None)\n\nRows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests).");
+PyDoc_STRVAR(__pyx_doc_11anemll_fast_8_kernels_12PackedWeight_8decode, "PackedWeight.decode(self, int64_t r0=0, r1=None, out=None)\n\nRows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests);\n`out`, when given, is a C-contiguous float32 array of at least that many elements whose\nleading part receives them (a scratch buffer reused across row blocks).");
 static PyMethodDef __pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_9decode = {"decode", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_11anemll_fast_8_kernels_12PackedWeight_9decode, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_11anemll_fast_8_kernels_12PackedWeight_8decode};
 static PyObject *__pyx_pw_11anemll_fast_8_kernels_12PackedWeight_9decode(PyObject *__pyx_v_self, 
 #if CYTHON_VECTORCALL
@@ -24704,11 +25441,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 ) {
   int64_t __pyx_v_r0;
   PyObject *__pyx_v_r1 = 0;
+  PyObject *__pyx_v_out = 0;
   #if !CYTHON_VECTORCALL
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   #endif
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[2] = {0,0};
+  PyObject* values[3] = {0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -24724,50 +25462,61 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   #endif
   __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_r0,&__pyx_mstate_global->__pyx_n_u_r1,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_r0,&__pyx_mstate_global->__pyx_n_u_r1,&__pyx_mstate_global->__pyx_n_u_out,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 158, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 188, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  3:
+        values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 188, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 158, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 188, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 158, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 188, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "decode", 0) < (0)) __PYX_ERR(0, 158, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "decode", 0) < (0)) __PYX_ERR(0, 188, __pyx_L3_error)
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)Py_None));
+      if (!values[2]) values[2] = __Pyx_NewRef(((PyObject *)Py_None));
     } else {
       switch (__pyx_nargs) {
+        case  3:
+        values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 188, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 158, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 188, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 158, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 188, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)Py_None));
+      if (!values[2]) values[2] = __Pyx_NewRef(((PyObject *)Py_None));
     }
     if (values[0]) {
-      __pyx_v_r0 = __Pyx_PyLong_As_int64_t(values[0]); if (unlikely((__pyx_v_r0 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 158, __pyx_L3_error)
+      __pyx_v_r0 = __Pyx_PyLong_As_int64_t(values[0]); if (unlikely((__pyx_v_r0 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 188, __pyx_L3_error)
     } else {
       __pyx_v_r0 = ((int64_t)0);
     }
     __pyx_v_r1 = values[1];
+    __pyx_v_out = values[2];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("decode", 0, 0, 2, __pyx_nargs); __PYX_ERR(0, 158, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("decode", 0, 0, 3, __pyx_nargs); __PYX_ERR(0, 188, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -24778,7 +25527,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(((struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *)__pyx_v_self), __pyx_v_r0, __pyx_v_r1);
+  __pyx_r = __pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(((struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *)__pyx_v_self), __pyx_v_r0, __pyx_v_r1, __pyx_v_out);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -24789,9 +25538,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *__pyx_v_self, int64_t __pyx_v_r0, PyObject *__pyx_v_r1) {
+static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct __pyx_obj_11anemll_fast_8_kernels_PackedWeight *__pyx_v_self, int64_t __pyx_v_r0, PyObject *__pyx_v_r1, PyObject *__pyx_v_out) {
   int64_t __pyx_v_end;
-  PyObject *__pyx_v_out = NULL;
   __Pyx_memviewslice __pyx_v_ov = { 0, 0, { 0 }, { 0 }, { 0 } };
   int __pyx_v_rc;
   PyObject *__pyx_r = NULL;
@@ -24810,17 +25558,20 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   int __pyx_t_12;
   PyObject *__pyx_t_13 = NULL;
   size_t __pyx_t_14;
-  __Pyx_memviewslice __pyx_t_15 = { 0, 0, { 0 }, { 0 }, { 0 } };
-  Py_ssize_t __pyx_t_16;
-  Py_ssize_t __pyx_t_17;
+  int __pyx_t_15;
+  PyObject *__pyx_t_16[3];
+  __Pyx_memviewslice __pyx_t_17 = { 0, 0, { 0 }, { 0 }, { 0 } };
+  Py_ssize_t __pyx_t_18;
+  Py_ssize_t __pyx_t_19;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("decode", 0);
+  __Pyx_INCREF(__pyx_v_out);
 
-  /* "anemll_fast/_kernels.pyx":160
- *     def decode(self, int64_t r0=0, r1=None):
- *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
+  /* "anemll_fast/_kernels.pyx":192
+ *         `out`, when given, is a C-contiguous float32 array of at least that many elements whose
+ *         leading part receives them (a scratch buffer reused across row blocks)."""
  *         cdef int64_t end = self.rows if r1 is None else r1             # <<<<<<<<<<<<<<
  *         if not 0 <= r0 <= end <= self.rows:
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
@@ -24830,18 +25581,18 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
 
     __pyx_t_1 = __pyx_v_self->rows;
   } else {
-    __pyx_t_3 = __Pyx_PyLong_As_int64_t(__pyx_v_r1); if (unlikely((__pyx_t_3 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 160, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyLong_As_int64_t(__pyx_v_r1); if (unlikely((__pyx_t_3 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 192, __pyx_L1_error)
     __pyx_t_1 = __pyx_t_3;
   }
 
   __pyx_v_end = __pyx_t_1;
 
-  /* "anemll_fast/_kernels.pyx":161
- *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
+  /* "anemll_fast/_kernels.pyx":193
+ *         leading part receives them (a scratch buffer reused across row blocks)."""
  *         cdef int64_t end = self.rows if r1 is None else r1
  *         if not 0 <= r0 <= end <= self.rows:             # <<<<<<<<<<<<<<
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
- *         out = np.empty((end - r0, self.cols), np.float32)
+ *         if out is None:
 */
   __pyx_t_2 = (0 <= __pyx_v_r0);
   if (__pyx_t_2) {
@@ -24856,19 +25607,19 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   if (unlikely(__pyx_t_4)) {
 
 
-    /* "anemll_fast/_kernels.pyx":162
+    /* "anemll_fast/_kernels.pyx":194
  *         cdef int64_t end = self.rows if r1 is None else r1
  *         if not 0 <= r0 <= end <= self.rows:
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")             # <<<<<<<<<<<<<<
- *         out = np.empty((end - r0, self.cols), np.float32)
- *         if end == r0:
+ *         if out is None:
+ *             out = np.empty((end - r0, self.cols), np.float32)
 */
     __pyx_t_6 = NULL;
-    __pyx_t_7 = __Pyx_PyUnicode_From_int64_t(__pyx_v_r0, 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 162, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyUnicode_From_int64_t(__pyx_v_r0, 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 194, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
-    __pyx_t_8 = __Pyx_PyUnicode_From_int64_t(__pyx_v_end, 0, ' ', 'd'); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 162, __pyx_L1_error)
+    __pyx_t_8 = __Pyx_PyUnicode_From_int64_t(__pyx_v_end, 0, ' ', 'd'); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 194, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_8);
-    __pyx_t_9 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 162, __pyx_L1_error)
+    __pyx_t_9 = __Pyx_PyUnicode_From_int64_t(__pyx_v_self->rows, 0, ' ', 'd'); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 194, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_9);
     __pyx_t_10[0] = __pyx_mstate_global->__pyx_kp_u_rows_2;
     __pyx_t_10[1] = __pyx_t_7;
@@ -24883,7 +25634,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
     #endif
     __pyx_t_12 = 0;
     __pyx_t_13 = __Pyx_PyUnicode_Join(__pyx_t_10, 7, __pyx_t_11, __pyx_t_12);
-    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 162, __pyx_L1_error)
+    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 194, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
@@ -24894,80 +25645,245 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
       __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_14, (2-__pyx_t_14) | (__pyx_t_14*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 162, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 194, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __Pyx_Raise(__pyx_t_5, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __PYX_ERR(0, 162, __pyx_L1_error)
+    __PYX_ERR(0, 194, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":161
- *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
+    /* "anemll_fast/_kernels.pyx":193
+ *         leading part receives them (a scratch buffer reused across row blocks)."""
  *         cdef int64_t end = self.rows if r1 is None else r1
  *         if not 0 <= r0 <= end <= self.rows:             # <<<<<<<<<<<<<<
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
- *         out = np.empty((end - r0, self.cols), np.float32)
+ *         if out is None:
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":163
+  /* "anemll_fast/_kernels.pyx":195
  *         if not 0 <= r0 <= end <= self.rows:
  *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
- *         out = np.empty((end - r0, self.cols), np.float32)             # <<<<<<<<<<<<<<
+ *         if out is None:             # <<<<<<<<<<<<<<
+ *             out = np.empty((end - r0, self.cols), np.float32)
+ *         else:
+*/
+  __pyx_t_4 = (__pyx_v_out == Py_None);
+  if (__pyx_t_4) {
+
+
+    /* "anemll_fast/_kernels.pyx":196
+ *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
+ *         if out is None:
+ *             out = np.empty((end - r0, self.cols), np.float32)             # <<<<<<<<<<<<<<
+ *         else:
+ *             if out.dtype != np.float32 or not out.flags.c_contiguous or out.size < (end - r0) * self.cols:
+*/
+    __pyx_t_13 = NULL;
+    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 196, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 196, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_9);
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __pyx_t_6 = __Pyx_PyLong_From_int64_t((__pyx_v_end - __pyx_v_r0)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 196, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_8 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 196, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_8);
+    __pyx_t_7 = PyTuple_New(2); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 196, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_7);
+    __Pyx_GIVEREF(__pyx_t_6);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 0, __pyx_t_6) != (0)) __PYX_ERR(0, 196, __pyx_L1_error);
+    __Pyx_GIVEREF(__pyx_t_8);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 1, __pyx_t_8) != (0)) __PYX_ERR(0, 196, __pyx_L1_error);
+    __pyx_t_6 = 0;
+    __pyx_t_8 = 0;
+    __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 196, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_8);
+    __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 196, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+    __pyx_t_14 = 1;
+    #if CYTHON_UNPACK_METHODS
+    if (unlikely(PyMethod_Check(__pyx_t_9))) {
+      __pyx_t_13 = PyMethod_GET_SELF(__pyx_t_9);
+      assert(__pyx_t_13);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_9);
+      __Pyx_INCREF(__pyx_t_13);
+      __Pyx_INCREF(__pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_9, __pyx__function);
+      __pyx_t_14 = 0;
+    }
+    #endif
+    {
+      PyObject *__pyx_callargs[3] = {__pyx_t_13, __pyx_t_7, __pyx_t_6};
+      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_9, __pyx_callargs+__pyx_t_14, (3-__pyx_t_14) | (__pyx_t_14*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
+      __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+      __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+      __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 196, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_5);
+    }
+    __Pyx_DECREF_SET(__pyx_v_out, __pyx_t_5);
+    __pyx_t_5 = 0;
+
+    /* "anemll_fast/_kernels.pyx":195
+ *         if not 0 <= r0 <= end <= self.rows:
+ *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
+ *         if out is None:             # <<<<<<<<<<<<<<
+ *             out = np.empty((end - r0, self.cols), np.float32)
+ *         else:
+*/
+    goto __pyx_L4;
+  }
+
+  /* "anemll_fast/_kernels.pyx":198
+ *             out = np.empty((end - r0, self.cols), np.float32)
+ *         else:
+ *             if out.dtype != np.float32 or not out.flags.c_contiguous or out.size < (end - r0) * self.cols:             # <<<<<<<<<<<<<<
+ *                 raise ValueError(f"out must be a C-contiguous float32 array of at least {(end - r0) * self.cols} "
+ *                                  f"elements")
+*/
+  /*else*/ {
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_dtype); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 198, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+    __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 198, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_9);
+    __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 198, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+    __pyx_t_2 = __Pyx_PyObject_CompareBoolNe_object_object(__pyx_t_5, __pyx_t_6, Py_NE); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 198, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    if (!__pyx_t_2) {
+
+    } else {
+
+      __pyx_t_4 = __pyx_t_2;
+
+      goto __pyx_L6_bool_binop_done;
+    }
+    __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_flags); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 198, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_c_contiguous); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 198, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_5); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 198, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __pyx_t_15 = (!__pyx_t_2);
+
+
+    if (!__pyx_t_15) {
+
+    } else {
+
+      __pyx_t_4 = __pyx_t_15;
+
+      goto __pyx_L6_bool_binop_done;
+    }
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_size); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 198, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+    __pyx_t_6 = __Pyx_PyLong_From_int64_t(((__pyx_v_end - __pyx_v_r0) * __pyx_v_self->cols)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 198, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_15 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_t_5, __pyx_t_6, Py_LT); if (unlikely((__pyx_t_15 < 0))) __PYX_ERR(0, 198, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+
+    __pyx_t_4 = __pyx_t_15;
+
+    __pyx_L6_bool_binop_done:;
+    if (unlikely(__pyx_t_4)) {
+
+
+      /* "anemll_fast/_kernels.pyx":199
+ *         else:
+ *             if out.dtype != np.float32 or not out.flags.c_contiguous or out.size < (end - r0) * self.cols:
+ *                 raise ValueError(f"out must be a C-contiguous float32 array of at least {(end - r0) * self.cols} "             # <<<<<<<<<<<<<<
+ *                                  f"elements")
+ *             out = out.reshape(-1)[:(end - r0) * self.cols].reshape(end - r0, self.cols)
+*/
+      __pyx_t_5 = NULL;
+      __pyx_t_9 = __Pyx_PyUnicode_From_int64_t(((__pyx_v_end - __pyx_v_r0) * __pyx_v_self->cols), 0, ' ', 'd'); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 199, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_9);
+      __pyx_t_16[0] = __pyx_mstate_global->__pyx_kp_u_out_must_be_a_C_contiguous_float_2;
+      __pyx_t_16[1] = __pyx_t_9;
+      __pyx_t_16[2] = __pyx_mstate_global->__pyx_kp_u_elements;
+      __pyx_t_11 = 62;
+      #if __Pyx_PyUnicode_Join_CAN_USE_KIND_AND_LENGTH
+      __pyx_t_11 += __Pyx_PyUnicode_GET_LENGTH(__pyx_t_16[1]);
+      #endif
+      __pyx_t_12 = 0;
+      __pyx_t_7 = __Pyx_PyUnicode_Join(__pyx_t_16, 3, __pyx_t_11, __pyx_t_12);
+      if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 199, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_7);
+      __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+      __pyx_t_14 = 1;
+      {
+        PyObject *__pyx_callargs[2] = {__pyx_t_5, __pyx_t_7};
+        __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_14, (2-__pyx_t_14) | (__pyx_t_14*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+        __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+        __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 199, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_6);
+      }
+      __Pyx_Raise(__pyx_t_6, 0, 0, 0);
+      __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+      __PYX_ERR(0, 199, __pyx_L1_error)
+
+      /* "anemll_fast/_kernels.pyx":198
+ *             out = np.empty((end - r0, self.cols), np.float32)
+ *         else:
+ *             if out.dtype != np.float32 or not out.flags.c_contiguous or out.size < (end - r0) * self.cols:             # <<<<<<<<<<<<<<
+ *                 raise ValueError(f"out must be a C-contiguous float32 array of at least {(end - r0) * self.cols} "
+ *                                  f"elements")
+*/
+    }
+
+    /* "anemll_fast/_kernels.pyx":201
+ *                 raise ValueError(f"out must be a C-contiguous float32 array of at least {(end - r0) * self.cols} "
+ *                                  f"elements")
+ *             out = out.reshape(-1)[:(end - r0) * self.cols].reshape(end - r0, self.cols)             # <<<<<<<<<<<<<<
  *         if end == r0:
  *             return out
 */
-  __pyx_t_13 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 163, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 163, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_9);
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_6 = __Pyx_PyLong_From_int64_t((__pyx_v_end - __pyx_v_r0)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 163, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_8 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 163, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_8);
-  __pyx_t_7 = PyTuple_New(2); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 163, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __Pyx_GIVEREF(__pyx_t_6);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 0, __pyx_t_6) != (0)) __PYX_ERR(0, 163, __pyx_L1_error);
-  __Pyx_GIVEREF(__pyx_t_8);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 1, __pyx_t_8) != (0)) __PYX_ERR(0, 163, __pyx_L1_error);
-  __pyx_t_6 = 0;
-  __pyx_t_8 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 163, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_8);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_float32); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 163, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
-  __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-  __pyx_t_14 = 1;
-  #if CYTHON_UNPACK_METHODS
-  if (unlikely(PyMethod_Check(__pyx_t_9))) {
-    __pyx_t_13 = PyMethod_GET_SELF(__pyx_t_9);
-    assert(__pyx_t_13);
-    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_9);
-    __Pyx_INCREF(__pyx_t_13);
-    __Pyx_INCREF(__pyx__function);
-    __Pyx_DECREF_SET(__pyx_t_9, __pyx__function);
+    __pyx_t_9 = __pyx_v_out;
+    __Pyx_INCREF(__pyx_t_9);
     __pyx_t_14 = 0;
-  }
-  #endif
-  {
-    PyObject *__pyx_callargs[3] = {__pyx_t_13, __pyx_t_7, __pyx_t_6};
-    __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_9, __pyx_callargs+__pyx_t_14, (3-__pyx_t_14) | (__pyx_t_14*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 163, __pyx_L1_error)
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_mstate_global->__pyx_int_neg_1};
+      __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_14, (2-__pyx_t_14) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 201, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_5);
+    }
+    __pyx_t_9 = __Pyx_PyObject_GetSlice(__pyx_t_5, 0, ((__pyx_v_end - __pyx_v_r0) * __pyx_v_self->cols), NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 201, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_9);
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __pyx_t_7 = __pyx_t_9;
+    __Pyx_INCREF(__pyx_t_7);
+    __pyx_t_5 = __Pyx_PyLong_From_int64_t((__pyx_v_end - __pyx_v_r0)); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 201, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
+    __pyx_t_13 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 201, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_13);
+    __pyx_t_14 = 0;
+    {
+      PyObject *__pyx_callargs[3] = {__pyx_t_7, __pyx_t_5, __pyx_t_13};
+      __pyx_t_6 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_14, (3-__pyx_t_14) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+      __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+      __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
+      __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 201, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_6);
+    }
+    __Pyx_DECREF_SET(__pyx_v_out, __pyx_t_6);
+    __pyx_t_6 = 0;
   }
-  __pyx_v_out = __pyx_t_5;
-  __pyx_t_5 = 0;
+  __pyx_L4:;
 
-  /* "anemll_fast/_kernels.pyx":164
- *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
- *         out = np.empty((end - r0, self.cols), np.float32)
+  /* "anemll_fast/_kernels.pyx":202
+ *                                  f"elements")
+ *             out = out.reshape(-1)[:(end - r0) * self.cols].reshape(end - r0, self.cols)
  *         if end == r0:             # <<<<<<<<<<<<<<
  *             return out
  *         cdef float[:, ::1] ov = out
@@ -24977,8 +25893,8 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   if (__pyx_t_4) {
 
 
-    /* "anemll_fast/_kernels.pyx":165
- *         out = np.empty((end - r0, self.cols), np.float32)
+    /* "anemll_fast/_kernels.pyx":203
+ *             out = out.reshape(-1)[:(end - r0) * self.cols].reshape(end - r0, self.cols)
  *         if end == r0:
  *             return out             # <<<<<<<<<<<<<<
  *         cdef float[:, ::1] ov = out
@@ -24995,28 +25911,28 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
     }
     goto __pyx_L0;
 
-    /* "anemll_fast/_kernels.pyx":164
- *             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
- *         out = np.empty((end - r0, self.cols), np.float32)
+    /* "anemll_fast/_kernels.pyx":202
+ *                                  f"elements")
+ *             out = out.reshape(-1)[:(end - r0) * self.cols].reshape(end - r0, self.cols)
  *         if end == r0:             # <<<<<<<<<<<<<<
  *             return out
  *         cdef float[:, ::1] ov = out
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":166
+  /* "anemll_fast/_kernels.pyx":204
  *         if end == r0:
  *             return out
  *         cdef float[:, ::1] ov = out             # <<<<<<<<<<<<<<
  *         cdef int rc
  *         with nogil:
 */
-  __pyx_t_15 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_15.memview)) __PYX_ERR(0, 166, __pyx_L1_error)
-  __pyx_v_ov = __pyx_t_15;
-  __pyx_t_15.memview = NULL;
-  __pyx_t_15.data = NULL;
+  __pyx_t_17 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_v_out, PyBUF_WRITABLE); if (unlikely(!__pyx_t_17.memview)) __PYX_ERR(0, 204, __pyx_L1_error)
+  __pyx_v_ov = __pyx_t_17;
+  __pyx_t_17.memview = NULL;
+  __pyx_t_17.data = NULL;
 
-  /* "anemll_fast/_kernels.pyx":168
+  /* "anemll_fast/_kernels.pyx":206
  *         cdef float[:, ::1] ov = out
  *         cdef int rc
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -25029,19 +25945,19 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "anemll_fast/_kernels.pyx":169
+        /* "anemll_fast/_kernels.pyx":207
  *         cdef int rc
  *         with nogil:
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])             # <<<<<<<<<<<<<<
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")
 */
-        __pyx_t_16 = 0;
-        __pyx_t_17 = 0;
-        __pyx_v_rc = anemll::kernels::decode_rows(__pyx_v_self->w, __pyx_v_r0, __pyx_v_end, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_ov.data + __pyx_t_16 * __pyx_v_ov.strides[0]) )) + __pyx_t_17)) )))));
+        __pyx_t_18 = 0;
+        __pyx_t_19 = 0;
+        __pyx_v_rc = anemll::kernels::decode_rows(__pyx_v_self->w, __pyx_v_r0, __pyx_v_end, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_ov.data + __pyx_t_18 * __pyx_v_ov.strides[0]) )) + __pyx_t_19)) )))));
       }
 
-      /* "anemll_fast/_kernels.pyx":168
+      /* "anemll_fast/_kernels.pyx":206
  *         cdef float[:, ::1] ov = out
  *         cdef int rc
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -25052,13 +25968,13 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
         /*normal exit:*/{
           __Pyx_FastGIL_Forget();
           PyEval_RestoreThread(_save);
-          goto __pyx_L7;
+          goto __pyx_L12;
         }
-        __pyx_L7:;
+        __pyx_L12:;
       }
   }
 
-  /* "anemll_fast/_kernels.pyx":170
+  /* "anemll_fast/_kernels.pyx":208
  *         with nogil:
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -25070,7 +25986,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   if (unlikely(__pyx_t_4)) {
 
 
-    /* "anemll_fast/_kernels.pyx":171
+    /* "anemll_fast/_kernels.pyx":209
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")             # <<<<<<<<<<<<<<
@@ -25080,16 +25996,16 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
     __pyx_t_14 = 1;
     {
       PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_mstate_global->__pyx_kp_u_invalid_packed_weight};
-      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_14, (2-__pyx_t_14) | (__pyx_t_14*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_14, (2-__pyx_t_14) | (__pyx_t_14*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 171, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_5);
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 209, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_6);
     }
-    __Pyx_Raise(__pyx_t_5, 0, 0, 0);
-    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __PYX_ERR(0, 171, __pyx_L1_error)
+    __Pyx_Raise(__pyx_t_6, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __PYX_ERR(0, 209, __pyx_L1_error)
 
-    /* "anemll_fast/_kernels.pyx":170
+    /* "anemll_fast/_kernels.pyx":208
  *         with nogil:
  *             rc = decode_rows(self.w, r0, end, &ov[0, 0])
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -25098,7 +26014,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
 */
   }
 
-  /* "anemll_fast/_kernels.pyx":172
+  /* "anemll_fast/_kernels.pyx":210
  *         if rc != 0:
  *             raise ValueError("invalid packed weight")
  *         return out             # <<<<<<<<<<<<<<
@@ -25114,12 +26030,12 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   }
   goto __pyx_L0;
 
-  /* "anemll_fast/_kernels.pyx":158
+  /* "anemll_fast/_kernels.pyx":188
  *         return out
  * 
- *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
- *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
- *         cdef int64_t end = self.rows if r1 is None else r1
+ *     def decode(self, int64_t r0=0, r1=None, out=None):             # <<<<<<<<<<<<<<
+ *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests);
+ *         `out`, when given, is a C-contiguous float32 array of at least that many elements whose
 */
 
   /* function exit code */
@@ -25130,20 +26046,20 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_8decode(struct 
   __Pyx_XDECREF(__pyx_t_8);
   __Pyx_XDECREF(__pyx_t_9);
   __Pyx_XDECREF(__pyx_t_13);
-  __PYX_XCLEAR_MEMVIEW(&__pyx_t_15, 1);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_t_17, 1);
   __Pyx_AddTraceback("anemll_fast._kernels.PackedWeight.decode", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __pyx_L0:;
 
-  __Pyx_XDECREF(__pyx_v_out);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_ov, 1);
 
+  __Pyx_XDECREF(__pyx_v_out);
   __Pyx_XGIVEREF(__pyx_r);
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":53
+/* "anemll_fast/_kernels.pyx":86
  *     cdef Weight w
  *     cdef object _keep   # the arrays the pointers refer to
  *     cdef readonly int64_t rows, cols             # <<<<<<<<<<<<<<
@@ -25182,7 +26098,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4rows___get__(s
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 53, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyLong_From_int64_t(__pyx_v_self->rows); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 86, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -25256,7 +26172,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4cols___get__(s
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 53, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyLong_From_int64_t(__pyx_v_self->cols); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 86, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -25299,7 +26215,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4cols___get__(s
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":54
+/* "anemll_fast/_kernels.pyx":87
  *     cdef object _keep   # the arrays the pointers refer to
  *     cdef readonly int64_t rows, cols
  *     cdef readonly str kind             # <<<<<<<<<<<<<<
@@ -25366,7 +26282,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_4kind___get__(s
   return __pyx_r;
 }
 
-/* "anemll_fast/_kernels.pyx":55
+/* "anemll_fast/_kernels.pyx":88
  *     cdef readonly int64_t rows, cols
  *     cdef readonly str kind
  *     cdef readonly int nbits             # <<<<<<<<<<<<<<
@@ -25405,7 +26321,7 @@ static PyObject *__pyx_pf_11anemll_fast_8_kernels_12PackedWeight_5nbits___get__(
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyLong_From_int(__pyx_v_self->nbits); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 55, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyLong_From_int(__pyx_v_self->nbits); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 88, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -27287,14 +28203,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels_PackedWeight(
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels_PackedWeight", 0);
   /*--- Exttype __pyx_obj_11anemll_fast_8_kernels_PackedWeight ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_11anemll_fast_8_kernels_PackedWeight_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight)) __PYX_ERR(0, 48, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_11anemll_fast_8_kernels_PackedWeight_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight)) __PYX_ERR(0, 81, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight = &__pyx_type_11anemll_fast_8_kernels_PackedWeight;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 48, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 81, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight);
@@ -27304,8 +28220,8 @@ static int __Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels_PackedWeight(
     __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight->tp_getattro = PyObject_GenericGetAttr;
   }
   #endif
-  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_PackedWeight, (PyObject *) __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 48, __pyx_L1_error)
-  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 48, __pyx_L1_error)
+  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_PackedWeight, (PyObject *) __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 81, __pyx_L1_error)
+  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight) < (0)) __PYX_ERR(0, 81, __pyx_L1_error)
   __Pyx_RefNannyFinishContext();
   return 0;
   __pyx_L1_error:;
@@ -27322,14 +28238,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels___pyx_scope_s
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_11anemll_fast_8_kernels___pyx_scope_struct__genexpr", 0);
   /*--- Exttype __pyx_obj_11anemll_fast_8_kernels___pyx_scope_struct__genexpr ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_11anemll_fast_8_kernels___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr)) __PYX_ERR(0, 126, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_11anemll_fast_8_kernels___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr)) __PYX_ERR(0, 156, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr = &__pyx_type_11anemll_fast_8_kernels___pyx_scope_struct__genexpr;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 126, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 156, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_11anemll_fast_8_kernels___pyx_scope_struct__genexpr);
@@ -28524,62 +29440,92 @@ __Pyx_RefNannySetupContext("PyInit__kernels", 0);
   __pyx_t_9 = __pyx_f_5numpy_import_array(); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 12, __pyx_L1_error)
 
 
-  /* "anemll_fast/_kernels.pyx":31
+  /* "anemll_fast/_kernels.pyx":32
  * 
  * 
  * def kernel_isa() -> str:             # <<<<<<<<<<<<<<
  *     """Which vector path runs on this CPU ("avx2+fma+f16c", "neon" or "portable")."""
  *     return isa().decode()
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 31, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 32, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_str) < (0)) __PYX_ERR(0, 31, __pyx_L1_error)
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_1kernel_isa, 0, __pyx_mstate_global->__pyx_n_u_kernel_isa, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 31, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_str) < (0)) __PYX_ERR(0, 32, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_1kernel_isa, 0, __pyx_mstate_global->__pyx_n_u_kernel_isa, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 32, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_5, __pyx_t_4);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_kernel_isa, __pyx_t_5) < (0)) __PYX_ERR(0, 31, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_kernel_isa, __pyx_t_5) < (0)) __PYX_ERR(0, 32, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "anemll_fast/_kernels.pyx":36
+  /* "anemll_fast/_kernels.pyx":37
+ * 
+ * 
+ * def round_fp16(r):             # <<<<<<<<<<<<<<
+ *     """r rounded to fp16 precision, as a new float32 array: numpy's float16 round trip in one
+ *     vectorized pass (F16C / NEON), for the outputs of fp16-typed ops."""
+*/
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_3round_fp16, 0, __pyx_mstate_global->__pyx_n_u_round_fp16, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 37, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
+  #endif
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_round_fp16, __pyx_t_5) < (0)) __PYX_ERR(0, 37, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+
+  /* "anemll_fast/_kernels.pyx":54
  * 
  * 
  * def stream_read_bytes(buf) -> int:             # <<<<<<<<<<<<<<
  *     """Read every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum."""
  *     cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
 */
-  __pyx_t_5 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 36, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 54, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 36, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_3stream_read_bytes, 0, __pyx_mstate_global->__pyx_n_u_stream_read_bytes, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 36, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 54, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_5stream_read_bytes, 0, __pyx_mstate_global->__pyx_n_u_stream_read_bytes, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 54, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_5);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_stream_read_bytes, __pyx_t_4) < (0)) __PYX_ERR(0, 36, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_stream_read_bytes, __pyx_t_4) < (0)) __PYX_ERR(0, 54, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "anemll_fast/_kernels.pyx":60
+  /* "anemll_fast/_kernels.pyx":66
+ * 
+ * 
+ * def _pack_nibbles(const uint8_t[:, ::1] u):             # <<<<<<<<<<<<<<
+ *     """[rows, cols] values < 16 -> [rows, ceil(cols / 2)] bytes, low nibble first, written in one
+ *     pass (no temporaries the size of the matrix: the indices may be a few hundred MB)."""
+*/
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_7_pack_nibbles, 0, __pyx_mstate_global->__pyx_n_u_pack_nibbles, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 66, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  #endif
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_pack_nibbles, __pyx_t_4) < (0)) __PYX_ERR(0, 66, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "anemll_fast/_kernels.pyx":93
  *         self._keep = ()
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
  *     def from_f16(weight):
  *         """weight: float16 array [rows, cols] (C-contiguous copy taken if needed)."""
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_3from_f16, __Pyx_CYFUNCTION_STATICMETHOD | __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_from_f16, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 60, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_3from_f16, __Pyx_CYFUNCTION_STATICMETHOD | __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_from_f16, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16, __pyx_t_4) < (0)) __PYX_ERR(0, 60, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16, __pyx_t_4) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __pyx_t_5 = NULL;
-  __Pyx_GetNameInClass(__pyx_t_10, (PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 60, __pyx_L1_error)
+  __Pyx_GetNameInClass(__pyx_t_10, (PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 93, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __pyx_t_6 = 1;
   {
@@ -28587,28 +29533,28 @@ __Pyx_RefNannySetupContext("PyInit__kernels", 0);
     __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_staticmethod, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 60, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
   }
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16, __pyx_t_4) < (0)) __PYX_ERR(0, 60, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_f16, __pyx_t_4) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "anemll_fast/_kernels.pyx":74
+  /* "anemll_fast/_kernels.pyx":107
  *         return p
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
  *     def from_palette(indices, lut, int nbits):
  *         """indices: integer array [rows, cols] (values < lut entries); lut: [groups, entries] floats,
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_5from_palette, __Pyx_CYFUNCTION_STATICMETHOD | __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_from_palette, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_5from_palette, __Pyx_CYFUNCTION_STATICMETHOD | __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_from_palette, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 107, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette, __pyx_t_4) < (0)) __PYX_ERR(0, 74, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette, __pyx_t_4) < (0)) __PYX_ERR(0, 107, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __pyx_t_10 = NULL;
-  __Pyx_GetNameInClass(__pyx_t_5, (PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 74, __pyx_L1_error)
+  __Pyx_GetNameInClass(__pyx_t_5, (PyObject*)__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 107, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_t_6 = 1;
   {
@@ -28616,42 +29562,42 @@ __Pyx_RefNannySetupContext("PyInit__kernels", 0);
     __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_staticmethod, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 74, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
   }
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette, __pyx_t_4) < (0)) __PYX_ERR(0, 74, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_from_palette, __pyx_t_4) < (0)) __PYX_ERR(0, 107, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "anemll_fast/_kernels.pyx":128
+  /* "anemll_fast/_kernels.pyx":158
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
  *         """W  x for x [cols, n] float32 (n = 1 for a decode step); returns [rows, n] float32."""
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_7matmul, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_matmul, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_7matmul, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_matmul, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 158, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_tuple[7]);
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_matmul, __pyx_t_4) < (0)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_tuple[5]);
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_matmul, __pyx_t_4) < (0)) __PYX_ERR(0, 158, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "anemll_fast/_kernels.pyx":158
+  /* "anemll_fast/_kernels.pyx":188
  *         return out
  * 
- *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
- *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
- *         cdef int64_t end = self.rows if r1 is None else r1
+ *     def decode(self, int64_t r0=0, r1=None, out=None):             # <<<<<<<<<<<<<<
+ *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests);
+ *         `out`, when given, is a C-contiguous float32 array of at least that many elements whose
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_9decode, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_decode, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 158, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_9decode, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight_decode, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 188, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_tuple[8]);
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_decode, __pyx_t_4) < (0)) __PYX_ERR(0, 158, __pyx_L1_error)
+  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_tuple[6]);
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_11anemll_fast_8_kernels_PackedWeight, __pyx_mstate_global->__pyx_n_u_decode, __pyx_t_4) < (0)) __PYX_ERR(0, 188, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "(tree fragment)":1
@@ -28659,7 +29605,7 @@ __Pyx_RefNannySetupContext("PyInit__kernels", 0);
  *     raise TypeError, "no default __reduce__ due to non-trivial __cinit__"
  * def __setstate_cython__(self, __pyx_state):
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_11__reduce_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight___reduce_cython, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 1, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_11__reduce_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight___reduce_cython, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[9])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 1, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
@@ -28673,7 +29619,7 @@ __Pyx_RefNannySetupContext("PyInit__kernels", 0);
  * def __setstate_cython__(self, __pyx_state):             # <<<<<<<<<<<<<<
  *     raise TypeError, "no default __reduce__ due to non-trivial __cinit__"
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_13__setstate_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight___setstate_cython, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 3, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_11anemll_fast_8_kernels_12PackedWeight_13__setstate_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_PackedWeight___setstate_cython, NULL, __pyx_mstate_global->__pyx_n_u_anemll_fast__kernels, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[10])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 3, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
@@ -28732,8 +29678,8 @@ static int __Pyx_InitCachedBuiltins(__pyx_mstatetype *__pyx_mstate) {
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
-  __pyx_builtin_staticmethod = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_staticmethod); if (!__pyx_builtin_staticmethod) __PYX_ERR(0, 60, __pyx_L1_error)
-  __pyx_builtin_sum = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_sum); if (!__pyx_builtin_sum) __PYX_ERR(0, 126, __pyx_L1_error)
+  __pyx_builtin_staticmethod = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_staticmethod); if (!__pyx_builtin_staticmethod) __PYX_ERR(0, 93, __pyx_L1_error)
+  __pyx_builtin_sum = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_sum); if (!__pyx_builtin_sum) __PYX_ERR(0, 156, __pyx_L1_error)
   __pyx_builtin___import__ = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_import); if (!__pyx_builtin___import__) __PYX_ERR(1, 119, __pyx_L1_error)
   __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(1, 175, __pyx_L1_error)
   __pyx_builtin_Ellipsis = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_Ellipsis); if (!__pyx_builtin_Ellipsis) __PYX_ERR(1, 436, __pyx_L1_error)
@@ -28799,61 +29745,35 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   if (__Pyx_PyTuple_SET_ITEM(__pyx_mstate_global->__pyx_tuple[1], 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(1, 763, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[1]);
 
-  /* "anemll_fast/_kernels.pyx":64
- *         """weight: float16 array [rows, cols] (C-contiguous copy taken if needed)."""
- *         cdef PackedWeight p = PackedWeight()
- *         a = np.ascontiguousarray(weight, dtype=np.float16)             # <<<<<<<<<<<<<<
- *         if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
- *             raise ValueError(f"an fp16 weight must be a non-empty matrix, got shape {list(a.shape)}")
+  /* "anemll_fast/_kernels.pyx":40
+ *     """r rounded to fp16 precision, as a new float32 array: numpy's float16 round trip in one
+ *     vectorized pass (F16C / NEON), for the outputs of fp16-typed ops."""
+ *     a = np.asarray(r, dtype=np.float32)             # <<<<<<<<<<<<<<
+ *     if not a.flags.c_contiguous:
+ *         a = np.ascontiguousarray(a)
 */
   {
     PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 64, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 40, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[2]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[2]);
 
-  /* "anemll_fast/_kernels.pyx":94
- *             u = idx.astype(np.uint8)
- *             if cols % 2:
- *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)             # <<<<<<<<<<<<<<
- *             packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
- *         else:
+  /* "anemll_fast/_kernels.pyx":138
+ *             bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
+ *             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
+ *             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),             # <<<<<<<<<<<<<<
+ *                                                          (bits >> 8).astype(np.uint8)], axis=2)
+ *                                          .reshape(table.shape[0], -1))
 */
   {
     PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_axis};
-    __pyx_mstate_global->__pyx_tuple[3] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[3])) __PYX_ERR(0, 94, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[3] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[3])) __PYX_ERR(0, 138, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[3]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[3]);
 
-  /* "anemll_fast/_kernels.pyx":95
- *             if cols % 2:
- *                 u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)
- *             packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))             # <<<<<<<<<<<<<<
- *         else:
- *             packed = np.ascontiguousarray(idx, dtype=np.uint8)
-*/
-  __pyx_mstate_global->__pyx_slice[1] = PySlice_New(__pyx_mstate_global->__pyx_int_0, Py_None, __pyx_mstate_global->__pyx_int_2); if (unlikely(!__pyx_mstate_global->__pyx_slice[1])) __PYX_ERR(0, 95, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_mstate_global->__pyx_slice[1]);
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[1]);
-  {
-    PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_slice[0], __pyx_mstate_global->__pyx_slice[1]};
-    __pyx_mstate_global->__pyx_tuple[4] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[4])) __PYX_ERR(0, 95, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[4]);
-  }
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[4]);
-  __pyx_mstate_global->__pyx_slice[2] = PySlice_New(__pyx_mstate_global->__pyx_int_1, Py_None, __pyx_mstate_global->__pyx_int_2); if (unlikely(!__pyx_mstate_global->__pyx_slice[2])) __PYX_ERR(0, 95, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_mstate_global->__pyx_slice[2]);
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[2]);
-  {
-    PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_slice[0], __pyx_mstate_global->__pyx_slice[2]};
-    __pyx_mstate_global->__pyx_tuple[5] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[5])) __PYX_ERR(0, 95, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[5]);
-  }
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[5]);
-
-  /* "anemll_fast/_kernels.pyx":132
+  /* "anemll_fast/_kernels.pyx":162
  *         xa = np.ascontiguousarray(x, dtype=np.float32)
  *         if xa.ndim == 1:
  *             xa = xa.reshape(-1, 1)             # <<<<<<<<<<<<<<
@@ -28862,12 +29782,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_int_neg_1, __pyx_mstate_global->__pyx_int_1};
-    __pyx_mstate_global->__pyx_tuple[6] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[6])) __PYX_ERR(0, 132, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[6]);
+    __pyx_mstate_global->__pyx_tuple[4] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[4])) __PYX_ERR(0, 162, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[4]);
   }
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[6]);
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[4]);
 
-  /* "anemll_fast/_kernels.pyx":128
+  /* "anemll_fast/_kernels.pyx":158
  *         return sum(a.nbytes for a in self._keep)
  * 
  *     def matmul(self, x, bias=None, out=None):             # <<<<<<<<<<<<<<
@@ -28876,28 +29796,28 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {Py_None, Py_None};
-    __pyx_mstate_global->__pyx_tuple[7] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[7])) __PYX_ERR(0, 128, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[7]);
+    __pyx_mstate_global->__pyx_tuple[5] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[5])) __PYX_ERR(0, 158, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[5]);
   }
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[7]);
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[5]);
 
-  /* "anemll_fast/_kernels.pyx":158
+  /* "anemll_fast/_kernels.pyx":188
  *         return out
  * 
- *     def decode(self, int64_t r0=0, r1=None):             # <<<<<<<<<<<<<<
- *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
- *         cdef int64_t end = self.rows if r1 is None else r1
+ *     def decode(self, int64_t r0=0, r1=None, out=None):             # <<<<<<<<<<<<<<
+ *         """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests);
+ *         `out`, when given, is a C-contiguous float32 array of at least that many elements whose
 */
   {
-    PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_int_0, Py_None};
-    __pyx_mstate_global->__pyx_tuple[8] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[8])) __PYX_ERR(0, 158, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[8]);
+    PyObject* __pyx_temp[3] = {__pyx_mstate_global->__pyx_int_0, Py_None, Py_None};
+    __pyx_mstate_global->__pyx_tuple[6] = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_mstate_global->__pyx_tuple[6])) __PYX_ERR(0, 188, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[6]);
   }
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[8]);
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[6]);
   #if CYTHON_IMMORTAL_CONSTANTS
   {
     PyObject **table = __pyx_mstate->__pyx_tuple;
-    for (Py_ssize_t i=0; i<9; ++i) {
+    for (Py_ssize_t i=0; i<7; ++i) {
       #if PY_VERSION_HEX >= 0x030F0000
       PyUnstable_SetImmortal(table[i]);
       #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -28920,7 +29840,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   #if CYTHON_IMMORTAL_CONSTANTS
   {
     PyObject **table = __pyx_mstate->__pyx_slice;
-    for (Py_ssize_t i=0; i<3; ++i) {
+    for (Py_ssize_t i=0; i<1; ++i) {
       #if PY_VERSION_HEX >= 0x030F0000
       PyUnstable_SetImmortal(table[i]);
       #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -28954,41 +29874,41 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{5},{17},{8},{11},{28},{5},{61},{12},{15},{1},{14},{2},{12},{12},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{53},{24},{8},{15},{7},{6},{2},{15},{21},{9},{13},{50},{39},{34},{59},{14},{54},{6},{30},{37},{5},{8},{12},{37},{30},{32},{19},{21},{25},{19},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{1},{3},{15},{20},{11},{7},{17},{6},{18},{4},{1},{4},{4},{4},{2},{3},{2},{1},{12},{18},{5},{4},{11},{5},{6},{5},{15},{5},{6},{3},{9},{5},{5},{7},{7},{6},{7},{4},{8},{12},{7},{4},{2},{3},{5},{7},{3},{5},{8},{4},{10},{3},{6},{3},{7},{3},{4},{1},{4},{5},{6},{4},{4},{2},{4},{5},{3},{3},{2},{1},{4},{6},{7},{2},{3},{2},{2},{2},{8},{7},{6},{4},{1},{4},{4},{10},{5},{4},{5},{5},{12},{4},{4},{3},{17},{6},{3},{3},{5},{2},{5},{1},{6},{5},{6},{6},{5},{6},{4},{6},{1},{2},{2},{2},{5}};
-    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{9},{201},{800},{2},{16},{86},{370},{156}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{9},{5},{17},{8},{11},{28},{5},{61},{12},{15},{1},{14},{2},{12},{12},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{53},{24},{8},{15},{7},{6},{2},{15},{21},{9},{13},{50},{39},{34},{53},{59},{14},{54},{6},{30},{37},{5},{8},{12},{37},{30},{32},{19},{21},{25},{19},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{13},{1},{3},{15},{20},{11},{7},{17},{6},{18},{4},{1},{4},{4},{4},{2},{3},{2},{1},{12},{18},{5},{4},{11},{5},{6},{3},{5},{15},{5},{6},{3},{9},{5},{5},{7},{7},{6},{7},{4},{8},{12},{7},{4},{2},{3},{5},{7},{3},{5},{8},{1},{4},{10},{3},{6},{3},{7},{3},{4},{1},{4},{5},{6},{4},{4},{2},{4},{5},{1},{3},{3},{2},{1},{4},{6},{7},{2},{3},{1},{2},{2},{2},{8},{7},{6},{10},{4},{1},{4},{4},{10},{5},{4},{5},{3},{5},{12},{4},{4},{3},{17},{6},{3},{3},{5},{2},{5},{1},{6},{5},{6},{6},{5},{6},{4},{6},{1},{2},{2},{2},{5}};
+    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{9},{135},{164},{201},{737},{2},{16},{86},{370},{290}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2326 bytes) */
-static const char cstring[] = "x\332\215VMw\323H\026\305\220\t\241;|$!\241\351>\014\345\360\021\230&\036\234\2044\335\303\320\307\t\241\017\247gzp\034\002\r\003:e\251\344\210\310\222\254\222\214\335s\346\014K/\265\324RK-\265\324\322K/\265\3642?a~\302\334*\331I\200a\316\344$\262UUz\357\276\373\356}\n\241\036\271\333!\252m\372M\213\023\335v\211\274P\362\216\031\215=\217\330:!v\375-S\275\207\304\366=nh\014\233\304\241&\363<F\230\345\271\006\343D\263\211e{D7<B\\\373\035\317/\267,\3064N^5\\\333w\370\235\361\351\327\344\235\341\355\345G4\243mp\243n2R\357\222\374\334m\322\246\246\317r4\267<\2271\242\273\264\321\304\323\267o\337>D\361\352\356\035r\207,\327\221\322\2604Ce|Y\304\357\022\217\"\\\351\007\362\340\257\254i\273\335]\203\275\023e<Pm\3133\032\276\355sB-\r\231]Q\325\307\313\"V\276\301\001Vc\332\261\303\004\200\376\327\376\207k\207\047\037\376\270I-A\017\345\334hX\304\263\211\313\250\266l[f\2274%\3106@>\261P\267\241\221\246\2551p\325q\360,B-\251K\"\357\022\330\360\\j-\335!\r\204\032\037\346{\324aHEh\307\340\344\027\033=\361\366\320\324\315\256\267g[\004k\0323\215:s\251\307\220M\340CTW\034\262\310\323\255\247\313k\367\327$Z\227\211&s\302\375\272j\002(\370\007iu\3370=D\367\272\016\343%\362D\047]\333\047\242\255\242\n\007\347\216?\340\3551\213p\346\211/dI\326L=\303\266\024<nX\215\245\021MF\233\211\247\037S\223\263\022\3254\005\347\030\340\350Ny}\254\273\246\317=R\027Z\263lk\2315\035\017TQ\240\357\344\365\347uS\2135MS\321)\367\376\250\3543\327b&/9\335N\335\240\022>tm\212\204\266\305K\264\256j\006\027\332`\226\2706T\303r|\251\3601\2119\245\016U\367Q_\016\304\340\371i\315<~\324\262A\253N}\323#\212\3422\315W\231\242\020\315\227u\t\300\000\3326\250\211]d1<E\261\374\246\323-)\252\355\262R\023\317\031\324ui\227\350\3240s.\215\246\203\006\037?\346\243\336\275ON@\376\307\310\331\\>&_\335\264\251\267\272B\362\320\207`_\t\243\335!\326\353\261i!L\326!\307\356\204y\376O\306\245i_\371\222\023\001\212\232\246\255B[\243\244\032\365h\351\277\354\216\333\245\221\334!\274T\251m>y\262e\232\206\303\r\376TR\376\\2~\374{IQ""\032\014\354\225\036\2108&\177Xj0\013\316p?:4j\201*E\257(\037\355B\221\034B\374\314\276\306T\030\356\203%\335\265\233\212^^\377tqD\332\007\033 \t\035\255\261\226\317,\225\211qS:\232<H\326\355\340\357\021l\247\374\302:\3366\323\025ed\r\210\006\002\021\3469\372\202z\r\2175\305\202&\236\301\217\356[\252\370l\214\353\300O.\006\361\255I\rK~\332\232o\312=\2136\363O\221^Q\340\007E\335c\352>\367\233\371\335(\212\370*\214\235\177\363-\307P\367\021a\313\032\237k\313Q*b\264|j\216\303\216\365\376\t\355\207\013\254#n@\373!\024~\014\372\047\355P\024\217qQ\213\301\205\362\241p\303b\024~\035\313G\251\373\272\216\021v\344\366\322\330\355Rv\n\023\370h~C\371\221%F\013\242H\312\273\226j\330\245\303\004\\L\314z\235r&\246\005^#\274\356 O\275\255\252\312Q\004\325\304Q\005\014c\366\252\254\216\276\253\246\315!\031S\244\021\340,\374\251\266oy\271\2204\221L^D9\371\253S\232\t\342\3006\203\367\300\257\234\307\314umW7i\203K\347\226\327G\006\306\244\207\246F\363^\014\305\261\036\217Kpd\204=j\352\206fh\035i\352\221\227\rKj\210\347\227\337\330>cN\316\0270\341\335\352\345\222m\322\016\336>\342\325\3234,\361\326\261D\273,A\205U\357\242\047\210\326D\026\317r,Ly9\233P\020\350\263\333\216\230\222\371\244\034\001r\366\035\333q\357\272eWuY\303\340x\313\270L\372\336e\236\357Zbr\340-a\352\230\250\03240\032\240\362\204\000\311\035\323\020\302p\245:\014\265\311\240\016\ra\034\356\331\370s\361\313hS\021\257NE\302\303\202\217W\226\337\004uR\251^\335\333C\032\337\007\001\345uq\275\017U\003\244\357`01\371oE\376\277\205(:\037\360\235\016\355\264\273\355\337\230k\363\277\275/\014\047\276\350}\033T\337W\376=y\342\314\325\320\214\213\303\251\351\336Fv\216D\205\350\253x!v\223\231\341\324\227\275r\357qp-\330\016xX\014\327\243\231\350ZT\213O\306\327\342j\254\047\225\244\226\236J\313\303\351\331\340\017a%\273\262\223\355<\313\236\375\232\375\3722{\371*{\365\367\341\324\267q9\336Jf\222\305\2442\234:\323\233\355}\027\024\203\225\340EX\r\365\250\022\355\3043\361\315\244 2\2157\327\202Vx*,\213\205\257\003\371q)(\004\227""\302Bx\t\300.\307\305x\035\361\256\0474i\247\325T\353\337\032\000\370\371^\013\205L\035\026r\256W\017\246\360\010\342^\010Nf\263\327\221\353\0312\235L\212\242\246\325\236\036l\006n8\027n\206\355\250\032\251\361\\\274\021\253\311\\\3628-\246\253\251\332\2379\254\t\005\355f\273yAo\2627\212x\376^0\031\250\341l\270\032\262h\035%\\\213k\010}\rlL\2464\345\375\305\376\326`a\320\312\236VGaB%\256\304;\300}#\371g\277\322\257\r&\007t\320:@\250\265\236\033\314\005O\302\355\220G7\2426h\02506\0225\035C\300V+\372]\264\033\227\263;?\017\312\203\312\270\202-\340\257\204\265h\"z\204\216,\306\2331O\212\311j\242\245\327Q\301|_\037T\006\325\303:\226e\350\031\240\334I\257\016\n\203\371\201.\273\265+\330j\004\265\260 \342\256\003Le8}!8\025|\207\206\257\204\010p\276\347\007\033\001\035^\270\210\0173*F\345h3r\245B\026\022/]I_\366}\240\232\236\017\266\263K\267AG1^\003\024AG!\275\230\326\372\247\372\253}zp\264\177#n\047\333Ik8u+F\322\233\021=@\227\246\004\000\221\352\247\260\034n\204t\214f#\320\302\305\360/q!\276\030?\207\342\266\223\177\364\213\007\323s\301\275p2T\243K\010\201\233\225`\027`\237E7\345\271\335\344^z2-\212:\204\n\346\245\326\236\201\242\255d>\321\323J\272\333_\023\230\007\333\203\326p\032ee\013\200\022\317\306\017\222\026\036\274\221\272\240\2571\250\016\352\242\205?\374([\372\023\270\337\030\274\315^\274\316^\277\031\336.\313n\n\r\262\276t\000\322\235\355m\367\376\025R\264\262\030\255Ft(Q\216\304|$\375\335\350\203\205*\2444\322\377\367A\3453;\177\n\230t_Q\336f_^A\255\327\244\244G\346\271\034\024?\365\312\315d2\331\207\226\205?\202Jv\342bP9\230\020\342\251\007\247\203Vv\342\367!=\230 \321\311lq\r\314\356\244_\365g\373+\375g\203\342`\005\312\231X@\323\047\346\001C\207\316p\177\372\275\333\233\353Ud\270\341\231/\304\274\370\031n\205\315 \225\265\2605D\354r6q%|\031A\333 #;_\224\023c7^\211\253\242\241+\275\335`\025Q\247g\202\331\340>:V\213\nG\353up\265\"\350\201\276x|=\246\207\342-\3054\366\2222|\201\356e\177\336\316\266kY\355y\366\374\305p\3522|8bF\270\211\213>\314\006\213\301c""\250\346Qt:\362d\356\263\027P\261\007\220\357\244\3317\343wp\330l\372}\177\263\357\rV\245\025\306v\253JI\016\247\210\200v5\224.\275\047\370\222\250\263\271\033\030\030z\374\030#\355I\372\242\277\335o\t\207\270\301\202\234[\253\241\006$\027\026\202\267h\300\327\030~\033rL*0\375\316`FD\230\001\266JP=\220U\327\002\251\336\362\360\3549\261\047bL\000u!\232\225$x\361j\254\301\323+IU\016\004i|5\2309\006\025\255\310\320\302Ia\242oP_7>\205\207\336\246\205\341\341py\034.E\027\243\303Q\364\002\370\231\030&\0171\253<hWN\313I\260?\001\337i\321\365h/\256\047\205ct\n\200\202\216\203\034\3457\010\262\203\210;\361<\332\342\312\231R\375\014\266\377\000\275\332\033#";
-    PyObject *data = __Pyx_DecompressString(cstring, 2326, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2570 bytes) */
+static const char cstring[] = "x\332\225VMw\333\306\025\reY\221c%1%K\216\323\246\031J\226%7\026\033J\262\362Q\3279\224\"\273>iS\223\372\260b\327A\206\300\200\202\004\002$\006\240\311\364\264\315\222K,\261\304\022K,\271\344\222K,\271\324O\310O\350\235\001)\321v\322\323\352H 8\363\346\275\373\356\273\357\215\010u\311\247-\242\332\246W\2638a&\2531\313\345D\267\035\"\037\224\274dF\365\330%\266N\210]9a\252\373\200\330\236\313\r\215a\223\324\251\311\\\227\021\234r\014\306\211f\023\313v\211n\270\2048\366K\236>V-\3064N\236W\035\333\253\363\273#\353\027\344\245\341\036\247&\232\3214\270Q1\031\251\264Ijw\2074\251\351\261\024\315\252\3530Ft\207V\005\302;w\356\234\243x\376\351]r\227\254U\020\322\2604Ce|M\370o\023\227\302]\376Kr\377\257\254f;\355C\203\275\024i\334Wm\3135\252\236\355qB-\r\221\035\221\325\353\313\302W\272\301\001Vc\332\2301\001\240\377\266\377\352\332\271\345\203\257v\250%\350\241\234\033U\213\2706q\030\325\326l\313l\223\232\004\331\004\310\307\026\36264R\2635\006\256Zu\234\205\253\025uE\304]\001\033\256C\255\225\273\244\nW#c~L\353\014\241\010m\031\234|k\243&\3561\252\273\323v\217m\213`Mc\246Qa\016u\031\242\t|\360\352\010#\213<\331}\262\266\371\371\246D\3530QdN\270WQM\000\005\377 \255\342\031\246\013\357n\273\316x\236<\326I\333\366\210(\253\310\242\016\273\361\003\3561\263\010g\256x!+2g\352\032\266\245\340\270aUW\2064\031M&N?\244&gy\252i\n\354\030\340\350\365\302\326Hw5\217\273\244\"\264f\331\326\032\253\325]PE\201\276\225\346\237\346M-V3ME\247\334\375\203r\312\034\213\231<_o\267*\006\225\360!pS\004\264-\236\247\025U3\270\320\006\263\304\263\252\032V\335\223\n\037\221\230RZ\247\352)\362K\201\030<\265\326\314qS\313\006\255:\365L\227(\212\3034Oe\212B4O\346%\000\003h\323\240&v\021\305p\025\305\362j\365v^Qm\207\345k8gP\307\241m\242S\303L\2714ju\024x\334\314C\276\307oX@\376c\344\354\254\215\311W7m\352n\254\223\3245\300B\007&\0037\344\3779\224f\370\\t\347]b\275\030u:\324\314Zd\354\233\350\270\377\261L\262\323\237{\222H\221\t5M[\205 \207A5\352\322\374/\354\216j\254\221\264\255x\276\270\267\363\370""\361\256i\032un\360\047\262NOe\231\306\337\363\212Re\240<\177_\3701\371\203|\225Yh\047\3475\243a\335T\331)\212\362\332.d\314\241\336_\331\327\230\212.}eIw\354\232\242\027\266\336\\\034\222\366\312\006H\202\014\366X\303c\226\312\304\214\312_\214+\004k\267\360\3675zU\371\226\265\3342\323\025e\330OP\032T%:\356\342\005\371\032.\253\211\005M\234\301\217\356Y\252\370\254\216\362\300O\252 \361V\243\206%?m\3153\345\236Ek\351\247\010\257(h\"E=f\352)\367j\351\267\241\027\361*\246A\372\346YuC=\205\207]kd\327\224\363W\370hx\324\034\271\0355\311\033\264\237/\260\226\370\002\332\317\241\3601\350o\224CQ\\\306E.\006\027\355\002\205\033\026SD\357*\226Q\001\002N\321\361#-)\025O\3271\004/\346E~4/\244\006\025&\300\322\364\013\345\027\3751\\\020\031S\336\266T\303\316\237G\343b\346V*\22431op\021\361J\035q*MUU.<\250\246\000\006\2721\275UV\001@\325\2649\364c\2120\002\234\205?\325\366,7U\225\306]M\304\223\017\221^z\377\312\346\202X`\301\320\213\340[\016u\3468\266\243\233\264\312e\047\027\266\206\r\215\353\002\032\033^\032b\262\216\3649.\311ac\034SS74Ck\311&\037\366\266aIM\361\364\361#;=e\254\236r\006P\270\241\335T\3035\332\302\035&.\260\232a\211\273\313\022\365\263\004\035V\245\215\"\301]\ra\\\253n\341\256\220\023\316FJ\340\320n\326E\301\322\201;\204T?\255\333u\307\371\324)8\252\303\252\006\307m\34509\n\034\346z\216\005\362-M\021\031\211\261\202{\307\3241\2435\010d8\222\245\255@\314\353&@8*\204\343H\365\030j\215A= \230\325\271k\343\317\301/\2435E\334\307\212D\213\005\017\367\240W\003\225R\311n\305=F$\317\003!\205-\361\374\034\252\007d\257\216\301\305\344\377*\351?,\202\203\364\326h\265h\253\331n\376\310\034\233\377\355\247\314`\362\235\316\047~\351\247\314\317So]\276\322\231\350\254\3729\177\303\327\203\355\200\016&\337\376\311\355\024:\017\375\334`z\246\263\235\274G\302L\230\025G\026\305\242_\360\377\234\332\315\373%_\232;\235\271Nq0\375~\2471\230\024\306\037D\263Qa0\371a\260\024\034\205\345\2601\270\362\316`:\353ge\020\352\273\301F@\003\036\346B\030]\355\024R\0307\203L\260\0204\302\253Q!z""\030\347\342\302(\342\242\377(\270\027N\204K\341^4\031mG\010\371QP\222>g:\273\376<<6\0063\327\374\313\376A\220\203k\026\256\30323\270&\".\371e\237\007\313\360\233\t\347\302\235\220G9\370\337\211\234x6\336\210\325nv0\363~\307\363\267\221\310\320\376\000\250\017\0046X{i8\201\261\010\214W>\016\314h\234\225\017\242\005x\312\016\246\257J\302\322`\271`+\314J\264\023\321RT\212\364\270\030\357u/u\013\203\231Y\377\367A1\371h?\331?H\016\276K\276{\226<{\236<\377\373`\372\023\200\332\215\263\361b\014\036\257tf;\237\201\253u\377((\005zX\014\367\243lt;\316\210H\243\315M\277\021\\\n\nb\341C_~\334\3603\376\r\220x\003\300n\"\315-\370\273\025\323\270\331-u\265\336j?\047+\204D\246\317\023y\257S\361\247q\004~\257\371\023\311\354-\304:@\244\2118\047r\332\350\350\376\216\357\004s\301N\320\014K\241\032\315\201\0205\236\213\037vs\335\215\256\332\313\236\347\204\204\016\223\3034\241\357\223\357\025q\376\236?\345\253\301\254\254\311\026RX\212\366\340z\tlLui\227\367\026{\273\375\205~#yR\032\272\t\224\250\030\355\003\367r\374\317^\261\267\327\237\352\323~\343\014\2566;\216?\347?\016\312\320\315r\330\004\255\002\306vZ\301\364l\031E\276\034\036F\205\344\3567\375B\2778\312`\027\370\213\301^8\031~\215\212,\242\370\034\362\332\210\265\356-d0\337\323\373\305~\351<\2175\351:\013\224\373\335\217\373\231\376|_\227\325:\024lU\375\275 #\374n\001Lq03\357\277\200R\326\223\345\317\342F\367r\367\260\267\336+\235a\265\234\334\270\203|\227\243f\\\216\033\203\351U\310q\372vH\317@\363\264\360 4\367((\310>\032\272\333\366\265`1\370K\224\211\256GO!\231r\374\217^\356lf\316\277\027L\005jx\003.\360e\335?\014\326\241\317\333\322\3560\276\327\235\350\346\204\372E\031\347\245X\016\220\343n<\037\353\335\"\020m\366<\344W\356\243E\256\373\333\311\002\240\240;\357\003\357Dw\271\353 \377j\277\324\257\210\032|\371\225\254\311#\220\267\335?I\216^$/\276\037\334)\310r\010\021\261\236\2240\302\275\333)w\376=\354\341\215\220\016$\312\241\032/\264{\030\276\262P\202\026\206\002\376\302/\376\312\316\037}&\333\047\047\277&W?B\256KR""\223C\365\337\364so\212\375v<\025\237B\214B\340~1y\353\272_<\233\024\325\257\370o\373\215\344\255\337\005\364\014\223i\"Y\334\004\263\373\335\017z\263(\325A?\327_G\351\047\027\374\3414\323!\224\322k\023-\2353\337\240\335\320\047h\356\315\240!\047B\202)\364,\2048AF\362~N\266\374a\264\036\225DA\327;\207b\324\rf\262\376\254\3779*\266\027f.\326+\340j]\320#\007\322-\214\230\221\372\362\021\215\334\270\000a\243z\311\237\312Iy/\331{\232<=\032L\337D#\r\231\021\355\300E\035f1\034\037B5_\207o\207\256\214\375\3565d\354\002\344K\331\255;\321K\264\310l\367\213\336N\317\355oH-\217\372\245$%9\230&\002\332\307\201l\263{\202/\211:\231[F\307\353\030\305\213\361\343\356Q\257\334k\210Q\351\370\013r\360l\004\032\220\\[\360OP\200\0171\275\266\345\234S\320\265\373\375\254\360\220\005\266\242_:\223Y\357\371R\275\205\301\273\357\211=\341c\022\2503\341\254$\301\2156\"\rM\271\036\227dG\313\316U\375\354\030T\224\"A\t\247\302\2238#&\330o\221c;\272\204\203\047\335\314\340|B<\014V\302\353\341\371<9B\016LL\204\007\0308.\364\373K\334M\204\267B-Z\025\303\367\014)r\177\005\023c;0dm\324x!\376\027&\321\245\376VR\302\340>J\2160\3440\341~H~\320\022\215\r9Hr\257m\350\211~\222\234\234\236!\316\022z\241\0348\270\177\304\000\272\025U\342I\014\320\325^\016\315\351\364\257\367\367\223Ry\014\230\240I\024\345,\345\3527Hc\0379\355G\363\020\207#GS\351W\030\372\017Q\326\321\222";
+    PyObject *data = __Pyx_DecompressString(cstring, 2570, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (3060 bytes) */
-static const char cstring[] = "\377 at 0x c\377olumns f\367or \000\002a we\377ight of \377 object>\377 outside\377 a  pale\377tte entr\377ies do n\377ot fit  \357rows\000\002 (n\377eeds [gr\337oups,&\005] \357with\"\003div\377isible b\373y \"\003) val\373ue\210\003(tree\277 fragmi\000)\373))}\006[0, ,\367 -bp\000indi\357ces-\212\001y t\375aL\000.: <Me\377moryView\376\303\001<contig\377uous and\017 dir\322\001\007\rH\001\023\003]s\330\000ded\"\010 \234 \346\004\031><(\tA\006>?C\373an\233!assig\377n to rea\377d-only m\332\240\002v\242\000In\365\000id\337 mode\251 xp\\\362 |\000\047c\047t\001\047\231@\377tran\047, g\374\347 %\005shape \377in axis \333No\221@th\322@Cy\337thon \021\000de\377liberate|k\000\320\001cter \"\000\377n PEP-48\3554\212\"re\341As s\217ubcl\246\000\322@\371@b\357uilt[\000typ\377es. If y\047ou \323A\302\001p\316\000%\t\377then set\356[\000e \047\357\002ati\367on_<\000ing\047\356\355$ive\200!Fal\177se.add_\270`\377ean fp16~\360emust b\350a\377non-empt\312\250 a\352`x\372\003\362\003an\377emll_fas\377t/_kerne\377ls.pyxbi\373as\267\204\001colle\375c\177\001s.abcd\333is\230aen\236agc\217inpu\335\204\002\275%\372#pgack\364@\373\204\003is(\003\373dl\037\tno de\377fault __\377reduce__\347 du\323\002\255\001tri\317vial\033\000c\000it\377__numpy.\177_core.m5\000\377iarray f\347ail\340`\217`imp\367ort\033\tumateh\021\016o\260\000\223\047C-\313\204\010\377float32 \256U\003of \227c[\215\206\001,\367 n]\255\206\005inde\223x \003\010\271\205\001 \314\201#\330\206\002[\371u\275\"\305\204\001alloc|\331`n\004data.\013\020\366\247Ed \320\205\003s.AS\377CIIEllip/sisP\356\"W\356\207\002\000\t\337.__ge\273 .<\376b\001ls>.genOexpr\026\014\374$c\360\204\002\373__4\014setst\357ate_\013\022dec\367odei\nfrom\017_f16\003\017\361\210\004\227\n\244@\376\317@Sequenc\345e\353\207\001.\360\207\007\212\000yx_\377PyDict_N\377extRef__l\224\205\004\262`__\351\205\002__\001\005^\355\000item\r\001d0\001^\027\000func\035\001g\300\005x+\000\251c3\001main\003\002\357odulM\002nam\326\002\003ewT\001p~\000ch\037ecksuT""\000\n\001\210#\351_\025\001\325\206\001_\005\002unp\267ick?\000En \005v<\306\211\002\230\001qualO\005\350\204\005X\361\204\006\357%\202\205\006ex\314\001s\267@\362\203\005s\260\010\376.__te\353st\321\001s\235\205\001out\177ineaabc\325e\177_buffer\343\206\010\351.\346\206\005\302\205\002_\371 ala\215s\317\205\002as\337\212\007\n\004\272\210\001a\377syncio.c\353or[\003s\256\211\001bba\373se\252\207\001bitsb}pe\000bvcc_\241\213\007\353cl\211\000_\337 tra\377cebackcl\313os\260`lc\001\366\204\001na]t\277`unt\303cd\247\211\001\036\000\002_is_\265\215\003\272\210\002\232`\377odeenden\373um\213\212\002error\337flags\265\206\00216~\272\206\004format\351\212\004\340\221\211\001\210\204\005\223\204\002\364\215\004\202\205\004hal?fididx\320\206\002\202\215\004\327int\300as\000\002iz\237ekeep\230\211\003\221\000a\367lut\255\204\003maxm\273em\367\213\001min\362\213\001n\272\266an\207!nby\221@n\377dimnextn\337pnsub\276\210\002ob\177joutovp\242\211\001\374\244\211\003\205\217\004pkpopr\3770r1rcreg\327ist\334\000e\232\214\002re\357turn\223\217\001ssewlfs\201 set\272\211\004\272\274\214\002s\242\000spl\201@t\373ar\250\206\002icmet\367hodD\000psto\376\001\000rstream\365_\267\215\001_\232\002stru\377ctsumt16\376\360\216\002tbthrow\333uu\376\00016\002\0018u\375n\313\212\001update\360\322\217\002\326\217\003\354\215\001\334\220\003xxax\377vyvzeros\377O\200\001\330\004\n\210+\377\220Q\200A\360\006\000\t\377\037\230l\250!\330\010\014\377\210B\320\016 \240\001\240\377\030\250\026\250r\260\021\330\377\010\013\2101\210F\220#\377\220R\220s\230!\2306\377\240\021\240#\240S\250\002\377\250#\250Q\250f\260A\377\260S\270\003\2701\330\014\377\022\220*\230A\320\035T\377\320TU\320UY\320Y\377Z\320Z[\320[\\\330\377\010+\2501\250E\260\021\377\260\"\260A\330\010\t\210\377\022\2107\220!\2202\220\377X\230Q\230f\240A\240\177T\250\021\250&\260\001f\001\376\025\0054\220q\230\003\2301\366*\001\032\220\002\002\027\220\001\220\337\027\230\001\230\027\226\000\031\250\367!\2506M\000$\260a\260\377v\270Q\270d\300(""\310\256\266\000\017\210q\306\000\010\300\006\016\317\210b\220\0100\000\277\000\020\220\257\002\320\022$i\000Ug\000\002\375\260\343\000\013\2103\210f\220\377C\220r\230\023\230C\230\377v\240Q\240c\250\023\250\377B\250c\260\023\260F\270\177!\2703\270c\300\021\313\006\356\316\000V\320V\313\003^\320^\375_\220!5\220\006\220c\230\177\022\2303\230e\2406\300\000\177#\250S\260\002\260#\213 \377\006\270a\270s\300\"\300\377E\310\026\310q\320PQ~\224$\230_\250A\250T\205 \377%\260}\300A\300S\310\277\006\310a\310q\340\334 4\377\210r\220\023\220I\230R?\230s\240%\240v\324 \203\001\317B\260c\270{\005\030\000q\240\377\005\240V\2501\320,K\247\3101\310\306 \274\003E\275\000A\277\230S\240\004\240D\217@\"\377\250C\250s\260!\2603\357\260d\270$\277\000\025\300fw\310A\310y\005\320\035-V\002\375\021\243\000T\270\037\310\001\310\367\025\310f\251BV\330\010\016\277\210g\220S\230\001\352A6\376\212\000A\330\014\020\220\003\220\3557\356@2\230\277\000\017\210u\177\220B\220a\330\020\024\004\000\377l\240!\2401\240C\240\375r\235b\026\260t\2702\270\367Z\300u\223\000\014\025\220Rw\320\027)\317@!\2504\210\000\376\213!\001\270\024\270S\300\003\337\3003\300a\340\026\007%\250\377v\260R\260q\330\010(\375\250r\000&\240a\340\010\020\366\253A\330\010g\001G\2301\230\367B\230a\206\005B\220d\230\377\"\230L\250\001\250\024\250\375W\357`R\260{\300!\340\377\014\023\2205\230\006\230c\363\240\027@\000\n\0002\220V\230\3372\230U\240&#\002V\260\2375\270\002\270!\304\001\202a\025\376\347bU\250\"\250E\260\025\377\260f\270A\270V\3004~\260\001\310R\310q\330\014\324\000\373\320\026\210\000\250\022\250<\260\375q6\000%\270r\300\025\300\337g\310Q\310b\277A:?\372\316BG\371 B\310j\320X\177]\320]^\330)1\311B\346\200\204\001e\300\375\204\002l\000\r\210R\357\210\177\230a\310@!\2403\307\240a\330\241\002\306\204\004\361\204\007V\240\3251\200\205\tQ\310`\021\227\205\0039\220]A\003\024;\220e\371\205\002!\301\205\002w\320\013\035\351\000#\240U\263\205\007\363\031\220\026\002\236\205\013&\260\006\260\367k\300\021\324!q\220A\320\277\000\024""\220A\340\004\373\204\001b\377\220\007\220q\320\000\036\230\377a\340\004 \240\002\320\"\3774\260A\260T\270\030\300\377\022\3002\300U\310!\310\3552\267`\004\026\362@\004\025\220\337Q\220f\230A\206`\004\007\277\200r\210\023\210AJ\002\330\273\t\n\254\207\001K\220q\343\205\001\230\277!\2304\230q\330Y\0001\377\320\004\035\230Z\240q\340\335\010\212 \320\017!\255\207\002V\250\3672\250Q\311\207\0012\210V\220\3753\310`\014\021\220\022\2208\356\257@S\240\001\016\007b\230\003\372\302@V\333bs\250$\250a\376\320\207\006.\250a\250t\2601\373\260B\272A\320=R\320R\377S\320SW\320WX\330\357\010\031\230\022\222%\013\2104\373\210s\205 \014\022\220\"\220}F\263`D\240\007\240tw\002\253\r\020\357\000t\242\000w\350\206\002C\377\250w\260c\270\022\2709?\300C\300t\3103\206\205\002\243\206\005\332\246\000&\271@\010 \227\001\037\230\352\241\206\0025\254!\330\262\001\320\023%\377\240Q\240f\250F\260\"\177\260I\270X\300R\300\277`\337\017\210r\220\026\263\210\0023\230\377d\240!\330\020\026\220j\377\240\001\240\032\2501\250B\376\242\211\002_\300A\300T\310\021\272>\001\021\231\000A\220Q\370\206\0012\357\210S\220\001\241a1\330\r\371\016Z\001@\001\004\230D\240\001\373\240\022\340\205\002t\2503\250d\277\260!\2602\260Q\214\207\002\010\356\267\210\001c\220\021\240\010\017\210q\325\320\300@\006\301\205\001\033\202@y\250\315\0032\000j\270\311\206\002\327\207\003F\230\357\047\240\024\240\202\210\006X\240Q\373\240e\311\207\001>\270a\270t\373\3001\374\206\001b\220\006\220b\357\230\004\230B\274\000$\240h\247\250b\2609\004\312\"\023\204\212\001 W\240\001\340\240\003\033\213`TO\0007T\250\025\224@r\260\320\207\001\331B\0033\210\213\016";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 3060, 3959);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (3409 bytes) */
+static const char cstring[] = "\377 at 0x c\377olumns e\377lements \357for \000\002a w\377eight of\377  object\377> outsid\377e a  pal\337ette 3\000ri\377es do no\377t fit  r\367ows\000\002 (ne\377eds [gro\357ups,&\005] w\367ith\"\003divi\377sible by\375 \"\003) valu\375e\210\003(tree \357frag\236\001)))\376}\006[0, , -\375bp\000indice{s-\212\001y taL\000\377.: <Memo\277ryView\303\001<\377contiguo\377us and d\303ir\322\001\007\rH\001\023\003st\225r\353\000d\"\010 \234 \004\031>\371<(\tA\006>?Can\376\233!assign \377to read-\277only m\240\002v\366\242\000In\365\000id m\267ode\251 xp\362 e_d \047c\047t\001\047\231@\377tran\047, g\374\347 %\005shape \377in axis \333No\221@th\333@Cy\337thon \021\000de\377liberate|k\000\320\001cter \"\000\377n PEP-48\3554\212\"re\341As s\217ubcl\246\000\322@\371@b\357uilt[\000typ\377es. If y\047ou \323A\302\001p\316\000%\t\377then set\356[\000e \047\357\002ati\367on_<\000ing\047\356\355$ive\200!Fal\177se.add_\270`\377ean fp16~\360emust b\350a\377non-empt\312\250 a\217@x\372\003\362\003an\377emll_fas\377t/_kerne\377ls.pyxbi\373as\267\204\001colle\375c\177\001s.abcd\333is\230aen\236agc\217inpu\335\204\002\275%\372#pgack\365 \373\204\003is(\003\373dl\037\tno de\377fault __\377reduce__\307 du\323\002\255\001\270`vi\363al\033\000c\000it__\377numpy._c\337ore.m5\000ia\377rray fai\371l\341@\217`impor}t\033\tumath\021\016\331o\260\000\223\047C-\313\204\010fl\277oat32 U\003o-f\342\206\001le\231  \t)\314c\275[\302\206\001, n]\342\206\005i\237ndex \003\010\356\205\001 \314\201\202#\215\207\002[u\362\"\372\204\001al\277locate\243\004d\317ata.\013\020\334Ed \376\205\206\003s.ASCII\377Ellipsis\345P\243BW\243\210\002\000\t.__\333ge\360 .<b\001ls\377>.genexpir\026\014\261Dc\245\205\002__4\014\377setstate\375_\013\022decode\376i\nfrom_f1\3016\003\017\246\211\004\227\n\331@\204`Se\277quence\240\210\001.\374\245\210\007\212\000yx_PyD\377ict_Next\237Ref__\311\205\004\347`_\315_\236\206\002__\001\005\355\000it\313em\r\001d0\001\027\000fu\013nc\035\001g\300\005+\000\336c3\001\357main\003""\002odu\335lM\002nam\002\003ew\372T\001p~\000check#suT\000\n\001\210#_\025\001\212\207\001\375_\005\002unpick\226?\000En \005v\373\211\002\230\001q\007ualO\005\235\205\005\246\205\006\357%\267\205\006Kex\314\001s\267@\203\005s\260\010~\376.__test\321\001\375s\322\205\001outine\375_\270\206\001_nibbl\277esaabc\342e_\277buffer\245\207\010.\364\250\207\005\204\206\002_\206@alas\306\221\206\002as\241\213\007\n\004\374\210\001as\377yncio.co\365rh\003s\360\211\001bbas\375e\354\207\001bitsbp\276e\000bvcc_\343\213\007c\371l\225\001\354 trace\377backclosr\275`lc\001\203\205\001nat\314`\367unt\320cdstd<\354\211\001\000\002_is_\372\215\003\377\210\002\376\252`odeende\367num\320\212\002erro\277rflags\372\206\0021\3756\377\206\004format\300\256\213\004\326\211\001\230\204\005\243\204\002\271\216\004\222\205\004ha\177lfididx\340\206\002\256\307\215\004int\320as\000\002i\177zekkeep\336\211\003\336\222\000alut\276\204\003ma\357xmem\275\214\001min\352\270\214\001n\307an\213!nby\376\242@ndimnex\177tnpnsub\204\211\002\377oobjouto\343vp\351\211\001\353\211\003\314\217\004pkp\377oprr0r1r\177cregist\337\000\375e\342\214\002return?round_\250\213\001\345\217\001\277sselfs\216 s\323et\214\212\004\216\215\002s\257\000sp\375l\221@rcstar\376\310\206\002icmetho\276\336 epsto\001\000r\177stream_\214\216\001\375_\251\002struct\277sumt16\305\217\002t\377bthrowuuv\216 16\002\0018un\240\213\001?update\247\220\002\253\220\003\374\301\216\001\261\221\003xxaxvy\377vzerosO\200\377\001\330\004\n\210+\220Q\377\200\001\360\006\000\005\t\210\377\002\210(\220!\2203\220\377f\230B\230a\330\004\007\377\200t\2101\210F\220!\377\330\010\014\210B\320\016 \257\240\001\240\021/\001\"\021\001\220\3671\220H\"\003\025\220Q\220\376*\002r\210\023\210A\330\010\337\017\210q\330\004)\001\030\250\377\022\2501\330\004\032\230#\377\230X\240R\240q\330\t\277\n\330\010\021\220\021`\002a\377\220t\2303\230a\230sw\240!\240\"\000\013\2101\201\003\377\031\230\001\230\026\230q\240\377\013\2501\250F\260!\260\3751j\005\"\220G\2305\240""\377\002\240#\240S\250\004\250\273B\250\237\000\035\230QO\002\014\377\210E\220\025\220a\220q\377\330\014\020\220\005\220U\230\335!X\000e\2402\047\000\001\330\375\020n\001#\220R\220s\230\375%U\000\001\240\023\240C\240\367s\250!]\000C\250r\260\377\022\2603\260c\270\021\330?\014\017\210u\220B\306\000)\004%U\263\000U\230\001+\000ui\003\240\001}A\250 \t\037\230l\250\212)\367\030\250\026G\000\021\330\010\013|\254\"g\003!\2306\240\021\251\002\377\002\250#\250Q\250f\260\377A\260S\270\003\2701\330\377\014\022\220*\230A\320\035\377T\320TU\320UY\320\377YZ\320Z[\320[\\\367\330\010+\362\000E\260\021\260\373\"\260\305 \t\210\022\2107\376\216@2\220X\230Q\230f\377\240A\240T\250\021\250&\347\260\001\260g\000\025\0054\220q\377\230\003\2301\330\010\t\210\373\032\220\002\002\027\220\001\220\027\252\302 \027\254@\031\344\0006M\000$\377\260a\260v\270Q\270d\357\300(\310!\235B\200A\360\373\010\000\301\005\016\210b\220\010\374\365 \277\000\020\220\002\320\022$\332i\000Ug\000\002\260\371@\013\210\3773\210f\220C\220r\230\377\023\230C\230v\240Q\240\367c\250\023\375 c\260\023\260\377F\270!\2703\270c\300\271\021\313\006\316\000V\320V\313\003^\367\320^_\220!5\220\006\220\327c\230\022\217B6\300\000#\250\337S\260\002\260#\213 \006\270\377a\270s\300\"\300E\310\277\026\310q\320PQ\224$\230\337_\250A\250T\205 %\260\377}\300A\300S\310\006\310\357a\310q\340\334 4\210r\277\220\023\220I\230R\265`%\023\240v\324 \203\001B\274C\322\"\030\000\377q\240\005\240V\2501\320?,K\3101\310A\222A\276\001\375E\275\000A\230S\240\004\240\377D\250\002\250\"\250C\250}s\334`3\260d\270$\277\000\277\025\300f\310A\310y\005\320\353\035-V\002\021\243\000T\270\037\277\310\001\310\025\310f\251BV\377\330\010\016\210g\220S\230\365\001\352A6\212\000A\330\014\025\377\220]\240!\2402\320%\3777\260q\270\005\270V\300\3572\300Q\340\023\000R\320\027\375)\260@%\250v\260R\260\337q\330\010(\2503\000&\240\317a\340\010\020\354!\247\205\001u\220\307G\2301\353\205\002\272`K\001B\220\377d\230\"\230L\250\001\250\367\024\250W\260`R\260{\300\377!\340""\014\023\2205\230\006\317\230c\240\027@\000\n\0002\220\177V\2302\230U\240&#\002\177V\2605\270\002\270!\372\204\001\352\303A\025\250bU\341\000E\260\025\357\260f\270A\217\0004\300u\376\335\000R\310q\330\014\024\220\367B\320\026\210\000\250\022\250<\376\255\000\002\270%\270r\300\025\277\300g\310Q\310b\200A:\365?\217BG\272 B\310j\320\377X]\320]^\330)1\314\212B\301ae\300\276\204\002l\000\r\210\367R\210\177\275\206\0043\240a\330\230\241\002\207\204\004\262\204\007V\240\232\204\002\305\204\005Q\314\211`\272\204\0049\220\332\204\n\017\010;\220\365e\272\205\002!\325\204\001\022\320\013\035\256\351\000#\240U\364\204\007\031\223\210\001\t\375\210\337\204\013&\260\006\260k\300\375\021\376\207\002\220A\320\000\024\220\367A\340\004\274\204\001b\220\007\220\377q\320\000\036\230a\340\004\377 \240\002\320\"4\260A\277\260T\270\030\300\022\250@Uo\310!\3102\370@\004\026\303\210\001>\312\210\001f\230A\230Q\375\210\001\307\210\010\276\270\210\001\014\210K\220q\244\205\001\230\277!\2304\230q\330Y\0001\377\320\004\035\230Z\240q\340\335\010\212 \320\017!\356\206\002V\250\3672\250Q\212\207\0012\210V\220\3733\220\226 \021\220\022\2208\356\257@S\240\001\016\007b\230\003\270\302@\234 \214\210\002$\250a\221\207\006.\377\250a\250t\2601\260B\376\272A\320=R\320RS\320\377SW\320WX\330\010\031\373\230\022\222%\013\2104\210s}\220\364@\022\220\"\220F\263`\337D\240\007\240tw\002\r\020\352\357\000t\242\000w\251\206\002C\250w\377\260c\270\022\2709\300C\217\300t\3103\307\204\002\344\205\005\246\000&\266\271@\010 \227\001\037\230\342\205\0025\366\254!\330\014\263\000\320\023%\240\377Q\240f\250F\260\"\260\177I\270X\300R\300q\247\211\001\367r\220\026\364\207\0023\230d\240\377!\330\020\026\220j\240\001\277\240\032\2501\250B\343\210\002_\277\300A\300T\310\021>\001\021\356\231\000A\220Q\271\206\0012\210S{\220\001\241a1\330\r\016Z\001\376@\001\004\230D\240\001\240\022\357\2401\240C\271\0003\250d\277\260!\2602\260Q\217\212\002\010\356\370\207\001c\220\021\240\010\017\210q\377\320\004 \240\006\240j\260\365\001\276""\210\001\034\206@y\250\003\250\3173\250j\270\216\206\002\234\207\003F\230\357\047\240\024\240\307\207\006X\240Q\373\240e\216\207\001>\270a\270t\363\3001\246\212\001\253.\002\240$\240wd\250(\371\211\001\340\014\017\327 \377\047\230\023\230B\230i\240\377s\250$\250c\260\026\260\377~\300S\310\003\3106\320\377QT\320TX\320XZ\377\320Z^\320^`\320`od\320de\375\004\320!\n\014\377f\320fj\320jk\340\377\014\022\220#\220X\230R\357\230r\240\023\374\207\002$\250b\377\260\004\260F\270(\300!\377\3004\300r\310\024\310T\327\320QR\216\010\023\313\212\001 \240\373\001\340\246#\033\230A\230Tn\321\000T\250\025\232`r\260\227\210\001\006\337b3\210\221.";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 3409, 4423);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (3959 bytes) */
-static const char bytes[] = " at 0x columns for  for a weight of  object> outside a  palette entries do not fit  rows rows (needs [groups, entries] with rows divisible by groups) values for (tree fragment))) outside [0, , -bit indices-entry table.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notean fp16 weight must be a non-empty matrix, got shape anemll_fast/_kernels.pyxbias of collections.abcdisableenablegcinput of shape invalid packed weightisenabledlut of shape no default __reduce__ due to non-trivial __cinit__numpy._core.multiarray failed to importnumpy._core.umath failed to importout must be a C-contiguous float32 array of shape [rows, n]palette index palette indices must be a non-empty matrix, got shape rows [unable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisPackedWeightPackedWeight.__get__.<locals>.genexprPackedWeight.__reduce_cython__PackedWeight.__setstate_cython__PackedWeight.decodePackedWeight.from_f16PackedWeight.from_palettePackedWeight.matmulSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineaabcallocate_bufferanemll_fast._kernelsarray_equalasarrayascontiguousarrayastypeasyncio.coroutinesaxisbbasebiasbitsbpbufbvcc_contiguouscline_in_tracebackclosecolsconcatenatecountdecodedtypedtype_is_objectemptyencodeendenumerateerrorflagsfloat16float32formatfortranfp16from_f16from_palettegene""xprhalfididxindexindicesintitemsitemsizekeepkernel_isalutmatmulmaxmemviewminmodennamenbitsnbytesndimnextnpnsubnumpyobjoutovppackpackedpalettepkpopr0r1rcregisterreshapereturnrowssselfsendsetdefaultshapesizesplitstartstaticmethodstepstopstrstream_read_bytesstructsumt16tabletbthrowuuint16uint8unpackupdatevaluevaluesviewweightxxaxvyvzerosO\200\001\330\004\n\210+\220Q\200A\360\006\000\t\037\230l\250!\330\010\014\210B\320\016 \240\001\240\030\250\026\250r\260\021\330\010\013\2101\210F\220#\220R\220s\230!\2306\240\021\240#\240S\250\002\250#\250Q\250f\260A\260S\270\003\2701\330\014\022\220*\230A\320\035T\320TU\320UY\320YZ\320Z[\320[\\\330\010+\2501\250E\260\021\260\"\260A\330\010\t\210\022\2107\220!\2202\220X\230Q\230f\240A\240T\250\021\250&\260\001\260\021\330\010\t\210\022\2107\220!\2204\220q\230\003\2301\330\010\t\210\032\2201\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250!\2506\260\021\260$\260a\260v\270Q\270d\300(\310!\330\010\017\210q\200A\360\010\000\t\037\230l\250!\330\010\016\210b\220\010\230\001\230\021\330\010\020\220\002\320\022$\240A\240U\250&\260\002\260!\330\010\013\2103\210f\220C\220r\230\023\230C\230v\240Q\240c\250\023\250B\250c\260\023\260F\270!\2703\270c\300\021\330\014\022\220*\230A\320\035U\320UV\320VZ\320Z[\320[^\320^_\330\010\013\2105\220\006\220c\230\022\2303\230e\2406\250\021\250#\250S\260\002\260#\260S\270\006\270a\270s\300\"\300E\310\026\310q\320PQ\330\014\022\220*\230A\230_\250A\250T\260\021\260%\260}\300A\300S\310\006\310a\310q\340\010\013\2104\210r\220\023\220I\230R\230s\240%\240v\250Q\250c\260\023\260B\260c\270\021\330\014\022\220*\230A\230R\230q\240\005\240V\2501\320,K\3101\310A\330\010\013\2103\210f\220E\230\023\230A\230S\240\004\240D\250\002\250\"\250C\250s\260!\2603\260d\270$\270c\300\025\300f\310A\310Q\330\014\022\220*\230A\320\035-\250Q\250c\260\021\260#\260T\270\037\310\001\310\025\310f\320TU\320UV\330\010\016\210g\220S\230\001\330\010\013\2106\220\023\220A\330\014\020\220\003\2207\230!\2302\230Q\330\014\017\210u""\220B\220a\330\020\024\220B\220l\240!\2401\240C\240r\250\026\250r\260\026\260t\2702\270Z\300u\310A\330\014\025\220R\320\027)\250\021\250!\2504\250s\260#\260S\270\001\270\024\270S\300\003\3003\300a\340\014\025\220R\320\027)\250\021\250%\250v\260R\260q\330\010(\250\001\330\010&\240a\340\010\020\220\010\230\001\330\010\017\210u\220G\2301\230B\230a\330\010\013\2106\220\023\220B\220d\230\"\230L\250\001\250\024\250W\260A\260R\260{\300!\340\014\023\2205\230\006\230c\240\027\250\001\330\014\023\2202\220V\2302\230U\240&\250\001\250\024\250V\2605\270\002\270!\330\014\020\220\010\230\001\230\025\230f\240A\240U\250\"\250E\260\025\260f\270A\270V\3004\300u\310A\310R\310q\330\014\024\220B\320\026(\250\001\250\022\250<\260q\270\002\270%\270r\300\025\300g\310Q\310b\320PQ\330:?\270s\300\"\300G\3101\310B\310j\320X]\320]^\330)1\260\021\260%\260v\270Q\270e\3001\330\014\022\220!\330\014\r\210R\210\177\230a\230s\240!\2403\240a\330\014\023\2205\230\003\2301\330\010\t\210\022\2107\220!\2202\220X\230V\2401\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\2109\220A\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\210;\220e\2306\240\021\240!\330\010\t\210\022\320\013\035\230U\240#\240U\250&\260\001\260\021\330\010\t\210\031\220!\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250&\260\006\260k\300\021\330\010\017\210q\220A\320\000\024\220A\340\004\013\2103\210b\220\007\220q\320\000\036\230a\340\004 \240\002\320\"4\260A\260T\270\030\300\022\3002\300U\310!\3102\310Q\330\004\026\220a\330\004\025\220Q\220f\230A\230Q\330\004\007\200r\210\023\210A\330\010\017\210q\330\t\n\330\010\014\210K\220q\230\001\230\021\230!\2304\230q\330\004\013\2101\320\004\035\230Z\240q\340\010\r\210R\320\017!\240\021\240#\240V\2502\250Q\330\010\013\2102\210V\2203\220a\330\014\021\220\022\2208\2302\230S\240\001\330\010\013\2102\210V\2203\220b\230\003\2302\230V\2401\240C\240s\250$\250a\330\014\022\220*\230A\320\035.\250a\250t\2601\260B\260f\270A\320=R\320RS\320SW\320W""X\330\010\031\230\022\2306\240\021\240!\330\010\013\2104\210s\220!\330\014\022\220\"\220F\230\"\230D\240\007\240t\2502\250Q\330\r\020\220\007\220t\2304\230w\240c\250\023\250C\250w\260c\270\022\2709\300C\300t\3103\310f\320TU\330\014\022\220*\230A\230Q\330\010&\240a\330\010 \240\001\330\010\037\230q\340\010\013\2105\220\007\220q\330\014\021\220\022\320\023%\240Q\240f\250F\260\"\260I\270X\300R\300q\330\014\017\210r\220\026\220q\230\003\2303\230d\240!\330\020\026\220j\240\001\240\032\2501\250B\250f\260A\260_\300A\300T\310\021\330\014\021\220\021\220\"\220A\220Q\340\010\013\2102\210S\220\001\330\014\023\2201\330\r\016\330\014\021\220\026\220q\230\004\230D\240\001\240\022\2401\240C\240t\2503\250d\260!\2602\260Q\260c\270\021\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q\320\004 \240\006\240a\340\010\033\2304\230y\250\003\2503\250j\270\001\330\010\013\2104\210r\220\023\220F\230\047\240\024\240Q\330\014\022\220*\230A\230X\240Q\240e\2501\320,>\270a\270t\3001\330\010\016\210b\220\006\220b\230\004\230B\230d\240$\240h\250b\260\001\330\010\013\2104\210s\220!\330\014\023\2201\330\010 \240\001\340\r\016\330\014\021\220\033\230A\230T\240\024\240T\250\025\250a\250r\260\021\260#\260Q\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q";
+    #else /* compression: none (4423 bytes) */
+static const char bytes[] = " at 0x columns elements for  for a weight of  object> outside a  palette entries do not fit  rows rows (needs [groups, entries] with rows divisible by groups) values for (tree fragment))) outside [0, , -bit indices-entry table.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notean fp16 weight must be a non-empty matrix, got shape anemll_fast/_kernels.pyxbias of collections.abcdisableenablegcinput of shape invalid packed weightisenabledlut of shape no default __reduce__ due to non-trivial __cinit__numpy._core.multiarray failed to importnumpy._core.umath failed to importout must be a C-contiguous float32 array of at least out must be a C-contiguous float32 array of shape [rows, n]palette index palette indices must be a non-empty matrix, got shape rows [unable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisPackedWeightPackedWeight.__get__.<locals>.genexprPackedWeight.__reduce_cython__PackedWeight.__setstate_cython__PackedWeight.decodePackedWeight.from_f16PackedWeight.from_palettePackedWeight.matmulSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutine_pack_nibblesaabcallocate_bufferanemll_fast._kernelsarray_equalasarrayascontiguousarrayastypeasyncio.coroutinesaxisbbasebiasbitsbpbufbvcc_contiguouscline_in_tracebackclosecolsconcatenatecountdecodedstdtypedtype_is_objectemptyencod""eendenumerateerrorflagsfloat16float32formatfortranfp16from_f16from_palettegenexprhalfididxindexindicesintitemsitemsizekkeepkernel_isalutmatmulmaxmemviewminmodennamenbitsnbytesndimnextnpnsubnumpyoobjoutovppackpackedpalettepkpoprr0r1rcregisterreshapereturnround_fp16rowssselfsendsetdefaultshapesizesplitsrcstartstaticmethodstepstopstrstream_read_bytesstructsumt16tabletbthrowuuint16uint8unpackupdatevaluevaluesviewweightxxaxvyvzerosO\200\001\330\004\n\210+\220Q\200\001\360\006\000\005\t\210\002\210(\220!\2203\220f\230B\230a\330\004\007\200t\2101\210F\220!\330\010\014\210B\320\016 \240\001\240\021\330\004\n\210\"\210F\220!\2201\220H\230B\230a\330\004\025\220Q\220a\330\004\007\200r\210\023\210A\330\010\017\210q\330\004 \240\001\240\030\250\022\2501\330\004\032\230#\230X\240R\240q\330\t\n\330\010\021\220\021\220!\2203\220a\220t\2303\230a\230s\240!\2401\330\004\013\2101\200\001\360\006\000\005\031\230\001\230\026\230q\240\013\2501\250F\260!\2601\330\004\n\210\"\210F\220\"\220G\2305\240\002\240#\240S\250\004\250B\250a\330\004\035\230Q\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\020\220\005\220U\230!\2303\230e\2402\240S\250\001\330\020\021\220\021\220#\220R\220s\230%\230q\240\001\240\023\240C\240s\250!\2501\250C\250r\260\022\2603\260c\270\021\330\014\017\210u\220B\220a\330\020\021\220\021\220#\220U\230#\230U\240!\2401\240C\240u\250B\250a\330\004\013\2101\200A\360\006\000\t\037\230l\250!\330\010\014\210B\320\016 \240\001\240\030\250\026\250r\260\021\330\010\013\2101\210F\220#\220R\220s\230!\2306\240\021\240#\240S\250\002\250#\250Q\250f\260A\260S\270\003\2701\330\014\022\220*\230A\320\035T\320TU\320UY\320YZ\320Z[\320[\\\330\010+\2501\250E\260\021\260\"\260A\330\010\t\210\022\2107\220!\2202\220X\230Q\230f\240A\240T\250\021\250&\260\001\260\021\330\010\t\210\022\2107\220!\2204\220q\230\003\2301\330\010\t\210\032\2201\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250!\2506\260\021\260$\260a\260v\270Q\270d\300(\310!\330\010\017\210q\200A\360\010\000\t\037""\230l\250!\330\010\016\210b\220\010\230\001\230\021\330\010\020\220\002\320\022$\240A\240U\250&\260\002\260!\330\010\013\2103\210f\220C\220r\230\023\230C\230v\240Q\240c\250\023\250B\250c\260\023\260F\270!\2703\270c\300\021\330\014\022\220*\230A\320\035U\320UV\320VZ\320Z[\320[^\320^_\330\010\013\2105\220\006\220c\230\022\2303\230e\2406\250\021\250#\250S\260\002\260#\260S\270\006\270a\270s\300\"\300E\310\026\310q\320PQ\330\014\022\220*\230A\230_\250A\250T\260\021\260%\260}\300A\300S\310\006\310a\310q\340\010\013\2104\210r\220\023\220I\230R\230s\240%\240v\250Q\250c\260\023\260B\260c\270\021\330\014\022\220*\230A\230R\230q\240\005\240V\2501\320,K\3101\310A\330\010\013\2103\210f\220E\230\023\230A\230S\240\004\240D\250\002\250\"\250C\250s\260!\2603\260d\270$\270c\300\025\300f\310A\310Q\330\014\022\220*\230A\320\035-\250Q\250c\260\021\260#\260T\270\037\310\001\310\025\310f\320TU\320UV\330\010\016\210g\220S\230\001\330\010\013\2106\220\023\220A\330\014\025\220]\240!\2402\320%7\260q\270\005\270V\3002\300Q\340\014\025\220R\320\027)\250\021\250%\250v\260R\260q\330\010(\250\001\330\010&\240a\340\010\020\220\010\230\001\330\010\017\210u\220G\2301\230B\230a\330\010\013\2106\220\023\220B\220d\230\"\230L\250\001\250\024\250W\260A\260R\260{\300!\340\014\023\2205\230\006\230c\240\027\250\001\330\014\023\2202\220V\2302\230U\240&\250\001\250\024\250V\2605\270\002\270!\330\014\020\220\010\230\001\230\025\230f\240A\240U\250\"\250E\260\025\260f\270A\270V\3004\300u\310A\310R\310q\330\014\024\220B\320\026(\250\001\250\022\250<\260q\270\002\270%\270r\300\025\300g\310Q\310b\320PQ\330:?\270s\300\"\300G\3101\310B\310j\320X]\320]^\330)1\260\021\260%\260v\270Q\270e\3001\330\014\022\220!\330\014\r\210R\210\177\230a\230s\240!\2403\240a\330\014\023\2205\230\003\2301\330\010\t\210\022\2107\220!\2202\220X\230V\2401\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\2109\220A\330\010\t\210\022\2107\220!\2202\220Q\220c\230\021\330\010\t\210\022\210;\220e\2306\240\021\240!\330\010\t""\210\022\320\013\035\230U\240#\240U\250&\260\001\260\021\330\010\t\210\031\220!\330\010\t\210\027\220\001\220\027\230\001\230\027\240\001\240\031\250&\260\006\260k\300\021\330\010\017\210q\220A\320\000\024\220A\340\004\013\2103\210b\220\007\220q\320\000\036\230a\340\004 \240\002\320\"4\260A\260T\270\030\300\022\3002\300U\310!\3102\310Q\330\004\026\220a\330\004\025\220Q\220f\230A\230Q\330\004\007\200r\210\023\210A\330\010\017\210q\330\t\n\330\010\014\210K\220q\230\001\230\021\230!\2304\230q\330\004\013\2101\320\004\035\230Z\240q\340\010\r\210R\320\017!\240\021\240#\240V\2502\250Q\330\010\013\2102\210V\2203\220a\330\014\021\220\022\2208\2302\230S\240\001\330\010\013\2102\210V\2203\220b\230\003\2302\230V\2401\240C\240s\250$\250a\330\014\022\220*\230A\320\035.\250a\250t\2601\260B\260f\270A\320=R\320RS\320SW\320WX\330\010\031\230\022\2306\240\021\240!\330\010\013\2104\210s\220!\330\014\022\220\"\220F\230\"\230D\240\007\240t\2502\250Q\330\r\020\220\007\220t\2304\230w\240c\250\023\250C\250w\260c\270\022\2709\300C\300t\3103\310f\320TU\330\014\022\220*\230A\230Q\330\010&\240a\330\010 \240\001\330\010\037\230q\340\010\013\2105\220\007\220q\330\014\021\220\022\320\023%\240Q\240f\250F\260\"\260I\270X\300R\300q\330\014\017\210r\220\026\220q\230\003\2303\230d\240!\330\020\026\220j\240\001\240\032\2501\250B\250f\260A\260_\300A\300T\310\021\330\014\021\220\021\220\"\220A\220Q\340\010\013\2102\210S\220\001\330\014\023\2201\330\r\016\330\014\021\220\026\220q\230\004\230D\240\001\240\022\2401\240C\240t\2503\250d\260!\2602\260Q\260c\270\021\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q\320\004 \240\006\240j\260\001\360\010\000\t\034\2304\230y\250\003\2503\250j\270\001\330\010\013\2104\210r\220\023\220F\230\047\240\024\240Q\330\014\022\220*\230A\230X\240Q\240e\2501\320,>\270a\270t\3001\330\010\013\2104\210s\220!\330\014\022\220\"\220F\230\"\230D\240\002\240$\240d\250(\260\"\260A\340\014\017\210s\220\047\230\023\230B\230i\240s\250$\250c\260\026\260~\300S\310""\003\3106\320QT\320TX\320XZ\320Z^\320^`\320`d\320de\330\020\026\220j\240\001\320!X\320XZ\320Z^\320^`\320`d\320df\320fj\320jk\340\014\022\220#\220X\230R\230r\240\023\240D\250\002\250$\250b\260\004\260F\270(\300!\3004\300r\310\024\310T\320QR\330\010\013\2104\210s\220!\330\014\023\2201\330\010 \240\001\340\r\016\330\014\021\220\033\230A\230T\240\024\240T\250\025\250a\250r\260\021\260#\260Q\330\010\013\2103\210c\220\021\330\014\022\220*\230A\230Q\330\010\017\210q";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 204; i++) {
+    for (int i = 0; i < 213; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
-      if (likely(string) && i >= 51) PyUnicode_InternInPlace(&string);
+      if (likely(string) && i >= 53) PyUnicode_InternInPlace(&string);
       if (unlikely(!string)) {
         Py_XDECREF(data);
         __PYX_ERR(0, 1, __pyx_L1_error)
@@ -28996,8 +29916,8 @@ static const char bytes[] = " at 0x columns for  for a weight of  object> outsid
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 204; i < 213; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-204].length;
+    for (int i = 213; i < 224; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-213].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -29007,15 +29927,15 @@ static const char bytes[] = " at 0x columns for  for a weight of  object> outsid
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 213; i++) {
+    for (Py_ssize_t i = 0; i < 224; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 204;
-      for (Py_ssize_t i=0; i<9; ++i) {
+      PyObject **table = stringtab + 213;
+      for (Py_ssize_t i=0; i<11; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
         #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -29038,18 +29958,18 @@ static const char bytes[] = " at 0x columns for  for a weight of  object> outsid
   }
   {
     PyObject **numbertab = __pyx_mstate->__pyx_number_tab + 0;
-    int8_t const cint_constants_1[] = {0,-1,1,2,4,8,16};
+    int8_t const cint_constants_1[] = {0,-1,1,2,8,16};
     int16_t const cint_constants_2[] = {255};
     int32_t const cint_constants_4[] = {136983863L};
-    for (int i = 0; i < 9; i++) {
-      numbertab[i] = PyLong_FromLong((i < 7 ? cint_constants_1[i - 0] : (i < 8 ? cint_constants_2[i - 7] : cint_constants_4[i - 8])));
+    for (int i = 0; i < 8; i++) {
+      numbertab[i] = PyLong_FromLong((i < 6 ? cint_constants_1[i - 0] : (i < 7 ? cint_constants_2[i - 6] : cint_constants_4[i - 7])));
       if (unlikely(!numbertab[i])) __PYX_ERR(0, 1, __pyx_L1_error)
     }
   }
   #if CYTHON_IMMORTAL_CONSTANTS
   {
     PyObject **table = __pyx_mstate->__pyx_number_tab;
-    for (Py_ssize_t i=0; i<9; ++i) {
+    for (Py_ssize_t i=0; i<8; ++i) {
       #if PY_VERSION_HEX >= 0x030F0000
       PyUnstable_SetImmortal(table[i]);
       #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -29103,49 +30023,59 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 126};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 156};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_kp_b_iso88591_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 0, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 31};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 0, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 32};
     PyObject* const varnames[] = {0};
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_kernel_isa, __pyx_mstate->__pyx_kp_b_iso88591_A_3b_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 36};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 6, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 37};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_src, __pyx_mstate->__pyx_n_u_dst};
+    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_round_fp16, __pyx_mstate->__pyx_kp_b_iso88591_3fBa_t1F_B_F_1HBa_Qa_r_A_q_1_XR, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 54};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_buf, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_s, __pyx_mstate->__pyx_n_u_n};
-    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_stream_read_bytes, __pyx_mstate->__pyx_kp_b_iso88591_a_4AT_2U_2Q_a_QfAQ_r_A_q_Kq_4q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_stream_read_bytes, __pyx_mstate->__pyx_kp_b_iso88591_a_4AT_2U_2Q_a_QfAQ_r_A_q_Kq_4q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 60};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 66};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_rows_3, __pyx_mstate->__pyx_n_u_cols, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_o};
+    __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_pack_nibbles, __pyx_mstate->__pyx_kp_b_iso88591_q_1F_1_F_G5_S_Ba_Q_E_aq_U_3e2S, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 93};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_weight, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_bits};
-    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_from_f16, __pyx_mstate->__pyx_kp_b_iso88591_A_l_B_r_1F_Rs_6_S_QfAS_1_A_TTUUY, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_from_f16, __pyx_mstate->__pyx_kp_b_iso88591_A_l_B_r_1F_Rs_6_S_QfAS_1_A_TTUUY, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 18, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 74};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_indices, __pyx_mstate->__pyx_n_u_lut, __pyx_mstate->__pyx_n_u_nbits, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_idx, __pyx_mstate->__pyx_n_u_table, __pyx_mstate->__pyx_n_u_rows_3, __pyx_mstate->__pyx_n_u_cols, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_packed, __pyx_mstate->__pyx_n_u_pk, __pyx_mstate->__pyx_n_u_tb, __pyx_mstate->__pyx_n_u_t16, __pyx_mstate->__pyx_n_u_keep, __pyx_mstate->__pyx_n_u_half, __pyx_mstate->__pyx_n_u_nsub, __pyx_mstate->__pyx_n_u_bits, __pyx_mstate->__pyx_n_u_split};
-    __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_from_palette, __pyx_mstate->__pyx_kp_b_iso88591_A_l_b_AU_3fCr_CvQc_Bc_F_3c_A_UUV, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 17, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 107};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_indices, __pyx_mstate->__pyx_n_u_lut, __pyx_mstate->__pyx_n_u_nbits, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_idx, __pyx_mstate->__pyx_n_u_table, __pyx_mstate->__pyx_n_u_rows_3, __pyx_mstate->__pyx_n_u_cols, __pyx_mstate->__pyx_n_u_packed, __pyx_mstate->__pyx_n_u_pk, __pyx_mstate->__pyx_n_u_tb, __pyx_mstate->__pyx_n_u_t16, __pyx_mstate->__pyx_n_u_keep, __pyx_mstate->__pyx_n_u_half, __pyx_mstate->__pyx_n_u_nsub, __pyx_mstate->__pyx_n_u_bits, __pyx_mstate->__pyx_n_u_split};
+    __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_from_palette, __pyx_mstate->__pyx_kp_b_iso88591_A_l_b_AU_3fCr_CvQc_Bc_F_3c_A_UUV, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 128};
+    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 158};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_bias, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_xa, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_xv, __pyx_mstate->__pyx_n_u_yv, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_bv, __pyx_mstate->__pyx_n_u_rc};
-    __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_matmul, __pyx_mstate->__pyx_kp_b_iso88591_Zq_R_V2Q_2V3a_82S_2V3b_2V1Cs_a, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_matmul, __pyx_mstate->__pyx_kp_b_iso88591_Zq_R_V2Q_2V3a_82S_2V3b_2V1Cs_a, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 158};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_r0, __pyx_mstate->__pyx_n_u_r1, __pyx_mstate->__pyx_n_u_end, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_ov, __pyx_mstate->__pyx_n_u_rc};
-    __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_decode, __pyx_mstate->__pyx_kp_b_iso88591_a_4y_3j_4r_F_Q_AXQe1_at1_b_b_Bd, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 188};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_r0, __pyx_mstate->__pyx_n_u_r1, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_end, __pyx_mstate->__pyx_n_u_ov, __pyx_mstate->__pyx_n_u_rc};
+    __pyx_mstate_global->__pyx_codeobj_tab[8] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_anemll_fast__kernels_pyx, __pyx_mstate->__pyx_n_u_decode, __pyx_mstate->__pyx_kp_b_iso88591_j_4y_3j_4r_F_Q_AXQe1_at1_4s_F_D, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[8])) goto bad;
   }
   {
     const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 1};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
-    __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_reduce_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[9] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_reduce_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[9])) goto bad;
   }
   {
     const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 3};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_pyx_state};
-    __pyx_mstate_global->__pyx_codeobj_tab[8] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_setstate_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[8])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[10] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_setstate_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[10])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
   return 0;
@@ -32472,6 +33402,41 @@ static CYTHON_INLINE PyObject* __Pyx_decode_c_string(
     }
 }
 
+/* PyObjectVectorcallKwds */
+#if CYTHON_VECTORCALL
+CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject *kwnames, Py_ssize_t i) {
+    PyObject *key = __Pyx_PyTuple_GET_ITEM(kwnames, i);
+#if !CYTHON_ASSUME_SAFE_MACROS
+    if (unlikely(!key)) return -1;
+#endif
+    if (unlikely(!PyUnicode_Check(key))) {
+        PyErr_SetString(PyExc_TypeError, "keywords must be strings");
+        return -1;
+    }
+    return 0;
+}
+#else
+CYTHON_UNUSED static PyObject *__Pyx_MakeKwargDict(PyObject **keys, PyObject **values, Py_ssize_t n) {
+    PyObject *out = PyDict_New();
+    if (unlikely(!out)) return NULL;
+    for (Py_ssize_t i=0; i<n; ++i) {
+        if (unlikely(PyDict_SetItem(out, keys[i], values[i]) < 0)) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject **kwnames, Py_ssize_t i) {
+    PyObject *key = kwnames[i];
+    if (unlikely(!PyUnicode_Check(key))) {
+        PyErr_SetString(PyExc_TypeError, "keywords must be strings");
+        return -1;
+    }
+    return 0;
+}
+#endif
+
 /* pybuiltin_invalid (used by pyint_simplify) */
 static void __Pyx_PyBuiltin_Invalid(PyObject *obj, const char *builtin_type_name, const char *argname) {
     __Pyx_TypeName obj_type_name = __Pyx_PyType_GetFullyQualifiedName(Py_TYPE(obj));
@@ -32520,40 +33485,26 @@ bad:
     return -1;
 }
 
-/* PyObjectVectorcallKwds */
-#if CYTHON_VECTORCALL
-CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject *kwnames, Py_ssize_t i) {
-    PyObject *key = __Pyx_PyTuple_GET_ITEM(kwnames, i);
-#if !CYTHON_ASSUME_SAFE_MACROS
-    if (unlikely(!key)) return -1;
-#endif
-    if (unlikely(!PyUnicode_Check(key))) {
-        PyErr_SetString(PyExc_TypeError, "keywords must be strings");
-        return -1;
-    }
-    return 0;
+/* DivInt[int64_t] */
+static CYTHON_INLINE int64_t __Pyx_div_int64_t(int64_t a, int64_t b, int b_is_constant) {
+    int64_t q = a / b;
+    int64_t r = a - q*b;
+    int64_t adapt_python = (b_is_constant ?
+        ((r != 0) & ((r < 0) ^ (b < 0))) :
+        ((r != 0) & ((r ^ b) < 0))
+    );
+    return q - adapt_python;
 }
-#else
-CYTHON_UNUSED static PyObject *__Pyx_MakeKwargDict(PyObject **keys, PyObject **values, Py_ssize_t n) {
-    PyObject *out = PyDict_New();
-    if (unlikely(!out)) return NULL;
-    for (Py_ssize_t i=0; i<n; ++i) {
-        if (unlikely(PyDict_SetItem(out, keys[i], values[i]) < 0)) {
-            Py_DECREF(out);
-            return NULL;
-        }
-    }
-    return out;
+
+/* ModInt[int64_t] */
+static CYTHON_INLINE int64_t __Pyx_mod_int64_t(int64_t a, int64_t b, int b_is_constant) {
+    int64_t r = a % b;
+    int64_t adapt_python = (b_is_constant ?
+        ((r != 0) & ((r < 0) ^ (b < 0))) :
+        ((r != 0) & ((r ^ b) < 0))
+    );
+    return r + adapt_python * b;
 }
-CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject **kwnames, Py_ssize_t i) {
-    PyObject *key = kwnames[i];
-    if (unlikely(!PyUnicode_Check(key))) {
-        PyErr_SetString(PyExc_TypeError, "keywords must be strings");
-        return -1;
-    }
-    return 0;
-}
-#endif
 
 /* PyLongCompare */
 static CYTHON_INLINE int __Pyx_PyLong_BoolNeObjC(PyObject *op1, PyObject *op2, long intval, long inplace) {
@@ -33063,251 +34014,6 @@ static int __Pyx_IternextUnpackEndCheck(PyObject *retval, Py_ssize_t expected) {
     }
     return __Pyx_IterFinish();
 }
-
-/* PyLongBinop */
-#if !CYTHON_COMPILING_IN_PYPY
-static PyObject* __Pyx_Fallback___Pyx_PyLong_RemainderObjC(PyObject *op1, PyObject *op2, int inplace) {
-    return (inplace ? PyNumber_InPlaceRemainder : PyNumber_Remainder)(op1, op2);
-}
-#if CYTHON_USE_PYLONG_INTERNALS
-static PyObject* __Pyx_Unpacked___Pyx_PyLong_RemainderObjC(PyObject *op1, PyObject *op2, long intval, int inplace, int zerodivision_check) {
-    CYTHON_MAYBE_UNUSED_VAR(inplace);
-    CYTHON_UNUSED_VAR(zerodivision_check);
-    const long b = intval;
-    long a;
-    const PY_LONG_LONG llb = intval;
-    PY_LONG_LONG lla;
-    if (unlikely(__Pyx_PyLong_IsZero(op1))) {
-        return __Pyx_NewRef(op1);
-    }
-    const int is_positive = __Pyx_PyLong_IsPos(op1);
-    const digit* digits = __Pyx_PyLong_Digits(op1);
-    const Py_ssize_t size = __Pyx_PyLong_DigitCount(op1);
-    if (likely(size == 1)) {
-        a = (long) digits[0];
-        if (!is_positive) a *= -1;
-    } else {
-        if (size == 2 && 8 * sizeof(long) - 1 > 2 * PyLong_SHIFT) {
-            a = (long) (((((unsigned long)digits[1]) << PyLong_SHIFT) | (unsigned long)digits[0]));
-            if (!is_positive) a *= -1;
-            goto calculate_long;
-        } else if (size == 2 && 8 * sizeof(PY_LONG_LONG) - 1 > 2 * PyLong_SHIFT) {
-            lla = (PY_LONG_LONG) (((((unsigned PY_LONG_LONG)digits[1]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[0]));
-            if (!is_positive) lla *= -1;
-            goto calculate_long_long;
-        } else
-        if (size == 3 && 8 * sizeof(long) - 1 > 3 * PyLong_SHIFT) {
-            a = (long) (((((((unsigned long)digits[2]) << PyLong_SHIFT) | (unsigned long)digits[1]) << PyLong_SHIFT) | (unsigned long)digits[0]));
-            if (!is_positive) a *= -1;
-            goto calculate_long;
-        } else if (size == 3 && 8 * sizeof(PY_LONG_LONG) - 1 > 3 * PyLong_SHIFT) {
-            lla = (PY_LONG_LONG) (((((((unsigned PY_LONG_LONG)digits[2]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[1]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[0]));
-            if (!is_positive) lla *= -1;
-            goto calculate_long_long;
-        } else
-        if (size == 4 && 8 * sizeof(long) - 1 > 4 * PyLong_SHIFT) {
-            a = (long) (((((((((unsigned long)digits[3]) << PyLong_SHIFT) | (unsigned long)digits[2]) << PyLong_SHIFT) | (unsigned long)digits[1]) << PyLong_SHIFT) | (unsigned long)digits[0]));
-            if (!is_positive) a *= -1;
-            goto calculate_long;
-        } else if (size == 4 && 8 * sizeof(PY_LONG_LONG) - 1 > 4 * PyLong_SHIFT) {
-            lla = (PY_LONG_LONG) (((((((((unsigned PY_LONG_LONG)digits[3]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[2]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[1]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[0]));
-            if (!is_positive) lla *= -1;
-            goto calculate_long_long;
-        } else
-        {}
-        return PyLong_Type.tp_as_number->nb_remainder(op1, op2);
-    }
-    calculate_long:
-        {
-            long x = a % b;
-            x += ((x != 0) & ((x ^ b) < 0)) * b;
-            return PyLong_FromLong(x);
-        }
-    calculate_long_long:
-        {
-            PY_LONG_LONG llx = lla % llb;
-            llx += ((llx != 0) & ((llx ^ llb) < 0)) * llb;
-            return PyLong_FromLongLong(llx);
-        }
-    
-}
-#endif
-static CYTHON_INLINE PyObject* __Pyx_PyLong_RemainderObjC(PyObject *op1, PyObject *op2, long intval, int inplace, int zerodivision_check) {
-    CYTHON_MAYBE_UNUSED_VAR(intval);
-    CYTHON_UNUSED_VAR(zerodivision_check);
-    #if CYTHON_USE_PYLONG_INTERNALS
-    if (likely(PyLong_CheckExact(op1))) {
-        return __Pyx_Unpacked___Pyx_PyLong_RemainderObjC(op1, op2, intval, inplace, zerodivision_check);
-    }
-    #endif
-    return __Pyx_Fallback___Pyx_PyLong_RemainderObjC(op1, op2, inplace);
-}
-#endif
-
-/* PyLongBinop */
-#if !CYTHON_COMPILING_IN_PYPY
-static PyObject* __Pyx_Fallback___Pyx_PyLong_LshiftObjC(PyObject *op1, PyObject *op2, int inplace) {
-    return (inplace ? PyNumber_InPlaceLshift : PyNumber_Lshift)(op1, op2);
-}
-#if CYTHON_USE_PYLONG_INTERNALS
-#if __clang__ || __GNUC__
-__attribute__((no_sanitize("shift")))
-#endif
-static PyObject* __Pyx_Unpacked___Pyx_PyLong_LshiftObjC(PyObject *op1, PyObject *op2, long intval, int inplace, int zerodivision_check) {
-    CYTHON_MAYBE_UNUSED_VAR(inplace);
-    CYTHON_UNUSED_VAR(zerodivision_check);
-    const long b = intval;
-    long a;
-    const PY_LONG_LONG llb = intval;
-    PY_LONG_LONG lla;
-#if (defined(__cplusplus) && __cplusplus >= 202002L)\
-        || (defined(__GNUC__) || (defined(__clang__))) &&\
-            (defined(__arm__) || defined(__x86_64__) || defined(__i386__))\
-        || (defined(_MSC_VER) &&\
-            (defined(_M_ARM) || defined(_M_AMD64) || defined(_M_IX86)))
-    const int negative_shift_works = 1;
-#else
-    const int negative_shift_works = 0;
-#endif
-    if (unlikely(__Pyx_PyLong_IsZero(op1))) {
-        return __Pyx_NewRef(op1);
-    }
-    const int is_positive = __Pyx_PyLong_IsPos(op1);
-    const digit* digits = __Pyx_PyLong_Digits(op1);
-    const Py_ssize_t size = __Pyx_PyLong_DigitCount(op1);
-    if (likely(size == 1)) {
-        a = (long) digits[0];
-        if (!is_positive) a *= -1;
-    } else {
-        if (size == 2 && 8 * sizeof(long) - 1 > 2 * PyLong_SHIFT) {
-            a = (long) (((((unsigned long)digits[1]) << PyLong_SHIFT) | (unsigned long)digits[0]));
-            if (!is_positive) a *= -1;
-            goto calculate_long;
-        } else if (size == 2 && 8 * sizeof(PY_LONG_LONG) - 1 > 2 * PyLong_SHIFT) {
-            lla = (PY_LONG_LONG) (((((unsigned PY_LONG_LONG)digits[1]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[0]));
-            if (!is_positive) lla *= -1;
-            goto calculate_long_long;
-        } else
-        if (size == 3 && 8 * sizeof(long) - 1 > 3 * PyLong_SHIFT) {
-            a = (long) (((((((unsigned long)digits[2]) << PyLong_SHIFT) | (unsigned long)digits[1]) << PyLong_SHIFT) | (unsigned long)digits[0]));
-            if (!is_positive) a *= -1;
-            goto calculate_long;
-        } else if (size == 3 && 8 * sizeof(PY_LONG_LONG) - 1 > 3 * PyLong_SHIFT) {
-            lla = (PY_LONG_LONG) (((((((unsigned PY_LONG_LONG)digits[2]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[1]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[0]));
-            if (!is_positive) lla *= -1;
-            goto calculate_long_long;
-        } else
-        if (size == 4 && 8 * sizeof(long) - 1 > 4 * PyLong_SHIFT) {
-            a = (long) (((((((((unsigned long)digits[3]) << PyLong_SHIFT) | (unsigned long)digits[2]) << PyLong_SHIFT) | (unsigned long)digits[1]) << PyLong_SHIFT) | (unsigned long)digits[0]));
-            if (!is_positive) a *= -1;
-            goto calculate_long;
-        } else if (size == 4 && 8 * sizeof(PY_LONG_LONG) - 1 > 4 * PyLong_SHIFT) {
-            lla = (PY_LONG_LONG) (((((((((unsigned PY_LONG_LONG)digits[3]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[2]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[1]) << PyLong_SHIFT) | (unsigned PY_LONG_LONG)digits[0]));
-            if (!is_positive) lla *= -1;
-            goto calculate_long_long;
-        } else
-        {}
-        return PyLong_Type.tp_as_number->nb_lshift(op1, op2);
-    }
-    calculate_long:
-        if ((!negative_shift_works) && unlikely(a < 0)) goto fallback;
-        {
-            long x;
-            x = a << b;
-            if (unlikely(!(b < (long) (sizeof(long)*8) && a == x >> b)) && a) {
-                lla = a;
-                goto calculate_long_long;
-            }
-            return PyLong_FromLong(x);
-        }
-    calculate_long_long:
-        {
-            PY_LONG_LONG llx;
-            llx = lla << llb;
-            if (unlikely(lla != llx >> llb)) goto fallback;
-            return PyLong_FromLongLong(llx);
-        }
-    fallback:
-        return __Pyx_Fallback___Pyx_PyLong_LshiftObjC(op1, op2, inplace);
-    
-}
-#endif
-static CYTHON_INLINE PyObject* __Pyx_PyLong_LshiftObjC(PyObject *op1, PyObject *op2, long intval, int inplace, int zerodivision_check) {
-    CYTHON_MAYBE_UNUSED_VAR(intval);
-    CYTHON_UNUSED_VAR(zerodivision_check);
-    #if CYTHON_USE_PYLONG_INTERNALS
-    if (likely(PyLong_CheckExact(op1))) {
-        return __Pyx_Unpacked___Pyx_PyLong_LshiftObjC(op1, op2, intval, inplace, zerodivision_check);
-    }
-    #endif
-    return __Pyx_Fallback___Pyx_PyLong_LshiftObjC(op1, op2, inplace);
-}
-#endif
-
-/* PyNumberBinop */
-#if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL || CYTHON_COMPILING_IN_LIMITED_API)
-#if CYTHON_USE_TYPE_SLOTS || __PYX_LIMITED_VERSION_HEX >= 0x030A0000
-#ifndef __Pyx_DEFINED_BinopTypeError
-#define __Pyx_DEFINED_BinopTypeError
-static void __Pyx_BinopTypeError(PyObject *op1, PyObject *op2, const char* op, int inplace) {
-    char opname[4] = {op[0], op[1], 0, 0};
-    if (inplace) {
-        opname[op[1] ? 2 : 1] = '=';
-    }
-    __Pyx_RaiseErrorWithObjectTypes1(
-        PyExc_TypeError,
-        "unsupported operand type(s) for %.3s: '" __Pyx_FMT_TYPENAME "' and '" __Pyx_FMT_TYPENAME "'",
-        opname, op1, op2);
-}
-#endif
-#endif
-#ifndef __Pyx_DEFINED_PyNumber_Or_xint_object
-#define __Pyx_DEFINED_PyNumber_Or_xint_object
-static PyObject* __Pyx_PyNumber_Or_xint_object(PyObject *op1, PyObject *op2, int inplace) {
-    #if CYTHON_USE_TYPE_SLOTS || __PYX_LIMITED_VERSION_HEX >= 0x030A0000
-    {
-        PyTypeObject *type_op2 = Py_TYPE(op2);
-        binaryfunc slot_func = __Pyx_PyType_GetSubSlot(type_op2, tp_as_number, nb_or, binaryfunc);
-        if (likely(slot_func)) {
-            PyObject *result = slot_func(op1, op2);
-            if (likely(result != Py_NotImplemented)) {
-                return result;
-            }
-            Py_DECREF(result);
-        }
-        __Pyx_BinopTypeError(op1, op2, "|", inplace);
-        return NULL;
-    }
-    #else
-    return (inplace) ? PyNumber_InPlaceOr(op1, op2) : PyNumber_Or(op1, op2);
-    #endif
-}
-#endif
-static CYTHON_INLINE PyObject* __Pyx__PyNumber_Or_object_object(PyObject *op1, PyObject *op2, int inplace) {
-    if (PyLong_CheckExact(op1)) {
-        if (PyLong_CheckExact(op2)) {
-            #if CYTHON_USE_PYLONG_INTERNALS
-            if (__Pyx_PyLong_IsCompact(op1)) {
-                Py_ssize_t int_op1 = __Pyx_PyLong_CompactValue(op1);
-                if (int_op1 == 0) return __Pyx_NewRef(op2);
-                if (__Pyx_PyLong_IsCompact(op2)) {
-                    Py_ssize_t int_op2 = __Pyx_PyLong_CompactValue(op2);
-                    if (int_op2 == 0) return __Pyx_NewRef(op1);
-                    return PyLong_FromSsize_t(int_op1 | int_op2);
-                }
-            }
-            else if (__Pyx_PyLong_IsZero(op2)) return __Pyx_NewRef(op1);
-            #endif
-            binaryfunc slot_func = __Pyx_PyType_GetSubSlot(&PyLong_Type, tp_as_number, nb_or, binaryfunc);
-            if (likely(slot_func)) {
-                return slot_func(op1, op2);
-            }
-        }
-        return __Pyx_PyNumber_Or_xint_object(op1, op2, inplace);
-    }
-    return (inplace) ? PyNumber_InPlaceOr(op1, op2) : PyNumber_Or(op1, op2);
-}
-#endif
 
 /* PyLongBinop */
 #if !CYTHON_COMPILING_IN_PYPY
@@ -34144,6 +34850,207 @@ __pyx_return_true:
     return 1;
 __pyx_return_false:
     return 0;
+}
+
+/* PyObjectCompare */
+#ifndef __Pyx_DEFINED_PyObject_CompareFloatIntBoolLt
+#define __Pyx_DEFINED_PyObject_CompareFloatIntBoolLt
+static int __Pyx_PyObject_CompareFloatIntBoolLt(PyObject *op1, PyObject *op2) {
+    double float_op1 = __Pyx_PyFloat_AS_DOUBLE(op1);
+    #if !CYTHON_ASSUME_SAFE_MACROS
+    if (unlikely(float_op1 == -1. && PyErr_Occurred())) return -1;
+    #endif
+    #if CYTHON_USE_PYLONG_INTERNALS
+    if (__Pyx_PyLong_IsCompact(op2)) {
+        Py_ssize_t iop2 = __Pyx_PyLong_CompactValue(op2);
+        if (float_op1 < ((double)iop2)) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+    if (unlikely(!__Pyx_isfinite(float_op1))) {
+        if (float_op1 < 0.0) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        int sign2 = __Pyx_PyLong_Sign(op2);
+        if (float_op1 >= 0.) {
+            if (sign2 < 0) goto __pyx_return_false;
+            if (float_op1 < (double) (1L << PyLong_SHIFT)) goto __pyx_return_true;
+        } else {
+            if (sign2 > 0) goto __pyx_return_true;
+            if (float_op1 > -(double) (1L << PyLong_SHIFT)) goto __pyx_return_false;
+        }
+    }
+    #else
+    if (unlikely(!__Pyx_isfinite(float_op1))) {
+        if (float_op1 < 0.0) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        int overflow2;
+        long iop2 = PyLong_AsLongAndOverflow(op2, &overflow2);
+        if (likely(!overflow2)) {
+            if ((long long) iop2 >= (1LL << 53)) {
+                overflow2 = 1;
+            } else if ((long long) iop2 <= - (1LL << 53)) {
+                overflow2 = -1;
+            } else {
+                if (float_op1 < ((double) iop2)) goto __pyx_return_true; else goto __pyx_return_false;
+            }
+        }
+        if (overflow2 > 0) {
+            if (float_op1 < ((double) (1LL << 53))) goto __pyx_return_true;
+        } else {
+            if (float_op1 > - ((double) (1LL << 53))) goto __pyx_return_false;
+        }
+    }
+    #endif
+    return __Pyx_PyObject_RichCompareBool(op1, op2, Py_LT);
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+#endif
+#if CYTHON_USE_PYLONG_INTERNALS
+#ifndef __Pyx_DEFINED_PyObject_CompareIntIntBoolLt
+#define __Pyx_DEFINED_PyObject_CompareIntIntBoolLt
+static int __Pyx_PyObject_CompareIntIntBoolLt(PyObject *op1, PyObject *op2) {
+    Py_ssize_t cmp = __Pyx_PyLong_CompareSignAndSize(op1, op2);
+    if (cmp == 0) {
+        Py_ssize_t size = __Pyx_PyLong_DigitCount(op1);
+        if (size > 0) {
+            const digit* digits1 = __Pyx_PyLong_Digits(op1);
+            const digit* digits2 = __Pyx_PyLong_Digits(op2);
+            if (size == 1) {
+                cmp = (Py_ssize_t) digits1[0] - (Py_ssize_t) digits2[0];
+            } else if ((size == 2) && (8 * sizeof(Py_ssize_t) >= 2 * PyLong_SHIFT)) {
+                cmp = (Py_ssize_t) (((((size_t)digits1[1]) << PyLong_SHIFT) | (size_t)digits1[0])) - (Py_ssize_t) (((((size_t)digits2[1]) << PyLong_SHIFT) | (size_t)digits2[0]));
+            } else {
+                for (Py_ssize_t i=size-1; i >= 0 && !cmp; --i) {
+                    cmp = (Py_ssize_t) digits1[i] - (Py_ssize_t) digits2[i];
+                }
+            }
+        }
+        if (cmp == 0) return 0;
+        if (__Pyx_PyLong_IsNeg(op1)) cmp = -cmp;
+    }
+    return (cmp < 0);
+}
+#endif
+#ifndef __Pyx_DEFINED_PyObject_CompareIntIntBoolLt
+#define __Pyx_DEFINED_PyObject_CompareIntIntBoolLt
+static CYTHON_INLINE PyObject* __Pyx_PyObject_CompareIntIntLt(PyObject *op1, PyObject *op2) {
+    int result = __Pyx_PyObject_CompareIntIntBoolLt(op1, op2);
+    if (unlikely(result == -1)) return NULL;
+    return __Pyx_NewRef(result ? Py_True : Py_False);
+}
+#endif
+#else
+#ifndef __Pyx_DEFINED_PyObject_CompareIntIntBoolLt
+#define __Pyx_DEFINED_PyObject_CompareIntIntBoolLt
+static int __Pyx_PyObject_CompareIntIntBoolLt(PyObject *op1, PyObject *op2) {
+    int overflow1, overflow2;
+    long long iop1 = PyLong_AsLongLongAndOverflow(op1, &overflow1);
+    long long iop2 = PyLong_AsLongLongAndOverflow(op2, &overflow2);
+    if (likely(!(overflow1 | overflow2))) {
+        if (iop1 < iop2) goto __pyx_return_true; else goto __pyx_return_false;
+    } else if (overflow1 != overflow2) {
+        if (overflow1 < overflow2) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        return __Pyx_PyObject_RichCompareBool(op1, op2, Py_LT);
+    }
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+#endif
+#endif
+static CYTHON_INLINE int __Pyx_PyObject_CompareBoolLt_object_int(PyObject *op1, PyObject *op2, int pyop) {
+    CYTHON_UNUSED_VAR(pyop);
+    if (unlikely(op2 == Py_None)) {
+        goto __pyx_richcmp;
+    }
+    if (op1 == op2) goto __pyx_return_false;
+    if (PyFloat_CheckExact(op1)) {
+        if (likely(op2 != Py_None)) {
+            return __Pyx_PyObject_CompareFloatIntBoolLt(op1, op2);
+        }
+        goto __pyx_richcmp;
+    }
+    if (likely(PyLong_CheckExact(op1))) {
+        if (op1 == op2) goto __pyx_return_false;
+        if (likely(op2 != Py_None)) {
+            return __Pyx_PyObject_CompareIntIntBoolLt(op1, op2);
+        }
+        goto __pyx_richcmp;
+    }
+    if ((0)) goto __pyx_richcmp;
+    if ((0)) goto __pyx_return_true;
+    if ((0)) goto __pyx_return_false;
+__pyx_richcmp:
+    return __Pyx_PyObject_RichCompareBool(op1, op2, Py_LT);
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+
+/* SliceObject */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_GetSlice(PyObject* obj,
+        Py_ssize_t cstart, Py_ssize_t cstop,
+        PyObject** _py_start, PyObject** _py_stop, PyObject** _py_slice,
+        int has_cstart, int has_cstop, CYTHON_UNUSED int wraparound) {
+#if CYTHON_USE_TYPE_SLOTS
+    PyMappingMethods* mp = Py_TYPE(obj)->tp_as_mapping;
+    if (likely(mp && mp->mp_subscript))
+#else
+    if ((1))
+#endif
+    {
+        PyObject* result;
+        PyObject *py_slice, *py_start, *py_stop;
+        if (_py_slice) {
+            py_slice = *_py_slice;
+        } else {
+            PyObject* owned_start = NULL;
+            PyObject* owned_stop = NULL;
+            if (_py_start) {
+                py_start = *_py_start;
+            } else {
+                if (has_cstart) {
+                    owned_start = py_start = PyLong_FromSsize_t(cstart);
+                    if (unlikely(!py_start)) goto bad;
+                } else
+                    py_start = Py_None;
+            }
+            if (_py_stop) {
+                py_stop = *_py_stop;
+            } else {
+                if (has_cstop) {
+                    owned_stop = py_stop = PyLong_FromSsize_t(cstop);
+                    if (unlikely(!py_stop)) {
+                        Py_XDECREF(owned_start);
+                        goto bad;
+                    }
+                } else
+                    py_stop = Py_None;
+            }
+            py_slice = PySlice_New(py_start, py_stop, Py_None);
+            Py_XDECREF(owned_start);
+            Py_XDECREF(owned_stop);
+            if (unlikely(!py_slice)) goto bad;
+        }
+#if CYTHON_USE_TYPE_SLOTS
+        result = mp->mp_subscript(obj, py_slice);
+#else
+        result = PyObject_GetItem(obj, py_slice);
+#endif
+        if (!_py_slice) {
+            Py_DECREF(py_slice);
+        }
+        return result;
+    } else {
+        __Pyx_RaiseTypeErrorWithObjectType(
+            "'" __Pyx_FMT_TYPENAME "' object is unsliceable", obj);
+    }
+bad:
+    return NULL;
 }
 
 /* AllocateExtensionType */
@@ -37139,28 +38046,6 @@ static CYTHON_INLINE int __pyx_memoryview_slice_memviewslice(
     return 0;
 }
 
-/* CIntFromPyVerify */
-#define __PYX_VERIFY_RETURN_INT(target_type, func_type, func_value)\
-    __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, 0)
-#define __PYX_VERIFY_RETURN_INT_EXC(target_type, func_type, func_value)\
-    __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, 1)
-#define __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, exc)\
-    {\
-        func_type value = func_value;\
-        if (sizeof(target_type) < sizeof(func_type)) {\
-            if (unlikely(value != (func_type) (target_type) value)) {\
-                func_type zero = 0;\
-                if (exc && unlikely(value == (func_type)-1 && PyErr_Occurred()))\
-                    return (target_type) -1;\
-                if (is_unsigned && unlikely(value < zero))\
-                    goto raise_neg_overflow;\
-                else\
-                    goto raise_overflow;\
-            }\
-        }\
-        return (target_type) value;\
-    }
-
 /* IsLittleEndian (used by BufferFormatCheck) */
 static CYTHON_INLINE int __Pyx_Is_Little_Endian(void)
 {
@@ -37896,6 +38781,97 @@ no_fail:
 }
 
 /* ObjectToMemviewSlice */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(PyObject *obj, int writable_flag) {
+    __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
+    __Pyx_BufFmt_StackElem stack[1];
+    int axes_specs[] = { (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_FOLLOW), (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_CONTIG) };
+    int retcode;
+    if (obj == Py_None) {
+        result.memview = (struct __pyx_memoryview_obj *) Py_None;
+        return result;
+    }
+    retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
+                                                 (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 2,
+                                                 &__Pyx_TypeInfo_nn_uint8_t__const__, stack,
+                                                 &result, obj);
+    if (unlikely(retcode == -1))
+        goto __pyx_fail;
+    return result;
+__pyx_fail:
+    result.memview = NULL;
+    result.data = NULL;
+    return result;
+}
+
+/* CIntFromPyVerify */
+#define __PYX_VERIFY_RETURN_INT(target_type, func_type, func_value)\
+    __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, 0)
+#define __PYX_VERIFY_RETURN_INT_EXC(target_type, func_type, func_value)\
+    __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, 1)
+#define __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, exc)\
+    {\
+        func_type value = func_value;\
+        if (sizeof(target_type) < sizeof(func_type)) {\
+            if (unlikely(value != (func_type) (target_type) value)) {\
+                func_type zero = 0;\
+                if (exc && unlikely(value == (func_type)-1 && PyErr_Occurred()))\
+                    return (target_type) -1;\
+                if (is_unsigned && unlikely(value < zero))\
+                    goto raise_neg_overflow;\
+                else\
+                    goto raise_overflow;\
+            }\
+        }\
+        return (target_type) value;\
+    }
+
+/* ObjectToMemviewSlice */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(PyObject *obj, int writable_flag) {
+    __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
+    __Pyx_BufFmt_StackElem stack[1];
+    int axes_specs[] = { (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_CONTIG) };
+    int retcode;
+    if (obj == Py_None) {
+        result.memview = (struct __pyx_memoryview_obj *) Py_None;
+        return result;
+    }
+    retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
+                                                 (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 1,
+                                                 &__Pyx_TypeInfo_float__const__, stack,
+                                                 &result, obj);
+    if (unlikely(retcode == -1))
+        goto __pyx_fail;
+    return result;
+__pyx_fail:
+    result.memview = NULL;
+    result.data = NULL;
+    return result;
+}
+
+/* ObjectToMemviewSlice */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_float(PyObject *obj, int writable_flag) {
+    __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
+    __Pyx_BufFmt_StackElem stack[1];
+    int axes_specs[] = { (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_CONTIG) };
+    int retcode;
+    if (obj == Py_None) {
+        result.memview = (struct __pyx_memoryview_obj *) Py_None;
+        return result;
+    }
+    retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
+                                                 (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 1,
+                                                 &__Pyx_TypeInfo_float, stack,
+                                                 &result, obj);
+    if (unlikely(retcode == -1))
+        goto __pyx_fail;
+    return result;
+__pyx_fail:
+    result.memview = NULL;
+    result.data = NULL;
+    return result;
+}
+
+/* ObjectToMemviewSlice */
 static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint8_t__const__(PyObject *obj, int writable_flag) {
     __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
     __Pyx_BufFmt_StackElem stack[1];
@@ -37919,6 +38895,29 @@ __pyx_fail:
 }
 
 /* ObjectToMemviewSlice */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t(PyObject *obj, int writable_flag) {
+    __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
+    __Pyx_BufFmt_StackElem stack[1];
+    int axes_specs[] = { (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_FOLLOW), (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_CONTIG) };
+    int retcode;
+    if (obj == Py_None) {
+        result.memview = (struct __pyx_memoryview_obj *) Py_None;
+        return result;
+    }
+    retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
+                                                 (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 2,
+                                                 &__Pyx_TypeInfo_nn_uint8_t, stack,
+                                                 &result, obj);
+    if (unlikely(retcode == -1))
+        goto __pyx_fail;
+    return result;
+__pyx_fail:
+    result.memview = NULL;
+    result.data = NULL;
+    return result;
+}
+
+/* ObjectToMemviewSlice */
 static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint16_t__const__(PyObject *obj, int writable_flag) {
     __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
     __Pyx_BufFmt_StackElem stack[1];
@@ -37931,29 +38930,6 @@ static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_n
     retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
                                                  (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 2,
                                                  &__Pyx_TypeInfo_nn_uint16_t__const__, stack,
-                                                 &result, obj);
-    if (unlikely(retcode == -1))
-        goto __pyx_fail;
-    return result;
-__pyx_fail:
-    result.memview = NULL;
-    result.data = NULL;
-    return result;
-}
-
-/* ObjectToMemviewSlice */
-static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_nn_uint8_t__const__(PyObject *obj, int writable_flag) {
-    __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
-    __Pyx_BufFmt_StackElem stack[1];
-    int axes_specs[] = { (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_FOLLOW), (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_CONTIG) };
-    int retcode;
-    if (obj == Py_None) {
-        result.memview = (struct __pyx_memoryview_obj *) Py_None;
-        return result;
-    }
-    retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
-                                                 (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 2,
-                                                 &__Pyx_TypeInfo_nn_uint8_t__const__, stack,
                                                  &result, obj);
     if (unlikely(retcode == -1))
         goto __pyx_fail;
@@ -38000,29 +38976,6 @@ static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_f
     retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
                                                  (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 2,
                                                  &__Pyx_TypeInfo_float, stack,
-                                                 &result, obj);
-    if (unlikely(retcode == -1))
-        goto __pyx_fail;
-    return result;
-__pyx_fail:
-    result.memview = NULL;
-    result.data = NULL;
-    return result;
-}
-
-/* ObjectToMemviewSlice */
-static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(PyObject *obj, int writable_flag) {
-    __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
-    __Pyx_BufFmt_StackElem stack[1];
-    int axes_specs[] = { (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_CONTIG) };
-    int retcode;
-    if (obj == Py_None) {
-        result.memview = (struct __pyx_memoryview_obj *) Py_None;
-        return result;
-    }
-    retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
-                                                 (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 1,
-                                                 &__Pyx_TypeInfo_float__const__, stack,
                                                  &result, obj);
     if (unlikely(retcode == -1))
         goto __pyx_fail;
@@ -39260,85 +40213,6 @@ static CYTHON_INLINE PyObject* __Pyx_PyLong_From_uint64_t(uint64_t value) {
 }
 
 /* CIntToPy */
-static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value) {
-#ifdef __Pyx_HAS_GCC_DIAGNOSTIC
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wconversion"
-#endif
-    const long neg_one = (long) -1, const_zero = (long) 0;
-#ifdef __Pyx_HAS_GCC_DIAGNOSTIC
-#pragma GCC diagnostic pop
-#endif
-    const int is_unsigned = neg_one > const_zero;
-    if (is_unsigned) {
-        if (sizeof(long) < sizeof(long)) {
-            return PyLong_FromLong((long) value);
-        } else if (sizeof(long) <= sizeof(unsigned long)) {
-            return PyLong_FromUnsignedLong((unsigned long) value);
-#if !CYTHON_COMPILING_IN_PYPY
-        } else if (sizeof(long) <= sizeof(unsigned PY_LONG_LONG)) {
-            return PyLong_FromUnsignedLongLong((unsigned PY_LONG_LONG) value);
-#endif
-        }
-    } else {
-        if (sizeof(long) <= sizeof(long)) {
-            return PyLong_FromLong((long) value);
-        } else if (sizeof(long) <= sizeof(PY_LONG_LONG)) {
-            return PyLong_FromLongLong((PY_LONG_LONG) value);
-        }
-    }
-    {
-        unsigned char *bytes = (unsigned char *)&value;
-#if !CYTHON_COMPILING_IN_LIMITED_API && PY_VERSION_HEX >= 0x030d00A4
-        if (is_unsigned) {
-            return PyLong_FromUnsignedNativeBytes(bytes, sizeof(value), -1);
-        } else {
-            return PyLong_FromNativeBytes(bytes, sizeof(value), -1);
-        }
-#elif !CYTHON_COMPILING_IN_LIMITED_API && PY_VERSION_HEX < 0x030d0000
-        int one = 1; int little = (int)*(unsigned char *)&one;
-        return _PyLong_FromByteArray(bytes, sizeof(long),
-                                     little, !is_unsigned);
-#else
-        int one = 1; int little = (int)*(unsigned char *)&one;
-        PyObject *result = NULL, *kwds = NULL;
-        PyObject *py_bytes = NULL, *order_str = NULL, *from_bytes_str = NULL;;
-        py_bytes = PyBytes_FromStringAndSize((char*)bytes, sizeof(long));
-        if (!py_bytes) goto limited_bad;
-        from_bytes_str = PyUnicode_FromStringAndSize("from_bytes", 10);
-        if (!from_bytes_str) goto limited_bad;
-        order_str = PyUnicode_FromString(little ? "little" : "big");
-        if (!order_str) goto limited_bad;
-        {
-            PyObject *args[] = { (PyObject*)&PyLong_Type, py_bytes, order_str, Py_True };
-            if (!is_unsigned) {
-                PyObject *signed_str = PyUnicode_FromStringAndSize("signed", 6);
-                if (!signed_str) goto limited_bad;
-#if CYTHON_VECTORCALL
-                kwds = PyTuple_Pack(1, signed_str);
-#else
-                {
-                    PyObject *keys[] = {signed_str};
-                    PyObject *values[] = {Py_True};
-                    kwds = __Pyx_MakeKwargDict(keys, values, 1);
-                }
-#endif
-                Py_DECREF(signed_str);
-                if (unlikely(!kwds)) goto limited_bad;
-            }
-            result = __Pyx_Object_VectorcallMethodKwds(from_bytes_str, args, 3 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET, kwds);
-        }
-        limited_bad:
-        Py_XDECREF(kwds);
-        Py_XDECREF(order_str);
-        Py_XDECREF(py_bytes);
-        Py_XDECREF(from_bytes_str);
-        return result;
-#endif
-    }
-}
-
-/* CIntToPy */
 static CYTHON_INLINE PyObject* __Pyx_PyLong_From_int64_t(int64_t value) {
 #ifdef __Pyx_HAS_GCC_DIAGNOSTIC
 #pragma GCC diagnostic push
@@ -39383,6 +40257,85 @@ static CYTHON_INLINE PyObject* __Pyx_PyLong_From_int64_t(int64_t value) {
         PyObject *result = NULL, *kwds = NULL;
         PyObject *py_bytes = NULL, *order_str = NULL, *from_bytes_str = NULL;;
         py_bytes = PyBytes_FromStringAndSize((char*)bytes, sizeof(int64_t));
+        if (!py_bytes) goto limited_bad;
+        from_bytes_str = PyUnicode_FromStringAndSize("from_bytes", 10);
+        if (!from_bytes_str) goto limited_bad;
+        order_str = PyUnicode_FromString(little ? "little" : "big");
+        if (!order_str) goto limited_bad;
+        {
+            PyObject *args[] = { (PyObject*)&PyLong_Type, py_bytes, order_str, Py_True };
+            if (!is_unsigned) {
+                PyObject *signed_str = PyUnicode_FromStringAndSize("signed", 6);
+                if (!signed_str) goto limited_bad;
+#if CYTHON_VECTORCALL
+                kwds = PyTuple_Pack(1, signed_str);
+#else
+                {
+                    PyObject *keys[] = {signed_str};
+                    PyObject *values[] = {Py_True};
+                    kwds = __Pyx_MakeKwargDict(keys, values, 1);
+                }
+#endif
+                Py_DECREF(signed_str);
+                if (unlikely(!kwds)) goto limited_bad;
+            }
+            result = __Pyx_Object_VectorcallMethodKwds(from_bytes_str, args, 3 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET, kwds);
+        }
+        limited_bad:
+        Py_XDECREF(kwds);
+        Py_XDECREF(order_str);
+        Py_XDECREF(py_bytes);
+        Py_XDECREF(from_bytes_str);
+        return result;
+#endif
+    }
+}
+
+/* CIntToPy */
+static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value) {
+#ifdef __Pyx_HAS_GCC_DIAGNOSTIC
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wconversion"
+#endif
+    const long neg_one = (long) -1, const_zero = (long) 0;
+#ifdef __Pyx_HAS_GCC_DIAGNOSTIC
+#pragma GCC diagnostic pop
+#endif
+    const int is_unsigned = neg_one > const_zero;
+    if (is_unsigned) {
+        if (sizeof(long) < sizeof(long)) {
+            return PyLong_FromLong((long) value);
+        } else if (sizeof(long) <= sizeof(unsigned long)) {
+            return PyLong_FromUnsignedLong((unsigned long) value);
+#if !CYTHON_COMPILING_IN_PYPY
+        } else if (sizeof(long) <= sizeof(unsigned PY_LONG_LONG)) {
+            return PyLong_FromUnsignedLongLong((unsigned PY_LONG_LONG) value);
+#endif
+        }
+    } else {
+        if (sizeof(long) <= sizeof(long)) {
+            return PyLong_FromLong((long) value);
+        } else if (sizeof(long) <= sizeof(PY_LONG_LONG)) {
+            return PyLong_FromLongLong((PY_LONG_LONG) value);
+        }
+    }
+    {
+        unsigned char *bytes = (unsigned char *)&value;
+#if !CYTHON_COMPILING_IN_LIMITED_API && PY_VERSION_HEX >= 0x030d00A4
+        if (is_unsigned) {
+            return PyLong_FromUnsignedNativeBytes(bytes, sizeof(value), -1);
+        } else {
+            return PyLong_FromNativeBytes(bytes, sizeof(value), -1);
+        }
+#elif !CYTHON_COMPILING_IN_LIMITED_API && PY_VERSION_HEX < 0x030d0000
+        int one = 1; int little = (int)*(unsigned char *)&one;
+        return _PyLong_FromByteArray(bytes, sizeof(long),
+                                     little, !is_unsigned);
+#else
+        int one = 1; int little = (int)*(unsigned char *)&one;
+        PyObject *result = NULL, *kwds = NULL;
+        PyObject *py_bytes = NULL, *order_str = NULL, *from_bytes_str = NULL;;
+        py_bytes = PyBytes_FromStringAndSize((char*)bytes, sizeof(long));
         if (!py_bytes) goto limited_bad;
         from_bytes_str = PyUnicode_FromStringAndSize("from_bytes", 10);
         if (!from_bytes_str) goto limited_bad;

@@ -26,11 +26,29 @@ cdef extern from "kernels/matmul_kernels.h" namespace "anemll::kernels" nogil:
     int decode_rows(const Weight& w, int64_t r0, int64_t r1, float* out)
     const char* isa()
     uint64_t stream_read(const uint8_t* p, int64_t n)
+    void round_f16(const float* src, int64_t n, float* dst)
 
 
 def kernel_isa() -> str:
     """Which vector path runs on this CPU ("avx2+fma+f16c", "neon" or "portable")."""
     return isa().decode()
+
+
+def round_fp16(r):
+    """r rounded to fp16 precision, as a new float32 array: numpy's float16 round trip in one
+    vectorized pass (F16C / NEON), for the outputs of fp16-typed ops."""
+    a = np.asarray(r, dtype=np.float32)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    out = np.empty(a.shape, np.float32)
+    cdef int64_t n = a.size
+    if n == 0:
+        return out
+    cdef const float[::1] src = a.reshape(-1)
+    cdef float[::1] dst = out.reshape(-1)
+    with nogil:
+        round_f16(&src[0], n, &dst[0])
+    return out
 
 
 def stream_read_bytes(buf) -> int:
@@ -43,6 +61,21 @@ def stream_read_bytes(buf) -> int:
     with nogil:
         s = stream_read(&b[0], n)
     return s
+
+
+def _pack_nibbles(const uint8_t[:, ::1] u):
+    """[rows, cols] values < 16 -> [rows, ceil(cols / 2)] bytes, low nibble first, written in one
+    pass (no temporaries the size of the matrix: the indices may be a few hundred MB)."""
+    cdef int64_t rows = u.shape[0], cols = u.shape[1], r, k
+    out = np.empty((rows, (cols + 1) // 2), np.uint8)
+    cdef uint8_t[:, ::1] o = out
+    with nogil:
+        for r in range(rows):
+            for k in range(0, cols - 1, 2):
+                o[r, k >> 1] = u[r, k] | (u[r, k + 1] << 4)
+            if cols % 2:
+                o[r, cols >> 1] = u[r, cols - 1]
+    return out
 
 
 cdef class PackedWeight:
@@ -89,10 +122,7 @@ cdef class PackedWeight:
             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
         rows, cols = idx.shape
         if nbits <= 4:
-            u = idx.astype(np.uint8)
-            if cols % 2:
-                u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)
-            packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+            packed = _pack_nibbles(np.ascontiguousarray(idx, dtype=np.uint8))
         else:
             packed = np.ascontiguousarray(idx, dtype=np.uint8)
         cdef const uint8_t[:, ::1] pk = packed
@@ -155,12 +185,20 @@ cdef class PackedWeight:
             raise ValueError("invalid packed weight")
         return out
 
-    def decode(self, int64_t r0=0, r1=None):
-        """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
+    def decode(self, int64_t r0=0, r1=None, out=None):
+        """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests);
+        `out`, when given, is a C-contiguous float32 array of at least that many elements whose
+        leading part receives them (a scratch buffer reused across row blocks)."""
         cdef int64_t end = self.rows if r1 is None else r1
         if not 0 <= r0 <= end <= self.rows:
             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
-        out = np.empty((end - r0, self.cols), np.float32)
+        if out is None:
+            out = np.empty((end - r0, self.cols), np.float32)
+        else:
+            if out.dtype != np.float32 or not out.flags.c_contiguous or out.size < (end - r0) * self.cols:
+                raise ValueError(f"out must be a C-contiguous float32 array of at least {(end - r0) * self.cols} "
+                                 f"elements")
+            out = out.reshape(-1)[:(end - r0) * self.cols].reshape(end - r0, self.cols)
         if end == r0:
             return out
         cdef float[:, ::1] ov = out

@@ -31,6 +31,10 @@ void decode_f16_portable(const uint16_t* src, int64_t count, float* dst) {
 
 inline int64_t row_bytes(const Weight& w) { return w.nbits <= 4 ? (w.cols + 1) / 2 : w.cols; }
 
+void round_f16_portable(const float* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(float_to_half(src[i]));
+}
+
 void decode_lut_portable(const Weight& w, int64_t r, float* dst) {
   const float* table = w.lut + (r / w.rows_per_group) * w.entries;
   const uint8_t* row = w.idx + r * row_bytes(w);
@@ -70,6 +74,15 @@ AF_AVX2 void decode_f16_avx2(const uint16_t* src, int64_t count, float* dst) {
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
   }
   for (; i < count; ++i) dst[i] = half_to_float(src[i]);
+}
+
+AF_AVX2 void round_f16_avx2(const float* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < n; ++i) dst[i] = half_to_float(float_to_half(src[i]));
 }
 
 AF_AVX2 void decode_lut_avx2(const Weight& w, int64_t r, float* dst) {
@@ -311,6 +324,12 @@ void decode_f16_neon(const uint16_t* src, int64_t count, float* dst) {
   for (; i < count; ++i) dst[i] = half_to_float(src[i]);
 }
 
+void round_f16_neon(const float* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vcvt_f16_f32(vld1q_f32(src + i))));
+  for (; i < n; ++i) dst[i] = half_to_float(float_to_half(src[i]));
+}
+
 void rows_times_x_neon(const float* wr, int nr, int64_t cols, const float* x, int64_t n, float* y,
                        int64_t ldy) {
   if (n == 1) {
@@ -349,6 +368,7 @@ struct Dispatch {
   void (*decode_f16)(const uint16_t*, int64_t, float*);
   void (*decode_lut)(const Weight&, int64_t, float*);
   void (*rows_times_x)(const float*, int, int64_t, const float*, int64_t, float*, int64_t);
+  void (*round_f16)(const float*, int64_t, float*);
   const char* name;
 };
 
@@ -356,17 +376,20 @@ Dispatch pick() {
   // ANEMLL_FAST_KERNELS=portable forces the scalar path (to test it on a vector-capable CPU).
   const char* force = std::getenv("ANEMLL_FAST_KERNELS");
   if (force != nullptr && std::strcmp(force, "portable") == 0) {
-    return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, "portable"};
+    return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, round_f16_portable,
+            "portable"};
   }
 #if AF_X86
   if (cpu_has_avx2()) {
     return {matvec_f16_avx2, matvec_lut4_avx2, matvec_lut6_avx2, decode_f16_avx2, decode_lut_avx2, rows_times_x_avx2,
-            "avx2+fma+f16c"};
+            round_f16_avx2, "avx2+fma+f16c"};
   }
 #elif AF_NEON
-  return {nullptr, nullptr, nullptr, decode_f16_neon, decode_lut_portable, rows_times_x_neon, "neon"};
+  return {nullptr, nullptr, nullptr, decode_f16_neon, decode_lut_portable, rows_times_x_neon, round_f16_neon,
+          "neon"};
 #endif
-  return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, "portable"};
+  return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, round_f16_portable,
+            "portable"};
 }
 
 const Dispatch& dispatch() {
@@ -438,6 +461,8 @@ int decode_rows(const Weight& w, int64_t r0, int64_t r1, float* out) {
   }
   return 0;
 }
+
+void round_f16(const float* src, int64_t n, float* dst) { dispatch().round_f16(src, n, dst); }
 
 uint64_t stream_read(const uint8_t* p, int64_t n) {
   int64_t i = 0;

@@ -35,6 +35,10 @@ int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float*
 // Rows [r0, r1) of W decoded to fp32 into out ([r1 - r0, cols]).
 int decode_rows(const Weight& w, int64_t r0, int64_t r1, float* out);
 
+// dst[i] = src[i] rounded to the nearest IEEE half (ties to even), back in fp32: what storing a
+// value into an fp16 tensor does. dst may be src.
+void round_f16(const float* src, int64_t n, float* dst);
+
 // Reads n bytes once, as fast as one thread can stream them (a bandwidth probe for benchmarks: the
 // floor a matvec over the same bytes could reach). Returns a checksum so the reads are not elided.
 uint64_t stream_read(const uint8_t* p, int64_t n);
