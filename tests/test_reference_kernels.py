@@ -153,6 +153,8 @@ def test_mapped_index_pages_are_released_only_from_read_only_file_maps(tmp_path)
     assert np.array_equal(np.asarray(ro).reshape(-1), data[100:100 + ro.size])  # comes back from the file
     anon = data.copy()
     assert not release_mapped_pages(anon) and np.array_equal(anon, data)
+    plain = np.memmap(f, dtype=np.uint8, mode="r").view(np.ndarray)[:8 * mmap.PAGESIZE]  # as the cache maps
+    assert type(plain) is np.ndarray and release_mapped_pages(plain)
     rw = np.memmap(f, dtype=np.uint8, mode="r+")
     assert not release_mapped_pages(rw)
     assert not release_mapped_pages(np.memmap(f, dtype=np.uint8, mode="r")[:10])  # less than a page

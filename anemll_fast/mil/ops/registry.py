@@ -119,7 +119,10 @@ def release_mapped_pages(a: np.ndarray) -> bool:
     file mapping (the program cache maps one-byte palette indices that way): they stay in the page
     cache and come back from the file if read again (the dense fallback). Anything else is left
     alone (dropping the pages of anonymous or writable memory would lose data); True if released."""
-    mm = getattr(a, "_mmap", None) if isinstance(a, np.memmap) and a.mode == "r" else None
+    owner = a
+    while owner is not None and not isinstance(owner, np.memmap):  # views keep their base alive
+        owner = owner.base if isinstance(owner, np.ndarray) else None
+    mm = getattr(owner, "_mmap", None) if owner is not None and owner.mode == "r" else None
     if mm is None or a.nbytes < mmap.PAGESIZE:
         return False
     start = np.frombuffer(mm, np.uint8, count=1).ctypes.data  # where the mapping begins
