@@ -22,6 +22,7 @@ cdef extern from "kernels/matmul_kernels.h" namespace "anemll::kernels" nogil:
         int64_t entries
         int64_t rows_per_group
         const uint8_t* lut16_bytes
+        const uint8_t* lut32_planes
     int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float* y)
     int decode_rows(const Weight& w, int64_t r0, int64_t r1, float* out)
     const char* isa()
@@ -129,11 +130,19 @@ cdef class PackedWeight:
         cdef const float[:, ::1] tb = table
         cdef const uint8_t[:, ::1] t16
         keep = (packed, table)
+        cdef const uint8_t[:, ::1] planes
+        if nbits <= 4 and not (table.view(np.uint32) & 0xFF).any():
+            # bytes 1-3 of the fp32 entries, one 16-byte plane each, for the 4-bit pshufb path
+            raw = np.zeros((table.shape[0], 16, 4), np.uint8)
+            raw[:, :table.shape[1]] = table.view(np.uint8).reshape(table.shape[0], -1, 4)
+            split3 = np.ascontiguousarray(raw[:, :, 1:].transpose(0, 2, 1).reshape(table.shape[0], 48))
+            planes = split3
+            p.w.lut32_planes = &planes[0, 0]
+            keep = keep + (split3,)
         half = table.astype(np.float16)
-        if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
+        if 4 < nbits <= 6 and np.array_equal(half.astype(np.float32), table):
             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
-            nsub = 1 if nbits <= 4 else 4
-            bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
+            bits = np.zeros((table.shape[0], 4, 16), np.uint16)
             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
                                                          (bits >> 8).astype(np.uint8)], axis=2)

@@ -185,21 +185,22 @@ AF_AVX2 void matvec_f16_avx2(const Weight& w, const float* x, float* y) {
   }
 }
 
-// The palette paths look up 16-entry fp16 tables with pshufb: one shuffle for the low bytes and one
-// for the high bytes of 32 halves at once (the same table in both 128-bit lanes), then F16C widens
-// them. The lookups leave the weights of a 32-column block in a fixed lane order; rather than
-// shuffling every row back, x is permuted once per call into that order (xp), so the rows' FMAs read
-// xp contiguously.
+// The palette paths look up 16-entry tables with pshufb, the same table in both 128-bit lanes. The
+// lookups leave the weights of a block in a fixed lane order; rather than shuffling every row back,
+// x is permuted once per call into that order (xp), so the rows' FMAs read xp contiguously.
 //
-// 4-bit: byte j of the block holds columns 2j (low nibble) and 2j+1 (high nibble). Lane 0 of the
-// index vector gets the low nibbles, lane 1 the high ones; after the byte interleave the four groups
-// of 8 halves are columns {0,2,..,14}, {1,3,..,15}, {16,18,..,30}, {17,19,..,31}.
-inline int64_t lut4_xp_column(int64_t i) {
-  const int64_t q = i >> 3, j = i & 7;
-  return (q >> 1) * 16 + 2 * j + (q & 1);
+// 4-bit, 64-column blocks (32 bytes): the low nibbles (even columns) and the high nibbles (odd
+// columns) each index three byte planes of the fp32 table (byte 0 is zero for fp16 values), and two
+// byte interleaves rebuild the fp32 weights, no conversion instruction needed. Lane l of a lookup
+// covers bytes 16l..16l+15 of the block; the four results hold bytes j = 0-3, 4-7, 8-11, 12-15 of
+// each lane.
+inline int64_t lut4_xp_column(int64_t p) {
+  const int64_t nibble = p >> 5, m = p & 31, lane = (m & 7) >> 2, j = (m >> 3) * 4 + (m & 3);
+  return 2 * (lane * 16 + j) + nibble;
 }
-// 5-6 bit (one index byte per column): lane 0 holds columns 0-15, lane 1 columns 16-31; after the
-// interleave the groups are columns 0-7, 16-23, 8-15, 24-31.
+// 5-6 bit, 32-column blocks (one index byte per column), fp16 tables split in low and high bytes:
+// lane 0 holds columns 0-15, lane 1 columns 16-31; after the byte interleave and F16C the groups of
+// 8 weights are columns 0-7, 16-23, 8-15, 24-31.
 inline int64_t lut6_xp_column(int64_t i) {
   static const int64_t base[4] = {0, 16, 8, 24};
   return base[i >> 3] + (i & 7);
@@ -218,20 +219,33 @@ AF_AVX2 inline void fma_halves(__m256i vl, __m256i vh, const float* xp, __m256& 
   a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h1, 1)), _mm256_loadu_ps(xp + 24), a1);
 }
 
-// Row r of a 4-bit palette: the 32-column body through pshufb, the tail scalar.
+// Row r of a 4-bit palette: the 64-column body through pshufb, the tail scalar.
 AF_AVX2 inline void lut4_row(const Weight& w, int64_t r, int64_t rb, int64_t body, const float* xp,
                              const float* x, float* y) {
-  const __m256i nib = _mm256_set1_epi8(0x0F), shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-  const uint8_t* t = w.lut16_bytes + (r / w.rows_per_group) * 32;
-  const __m256i tl = broadcast_table(t), th = broadcast_table(t + 16);
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  const __m256i nib = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+  const uint8_t* t = w.lut32_planes + (r / w.rows_per_group) * 48;
+  const __m256i t1 = broadcast_table(t), t2 = broadcast_table(t + 16), t3 = broadcast_table(t + 32);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   const uint8_t* row = w.idx + r * rb;
-  for (int64_t k = 0; k < body; k += 32) {
-    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
-    const __m256i id = _mm256_and_si256(_mm256_srlv_epi32(b, shifts), nib);
-    fma_halves(_mm256_shuffle_epi8(tl, id), _mm256_shuffle_epi8(th, id), xp + k, a0, a1);
+  for (int64_t k = 0; k < body; k += 64) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1)));
+    const __m256i ids[2] = {_mm256_and_si256(b, nib), _mm256_and_si256(_mm256_srli_epi16(b, 4), nib)};
+    for (int q = 0; q < 2; ++q) {
+      const __m256i v1 = _mm256_shuffle_epi8(t1, ids[q]), v2 = _mm256_shuffle_epi8(t2, ids[q]),
+                    v3 = _mm256_shuffle_epi8(t3, ids[q]);
+      const __m256i lo01 = _mm256_unpacklo_epi8(zero, v1), hi01 = _mm256_unpackhi_epi8(zero, v1);
+      const __m256i lo23 = _mm256_unpacklo_epi8(v2, v3), hi23 = _mm256_unpackhi_epi8(v2, v3);
+      const float* xq = xp + k + 32 * q;
+      acc[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)), _mm256_loadu_ps(xq), acc[0]);
+      acc[1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)), _mm256_loadu_ps(xq + 8),
+                               acc[1]);
+      acc[2] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)), _mm256_loadu_ps(xq + 16),
+                               acc[2]);
+      acc[3] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)), _mm256_loadu_ps(xq + 24),
+                               acc[3]);
+    }
   }
-  float s = hsum(_mm256_add_ps(a0, a1));
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
   const float* table = w.lut + (r / w.rows_per_group) * w.entries;
   for (int64_t k = body; k < w.cols; ++k) s += table[(row[k >> 1] >> ((k & 1) * 4)) & 0xF] * x[k];
   y[r] = s;
@@ -264,13 +278,13 @@ AF_AVX2 inline void lut6_row(const Weight& w, int64_t r, int64_t body, const flo
   y[r] = s;
 }
 
-// x permuted into the lookups' lane order, for the 32-column body of each row.
-template <int64_t (*column)(int64_t)>
+// x permuted into the lookups' lane order, for the body (whole blocks of `block` columns) of a row.
+template <int64_t block, int64_t (*column)(int64_t)>
 const float* permuted_x(const float* x, int64_t body) {
   thread_local std::vector<float> xp;  // reused: no allocation per call once grown
   if (static_cast<int64_t>(xp.size()) < body) xp.resize(static_cast<size_t>(body));
-  for (int64_t k = 0; k < body; k += 32) {
-    for (int64_t i = 0; i < 32; ++i) xp[static_cast<size_t>(k + i)] = x[k + column(i)];
+  for (int64_t k = 0; k < body; k += block) {
+    for (int64_t i = 0; i < block; ++i) xp[static_cast<size_t>(k + i)] = x[k + column(i)];
   }
   return xp.data();
 }
@@ -278,12 +292,13 @@ const float* permuted_x(const float* x, int64_t body) {
 // One row at a time, as for fp16 (one memory stream).
 template <bool six>
 AF_AVX2 void matvec_lut_avx2(const Weight& w, const float* x, float* y) {
-  const int64_t body = w.cols & ~int64_t{31}, rb = row_bytes(w);
   if (six) {
-    const float* xp = permuted_x<lut6_xp_column>(x, body);
+    const int64_t body = w.cols & ~int64_t{31};
+    const float* xp = permuted_x<32, lut6_xp_column>(x, body);
     for (int64_t r = 0; r < w.rows; ++r) lut6_row(w, r, body, xp, x, y);
   } else {
-    const float* xp = permuted_x<lut4_xp_column>(x, body);
+    const int64_t body = w.cols & ~int64_t{63}, rb = row_bytes(w);
+    const float* xp = permuted_x<64, lut4_xp_column>(x, body);
     for (int64_t r = 0; r < w.rows; ++r) lut4_row(w, r, rb, body, xp, x, y);
   }
 }
@@ -428,7 +443,7 @@ int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float*
       d.matvec_f16(w, x, y);
       return 0;
     }
-    if (w.idx != nullptr && w.nbits <= 4 && w.lut16_bytes != nullptr && d.matvec_lut4 != nullptr) {
+    if (w.idx != nullptr && w.nbits <= 4 && w.lut32_planes != nullptr && d.matvec_lut4 != nullptr) {
       d.matvec_lut4(w, x, y);
       return 0;
     }
