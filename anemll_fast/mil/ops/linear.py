@@ -152,9 +152,11 @@ def _conv(ctx: BuildContext) -> Kernel:
 
         def run_packed(x):
             n = x.shape[0]
-            xs = x.reshape(n, x.shape[1], -1)
-            ys = [packed_times(pw, xs[i]) for i in range(n)]
-            y = ys[0][None] if n == 1 else np.stack(ys)
+            if n == 1:  # every step of a decoder: no per-item list, no stack
+                y = packed_times(pw, x.reshape(x.shape[1], -1))
+            else:
+                xs = x.reshape(n, x.shape[1], -1)
+                y = np.stack([packed_times(pw, xs[i]) for i in range(n)])
             if b2 is not None:
                 y += b2
             return y.reshape((n, pw.rows) + x.shape[2:])
