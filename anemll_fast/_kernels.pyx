@@ -38,7 +38,9 @@ def kernel_isa() -> str:
 def round_fp16(r):
     """r rounded to fp16 precision, as a new float32 array: numpy's float16 round trip in one
     vectorized pass (F16C / NEON), for the outputs of fp16-typed ops."""
-    a = np.asarray(r, dtype=np.float32)
+    a = np.asarray(r)
+    if a.dtype != np.float32:  # float64 straight to fp16 (via fp32 would round twice), ints, bools
+        return a.astype(np.float16).astype(np.float32)
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
     out = np.empty(a.shape, np.float32)

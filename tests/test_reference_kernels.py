@@ -102,6 +102,12 @@ def test_round_fp16_matches_numpy():
         assert np.array_equal(got, want, equal_nan=True)
     assert np.array_equal(round_fp16(vals), ref, equal_nan=True)
     assert round_fp16(1 / 3).shape == () and float(round_fp16(1 / 3)) == float(np.float16(1 / 3))
+    # float64 rounds once, straight to fp16: 1 + 2^-11 + 2^-30 is above the tie between 1 and
+    # 1 + 2^-10 (so rounds up), but via float32 it becomes the tie itself (and rounds to even, down)
+    v = 1 + 2.0 ** -11 + 2.0 ** -30
+    assert float(round_fp16(np.float64(v))) == float(np.float16(v)) == 1 + 2.0 ** -10
+    with np.errstate(over="ignore"):
+        assert round_fp16(np.array([1, 70000])).tolist() == [1.0, np.inf]
     assert round_fp16(np.zeros((0, 3))).shape == (0, 3)
 
 
