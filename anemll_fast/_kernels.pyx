@@ -4,7 +4,7 @@
 Weights stay in their stored form (fp16 bits, or palette indices with per-row-group tables); each
 call decodes a few rows at a time into L1 and multiplies, with the GIL released.
 """
-from libc.stdint cimport int64_t, uint8_t, uint16_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
 
 import numpy as np
 cimport numpy as cnp
@@ -22,14 +22,63 @@ cdef extern from "kernels/matmul_kernels.h" namespace "anemll::kernels" nogil:
         int64_t entries
         int64_t rows_per_group
         const uint8_t* lut16_bytes
+        const uint8_t* lut32_planes
     int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float* y)
     int decode_rows(const Weight& w, int64_t r0, int64_t r1, float* out)
     const char* isa()
+    uint64_t stream_read(const uint8_t* p, int64_t n)
+    void round_f16(const float* src, int64_t n, float* dst)
 
 
 def kernel_isa() -> str:
     """Which vector path runs on this CPU ("avx2+fma+f16c", "neon" or "portable")."""
     return isa().decode()
+
+
+def round_fp16(r):
+    """r rounded to fp16 precision, as a new float32 array: numpy's float16 round trip in one
+    vectorized pass (F16C / NEON), for the outputs of fp16-typed ops."""
+    a = np.asarray(r)
+    if a.dtype != np.float32:  # float64 straight to fp16 (via fp32 would round twice), ints, bools
+        return a.astype(np.float16).astype(np.float32)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    out = np.empty(a.shape, np.float32)
+    cdef int64_t n = a.size
+    if n == 0:
+        return out
+    cdef const float[::1] src = a.reshape(-1)
+    cdef float[::1] dst = out.reshape(-1)
+    with nogil:
+        round_f16(&src[0], n, &dst[0])
+    return out
+
+
+def stream_read_bytes(buf) -> int:
+    """Read every byte of a contiguous buffer once (the bandwidth floor, for benchmarks); a checksum."""
+    cdef const uint8_t[::1] b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+    cdef uint64_t s = 0
+    cdef int64_t n = b.shape[0]
+    if n == 0:
+        return 0
+    with nogil:
+        s = stream_read(&b[0], n)
+    return s
+
+
+def _pack_nibbles(const uint8_t[:, ::1] u):
+    """[rows, cols] values < 16 -> [rows, ceil(cols / 2)] bytes, low nibble first, written in one
+    pass (no temporaries the size of the matrix: the indices may be a few hundred MB)."""
+    cdef int64_t rows = u.shape[0], cols = u.shape[1], r, k
+    out = np.empty((rows, (cols + 1) // 2), np.uint8)
+    cdef uint8_t[:, ::1] o = out
+    with nogil:
+        for r in range(rows):
+            for k in range(0, cols - 1, 2):
+                o[r, k >> 1] = u[r, k] | (u[r, k + 1] << 4)
+            if cols % 2:
+                o[r, cols >> 1] = u[r, cols - 1]
+    return out
 
 
 cdef class PackedWeight:
@@ -76,21 +125,26 @@ cdef class PackedWeight:
             raise ValueError(f"palette index {int(idx.max())} outside a {table.shape[1]}-entry table")
         rows, cols = idx.shape
         if nbits <= 4:
-            u = idx.astype(np.uint8)
-            if cols % 2:
-                u = np.concatenate([u, np.zeros((rows, 1), np.uint8)], axis=1)
-            packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+            packed = _pack_nibbles(np.ascontiguousarray(idx, dtype=np.uint8))
         else:
             packed = np.ascontiguousarray(idx, dtype=np.uint8)
         cdef const uint8_t[:, ::1] pk = packed
         cdef const float[:, ::1] tb = table
         cdef const uint8_t[:, ::1] t16
         keep = (packed, table)
+        cdef const uint8_t[:, ::1] planes
+        if nbits <= 4 and not (table.view(np.uint32) & 0xFF).any():
+            # bytes 1-3 of the fp32 entries, one 16-byte plane each, for the 4-bit pshufb path
+            raw = np.zeros((table.shape[0], 16, 4), np.uint8)
+            raw[:, :table.shape[1]] = table.view(np.uint8).reshape(table.shape[0], -1, 4)
+            split3 = np.ascontiguousarray(raw[:, :, 1:].transpose(0, 2, 1).reshape(table.shape[0], 48))
+            planes = split3
+            p.w.lut32_planes = &planes[0, 0]
+            keep = keep + (split3,)
         half = table.astype(np.float16)
-        if nbits <= 6 and np.array_equal(half.astype(np.float32), table):
+        if 4 < nbits <= 6 and np.array_equal(half.astype(np.float32), table):
             # byte-split fp16 sub-tables for the pshufb paths (exact: the tables are fp16 values)
-            nsub = 1 if nbits <= 4 else 4
-            bits = np.zeros((table.shape[0], nsub, 16), np.uint16)
+            bits = np.zeros((table.shape[0], 4, 16), np.uint16)
             bits.reshape(table.shape[0], -1)[:, :table.shape[1]] = half.view(np.uint16)
             split = np.ascontiguousarray(np.concatenate([(bits & 0xFF).astype(np.uint8),
                                                          (bits >> 8).astype(np.uint8)], axis=2)
@@ -142,12 +196,20 @@ cdef class PackedWeight:
             raise ValueError("invalid packed weight")
         return out
 
-    def decode(self, int64_t r0=0, r1=None):
-        """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests)."""
+    def decode(self, int64_t r0=0, r1=None, out=None):
+        """Rows [r0, r1) as a float32 array (for large batches driven through BLAS, and for tests);
+        `out`, when given, is a C-contiguous float32 array of at least that many elements whose
+        leading part receives them (a scratch buffer reused across row blocks)."""
         cdef int64_t end = self.rows if r1 is None else r1
         if not 0 <= r0 <= end <= self.rows:
             raise ValueError(f"rows [{r0}, {end}) outside [0, {self.rows})")
-        out = np.empty((end - r0, self.cols), np.float32)
+        if out is None:
+            out = np.empty((end - r0, self.cols), np.float32)
+        else:
+            if out.dtype != np.float32 or not out.flags.c_contiguous or out.size < (end - r0) * self.cols:
+                raise ValueError(f"out must be a C-contiguous float32 array of at least {(end - r0) * self.cols} "
+                                 f"elements")
+            out = out.reshape(-1)[:(end - r0) * self.cols].reshape(end - r0, self.cols)
         if end == r0:
             return out
         cdef float[:, ::1] ov = out

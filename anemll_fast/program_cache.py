@@ -499,7 +499,9 @@ def _map_weights(folder: Path, key: str, groups: List[Group]) -> bool:
         return False
     for (_ref, values), (off, dt, shape) in zip(groups, layout):
         n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        arr = mm[WEIGHTS_HEADER + off:WEIGHTS_HEADER + off + n].view(dt).reshape(shape)
+        # a plain ndarray over the map: results computed from a np.memmap are np.memmap too, and
+        # each one costs a __array_finalize__ that showed up as a third of a decode step
+        arr = mm[WEIGHTS_HEADER + off:WEIGHTS_HEADER + off + n].view(np.ndarray).view(dt).reshape(shape)
         for v in values:
             v.data = arr
     return True

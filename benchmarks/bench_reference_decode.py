@@ -27,6 +27,8 @@ from typing import Callable, Dict, List, Tuple
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's anemll_fast first
+
 import numpy as np  # noqa: E402
 
 from anemll_fast.bench import baselines  # noqa: E402
@@ -44,6 +46,7 @@ def gguf_path() -> str:
 
 def ensure_converted(out: str, *extra: str) -> str:
     if not os.path.isfile(os.path.join(out, "meta.yaml")):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         print(f"converting {gguf_path()} -> {out} {' '.join(extra)} (once)", flush=True)
         subprocess.run([sys.executable, "-m", "anemll_fast", "convert", gguf_path(), out, "--context", "512",
                         "--batch", "64", "--chunks", "1", "--quiet", *extra], check=True)

@@ -31,7 +31,9 @@ def _palette(rows, cols, groups, entries, fp16_tables=True):
     return idx, lut, dense
 
 
-SHAPES = [(1, 1, 1), (4, 8, 1), (7, 13, 3), (33, 40, 1), (64, 47, 9), (130, 96, 1), (5, 17, 16)]
+# cols cover the vector bodies (8, 16, 32 columns per step) and every kind of tail after them
+SHAPES = [(1, 1, 1), (4, 8, 1), (7, 13, 3), (33, 40, 1), (64, 47, 9), (130, 96, 1), (5, 17, 16),
+          (3, 31, 1), (6, 32, 1), (5, 33, 1), (9, 63, 1), (2, 64, 1), (11, 95, 1), (4, 577, 1), (3, 1000, 2)]
 
 
 @pytest.mark.parametrize("rows,cols,n", SHAPES)
@@ -48,8 +50,10 @@ def test_fp16_matmul_and_decode_match_numpy(rows, cols, n):
     assert np.array_equal(p.decode(1, rows), w[1:].astype(np.float32))
 
 
-@pytest.mark.parametrize("nbits,entries", [(1, 2), (2, 4), (4, 16), (4, 11), (6, 64), (8, 256)])
-@pytest.mark.parametrize("rows,cols,n,groups", [(8, 33, 1, 2), (12, 64, 1, 3), (16, 31, 5, 16), (4, 16, 17, 1)])
+@pytest.mark.parametrize("nbits,entries", [(1, 2), (2, 4), (3, 8), (4, 16), (4, 11), (5, 32), (6, 64), (6, 37),
+                                           (8, 256)])
+@pytest.mark.parametrize("rows,cols,n,groups", [(8, 33, 1, 2), (12, 64, 1, 3), (16, 31, 5, 16), (4, 16, 17, 1),
+                                                (24, 96, 1, 8), (10, 127, 1, 5), (6, 160, 1, 6), (9, 45, 1, 9)])
 def test_palette_matmul_and_decode_match_numpy(nbits, entries, rows, cols, n, groups):
     idx, lut, dense = _palette(rows, cols, groups, entries)
     x = RNG.standard_normal((cols, n)).astype(np.float32)
@@ -59,7 +63,107 @@ def test_palette_matmul_and_decode_match_numpy(nbits, entries, rows, cols, n, gr
     assert np.array_equal(p.decode(), dense)
     # 4-bit indices are nibble-packed: half a byte per weight (plus the tables)
     if nbits <= 4:
-        assert p.nbytes <= rows * ((cols + 1) // 2) + lut.nbytes + 32 * groups
+        assert p.nbytes <= rows * ((cols + 1) // 2) + lut.nbytes + 48 * groups
+
+
+@pytest.mark.parametrize("nbits", [4, 6])
+def test_palette_rows_read_their_own_group_table(nbits):
+    """Every group's table differs only in one entry's sign: a kernel reading the wrong group's
+    table (or one group for all rows) gets those rows wrong."""
+    rows, cols, groups = 16, 64, 8
+    entries = 1 << nbits
+    base = RNG.standard_normal(entries).astype(np.float16).astype(np.float32)
+    lut = np.tile(base, (groups, 1))
+    lut[np.arange(groups), np.arange(groups)] *= -1 - np.arange(groups)
+    idx = np.tile(np.arange(cols) % entries, (rows, 1))
+    dense = lut[np.arange(rows) // (rows // groups)][np.arange(rows)[:, None], idx]
+    x = np.ones((cols, 1), np.float32)
+    p = PackedWeight.from_palette(idx, lut, nbits)
+    assert np.abs(p.matmul(x)[:, 0] - dense.sum(1)).max() < 1e-3
+
+
+def test_round_fp16_matches_numpy():
+    from anemll_fast._kernels import round_fp16
+
+    h = np.arange(0, 1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    h = h[np.isfinite(h)].astype(np.float64)
+    h.sort()
+    ties = ((h[:-1] + h[1:]) / 2).astype(np.float32)  # halfway between neighbours: ties to even
+    vals = np.concatenate([ties, RNG.standard_normal(1001).astype(np.float32) * 1e-6,
+                           RNG.standard_normal(1003).astype(np.float32) * 3e4,
+                           np.array([np.inf, -np.inf, np.nan, 65504, 65520, 65519.99, -0.0, 1e-9], np.float32)])
+    with np.errstate(over="ignore"):
+        ref = vals.astype(np.float16).astype(np.float32)
+    for x in (vals, vals[:37], vals.reshape(-1, 1)[::3]):  # vector body, tail, strided input
+        with np.errstate(over="ignore"):
+            want = np.asarray(x).astype(np.float16).astype(np.float32)
+        got = round_fp16(x)
+        assert got.dtype == np.float32 and got.shape == np.shape(x)
+        assert np.array_equal(got, want, equal_nan=True)
+    assert np.array_equal(round_fp16(vals), ref, equal_nan=True)
+    assert round_fp16(1 / 3).shape == () and float(round_fp16(1 / 3)) == float(np.float16(1 / 3))
+    # float64 rounds once, straight to fp16: 1 + 2^-11 + 2^-30 is above the tie between 1 and
+    # 1 + 2^-10 (so rounds up), but via float32 it becomes the tie itself (and rounds to even, down)
+    v = 1 + 2.0 ** -11 + 2.0 ** -30
+    assert float(round_fp16(np.float64(v))) == float(np.float16(v)) == 1 + 2.0 ** -10
+    with np.errstate(over="ignore"):
+        assert round_fp16(np.array([1, 70000])).tolist() == [1.0, np.inf]
+    assert round_fp16(np.zeros((0, 3))).shape == (0, 3)
+
+
+def test_decode_into_a_scratch_buffer():
+    w = RNG.standard_normal((10, 7)).astype(np.float16)
+    p = PackedWeight.from_f16(w)
+    scratch = np.full(80, 7.0, np.float32)
+    out = p.decode(2, 9, out=scratch)
+    assert out.shape == (7, 7) and np.shares_memory(out, scratch)
+    assert np.array_equal(out, w[2:9].astype(np.float32))
+    with pytest.raises(ValueError, match="at least 49"):
+        p.decode(2, 9, out=np.empty(48, np.float32))
+
+
+def _resident_kb(a):
+    """Rss (kB) of the mapping holding `a`, from /proc/self/smaps (None where there is none)."""
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return None
+    addr, inside = a.ctypes.data, False
+    for line in text.splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1])
+    return None
+
+
+def test_mapped_index_pages_are_released_only_from_read_only_file_maps(tmp_path):
+    """The one-byte palette indices of a read-only file map leave the resident set once packed;
+    anonymous or writable memory is never touched (dropping its pages would lose data)."""
+    import mmap
+
+    from anemll_fast.mil.ops.registry import release_mapped_pages
+
+    f = tmp_path / "w.bin"
+    data = (np.arange(64 * mmap.PAGESIZE) % 251).astype(np.uint8)
+    data.tofile(f)
+    ro = np.memmap(f, dtype=np.uint8, mode="r")[100:100 + 60 * mmap.PAGESIZE].reshape(60, -1)
+    assert ro.sum() > 0  # every page resident
+    resident = _resident_kb(ro)
+    assert resident is None or resident >= 60 * mmap.PAGESIZE // 1024
+    assert release_mapped_pages(ro)
+    after = _resident_kb(ro)
+    assert after is None or after <= resident - 58 * mmap.PAGESIZE // 1024  # the pages inside ro went
+    assert np.array_equal(np.asarray(ro).reshape(-1), data[100:100 + ro.size])  # comes back from the file
+    anon = data.copy()
+    assert not release_mapped_pages(anon) and np.array_equal(anon, data)
+    plain = np.memmap(f, dtype=np.uint8, mode="r").view(np.ndarray)[:8 * mmap.PAGESIZE]  # as the cache maps
+    assert type(plain) is np.ndarray and release_mapped_pages(plain)
+    rw = np.memmap(f, dtype=np.uint8, mode="r+")
+    assert not release_mapped_pages(rw)
+    assert not release_mapped_pages(np.memmap(f, dtype=np.uint8, mode="r")[:10])  # less than a page
 
 
 def test_palette_with_fp32_tables_is_exact_too():
@@ -110,6 +214,12 @@ def test_portable_path_matches_in_a_subprocess():
         dense = lut[np.arange(8) // 4][np.arange(8)[:, None], idx]
         q = PackedWeight.from_palette(idx, lut, 4)
         assert np.abs(q.matmul(x) - dense @ x).max() < 1e-4 and np.array_equal(q.decode(), dense)
+        idx6 = rng.integers(0, 64, (8, 29)); lut6 = rng.standard_normal((4, 64)).astype(np.float16).astype(np.float32)
+        dense6 = lut6[np.arange(8) // 2][np.arange(8)[:, None], idx6]
+        assert np.abs(PackedWeight.from_palette(idx6, lut6, 6).matmul(x[:, :1]) - dense6 @ x[:, :1]).max() < 1e-4
+        from anemll_fast._kernels import round_fp16
+        v = (rng.standard_normal(37) * 1000).astype(np.float32)
+        assert np.array_equal(round_fp16(v), v.astype(np.float16).astype(np.float32))
         print("ok")
     """)
     env = dict(os.environ, ANEMLL_FAST_KERNELS="portable")
@@ -146,6 +256,30 @@ int main() {
       if (std::fabs(s - y[r * n + j]) > 1e-4) { std::printf("mismatch %lld %lld\n", (long long)r, (long long)j); return 4; }
     }
   }
+  // palettes (4-bit nibbles and one byte per index) and fp16 rounding
+  for (int nbits : {4, 6}) {
+    const int64_t rows = 6, cols = 37, groups = 3, entries = 1 << nbits, rb = nbits <= 4 ? (cols + 1) / 2 : cols;
+    std::vector<uint8_t> idx(rows * rb, 0); std::vector<int> full(rows * cols);
+    std::vector<float> lut(groups * entries), x(cols), y(rows);
+    for (auto& v : lut) v = rnd();
+    for (auto& v : x) v = rnd();
+    for (int64_t r = 0; r < rows; ++r) for (int64_t k = 0; k < cols; ++k) {
+      const int v = static_cast<int>((seed = seed * 1103515245u + 12345u) >> 16) % entries;
+      full[r * cols + k] = v;
+      if (nbits <= 4) idx[r * rb + k / 2] |= static_cast<uint8_t>(v << ((k & 1) * 4)); else idx[r * rb + k] = v;
+    }
+    kernels::Weight kw; kw.rows = rows; kw.cols = cols; kw.idx = idx.data(); kw.nbits = nbits; kw.lut = lut.data();
+    kw.entries = entries; kw.rows_per_group = rows / groups;
+    if (kernels::matmul(kw, x.data(), 1, nullptr, y.data()) != 0) return 5;
+    for (int64_t r = 0; r < rows; ++r) {
+      double s = 0; for (int64_t k = 0; k < cols; ++k) s += lut[(r / 2) * entries + full[r * cols + k]] * x[k];
+      if (std::fabs(s - y[r]) > 1e-4) { std::printf("palette mismatch %d %lld\n", nbits, (long long)r); return 6; }
+    }
+  }
+  std::vector<float> v(21), out(21);
+  for (auto& e : v) e = rnd() * 3000.0f;
+  kernels::round_f16(v.data(), 21, out.data());
+  for (int i = 0; i < 21; ++i) if (out[i] != half_to_float(float_to_half(v[i]))) { std::printf("round %d\n", i); return 7; }
   std::printf("ok\n");
   return 0;
 }

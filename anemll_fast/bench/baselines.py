@@ -83,25 +83,32 @@ class TorchSide:
 
 
 class LlamaCppSide:
-    """llama.cpp through llama-cpp-python on the GGUF, one thread."""
+    """llama.cpp through llama-cpp-python on the GGUF, one thread (prompt batches included)."""
 
     def __init__(self, path: str, n_ctx: int = 512):
-        from llama_cpp import Llama
+        import llama_cpp
 
-        # logits_all: llama-cpp-python (0.3.x) fills `scores` only then (a row per position); without it the
-        # logits stay inside its sampler. It costs the prefill a head over every prompt row, not a decode step.
-        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=1, n_batch=64, logits_all=True, verbose=False)
+        self._lib = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=1, n_threads_batch=1, n_batch=64,
+                                   verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def _next(self) -> int:
+        # llama-cpp-python (0.3.x) keeps `scores` only with logits_all, which would cost the prefill a head over
+        # every prompt row: read the last position's logits from the context instead.
+        row = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(row, shape=(self.n_vocab,))))
 
     def prefill(self, prompt: List[int]) -> int:
         self.llm.reset()
         self.llm.eval(prompt)
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return self._next()
 
     def decode(self, first: int, start: int, n: int) -> List[int]:
         out, tok = [], first
         for _ in range(n):
             self.llm.eval([tok])
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            tok = self._next()
             out.append(tok)
         return out
 

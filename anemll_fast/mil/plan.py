@@ -20,7 +20,8 @@ from anemll_fast.mil.blobfile import fp32_to_bf16_bits, bf16_to_fp32
 from anemll_fast.mil.attention import fuse as fuse_attention
 from anemll_fast.mil.errors import MilError, MilFormatError, MilRuntimeError, UnsupportedOpError
 from anemll_fast.mil.ops import CONSTEXPR, CONTROL_FLOW, OPS, SUPPORTED_OPS
-from anemll_fast.mil.ops.registry import BindingRef, BuildContext, Kernel, Stored, compute_form, unwrap
+from anemll_fast.mil.ops.registry import (BindingRef, BuildContext, Kernel, Stored, compute_form, round_fp16,
+                                          unwrap)
 from anemll_fast.mil.program import (
     NUMPY_DTYPES, Block, Function, OtherType, Program, StateType, TensorType, Value, Var,
 )
@@ -108,7 +109,7 @@ def _make_finisher(dtype: str, exact: bool) -> Callable[[Any], Any]:
     if dtype == "fp16":
         if exact:
             return _as_f32
-        return lambda r: np.asarray(r, dtype=_F16).astype(_F32)
+        return round_fp16
     if dtype in ("fp32", "fp64"):
         return _as_f32
     if dtype == "bf16":
@@ -349,11 +350,14 @@ class Plan:
             except Exception as e:  # noqa: BLE001 - any failure decoding constants is a bad file
                 raise MilFormatError(f"{where}: cannot decode constant: {e}") from e
 
-        if ind.size and int(ind.max()) >= lut.shape[r]:
-            raise MilFormatError(f"{where}: cannot decode constant: index {int(ind.max())} outside a "
-                                 f"{lut.shape[r]}-entry palette")
-        table = lut.reshape(lut.shape[0], lut.shape[r]).astype(np.float32)
-        return self._shared((ind, lut), lambda: Stored(dense, ("palette", ind, table, nbits)))
+        def stored() -> Stored:  # once per weight, not per function: reading the indices costs memory
+            if ind.size and int(ind.max()) >= lut.shape[r]:
+                raise MilFormatError(f"{where}: cannot decode constant: index {int(ind.max())} outside a "
+                                     f"{lut.shape[r]}-entry palette")
+            table = lut.reshape(lut.shape[0], lut.shape[r]).astype(np.float32)
+            return Stored(dense, ("palette", ind, table, nbits))
+
+        return self._shared((ind, lut), stored)
 
     def _build(self, fn: Function, outer_consts: Optional[Dict[str, Any]] = None) -> None:
         label = f"{self.source}: function {fn.name!r}"

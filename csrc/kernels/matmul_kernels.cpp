@@ -31,6 +31,10 @@ void decode_f16_portable(const uint16_t* src, int64_t count, float* dst) {
 
 inline int64_t row_bytes(const Weight& w) { return w.nbits <= 4 ? (w.cols + 1) / 2 : w.cols; }
 
+void round_f16_portable(const float* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(float_to_half(src[i]));
+}
+
 void decode_lut_portable(const Weight& w, int64_t r, float* dst) {
   const float* table = w.lut + (r / w.rows_per_group) * w.entries;
   const uint8_t* row = w.idx + r * row_bytes(w);
@@ -70,6 +74,15 @@ AF_AVX2 void decode_f16_avx2(const uint16_t* src, int64_t count, float* dst) {
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
   }
   for (; i < count; ++i) dst[i] = half_to_float(src[i]);
+}
+
+AF_AVX2 void round_f16_avx2(const float* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < n; ++i) dst[i] = half_to_float(float_to_half(src[i]));
 }
 
 AF_AVX2 void decode_lut_avx2(const Weight& w, int64_t r, float* dst) {
@@ -145,105 +158,168 @@ AF_AVX2 void rows_times_x_avx2(const float* wr, int nr, int64_t cols, const floa
   }
 }
 
-// Decode steps (n == 1) fuse the decode into the dot product: no scratch round trip.
+// Decode steps (n == 1) fuse the decode into the dot product: no scratch round trip. One row at a
+// time, front to back: a single sequential stream is what the hardware prefetcher follows best
+// (measured with benchmarks/bench_kernels.py: blocks of 2-8 interleaved row streams, or software
+// prefetch, ran at 1.5-2.5x the time of streaming the bytes; one stream runs at about 1x).
 AF_AVX2 void matvec_f16_avx2(const Weight& w, const float* x, float* y) {
   const int64_t cols = w.cols;
-  int64_t r = 0;
-  for (; r < w.rows; r += kRows) {
-    const int nr = static_cast<int>(w.rows - r < kRows ? w.rows - r : kRows);
-    __m256 a0[kRows], a1[kRows];
-    for (int i = 0; i < kRows; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
-    const uint16_t* base = w.f16 + r * cols;
-    int64_t k = 0;
-    for (; k + 16 <= cols; k += 16) {
-      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-      for (int i = 0; i < nr; ++i) {
-        const uint16_t* wr = base + i * cols + k;
-        a0[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr))), x0, a0[i]);
-        a1[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 8))), x1,
-                                a1[i]);
-      }
-    }
-    for (int i = 0; i < nr; ++i) {
-      float s = hsum(_mm256_add_ps(a0[i], a1[i]));
-      for (int64_t kk = k; kk < cols; ++kk) s += half_to_float(base[i * cols + kk]) * x[kk];
-      y[r + i] = s;
-    }
-  }
-}
-
-// 4-bit palettes with fp16 tables: pshufb looks up the low and the high byte of 16 halves at
-// once, so 16 weights cost about a dozen instructions.
-AF_AVX2 void matvec_lut4_avx2(const Weight& w, const float* x, float* y) {
-  const int64_t cols = w.cols, rb = row_bytes(w);
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t r = 0; r < w.rows; r += kRows) {
-    const int nr = static_cast<int>(w.rows - r < kRows ? w.rows - r : kRows);
-    __m128i tlo[kRows], thi[kRows];
-    __m256 a0[kRows], a1[kRows];
-    for (int i = 0; i < nr; ++i) {
-      const uint8_t* t = w.lut16_bytes + ((r + i) / w.rows_per_group) * 32;
-      tlo[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t));
-      thi[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16));
-      a0[i] = a1[i] = _mm256_setzero_ps();
-    }
-    int64_t k = 0;
-    for (; k + 16 <= cols; k += 16) {
-      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-      for (int i = 0; i < nr; ++i) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.idx + (r + i) * rb + (k >> 1)));
-        const __m128i id = _mm_unpacklo_epi8(_mm_and_si128(b, low4), _mm_and_si128(_mm_srli_epi16(b, 4), low4));
-        const __m128i vl = _mm_shuffle_epi8(tlo[i], id), vh = _mm_shuffle_epi8(thi[i], id);
-        a0[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_unpacklo_epi8(vl, vh)), x0, a0[i]);
-        a1[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_unpackhi_epi8(vl, vh)), x1, a1[i]);
-      }
-    }
-    for (int i = 0; i < nr; ++i) {
-      float s = hsum(_mm256_add_ps(a0[i], a1[i]));
-      const float* table = w.lut + ((r + i) / w.rows_per_group) * w.entries;
-      const uint8_t* row = w.idx + (r + i) * rb;
-      for (int64_t kk = k; kk < cols; ++kk) s += table[(row[kk >> 1] >> ((kk & 1) * 4)) & 0xF] * x[kk];
-      y[r + i] = s;
-    }
-  }
-}
-
-// 5- and 6-bit palettes (one uint8 index per weight): four 16-entry sub-tables per byte plane,
-// looked up with pshufb and chosen by the index's top two bits.
-AF_AVX2 void matvec_lut6_avx2(const Weight& w, const float* x, float* y) {
-  const int64_t cols = w.cols;
-  const __m128i low4 = _mm_set1_epi8(0x0F), one = _mm_set1_epi8(1), two = _mm_set1_epi8(2),
-                three = _mm_set1_epi8(3);
   for (int64_t r = 0; r < w.rows; ++r) {
-    const uint8_t* t = w.lut16_bytes + (r / w.rows_per_group) * 128;
-    __m128i lo[4], hi[4];
-    for (int k = 0; k < 4; ++k) {
-      lo[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 * k));
-      hi[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 * k + 16));
-    }
-    const uint8_t* row = w.idx + r * cols;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    const uint16_t* wr = w.f16 + r * cols;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // four chains hide the FMA latency
     int64_t k = 0;
-    for (; k + 16 <= cols; k += 16) {
-      const __m128i id = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
-      const __m128i sub = _mm_and_si128(id, low4);
-      const __m128i sel = _mm_and_si128(_mm_srli_epi16(id, 4), low4);
-      const __m128i m1 = _mm_cmpeq_epi8(sel, one), m2 = _mm_cmpeq_epi8(sel, two), m3 = _mm_cmpeq_epi8(sel, three);
-      __m128i vl = _mm_shuffle_epi8(lo[0], sub), vh = _mm_shuffle_epi8(hi[0], sub);
-      vl = _mm_blendv_epi8(vl, _mm_shuffle_epi8(lo[1], sub), m1);
-      vh = _mm_blendv_epi8(vh, _mm_shuffle_epi8(hi[1], sub), m1);
-      vl = _mm_blendv_epi8(vl, _mm_shuffle_epi8(lo[2], sub), m2);
-      vh = _mm_blendv_epi8(vh, _mm_shuffle_epi8(hi[2], sub), m2);
-      vl = _mm_blendv_epi8(vl, _mm_shuffle_epi8(lo[3], sub), m3);
-      vh = _mm_blendv_epi8(vh, _mm_shuffle_epi8(hi[3], sub), m3);
-      a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_unpacklo_epi8(vl, vh)), _mm256_loadu_ps(x + k), a0);
-      a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_unpackhi_epi8(vl, vh)), _mm256_loadu_ps(x + k + 8), a1);
+    for (; k + 32 <= cols; k += 32) {
+      const __m128i* h = reinterpret_cast<const __m128i*>(wr + k);
+      a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(h)), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(h + 1)), _mm256_loadu_ps(x + k + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(h + 2)), _mm256_loadu_ps(x + k + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(h + 3)), _mm256_loadu_ps(x + k + 24), a3);
     }
-    float s = hsum(_mm256_add_ps(a0, a1));
-    const float* table = w.lut + (r / w.rows_per_group) * w.entries;
-    for (; k < cols; ++k) s += table[row[k]] * x[k];
+    for (; k + 8 <= cols; k += 8) {
+      a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))),
+                           _mm256_loadu_ps(x + k), a0);
+    }
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < cols; ++k) s += half_to_float(wr[k]) * x[k];
     y[r] = s;
   }
+}
+
+// The palette paths look up 16-entry tables with pshufb, the same table in both 128-bit lanes. The
+// lookups leave the weights of a block in a fixed lane order; rather than shuffling every row back,
+// x is permuted once per call into that order (xp), so the rows' FMAs read xp contiguously.
+//
+// 4-bit, 64-column blocks (32 bytes): the low nibbles (even columns) and the high nibbles (odd
+// columns) each index three byte planes of the fp32 table (byte 0 is zero for fp16 values), and two
+// byte interleaves rebuild the fp32 weights, no conversion instruction needed. Lane l of a lookup
+// covers bytes 16l..16l+15 of the block; the four results hold bytes j = 0-3, 4-7, 8-11, 12-15 of
+// each lane.
+inline int64_t lut4_xp_column(int64_t p) {
+  const int64_t nibble = p >> 5, m = p & 31, lane = (m & 7) >> 2, j = (m >> 3) * 4 + (m & 3);
+  return 2 * (lane * 16 + j) + nibble;
+}
+// 5-6 bit, 32-column blocks (one index byte per column), fp16 tables split in low and high bytes:
+// lane 0 holds columns 0-15, lane 1 columns 16-31; after the byte interleave and F16C the groups of
+// 8 weights are columns 0-7, 16-23, 8-15, 24-31.
+inline int64_t lut6_xp_column(int64_t i) {
+  static const int64_t base[4] = {0, 16, 8, 24};
+  return base[i >> 3] + (i & 7);
+}
+
+AF_AVX2 inline __m256i broadcast_table(const uint8_t* t) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
+// lo/hi: table bytes looked up for 32 weights -> 4 x 8 fp32 weights, FMA'd with xp (32 floats).
+AF_AVX2 inline void fma_halves(__m256i vl, __m256i vh, const float* xp, __m256& a0, __m256& a1) {
+  const __m256i h0 = _mm256_unpacklo_epi8(vl, vh), h1 = _mm256_unpackhi_epi8(vl, vh);
+  a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h0)), _mm256_loadu_ps(xp), a0);
+  a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h0, 1)), _mm256_loadu_ps(xp + 8), a1);
+  a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h1)), _mm256_loadu_ps(xp + 16), a0);
+  a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h1, 1)), _mm256_loadu_ps(xp + 24), a1);
+}
+
+// Row r of a 4-bit palette: the 64-column body through pshufb, the tail scalar.
+AF_AVX2 inline void lut4_row(const Weight& w, int64_t r, int64_t rb, int64_t body, const float* xp,
+                             const float* x, float* y) {
+  const __m256i nib = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+  const uint8_t* t = w.lut32_planes + (r / w.rows_per_group) * 48;
+  const __m256i t1 = broadcast_table(t), t2 = broadcast_table(t + 16), t3 = broadcast_table(t + 32);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const uint8_t* row = w.idx + r * rb;
+  for (int64_t k = 0; k < body; k += 64) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1)));
+    const __m256i ids[2] = {_mm256_and_si256(b, nib), _mm256_and_si256(_mm256_srli_epi16(b, 4), nib)};
+    for (int q = 0; q < 2; ++q) {
+      const __m256i v1 = _mm256_shuffle_epi8(t1, ids[q]), v2 = _mm256_shuffle_epi8(t2, ids[q]),
+                    v3 = _mm256_shuffle_epi8(t3, ids[q]);
+      const __m256i lo01 = _mm256_unpacklo_epi8(zero, v1), hi01 = _mm256_unpackhi_epi8(zero, v1);
+      const __m256i lo23 = _mm256_unpacklo_epi8(v2, v3), hi23 = _mm256_unpackhi_epi8(v2, v3);
+      const float* xq = xp + k + 32 * q;
+      acc[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)), _mm256_loadu_ps(xq), acc[0]);
+      acc[1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)), _mm256_loadu_ps(xq + 8),
+                               acc[1]);
+      acc[2] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)), _mm256_loadu_ps(xq + 16),
+                               acc[2]);
+      acc[3] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)), _mm256_loadu_ps(xq + 24),
+                               acc[3]);
+    }
+  }
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  const float* table = w.lut + (r / w.rows_per_group) * w.entries;
+  for (int64_t k = body; k < w.cols; ++k) s += table[(row[k >> 1] >> ((k & 1) * 4)) & 0xF] * x[k];
+  y[r] = s;
+}
+
+// Row r of a 5-6 bit palette. The index's bits 0-3 pick the entry within a 16-entry sub-table
+// (pshufb ignores bits 4-6); bits 4 and 5, shifted up to bit 7, pick the sub-table by byte blends.
+AF_AVX2 inline void lut6_row(const Weight& w, int64_t r, int64_t body, const float* xp, const float* x,
+                             float* y) {
+  const uint8_t* tb = w.lut16_bytes + (r / w.rows_per_group) * 128;
+  __m256i t[8];  // sub-tables 0-3: low bytes in t[0..3], high bytes in t[4..7]
+  for (int s = 0; s < 4; ++s) {
+    t[s] = broadcast_table(tb + 32 * s);
+    t[4 + s] = broadcast_table(tb + 32 * s + 16);
+  }
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  const uint8_t* row = w.idx + r * w.cols;
+  for (int64_t k = 0; k < body; k += 32) {
+    const __m256i id = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+    const __m256i b4 = _mm256_slli_epi16(id, 3), b5 = _mm256_slli_epi16(id, 2);
+    const __m256i l01 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[0], id), _mm256_shuffle_epi8(t[1], id), b4);
+    const __m256i l23 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[2], id), _mm256_shuffle_epi8(t[3], id), b4);
+    const __m256i h01 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[4], id), _mm256_shuffle_epi8(t[5], id), b4);
+    const __m256i h23 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[6], id), _mm256_shuffle_epi8(t[7], id), b4);
+    fma_halves(_mm256_blendv_epi8(l01, l23, b5), _mm256_blendv_epi8(h01, h23, b5), xp + k, a0, a1);
+  }
+  float s = hsum(_mm256_add_ps(a0, a1));
+  const float* table = w.lut + (r / w.rows_per_group) * w.entries;
+  for (int64_t k = body; k < w.cols; ++k) s += table[row[k]] * x[k];
+  y[r] = s;
+}
+
+// x permuted into the lookups' lane order, for the body (whole blocks of `block` columns) of a row.
+template <int64_t block, int64_t (*column)(int64_t)>
+const float* permuted_x(const float* x, int64_t body) {
+  thread_local std::vector<float> xp;  // reused: no allocation per call once grown
+  if (static_cast<int64_t>(xp.size()) < body) xp.resize(static_cast<size_t>(body));
+  for (int64_t k = 0; k < body; k += block) {
+    for (int64_t i = 0; i < block; ++i) xp[static_cast<size_t>(k + i)] = x[k + column(i)];
+  }
+  return xp.data();
+}
+
+// One row at a time, as for fp16 (one memory stream).
+template <bool six>
+AF_AVX2 void matvec_lut_avx2(const Weight& w, const float* x, float* y) {
+  if (six) {
+    const int64_t body = w.cols & ~int64_t{31};
+    const float* xp = permuted_x<32, lut6_xp_column>(x, body);
+    for (int64_t r = 0; r < w.rows; ++r) lut6_row(w, r, body, xp, x, y);
+  } else {
+    const int64_t body = w.cols & ~int64_t{63}, rb = row_bytes(w);
+    const float* xp = permuted_x<64, lut4_xp_column>(x, body);
+    for (int64_t r = 0; r < w.rows; ++r) lut4_row(w, r, rb, body, xp, x, y);
+  }
+}
+
+AF_AVX2 void matvec_lut4_avx2(const Weight& w, const float* x, float* y) { matvec_lut_avx2<false>(w, x, y); }
+AF_AVX2 void matvec_lut6_avx2(const Weight& w, const float* x, float* y) { matvec_lut_avx2<true>(w, x, y); }
+
+AF_AVX2 uint64_t stream_read_avx2(const uint8_t* p, int64_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    a0 = _mm256_xor_si256(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+    a1 = _mm256_xor_si256(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+    a2 = _mm256_xor_si256(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
+    a3 = _mm256_xor_si256(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
+  }
+  const __m256i a = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+  uint64_t s = static_cast<uint64_t>(_mm256_extract_epi64(a, 0) ^ _mm256_extract_epi64(a, 1) ^
+                                     _mm256_extract_epi64(a, 2) ^ _mm256_extract_epi64(a, 3));
+  for (; i < n; ++i) s ^= p[i];
+  return s;
 }
 
 bool cpu_has_avx2() {
@@ -261,6 +337,12 @@ void decode_f16_neon(const uint16_t* src, int64_t count, float* dst) {
     vst1q_f32(dst + i, vcvt_f32_f16(h));
   }
   for (; i < count; ++i) dst[i] = half_to_float(src[i]);
+}
+
+void round_f16_neon(const float* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vcvt_f16_f32(vld1q_f32(src + i))));
+  for (; i < n; ++i) dst[i] = half_to_float(float_to_half(src[i]));
 }
 
 void rows_times_x_neon(const float* wr, int nr, int64_t cols, const float* x, int64_t n, float* y,
@@ -301,6 +383,7 @@ struct Dispatch {
   void (*decode_f16)(const uint16_t*, int64_t, float*);
   void (*decode_lut)(const Weight&, int64_t, float*);
   void (*rows_times_x)(const float*, int, int64_t, const float*, int64_t, float*, int64_t);
+  void (*round_f16)(const float*, int64_t, float*);
   const char* name;
 };
 
@@ -308,17 +391,20 @@ Dispatch pick() {
   // ANEMLL_FAST_KERNELS=portable forces the scalar path (to test it on a vector-capable CPU).
   const char* force = std::getenv("ANEMLL_FAST_KERNELS");
   if (force != nullptr && std::strcmp(force, "portable") == 0) {
-    return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, "portable"};
+    return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, round_f16_portable,
+            "portable"};
   }
 #if AF_X86
   if (cpu_has_avx2()) {
     return {matvec_f16_avx2, matvec_lut4_avx2, matvec_lut6_avx2, decode_f16_avx2, decode_lut_avx2, rows_times_x_avx2,
-            "avx2+fma+f16c"};
+            round_f16_avx2, "avx2+fma+f16c"};
   }
 #elif AF_NEON
-  return {nullptr, nullptr, nullptr, decode_f16_neon, decode_lut_portable, rows_times_x_neon, "neon"};
+  return {nullptr, nullptr, nullptr, decode_f16_neon, decode_lut_portable, rows_times_x_neon, round_f16_neon,
+          "neon"};
 #endif
-  return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, "portable"};
+  return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, round_f16_portable,
+            "portable"};
 }
 
 const Dispatch& dispatch() {
@@ -357,7 +443,7 @@ int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float*
       d.matvec_f16(w, x, y);
       return 0;
     }
-    if (w.idx != nullptr && w.nbits <= 4 && w.lut16_bytes != nullptr && d.matvec_lut4 != nullptr) {
+    if (w.idx != nullptr && w.nbits <= 4 && w.lut32_planes != nullptr && d.matvec_lut4 != nullptr) {
       d.matvec_lut4(w, x, y);
       return 0;
     }
@@ -389,6 +475,23 @@ int decode_rows(const Weight& w, int64_t r0, int64_t r1, float* out) {
     decode_block(d, w, r, nr, out + (r - r0) * w.cols);
   }
   return 0;
+}
+
+void round_f16(const float* src, int64_t n, float* dst) { dispatch().round_f16(src, n, dst); }
+
+uint64_t stream_read(const uint8_t* p, int64_t n) {
+  int64_t i = 0;
+  uint64_t s = 0;
+#if AF_X86
+  if (cpu_has_avx2()) return stream_read_avx2(p, n);
+#endif
+  for (; i + 8 <= n; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, p + i, 8);
+    s ^= v;
+  }
+  for (; i < n; ++i) s ^= p[i];
+  return s;
 }
 
 const char* isa() { return dispatch().name; }

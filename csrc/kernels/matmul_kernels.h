@@ -23,10 +23,13 @@ struct Weight {
   const float* lut = nullptr;     // [rows / rows_per_group, entries] fp32
   int64_t entries = 0;
   int64_t rows_per_group = 0;
-  // Optional, for nbits <= 6 when the tables are exactly fp16: per group, for each 16-entry sub-table
-  // (one for nbits <= 4, four for 5-6 bits), 32 bytes: the low bytes of its 16 halves, then their
-  // high bytes (entries past `entries` are zero).
+  // Optional, for 5-6 bit indices when the tables are exactly fp16: per group, for each of the four
+  // 16-entry sub-tables, 32 bytes: the low bytes of its 16 halves, then their high bytes (entries
+  // past `entries` are zero).
   const uint8_t* lut16_bytes = nullptr;
+  // Optional, for nbits <= 4 when every table entry's fp32 bits have a zero low byte (true of fp16
+  // values): per group, 48 bytes, the entries' bytes 1, 2 and 3 (16 each, zero past `entries`).
+  const uint8_t* lut32_planes = nullptr;
 };
 
 // Y[rows, n] = W · X (+ bias[rows] when bias is not null). Returns 0, or -1 on bad arguments.
@@ -34,6 +37,14 @@ int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float*
 
 // Rows [r0, r1) of W decoded to fp32 into out ([r1 - r0, cols]).
 int decode_rows(const Weight& w, int64_t r0, int64_t r1, float* out);
+
+// dst[i] = src[i] rounded to the nearest IEEE half (ties to even), back in fp32: what storing a
+// value into an fp16 tensor does. dst may be src.
+void round_f16(const float* src, int64_t n, float* dst);
+
+// Reads n bytes once, as fast as one thread can stream them (a bandwidth probe for benchmarks: the
+// floor a matvec over the same bytes could reach). Returns a checksum so the reads are not elided.
+uint64_t stream_read(const uint8_t* p, int64_t n);
 
 // "avx2+fma+f16c" when the vector path runs on this CPU, else "portable" (or "neon" on arm64).
 const char* isa();

@@ -24,9 +24,10 @@ def packed_times(pw: Any, x2: np.ndarray) -> np.ndarray:
         return pw.matmul(x2)
     x2 = np.ascontiguousarray(x2, dtype=np.float32)
     y = np.empty((pw.rows, n), np.float32)
+    block = np.empty(min(_DECODE_ROWS, pw.rows) * pw.cols, np.float32)  # one scratch for every block
     for r0 in range(0, pw.rows, _DECODE_ROWS):
         r1 = min(r0 + _DECODE_ROWS, pw.rows)
-        np.matmul(pw.decode(r0, r1), x2, out=y[r0:r1])
+        np.matmul(pw.decode(r0, r1, out=block), x2, out=y[r0:r1])
     return y
 
 
@@ -151,9 +152,11 @@ def _conv(ctx: BuildContext) -> Kernel:
 
         def run_packed(x):
             n = x.shape[0]
-            xs = x.reshape(n, x.shape[1], -1)
-            ys = [packed_times(pw, xs[i]) for i in range(n)]
-            y = ys[0][None] if n == 1 else np.stack(ys)
+            if n == 1:  # every step of a decoder: no per-item list, no stack
+                y = packed_times(pw, x.reshape(x.shape[1], -1))
+            else:
+                xs = x.reshape(n, x.shape[1], -1)
+                y = np.stack([packed_times(pw, xs[i]) for i in range(n)])
             if b2 is not None:
                 y += b2
             return y.reshape((n, pw.rows) + x.shape[2:])

@@ -7,6 +7,7 @@ plan rounds outputs to their declared dtype afterwards.
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -61,8 +62,13 @@ def compute_form(value: Value) -> Any:
 
 try:  # the native kernels are optional: without them every op runs on numpy/BLAS
     from anemll_fast._kernels import PackedWeight
+    from anemll_fast._kernels import round_fp16
 except ImportError:  # pragma: no cover - a build without the extension
     PackedWeight = None
+
+    def round_fp16(r: Any) -> np.ndarray:
+        """r rounded to fp16 precision, as a new float32 array."""
+        return np.asarray(r, dtype=np.float16).astype(np.float32)
 
 
 class Stored:
@@ -103,7 +109,30 @@ class Stored:
             else:
                 self._packed = PackedWeight.from_palette(data.reshape(rows, -1), self.storage[2],
                                                          self.storage[3])
+                if self.storage[3] <= 4:  # the kernel holds its own nibble-packed copy
+                    release_mapped_pages(data)
         return self._packed
+
+
+def release_mapped_pages(a: np.ndarray) -> bool:
+    """Let the pages of `a` leave this process's resident memory, when `a` is a view of a read-only
+    file mapping (the program cache maps one-byte palette indices that way): they stay in the page
+    cache and come back from the file if read again (the dense fallback). Anything else is left
+    alone (dropping the pages of anonymous or writable memory would lose data); True if released."""
+    owner = a
+    while owner is not None and not isinstance(owner, np.memmap):  # views keep their base alive
+        owner = owner.base if isinstance(owner, np.ndarray) else None
+    mm = getattr(owner, "_mmap", None) if owner is not None and owner.mode == "r" else None
+    if mm is None or a.nbytes < mmap.PAGESIZE:
+        return False
+    start = np.frombuffer(mm, np.uint8, count=1).ctypes.data  # where the mapping begins
+    lo = a.ctypes.data - start
+    first = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside a only
+    last = (lo + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last <= first or not a.flags.c_contiguous:
+        return False
+    mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+    return True
 
 
 def unwrap(v: Any) -> Any:
