@@ -219,3 +219,6 @@ cdef class PackedWeight:
         if rc != 0:
             raise ValueError("invalid packed weight")
         return out
+
+
+include "_kernels_elementwise.pxi"

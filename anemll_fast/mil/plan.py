@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from anemll_fast.mil.blobfile import fp32_to_bf16_bits, bf16_to_fp32
+from anemll_fast.mil import fusion
 from anemll_fast.mil.attention import fuse as fuse_attention
 from anemll_fast.mil.errors import MilError, MilFormatError, MilRuntimeError, UnsupportedOpError
 from anemll_fast.mil.ops import CONSTEXPR, CONTROL_FLOW, OPS, SUPPORTED_OPS
@@ -30,7 +31,8 @@ _F32 = np.float32
 _F16 = np.float16
 # Ops whose kernel may return a view of (or the very object of) its first operand.
 _VIEW_OPS = frozenset({"identity", "reshape", "transpose", "expand_dims", "squeeze", "slice_by_index",
-                       "slice_by_size", "split", "read_state", "coreml_update_state", "cast"})
+                       "slice_by_size", "split", "read_state", "coreml_update_state", "cast",
+                       "reshape_run", "view_run"})
 _STATE_OPS = frozenset({"read_state", "write_state", "coreml_update_state"})
 _WRITE_STATE = {"write_state": ("input", "data"), "coreml_update_state": ("state", "value")}
 
@@ -201,7 +203,10 @@ class Plan:
     """A compiled function: run(inputs, states) -> outputs, all positional by declared order."""
 
     def __init__(self, program: Program, function_name: Optional[str] = None,
-                 const_cache: Optional[Dict[int, Tuple[Any, Any]]] = None):
+                 const_cache: Optional[Dict[int, Tuple[Any, Any]]] = None, fuse: Optional[bool] = None):
+        """fuse: run ANEMLL's op chains as fused steps (see mil/fusion.py); None reads
+        ANEMLL_FAST_FUSION (on unless set to 0)."""
+        self._fuse = fuse
         fn = program.function(function_name)
         self.function_name = fn.name
         self.source = program.source
@@ -249,6 +254,7 @@ class Plan:
         sub.function_name = label
         sub.source = self.source
         sub._const_cache = self._const_cache
+        sub._fuse = self._fuse
         sub._build(fn, outer_consts=consts)
         return sub, captured
 
@@ -498,6 +504,10 @@ class Plan:
         self.output_slots = out_slots
 
         raw_steps, self.fused_attention = fuse_attention(raw_steps, out_slots, consts)
+        self.fused: Dict[str, int] = {}
+        if fusion.enabled(self._fuse):
+            fixed = {s: template[s] for s, b in base.items() if b == ("const",)}
+            raw_steps, self.fused = fusion.fuse(raw_steps, out_slots, consts, types, fixed)
         inplace = self._inplace_steps(raw_steps, base, out_slots)
         steps: List[_Step] = []
         for i, (kernel, op, ins, outs, fins) in enumerate(raw_steps):

@@ -1,0 +1,249 @@
+// See elementwise_kernels.h. The vector paths only change how many values one instruction handles:
+// every value goes through the same float32 operations in the same order as on the portable path,
+// and fp16 rounding is IEEE round-to-nearest-even everywhere (F16C / NEON conversions, or
+// float_to_half), so all paths give identical bits.
+#include "kernels/elementwise_kernels.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "engine/fp16.h"
+
+// The chains these kernels replace round every product before it is added: a compiler must not
+// contract a*b + c into one fused multiply-add (GCC does by default wherever FMA is available).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define AF_X86 1
+#define AF_AVX2 __attribute__((target("avx2,fma,f16c")))
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define AF_NEON 1
+#endif
+
+namespace anemll {
+namespace kernels {
+namespace {
+
+inline float r16(float v) { return half_to_float(float_to_half(v)); }
+
+// ---------------------------------------------------------------- portable
+void round_portable(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = r16(x[i]);
+}
+
+// One rotary row of d values (h = d / 2), rounding through `round` (a whole-array rounder).
+template <bool Round>
+void rotary_row_portable(const float* x, const float* c, const float* s, int64_t h, float* out) {
+  for (int64_t j = 0; j < h; ++j) {
+    float a = x[j] * c[j], b = (-x[j + h]) * s[j];
+    if (Round) a = r16(a), b = r16(b);
+    float y = a + b;
+    out[j] = Round ? r16(y) : y;
+    a = x[j + h] * c[j + h];
+    b = x[j] * s[j + h];
+    if (Round) a = r16(a), b = r16(b);
+    y = a + b;
+    out[j + h] = Round ? r16(y) : y;
+  }
+}
+
+#if AF_X86
+// ---------------------------------------------------------------- AVX2 + F16C
+AF_AVX2 inline __m256 r16_avx(__m256 v) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+AF_AVX2 void round_avx2(const float* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, r16_avx(_mm256_loadu_ps(x + i)));
+  for (; i < n; ++i) out[i] = r16(x[i]);
+}
+
+template <bool Round>
+AF_AVX2 void rotary_row_avx2(const float* x, const float* c, const float* s, int64_t h, float* out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  int64_t j = 0;
+  for (; j + 8 <= h; j += 8) {
+    const __m256 lo = _mm256_loadu_ps(x + j), hi = _mm256_loadu_ps(x + j + h);
+    // no FMA: the chain rounds each product before the add
+    __m256 a = _mm256_mul_ps(lo, _mm256_loadu_ps(c + j));
+    __m256 b = _mm256_mul_ps(_mm256_xor_ps(hi, sign), _mm256_loadu_ps(s + j));
+    if (Round) a = r16_avx(a), b = r16_avx(b);
+    __m256 y = _mm256_add_ps(a, b);
+    _mm256_storeu_ps(out + j, Round ? r16_avx(y) : y);
+    a = _mm256_mul_ps(hi, _mm256_loadu_ps(c + j + h));
+    b = _mm256_mul_ps(lo, _mm256_loadu_ps(s + j + h));
+    if (Round) a = r16_avx(a), b = r16_avx(b);
+    y = _mm256_add_ps(a, b);
+    _mm256_storeu_ps(out + j + h, Round ? r16_avx(y) : y);
+  }
+  if (j < h) {  // the tail of each half
+    for (int64_t k = j; k < h; ++k) {
+      float a = x[k] * c[k], b = (-x[k + h]) * s[k];
+      if (Round) a = r16(a), b = r16(b);
+      out[k] = Round ? r16(a + b) : a + b;
+      a = x[k + h] * c[k + h];
+      b = x[k] * s[k + h];
+      if (Round) a = r16(a), b = r16(b);
+      out[k + h] = Round ? r16(a + b) : a + b;
+    }
+  }
+}
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+#if AF_NEON
+// ---------------------------------------------------------------- NEON
+inline float32x4_t r16_neon(float32x4_t v) { return vcvt_f32_f16(vcvt_f16_f32(v)); }
+
+void round_neon(const float* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) vst1q_f32(out + i, r16_neon(vld1q_f32(x + i)));
+  for (; i < n; ++i) out[i] = r16(x[i]);
+}
+
+template <bool Round>
+void rotary_row_neon(const float* x, const float* c, const float* s, int64_t h, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= h; j += 4) {
+    const float32x4_t lo = vld1q_f32(x + j), hi = vld1q_f32(x + j + h);
+    float32x4_t a = vmulq_f32(lo, vld1q_f32(c + j));
+    float32x4_t b = vmulq_f32(vnegq_f32(hi), vld1q_f32(s + j));
+    if (Round) a = r16_neon(a), b = r16_neon(b);
+    float32x4_t y = vaddq_f32(a, b);
+    vst1q_f32(out + j, Round ? r16_neon(y) : y);
+    a = vmulq_f32(hi, vld1q_f32(c + j + h));
+    b = vmulq_f32(lo, vld1q_f32(s + j + h));
+    if (Round) a = r16_neon(a), b = r16_neon(b);
+    y = vaddq_f32(a, b);
+    vst1q_f32(out + j + h, Round ? r16_neon(y) : y);
+  }
+  for (int64_t k = j; k < h; ++k) {
+    float a = x[k] * c[k], b = (-x[k + h]) * s[k];
+    if (Round) a = r16(a), b = r16(b);
+    out[k] = Round ? r16(a + b) : a + b;
+    a = x[k + h] * c[k + h];
+    b = x[k] * s[k + h];
+    if (Round) a = r16(a), b = r16(b);
+    out[k + h] = Round ? r16(a + b) : a + b;
+  }
+}
+#endif
+
+using RoundFn = void (*)(const float*, int64_t, float*);
+using RotaryRowFn = void (*)(const float*, const float*, const float*, int64_t, float*);
+
+struct Dispatch {
+  RoundFn round;
+  RotaryRowFn rotary_row[2];  // [round16]
+  const char* name;
+};
+
+Dispatch pick() {
+  const char* force = std::getenv("ANEMLL_FAST_KERNELS");
+  const Dispatch portable = {round_portable, {rotary_row_portable<false>, rotary_row_portable<true>}, "portable"};
+  if (force != nullptr && std::strcmp(force, "portable") == 0) return portable;
+#if AF_X86
+  if (cpu_has_avx2()) return {round_avx2, {rotary_row_avx2<false>, rotary_row_avx2<true>}, "avx2+fma+f16c"};
+#elif AF_NEON
+  return {round_neon, {rotary_row_neon<false>, rotary_row_neon<true>}, "neon"};
+#endif
+  return portable;
+}
+
+const Dispatch& dispatch() {
+  static const Dispatch d = pick();
+  return d;
+}
+
+// numpy's pairwise summation of float32 (its add.reduce over a contiguous axis): blocks of at most
+// 128 values summed with eight interleaved accumulators, longer runs split in two at a multiple of 8.
+// Kept to the letter so that the fused norm equals numpy's mean bit for bit.
+float pairwise_sum(const float* a, int64_t n) {
+  if (n < 8) {
+    float res = 0.f;
+    for (int64_t i = 0; i < n; ++i) res += a[i];
+    return res;
+  }
+  if (n <= 128) {
+    float r[8];
+    for (int j = 0; j < 8; ++j) r[j] = a[j];
+    int64_t i = 8;
+    for (; i < n - (n % 8); i += 8)
+      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+    float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
+  }
+  int64_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+}  // namespace
+
+void round_f16(const float* x, int64_t n, float* out) {
+  if (n > 0) dispatch().round(x, n, out);
+}
+
+int mirror_norm(const float* x, int64_t rows, int64_t h, const float* gamma, const float* beta, float eps,
+                bool round16, float* out) {
+  if (rows < 0 || h <= 0 || x == nullptr || out == nullptr) return -1;
+  const int64_t n = 2 * h;
+  std::vector<float> buf(static_cast<size_t>(n));
+  const float count = static_cast<float>(n);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * h;
+    float* orow = out + r * h;
+    for (int64_t i = 0; i < h; ++i) {
+      buf[i] = xr[i];
+      buf[h + i] = -xr[i];
+    }
+    const float mean = pairwise_sum(buf.data(), n) / count;
+    for (int64_t i = 0; i < n; ++i) {
+      const float d = buf[i] - mean;
+      buf[i] = d * d;
+    }
+    const float var = pairwise_sum(buf.data(), n) / count;
+    const float denom = std::sqrt(var + eps);
+    for (int64_t i = 0; i < h; ++i) {
+      float y = (xr[i] - mean) / denom;
+      if (gamma != nullptr) y = y * gamma[i];
+      if (beta != nullptr) y = y + beta[i];
+      orow[i] = y;
+    }
+  }
+  if (round16) round_f16(out, rows * h, out);
+  return 0;
+}
+
+int rotary(const float* x, int64_t groups, int64_t t, int64_t d, const float* cos, const float* sin,
+           bool round16, float* out) {
+  if (groups < 0 || t < 0 || d <= 0 || d % 2 || x == nullptr || cos == nullptr || sin == nullptr ||
+      out == nullptr)
+    return -1;
+  const RotaryRowFn row = dispatch().rotary_row[round16 ? 1 : 0];
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t i = 0; i < t; ++i) {
+      const int64_t off = (g * t + i) * d;
+      row(x + off, cos + i * d, sin + i * d, d / 2, out + off);
+    }
+  return 0;
+}
+
+const char* elementwise_isa() { return dispatch().name; }
+
+}  // namespace kernels
+}  // namespace anemll
