@@ -221,4 +221,4 @@ cdef class PackedWeight:
         return out
 
 
-include "_kernels_elementwise.pxi"
+include "_kernels_chains.pxi"

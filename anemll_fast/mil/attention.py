@@ -11,6 +11,10 @@ key column that any query row can see (the columns after it are -inf in every ro
 exact zeros, adding nothing to a softmax sum or to the product with v). The rewrite finds the chain in
 a plan and replaces it by one step that measures L from the mask on each call and slices k, v and the
 mask before computing, rounding to each op's declared dtype at the same points as the chain.
+
+When the chain's ops are all fp16 (or all fp32) and the operands have the layout ANEMLL gives them
+(contiguous q / k / v sharing leading dims, a mask of one row or of one row per query position), the
+native kernel computes it (anemll_fast._kernels.attention, no temporaries); otherwise numpy does.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from anemll_fast.mil import fusion
 from anemll_fast.mil.ops.reduction import softmax
 from anemll_fast.mil.ops.registry import Kernel, unwrap
 from anemll_fast.mil.program import TensorType, Value
@@ -27,6 +32,9 @@ RawStep = Tuple[Kernel, Any, List[int], List[int], List[Callable]]
 
 def valid_keys(mask: np.ndarray) -> int:
     """One past the last key column that is not -inf in every row of the mask (its last axis)."""
+    if fusion.native is not None and type(mask) is np.ndarray and mask.dtype == np.float32 and \
+            mask.flags.c_contiguous:
+        return fusion.native.open_columns(mask)
     m = mask.reshape(-1, mask.shape[-1])
     open_cols = np.flatnonzero(~np.isneginf(m).all(axis=0))
     return int(open_cols[-1]) + 1 if open_cols.size else 0
@@ -56,8 +64,11 @@ def _last_dim(op: Any) -> Optional[int]:
     return None
 
 
-def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, Any]) -> Tuple[List[RawStep], int]:
-    """raw_steps with each masked-attention chain replaced by one step; also the number replaced."""
+def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, Any],
+         fuse_native: Optional[bool] = None) -> Tuple[List[RawStep], int]:
+    """raw_steps with each masked-attention chain replaced by one step; also the number replaced.
+
+    fuse_native: whether the step may use the native kernel (see fusion.enabled)."""
     producer: Dict[int, int] = {}
     readers: Dict[int, int] = {}
     for i, (_k, _op, ins, outs, _f) in enumerate(raw_steps):
@@ -112,7 +123,12 @@ def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, A
         if None in shape1 or None in shape2:
             continue
         fins = [raw_steps[j][4][0] for j in (im1, ir1, iad, ism, ir2)] + [fins2[0]]
-        kernel = Kernel(_fused(tuple(shape1), tuple(shape2), fins), [])
+        dts = {(op.outputs[0].type.dtype if isinstance(op.outputs[0].type, TensorType) else None)
+               for op in [raw_steps[j][1] for j in (im1, ir1, iad, ism, ir2)] + [op2]}
+        native = None
+        if fusion.enabled(fuse_native) and dts in ({"fp16"}, {"fp32"}):
+            native = dts == {"fp16"}
+        kernel = Kernel(_fused(tuple(shape1), tuple(shape2), fins, native), [])
         for j in (im1, ir1, iad, ism, ir2):
             drop[j] = None
         # the fused step's own output needs no further rounding: it already applied matmul 2's
@@ -129,14 +145,32 @@ def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, A
     return out, sum(1 for v in drop.values() if v is not None)
 
 
-def _fused(shape1: Tuple[int, ...], shape2: Tuple[int, ...], fins: List[Callable]) -> Callable:
+def _native_fits(q: Any, k: Any, shape1: Tuple[int, ...], shape2: Tuple[int, ...]) -> bool:
+    """The reshapes between the matmuls only regroup rows (the kernel's view of the chain): the
+    scores' rows are q's rows, in q's order, and query row r meets mask row r % shape1[-2]."""
+    rows = int(np.prod(q.shape[:-1]))
+    return int(np.prod(shape1[:-1])) == rows and tuple(shape2[:-1]) == tuple(q.shape[:-1]) and \
+        q.ndim >= 2 and shape1[-2] > 0 and q.shape[-2] % shape1[-2] == 0 and k.ndim == q.ndim
+
+
+def _fused(shape1: Tuple[int, ...], shape2: Tuple[int, ...], fins: List[Callable],
+           native: Optional[bool] = None) -> Callable:
+    """The chain as one function; `native` is None (numpy only) or whether the native kernel rounds
+    to fp16."""
     f_mm1, f_r1, f_add, f_sm, f_r2, f_mm2 = fins
+    kernels = fusion.native if native is not None else None
 
     def run(q, k, mask, v):
         n = k.shape[-2]
         L = valid_keys(mask) if mask.shape[-1] == n else n
         if L == 0:  # nothing visible: the full computation's (NaN) result, as the chain gives it
             L = n
+        if kernels is not None and mask.ndim >= 2 and mask.shape[-2] in (1, shape1[-2]) and \
+                _native_fits(q, k, shape1, shape2):
+            try:
+                return kernels.attention(q, k, v, mask, L, native)
+            except ValueError:  # a layout the kernel does not take (e.g. a non-contiguous cache view)
+                pass
         s = f_mm1(np.matmul(q, np.swapaxes(k[..., :L, :], -1, -2)))
         s = f_r1(np.reshape(s, shape1[:-1] + (L,)))
         s = f_add(s + mask[..., :L])

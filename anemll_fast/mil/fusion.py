@@ -386,6 +386,87 @@ def _match_views(g: _Graph, i_last: int, types: Dict[str, Any]) -> Optional[Tupl
     return idx, (Kernel(run, [], exact=True), fused_op, [x_slot], list(steps[i_last][3]), [_identity])
 
 
+# ---------------------------------------------------------------- view steps folded into their producer
+_STATE_OPS = frozenset({"read_state", "write_state", "coreml_update_state"})
+_FOLDABLE_VIEWS = VIEW_OPS | {"reshape_run", "view_run"}
+
+
+def _fold_views(raw_steps: List[RawStep], out_slots: Sequence[int]) -> Tuple[List[RawStep], int]:
+    """A single-operand view step whose operand is read by it alone runs inside the step producing that
+    operand (producer, its rounding, then the view): one dispatch instead of two. The merged step keeps
+    the producer's op type, so the plan's aliasing analysis sees it as it saw the producer."""
+    g = _Graph(raw_steps, out_slots, {})
+    merged: Dict[int, RawStep] = {}   # producer index -> merged step
+    dropped = set()
+    for i, (k, op, ins, outs, fins) in enumerate(raw_steps):
+        if op.type not in _FOLDABLE_VIEWS or len(ins) != 1 or len(outs) != 1 or not g.sole(ins[0]):
+            continue
+        p = g.producer.get(ins[0])
+        if p is None or p in dropped:
+            continue
+        kp, opp, insp, outsp, finsp = merged.get(p, raw_steps[p])
+        if len(outsp) != 1 or kp.inplace_arg is not None or opp.type in _STATE_OPS or outsp[0] != ins[0]:
+            continue
+
+        def run(*vals, pf=kp.fn, pfin=finsp[0], vf=k.fn, vfin=fins[0]):
+            return vfin(vf(pfin(pf(*vals))))
+
+        kind = opp.type
+        fop = FusedOp(kind, list(op.outputs), list(getattr(opp, "replaced", [opp])) + [op])
+        merged[p] = (Kernel(run, kp.args, exact=kp.exact and k.exact, pure=kp.pure), fop, insp, list(outs),
+                     [_identity])
+        dropped.add(i)
+    if not merged:
+        return raw_steps, 0
+    out = [merged.get(i, st) for i, st in enumerate(raw_steps) if i not in dropped]
+    return out, len(dropped)
+
+
+# ---------------------------------------------------------------- small integer concats
+def _fast_int_concats(raw_steps: List[RawStep], fixed: Dict[int, Any]) -> Tuple[List[RawStep], int]:
+    """concat of 1-D integer pieces, all constant but one (ANEMLL builds the KV-cache update's begin and
+    end as [layer, 0, position, 0] this way): the constant pieces are joined once, at build time, and
+    each run copies that template and writes the runtime piece into its place."""
+    out, n = [], 0
+    for st in raw_steps:
+        k, op, ins, outs, fins = st
+        t = _out_type(op)
+        runtime = [j for j, s in enumerate(ins) if s not in fixed]
+        if op.type != "concat" or len(outs) != 1 or t is None or not t.dtype.startswith(("int", "uint")) or \
+                len(runtime) != 1 or _static_shape(t) is None or len(_static_shape(t)) != 1:
+            out.append(st)
+            continue
+        parts = [np.asarray(fixed[s]) if j not in runtime else None for j, s in enumerate(ins)]
+        if any(p is not None and p.ndim != 1 for p in parts):
+            out.append(st)
+            continue
+        j0 = runtime[0]
+        size = _static_shape(t)[0]
+        width = size - sum(p.size for p in parts if p is not None)
+        start = sum(p.size for p in parts[:j0])
+        try:
+            whole = np.asarray(fins[0](k.fn(*[p if p is not None else np.zeros(width, np.int64) for p in parts])))
+        except Exception:  # noqa: BLE001 - not the simple concat it looked like
+            out.append(st)
+            continue
+        if whole.shape != (size,) or width < 0:
+            out.append(st)
+            continue
+        slow, fin = k.fn, fins[0]
+        a, b = start, start + width
+
+        def run(v, whole=whole, a=a, b=b, slow=slow, fin=fin, parts=parts, j0=j0):
+            if np.ndim(v) != 1 or np.shape(v)[0] != b - a:
+                return fin(slow(*[p if p is not None else v for p in parts]))
+            r = whole.copy()
+            r[a:b] = v  # numpy casts as the op's finisher would (the plan holds int values here)
+            return r
+
+        out.append((Kernel(run, [k.args[j0]], exact=True), op, [ins[j0]], outs, [_identity]))
+        n += 1
+    return out, n
+
+
 # ---------------------------------------------------------------- driver
 def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, Any], types: Dict[str, Any],
          fixed: Dict[int, Any]) -> Tuple[List[RawStep], Dict[str, int]]:
@@ -398,7 +479,9 @@ def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, A
         raw_steps = _rewrite(raw_steps, out_slots, fixed, lambda g, i: matcher(g, i, consts, types), counts)
     raw_steps = _rewrite(raw_steps, out_slots, fixed, lambda g, i: _match_views(g, i, types), counts,
                          backwards=True)
-    return raw_steps, counts
+    raw_steps, counts["int_concat"] = _fast_int_concats(raw_steps, fixed)
+    raw_steps, counts["folded_views"] = _fold_views(raw_steps, out_slots)
+    return raw_steps, {k: v for k, v in counts.items() if v}
 
 
 def _rewrite(raw_steps: List[RawStep], out_slots: Sequence[int], fixed: Dict[int, Any], match: Callable,

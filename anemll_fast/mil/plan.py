@@ -503,7 +503,7 @@ class Plan:
                 raise MilFormatError(f"{label}: output {o!r} is never defined")
         self.output_slots = out_slots
 
-        raw_steps, self.fused_attention = fuse_attention(raw_steps, out_slots, consts)
+        raw_steps, self.fused_attention = fuse_attention(raw_steps, out_slots, consts, self._fuse)
         self.fused: Dict[str, int] = {}
         if fusion.enabled(self._fuse):
             fixed = {s: template[s] for s, b in base.items() if b == ("const",)}

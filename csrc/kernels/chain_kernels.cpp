@@ -1,8 +1,8 @@
-// See elementwise_kernels.h. The vector paths only change how many values one instruction handles:
+// See chain_kernels.h. The vector paths only change how many values one instruction handles:
 // every value goes through the same float32 operations in the same order as on the portable path,
 // and fp16 rounding is IEEE round-to-nearest-even everywhere (F16C / NEON conversions, or
 // float_to_half), so all paths give identical bits.
-#include "kernels/elementwise_kernels.h"
+#include "kernels/chain_kernels.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -35,6 +35,16 @@ namespace {
 inline float r16(float v) { return half_to_float(float_to_half(v)); }
 
 // ---------------------------------------------------------------- portable
+float dot_portable(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy_portable(float a, const float* x, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
 void round_portable(const float* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = r16(x[i]);
 }
@@ -98,6 +108,25 @@ AF_AVX2 void rotary_row_avx2(const float* x, const float* c, const float* s, int
   }
 }
 
+AF_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float s = _mm_cvtss_f32(h);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+AF_AVX2 void axpy_avx2(float a, const float* x, int64_t n, float* y) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -112,6 +141,21 @@ void round_neon(const float* x, int64_t n, float* out) {
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) vst1q_f32(out + i, r16_neon(vld1q_f32(x + i)));
   for (; i < n; ++i) out[i] = r16(x[i]);
+}
+
+float dot_neon(const float* a, const float* b, int64_t n) {
+  float32x4_t acc = vdupq_n_f32(0.f);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) acc = vfmaq_f32(acc, vld1q_f32(a + i), vld1q_f32(b + i));
+  float s = vaddvq_f32(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy_neon(float a, const float* x, int64_t n, float* y) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
+  for (; i < n; ++i) y[i] += a * x[i];
 }
 
 template <bool Round>
@@ -144,21 +188,27 @@ void rotary_row_neon(const float* x, const float* c, const float* s, int64_t h, 
 
 using RoundFn = void (*)(const float*, int64_t, float*);
 using RotaryRowFn = void (*)(const float*, const float*, const float*, int64_t, float*);
+using DotFn = float (*)(const float*, const float*, int64_t);
+using AxpyFn = void (*)(float, const float*, int64_t, float*);
 
 struct Dispatch {
   RoundFn round;
   RotaryRowFn rotary_row[2];  // [round16]
+  DotFn dot;
+  AxpyFn axpy;
   const char* name;
 };
 
 Dispatch pick() {
   const char* force = std::getenv("ANEMLL_FAST_KERNELS");
-  const Dispatch portable = {round_portable, {rotary_row_portable<false>, rotary_row_portable<true>}, "portable"};
+  const Dispatch portable = {round_portable, {rotary_row_portable<false>, rotary_row_portable<true>},
+                             dot_portable, axpy_portable, "portable"};
   if (force != nullptr && std::strcmp(force, "portable") == 0) return portable;
 #if AF_X86
-  if (cpu_has_avx2()) return {round_avx2, {rotary_row_avx2<false>, rotary_row_avx2<true>}, "avx2+fma+f16c"};
+  if (cpu_has_avx2())
+    return {round_avx2, {rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, axpy_avx2, "avx2+fma+f16c"};
 #elif AF_NEON
-  return {round_neon, {rotary_row_neon<false>, rotary_row_neon<true>}, "neon"};
+  return {round_neon, {rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, axpy_neon, "neon"};
 #endif
   return portable;
 }
@@ -243,7 +293,50 @@ int rotary(const float* x, int64_t groups, int64_t t, int64_t d, const float* co
   return 0;
 }
 
-const char* elementwise_isa() { return dispatch().name; }
+int attention(const float* q, int64_t groups, int64_t rows, int64_t d, const float* k, const float* v,
+              int64_t kv_group_stride, int64_t n_keys, const float* mask, int64_t mask_rows, int64_t mask_stride,
+              bool round16, float* out) {
+  if (groups < 0 || rows < 0 || d <= 0 || n_keys <= 0 || mask_rows <= 0 || mask_stride < n_keys || q == nullptr ||
+      k == nullptr || v == nullptr || mask == nullptr || out == nullptr)
+    return -1;
+  const Dispatch& dp = dispatch();
+  std::vector<float> s(static_cast<size_t>(n_keys)), e(static_cast<size_t>(n_keys));
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* kg = k + g * kv_group_stride;
+    const float* vg = v + g * kv_group_stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + (g * rows + r) * d;
+      const float* mr = mask + (r % mask_rows) * mask_stride;
+      for (int64_t j = 0; j < n_keys; ++j) s[j] = dp.dot(qr, kg + j * d, d);
+      if (round16) dp.round(s.data(), n_keys, s.data());
+      for (int64_t j = 0; j < n_keys; ++j) s[j] = s[j] + mr[j];
+      if (round16) dp.round(s.data(), n_keys, s.data());
+      // softmax as the op computes it: shift by a finite max, exp, divide by the (pairwise) sum
+      float m = s[0];
+      for (int64_t j = 1; j < n_keys; ++j) m = s[j] > m ? s[j] : m;
+      if (!std::isfinite(m)) m = 0.f;
+      for (int64_t j = 0; j < n_keys; ++j) e[j] = std::exp(s[j] - m);
+      const float total = pairwise_sum(e.data(), n_keys);
+      for (int64_t j = 0; j < n_keys; ++j) s[j] = e[j] / total;
+      if (round16) dp.round(s.data(), n_keys, s.data());
+      float* o = out + (g * rows + r) * d;
+      for (int64_t c = 0; c < d; ++c) o[c] = 0.f;
+      for (int64_t j = 0; j < n_keys; ++j) dp.axpy(s[j], vg + j * d, d, o);
+      if (round16) dp.round(o, d, o);
+    }
+  }
+  return 0;
+}
+
+int64_t open_columns(const float* mask, int64_t rows, int64_t cols) {
+  const float ninf = -INFINITY;
+  for (int64_t c = cols - 1; c >= 0; --c)
+    for (int64_t r = 0; r < rows; ++r)
+      if (!(mask[r * cols + c] == ninf)) return c + 1;  // NaN counts as open, as numpy's isneginf says
+  return 0;
+}
+
+const char* chain_isa() { return dispatch().name; }
 
 }  // namespace kernels
 }  // namespace anemll

@@ -1,0 +1,144 @@
+# Included by _kernels.pyx: the fused element-wise kernels of csrc/kernels/chain_kernels.h.
+# Operands are float32 arrays holding the chain's inputs; shapes are checked here, so that a caller
+# whose operands do not fit gets a ValueError (the plan then runs the chain op by op).
+
+cdef extern from "kernels/chain_kernels.h" namespace "anemll::kernels" nogil:
+    void c_round_f16 "anemll::kernels::round_f16"(const float* x, int64_t n, float* out)
+    int c_mirror_norm "anemll::kernels::mirror_norm"(const float* x, int64_t rows, int64_t h,
+                                                     const float* gamma, const float* beta, float eps,
+                                                     bint round16, float* out)
+    int c_rotary "anemll::kernels::rotary"(const float* x, int64_t groups, int64_t t, int64_t d,
+                                           const float* cos, const float* sin, bint round16, float* out)
+    int c_attention "anemll::kernels::attention"(const float* q, int64_t groups, int64_t rows, int64_t d,
+                                                 const float* k, const float* v, int64_t kv_group_stride,
+                                                 int64_t n_keys, const float* mask, int64_t mask_rows,
+                                                 int64_t mask_stride, bint round16, float* out)
+    int64_t c_open_columns "anemll::kernels::open_columns"(const float* mask, int64_t rows, int64_t cols)
+    const char* c_chain_isa "anemll::kernels::chain_isa"()
+
+cimport cython
+
+
+def chain_isa() -> str:
+    """Which vector path the element-wise kernels run on this CPU."""
+    return c_chain_isa().decode()
+
+
+cdef inline float* _f32p(object a, str what) except NULL:
+    """The data of a C-contiguous float32 ndarray (a ValueError for anything else)."""
+    if type(a) is not np.ndarray or not cnp.PyArray_IS_C_CONTIGUOUS(a) or \
+            cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT32:
+        raise ValueError(f"{what} must be a C-contiguous float32 array")
+    return <float*>cnp.PyArray_DATA(a)
+
+
+def round_f16(x):
+    """A new float32 array: x rounded to the nearest fp16 values (round to nearest even)."""
+    xa = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(xa)
+    cdef const float* xp = _f32p(xa, "x")
+    cdef float* op = _f32p(out, "out")
+    cdef int64_t n = xa.size
+    with nogil:
+        c_round_f16(xp, n, op)
+    return out
+
+
+@cython.wraparound(True)
+def mirror_norm(x, gamma, beta, float eps, bint round16):
+    """ANEMLL's RMSNorm: layer_norm over concat([x, -x], -1) (gamma/beta of 2h values or None), first
+    h outputs kept; x [..., h] C-contiguous float32. Returns a new array of x's shape."""
+    cdef const float* xp = _f32p(x, "x")
+    cdef int64_t h = x.shape[-1] if x.ndim else 0
+    if h == 0:
+        raise ValueError("mirror_norm needs a non-empty last axis")
+    cdef int64_t rows = x.size // h
+    cdef const float* gp = NULL
+    cdef const float* bp = NULL
+    if gamma is not None:
+        gp = _f32p(gamma, "gamma")
+        if gamma.size != 2 * h:
+            raise ValueError(f"gamma of {gamma.size} values for {2 * h}")
+    if beta is not None:
+        bp = _f32p(beta, "beta")
+        if beta.size != 2 * h:
+            raise ValueError(f"beta of {beta.size} values for {2 * h}")
+    out = np.empty_like(x)
+    cdef float* op = <float*>cnp.PyArray_DATA(out)
+    cdef int rc
+    with nogil:
+        rc = c_mirror_norm(xp, rows, h, gp, bp, eps, round16, op)
+    if rc != 0:
+        raise ValueError("mirror_norm: bad arguments")
+    return out
+
+
+@cython.wraparound(True)
+def rotary(x, cos, sin, bint round16):
+    """x [..., t, d] with cos, sin of shape [1, ..., 1, t, d] (one table for every leading index):
+    x * cos + rotate_half(x) * sin, each product and the sum rounded to fp16 when round16."""
+    cdef const float* xp = _f32p(x, "x")
+    cdef const float* cp = _f32p(cos, "cos")
+    cdef const float* sp = _f32p(sin, "sin")
+    cdef tuple xs = x.shape
+    cdef tuple cs = cos.shape
+    if len(xs) < 2 or cs != sin.shape or len(cs) > len(xs) or len(cs) < 2 or cs[-2:] != xs[-2:] or \
+            cos.size != xs[-2] * xs[-1] or xs[-1] % 2:
+        raise ValueError(f"rotary: tables {list(cs)}/{list(sin.shape)} do not fit x {list(xs)}")
+    cdef int64_t t = xs[-2], d = xs[-1]
+    cdef int64_t groups = x.size // (t * d) if t * d else 0
+    out = np.empty_like(x)
+    cdef float* op = <float*>cnp.PyArray_DATA(out)
+    cdef int rc
+    with nogil:
+        rc = c_rotary(xp, groups, t, d, cp, sp, round16, op)
+    if rc != 0:
+        raise ValueError("rotary: bad arguments")
+    return out
+
+
+@cython.wraparound(True)
+def attention(q, k, v, mask, int64_t n_keys, bint round16):
+    """softmax(q k^T + mask) v over the first n_keys keys, fp16-rounded after each op when round16.
+
+    q [..., R, D]; k, v [..., N, D] with q's leading dims; mask [1, ..., 1, Tm, N] with Tm = 1 or
+    Tm dividing R (query row r reads mask row r % Tm). All C-contiguous float32. Returns [..., R, D]."""
+    cdef const float* qp = _f32p(q, "q")
+    cdef const float* kp = _f32p(k, "k")
+    cdef const float* vp = _f32p(v, "v")
+    cdef const float* mp = _f32p(mask, "mask")
+    cdef tuple qs = q.shape
+    cdef tuple ks = k.shape
+    cdef tuple ms = mask.shape
+    if len(qs) < 2 or ks != v.shape or len(ks) != len(qs) or ks[:-2] != qs[:-2] or ks[-1] != qs[-1] or \
+            len(ms) < 2 or any(m != 1 for m in ms[:-2]) or ms[-1] != ks[-2] or \
+            not 0 < n_keys <= ks[-2] or ms[-2] == 0 or qs[-2] % ms[-2]:
+        raise ValueError(f"attention: q {list(qs)}, k {list(ks)}, v {list(v.shape)}, mask {list(ms)} "
+                         f"do not fit")
+    cdef int64_t rows = qs[-2], d = qs[-1], n = ks[-2]
+    cdef int64_t groups = q.size // (rows * d) if rows * d else 0
+    out = np.empty_like(q)
+    if q.size == 0:
+        return out
+    cdef float* op = <float*>cnp.PyArray_DATA(out)
+    cdef int64_t mrows = ms[-2], mstride = ms[-1]
+    cdef int rc
+    with nogil:
+        rc = c_attention(qp, groups, rows, d, kp, vp, n * d, n_keys, mp, mrows, mstride, round16, op)
+    if rc != 0:
+        raise ValueError("attention: bad arguments")
+    return out
+
+
+@cython.wraparound(True)
+def open_columns(mask):
+    """One past the last column (last axis) of a C-contiguous float32 mask that is not -inf in every row."""
+    cdef const float* mp = _f32p(mask, "mask")
+    if mask.ndim == 0 or mask.shape[-1] == 0:
+        return 0
+    cdef int64_t cols = mask.shape[-1]
+    cdef int64_t rows = mask.size // cols
+    cdef int64_t r
+    with nogil:
+        r = c_open_columns(mp, rows, cols)
+    return r
