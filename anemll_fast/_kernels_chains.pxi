@@ -32,10 +32,15 @@ cdef inline float* _f32p(object a, str what) except NULL:
     return <float*>cnp.PyArray_DATA(a)
 
 
-def round_f16(x):
-    """A new float32 array: x rounded to the nearest fp16 values (round to nearest even)."""
-    xa = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty_like(xa)
+def round_f16(x, out=None):
+    """x rounded to the nearest fp16 values (round to nearest even), as float32: into a new array, or
+    into `out` (a C-contiguous float32 array of x's size; x itself rounds in place)."""
+    xa = x if type(x) is np.ndarray and cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32 \
+        else np.ascontiguousarray(x, dtype=np.float32)
+    if out is None:
+        out = cnp.PyArray_EMPTY(xa.ndim, cnp.PyArray_DIMS(xa), cnp.NPY_FLOAT32, 0)
+    elif _f32p(out, "out") == NULL or out.size != xa.size:
+        raise ValueError(f"out of {out.size} values for {xa.size}")
     cdef const float* xp = _f32p(xa, "x")
     cdef float* op = _f32p(out, "out")
     cdef int64_t n = xa.size

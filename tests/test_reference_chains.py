@@ -383,6 +383,28 @@ def test_rotary_near_misses_are_not_fused(tmp_path, near_miss):
     _same_outputs(fused, plain, [rand((1, 3, 2, 8)), rand(tshape, True, 1.0), rand(tshape, True, 1.0)])
 
 
+@pytest.mark.parametrize("fp16", [True, False])
+def test_silu_gated_product_is_fused_and_exact(tmp_path, fp16):
+    ct = pytest.importorskip("coremltools")
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    dt = types.fp16 if fp16 else types.fp32
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 37, 1, 1), dtype=dt), mb.TensorSpec((1, 37, 1, 1), dtype=dt),
+                             mb.TensorSpec((1, 1, 1, 1), dtype=dt)], opset_version=ct.target.iOS18)
+    def prog(a, b, c):
+        gated = mb.mul(x=mb.silu(x=a), y=b)
+        kept = mb.silu(x=b)                              # its silu is also an output: not fused
+        broadcast = mb.mul(x=mb.silu(x=mb.add(x=a, y=b)), y=c)  # another shape: not fused
+        return gated, mb.mul(x=kept, y=a), kept, broadcast
+
+    fused, plain = _plans(tmp_path, prog)
+    assert fused.fused.get("silu_mul") == 1
+    _same_outputs(fused, plain, [rand((1, 37, 1, 1), fp16, 4.0), rand((1, 37, 1, 1), fp16, 4.0),
+                                 rand((1, 1, 1, 1), fp16)])
+
+
 def test_view_runs_become_one_reshape_or_one_step(tmp_path):
     ct = pytest.importorskip("coremltools")
     from coremltools.converters.mil import Builder as mb

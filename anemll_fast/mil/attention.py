@@ -18,6 +18,7 @@ native kernel computes it (anemll_fast._kernels.attention, no temporaries); othe
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -145,28 +146,24 @@ def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, A
     return out, sum(1 for v in drop.values() if v is not None)
 
 
-def _native_fits(q: Any, k: Any, shape1: Tuple[int, ...], shape2: Tuple[int, ...]) -> bool:
-    """The reshapes between the matmuls only regroup rows (the kernel's view of the chain): the
-    scores' rows are q's rows, in q's order, and query row r meets mask row r % shape1[-2]."""
-    rows = int(np.prod(q.shape[:-1]))
-    return int(np.prod(shape1[:-1])) == rows and tuple(shape2[:-1]) == tuple(q.shape[:-1]) and \
-        q.ndim >= 2 and shape1[-2] > 0 and q.shape[-2] % shape1[-2] == 0 and k.ndim == q.ndim
-
-
 def _fused(shape1: Tuple[int, ...], shape2: Tuple[int, ...], fins: List[Callable],
            native: Optional[bool] = None) -> Callable:
     """The chain as one function; `native` is None (numpy only) or whether the native kernel rounds
     to fp16."""
     f_mm1, f_r1, f_add, f_sm, f_r2, f_mm2 = fins
-    kernels = fusion.native if native is not None else None
+    # The native kernel's view of the chain: the reshapes between the matmuls only regroup rows (the
+    # scores' rows are q's rows in q's order) and query row r meets mask row r % shape1[-2].
+    lead, t1 = tuple(shape2[:-1]), shape1[-2]
+    regroups = math.prod(shape1[:-1]) == math.prod(shape2[:-1]) and t1 > 0
+    kernels = fusion.native if native is not None and regroups else None
 
     def run(q, k, mask, v):
         n = k.shape[-2]
         L = valid_keys(mask) if mask.shape[-1] == n else n
         if L == 0:  # nothing visible: the full computation's (NaN) result, as the chain gives it
             L = n
-        if kernels is not None and mask.ndim >= 2 and mask.shape[-2] in (1, shape1[-2]) and \
-                _native_fits(q, k, shape1, shape2):
+        if kernels is not None and q.shape[:-1] == lead and q.shape[-2] % t1 == 0 and mask.ndim >= 2 and \
+                mask.shape[-2] in (1, t1):
             try:
                 return kernels.attention(q, k, v, mask, L, native)
             except ValueError:  # a layout the kernel does not take (e.g. a non-contiguous cache view)

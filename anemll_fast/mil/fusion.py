@@ -7,6 +7,7 @@ their cost is the per-step dispatch and numpy call overhead, not arithmetic. Thr
   one native kernel (`mirror_norm`);
 - the rotary embedding `x * cos + concat([-x2, x1]) * sin` (x1, x2 the halves of x's last axis)
   becomes one native kernel (`rotary`);
+- the SiLU-gated product `silu(a) * b` becomes one step computing in one buffer;
 - a run of view ops (reshape / transpose / squeeze / expand_dims) becomes one step, a single
   `reshape` when the run only renames axes (checked on an index array at build time).
 
@@ -336,6 +337,55 @@ def _rotary_parts(g: _Graph, i_a: int, i_b: int) -> Optional[Tuple[int, ...]]:
     return None
 
 
+# ---------------------------------------------------------------- SiLU-gated product
+def _match_silu_mul(g: _Graph, i_mul: int, consts: Dict[str, Any], types: Dict[str, Any]
+                    ) -> Optional[Tuple[List[int], RawStep]]:
+    """mul(silu(a), b) of one shape: the same numpy operations as the two ops, in one step and one
+    buffer (no temporaries but the result), rounded where the ops round."""
+    steps = g.steps
+    _k, op_m, ins_m, outs_m, _f = steps[i_mul]
+    if op_m.type != "mul" or len(ins_m) != 2:
+        return None
+    for pos in (0, 1):
+        i_s = g.made_by(ins_m[pos], "silu")
+        if i_s is None or len(steps[i_s][2]) != 1:
+            continue
+        a_slot, b_slot = steps[i_s][2][0], ins_m[1 - pos]
+        op_s = steps[i_s][1]
+        dt = _float_dtype([op_s, op_m])
+        a_name = (op_s.inputs.get("x") or [None])[0]
+        b_name = (op_m.inputs.get("y" if pos == 0 else "x") or [None])[0]
+        shape = _static_shape(types.get(a_name)) if isinstance(a_name, str) else None
+        if dt is None or shape is None or not isinstance(b_name, str) or \
+                _static_shape(types.get(b_name)) != shape or _static_shape(_out_type(op_m)) != shape:
+            continue
+        round16 = dt == "fp16"
+        chain = _chain_runner(g, [steps[i_s], steps[i_mul]], [a_slot, b_slot], outs_m[0])
+        half, one = np.float32(0.5), np.float32(1.0)
+
+        def fast(a, b, round16=round16, pos=pos):
+            if type(a) is not np.ndarray or a.dtype != np.float32 or a.shape != b.shape or b.dtype != np.float32:
+                raise ValueError("operands the fused product does not take")
+            t = np.multiply(half, a)          # the silu op: x * 0.5 * (1 + tanh(0.5 x)), in its order
+            np.tanh(t, out=t)
+            np.add(one, t, out=t)
+            np.multiply(half, t, out=t)
+            np.multiply(a, t, out=t)
+            if round16:
+                native.round_f16(t, out=t)
+            np.multiply(t, b, out=t) if pos == 0 else np.multiply(b, t, out=t)
+            if round16:
+                native.round_f16(t, out=t)
+            return t
+
+        if not _probe_equal(fast, chain, [shape, shape], round16):
+            continue
+        fused_op = FusedOp("silu_mul", list(op_m.outputs), [op_s, op_m])
+        return [i_s, i_mul], (Kernel(_with_fallback(fast, chain), []), fused_op, [a_slot, b_slot], list(outs_m),
+                              [_identity])
+    return None
+
+
 # ---------------------------------------------------------------- view runs
 def _match_views(g: _Graph, i_last: int, types: Dict[str, Any]) -> Optional[Tuple[List[int], RawStep]]:
     """The longest run of view ops ending at i_last, each feeding only the next; one step for it."""
@@ -475,7 +525,7 @@ def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, A
     consts: constant variables by name; types: variable types by name; fixed: the values of the
     constant slots the steps read."""
     counts: Dict[str, int] = {}
-    for matcher in (_match_mirror_norm, _match_rotary):
+    for matcher in (_match_mirror_norm, _match_rotary, _match_silu_mul):
         raw_steps = _rewrite(raw_steps, out_slots, fixed, lambda g, i: matcher(g, i, consts, types), counts)
     raw_steps = _rewrite(raw_steps, out_slots, fixed, lambda g, i: _match_views(g, i, types), counts,
                          backwards=True)
