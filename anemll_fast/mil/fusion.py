@@ -1,7 +1,7 @@
 """Plan rewrites that run op chains of ANEMLL's graphs as one step each.
 
 A decode step of an ANEMLL model is ~60 plan steps per layer, most of them on a few hundred values:
-their cost is the per-step dispatch and numpy call overhead, not arithmetic. Three rewrites cut it:
+their cost is the per-step dispatch and numpy call overhead, not arithmetic. These rewrites cut it:
 
 - RMSNorm as ANEMLL writes it, `slice(layer_norm(concat([x, x * -1], -1)), first half)`, becomes
   one native kernel (`mirror_norm`);
@@ -9,7 +9,10 @@ their cost is the per-step dispatch and numpy call overhead, not arithmetic. Thr
   becomes one native kernel (`rotary`);
 - the SiLU-gated product `silu(a) * b` becomes one step computing in one buffer;
 - a run of view ops (reshape / transpose / squeeze / expand_dims) becomes one step, a single
-  `reshape` when the run only renames axes (checked on an index array at build time).
+  `reshape` when the run only renames axes (checked on an index array at build time), and a view
+  step then runs inside the step producing its operand;
+- an integer concat of constants and one runtime piece (the `[layer, 0, pos, 0]` begin / end of a
+  KV-cache update) copies a template, inside the step that reads it.
 
 Fidelity: a fused step computes what the chain computes, bit for bit (the kernels round to fp16 where
 the chain's ops have fp16 outputs, in the chain's order of operations). A chain is fused only when its
@@ -512,9 +515,45 @@ def _fast_int_concats(raw_steps: List[RawStep], fixed: Dict[int, Any]) -> Tuple[
             r[a:b] = v  # numpy casts as the op's finisher would (the plan holds int values here)
             return r
 
-        out.append((Kernel(run, [k.args[j0]], exact=True), op, [ins[j0]], outs, [_identity]))
+        out.append((Kernel(run, [k.args[j0]], exact=True), FusedOp("int_concat", list(op.outputs), [op]),
+                    [ins[j0]], outs, [_identity]))
         n += 1
     return out, n
+
+
+def _fold_int_concats(raw_steps: List[RawStep], out_slots: Sequence[int]) -> Tuple[List[RawStep], int]:
+    """A templated concat read by one step alone (the begin / end of a KV-cache update) is computed
+    inside that step, from the concat's runtime piece: two dispatches fewer per update."""
+    g = _Graph(raw_steps, out_slots, {})
+    dropped = set()
+    out = []
+    for i, (k, op, ins, outs, fins) in enumerate(raw_steps):
+        pre = {}
+        for j, slot in enumerate(ins):
+            p = g.producer.get(slot)
+            if p is None or j == k.inplace_arg or not g.sole(slot) or raw_steps[p][1].type != "int_concat" or \
+                    ins.count(slot) != 1:
+                continue
+            pre[j] = raw_steps[p]
+        if not pre:
+            out.append((k, op, ins, outs, fins))
+            continue
+        makers = tuple((j, st[0].fn) for j, st in sorted(pre.items()))
+
+        def run(*vals, fn=k.fn, makers=makers, **kw):
+            vals = list(vals)
+            for j, make in makers:
+                vals[j] = make(vals[j])
+            return fn(*vals, **kw)
+
+        new_ins = [pre[j][2][0] if j in pre else s for j, s in enumerate(ins)]
+        dropped.update(g.producer[ins[j]] for j in pre)
+        out.append((Kernel(run, [], exact=k.exact, inplace_arg=k.inplace_arg, pure=k.pure), op, new_ins, outs,
+                    fins))
+    if not dropped:
+        return raw_steps, 0
+    # raw_steps and out are index-aligned: drop the folded concats
+    return [st for i, st in enumerate(out) if i not in dropped], len(dropped)
 
 
 # ---------------------------------------------------------------- driver
@@ -530,6 +569,7 @@ def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, A
     raw_steps = _rewrite(raw_steps, out_slots, fixed, lambda g, i: _match_views(g, i, types), counts,
                          backwards=True)
     raw_steps, counts["int_concat"] = _fast_int_concats(raw_steps, fixed)
+    raw_steps, counts["folded_int_concats"] = _fold_int_concats(raw_steps, out_slots)
     raw_steps, counts["folded_views"] = _fold_views(raw_steps, out_slots)
     return raw_steps, {k: v for k, v in counts.items() if v}
 
