@@ -49,20 +49,24 @@ void round_portable(const float* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = r16(x[i]);
 }
 
-// One rotary row of d values (h = d / 2), rounding through `round` (a whole-array rounder).
+// Rotary outputs [from, h) of each half of one row of d = 2h values, in scalar code: the portable
+// path's whole row and the vector paths' tails.
 template <bool Round>
-void rotary_row_portable(const float* x, const float* c, const float* s, int64_t h, float* out) {
-  for (int64_t j = 0; j < h; ++j) {
+void rotary_tail(const float* x, const float* c, const float* s, int64_t h, int64_t from, float* out) {
+  for (int64_t j = from; j < h; ++j) {
     float a = x[j] * c[j], b = (-x[j + h]) * s[j];
     if (Round) a = r16(a), b = r16(b);
-    float y = a + b;
-    out[j] = Round ? r16(y) : y;
+    out[j] = Round ? r16(a + b) : a + b;
     a = x[j + h] * c[j + h];
     b = x[j] * s[j + h];
     if (Round) a = r16(a), b = r16(b);
-    y = a + b;
-    out[j + h] = Round ? r16(y) : y;
+    out[j + h] = Round ? r16(a + b) : a + b;
   }
+}
+
+template <bool Round>
+void rotary_row_portable(const float* x, const float* c, const float* s, int64_t h, float* out) {
+  rotary_tail<Round>(x, c, s, h, 0, out);
 }
 
 #if AF_X86
@@ -95,17 +99,7 @@ AF_AVX2 void rotary_row_avx2(const float* x, const float* c, const float* s, int
     y = _mm256_add_ps(a, b);
     _mm256_storeu_ps(out + j + h, Round ? r16_avx(y) : y);
   }
-  if (j < h) {  // the tail of each half
-    for (int64_t k = j; k < h; ++k) {
-      float a = x[k] * c[k], b = (-x[k + h]) * s[k];
-      if (Round) a = r16(a), b = r16(b);
-      out[k] = Round ? r16(a + b) : a + b;
-      a = x[k + h] * c[k + h];
-      b = x[k] * s[k + h];
-      if (Round) a = r16(a), b = r16(b);
-      out[k + h] = Round ? r16(a + b) : a + b;
-    }
-  }
+  rotary_tail<Round>(x, c, s, h, j, out);  // the tail of each half
 }
 
 AF_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
@@ -174,15 +168,7 @@ void rotary_row_neon(const float* x, const float* c, const float* s, int64_t h, 
     y = vaddq_f32(a, b);
     vst1q_f32(out + j + h, Round ? r16_neon(y) : y);
   }
-  for (int64_t k = j; k < h; ++k) {
-    float a = x[k] * c[k], b = (-x[k + h]) * s[k];
-    if (Round) a = r16(a), b = r16(b);
-    out[k] = Round ? r16(a + b) : a + b;
-    a = x[k + h] * c[k + h];
-    b = x[k] * s[k + h];
-    if (Round) a = r16(a), b = r16(b);
-    out[k + h] = Round ? r16(a + b) : a + b;
-  }
+  rotary_tail<Round>(x, c, s, h, j, out);
 }
 #endif
 
