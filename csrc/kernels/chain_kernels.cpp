@@ -230,7 +230,7 @@ float pairwise_sum(const float* a, int64_t n) {
 
 }  // namespace
 
-void round_f16(const float* x, int64_t n, float* out) {
+void round_to_f16(const float* x, int64_t n, float* out) {
   if (n > 0) dispatch().round(x, n, out);
 }
 
@@ -261,7 +261,7 @@ int mirror_norm(const float* x, int64_t rows, int64_t h, const float* gamma, con
       orow[i] = y;
     }
   }
-  if (round16) round_f16(out, rows * h, out);
+  if (round16) round_to_f16(out, rows * h, out);
   return 0;
 }
 
