@@ -35,15 +35,23 @@ def kernel_isa() -> str:
     return isa().decode()
 
 
-def round_fp16(r):
-    """r rounded to fp16 precision, as a new float32 array: numpy's float16 round trip in one
-    vectorized pass (F16C / NEON), for the outputs of fp16-typed ops."""
+def round_fp16(r, out=None):
+    """r rounded to fp16 precision (round to nearest even) as float32: numpy's float16 round trip in one
+    vectorized pass (F16C / NEON), for the outputs of fp16-typed ops. Into a new array, or into `out`
+    (a C-contiguous float32 array of r's size; r itself rounds in place)."""
     a = np.asarray(r)
     if a.dtype != np.float32:  # float64 straight to fp16 (via fp32 would round twice), ints, bools
-        return a.astype(np.float16).astype(np.float32)
+        a = a.astype(np.float16).astype(np.float32)
+        if out is None:
+            return a
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
-    out = np.empty(a.shape, np.float32)
+    if out is None:
+        out = np.empty(a.shape, np.float32)
+    elif type(out) is not np.ndarray or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous float32 array")
+    elif out.size != a.size:
+        raise ValueError(f"out of {out.size} values for {a.size}")
     cdef int64_t n = a.size
     if n == 0:
         return out

@@ -3,7 +3,6 @@
 # whose operands do not fit gets a ValueError (the plan then runs the chain op by op).
 
 cdef extern from "kernels/chain_kernels.h" namespace "anemll::kernels" nogil:
-    void c_round_f16 "anemll::kernels::round_to_f16"(const float* x, int64_t n, float* out)
     int c_mirror_norm "anemll::kernels::mirror_norm"(const float* x, int64_t rows, int64_t h,
                                                      const float* gamma, const float* beta, float eps,
                                                      bint round16, float* out)
@@ -30,23 +29,6 @@ cdef inline float* _f32p(object a, str what) except NULL:
             cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT32:
         raise ValueError(f"{what} must be a C-contiguous float32 array")
     return <float*>cnp.PyArray_DATA(a)
-
-
-def round_to_f16(x, out=None):
-    """x rounded to the nearest fp16 values (round to nearest even), as float32: into a new array, or
-    into `out` (a C-contiguous float32 array of x's size; x itself rounds in place)."""
-    xa = x if type(x) is np.ndarray and cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32 \
-        else np.ascontiguousarray(x, dtype=np.float32)
-    if out is None:
-        out = cnp.PyArray_EMPTY(xa.ndim, cnp.PyArray_DIMS(xa), cnp.NPY_FLOAT32, 0)
-    elif _f32p(out, "out") == NULL or out.size != xa.size:
-        raise ValueError(f"out of {out.size} values for {xa.size}")
-    cdef const float* xp = _f32p(xa, "x")
-    cdef float* op = _f32p(out, "out")
-    cdef int64_t n = xa.size
-    with nogil:
-        c_round_f16(xp, n, op)
-    return out
 
 
 @cython.wraparound(True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anemll_fast._kernels import attention, chain_isa, mirror_norm, open_columns, rotary, round_to_f16
+from anemll_fast._kernels import attention, chain_isa, mirror_norm, open_columns, rotary, round_fp16
 from anemll_fast.mil.ops.reduction import softmax
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +77,8 @@ def test_round_f16_is_numpy_round_to_nearest_even():
         x = np.concatenate([special, (RNG.standard_normal(n) * 10.0 ** RNG.integers(-6, 5, n)).astype(np.float32)])
         with np.errstate(over="ignore"):  # values past the fp16 range become inf, as they should
             want = x.astype(np.float16).astype(np.float32)
-        assert np.array_equal(round_to_f16(x), want)
-    assert np.isnan(round_to_f16(np.array([np.nan], np.float32))).all()
+        assert np.array_equal(round_fp16(x), want)
+    assert np.isnan(round_fp16(np.array([np.nan], np.float32))).all()
 
 
 @pytest.mark.parametrize("fp16", [True, False])
@@ -180,10 +180,10 @@ def test_portable_path_gives_the_same_bits_in_a_subprocess(tmp_path):
     code = textwrap.dedent("""
         import sys
         import numpy as np
-        from anemll_fast._kernels import attention, chain_isa, mirror_norm, rotary, round_to_f16
+        from anemll_fast._kernels import attention, chain_isa, mirror_norm, rotary, round_fp16
         assert chain_isa() == "portable", chain_isa()
         d = dict(np.load(sys.argv[1]))
-        out = {"round": round_to_f16(d["x"]), "norm": mirror_norm(d["n"], d["g"], None, 1e-5, True),
+        out = {"round": round_fp16(d["x"]), "norm": mirror_norm(d["n"], d["g"], None, 1e-5, True),
                "rot": rotary(d["q"], d["c"], d["s"], True), "rot32": rotary(d["q"], d["c"], d["s"], False),
                "att": attention(d["aq"], d["ak"], d["av"], d["am"], 13, True)}
         np.savez(sys.argv[2], **out)
@@ -197,7 +197,7 @@ def test_portable_path_gives_the_same_bits_in_a_subprocess(tmp_path):
                        capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO))
     assert r.returncode == 0, r.stderr
     got = np.load(tmp_path / "out.npz")
-    assert np.array_equal(got["round"], round_to_f16(data["x"]))
+    assert np.array_equal(got["round"], round_fp16(data["x"]))
     assert np.array_equal(got["norm"], mirror_norm(data["n"], data["g"], None, 1e-5, True))
     assert np.array_equal(got["rot"], rotary(data["q"], data["c"], data["s"], True))
     assert np.array_equal(got["rot32"], rotary(data["q"], data["c"], data["s"], False))
@@ -211,6 +211,7 @@ NEON_DRIVER = r"""
 #include <string>
 #include <vector>
 #include "kernels/chain_kernels.h"
+#include "kernels/matmul_kernels.h"
 #include "engine/fp16.h"
 using namespace anemll;
 static float r16(float v) { return half_to_float(float_to_half(v)); }
@@ -221,7 +222,7 @@ int main() {
   for (int64_t n : {1, 3, 4, 5, 8, 13}) {  // rounding, every tail length
     std::vector<float> x(n), y(n);
     for (auto& v : x) v = rnd() * 1.37f;
-    kernels::round_to_f16(x.data(), n, y.data());
+    kernels::round_f16(x.data(), n, y.data());
     for (int64_t i = 0; i < n; ++i) if (y[i] != r16(x[i])) { std::printf("round %lld\n", (long long)n); return 3; }
   }
   for (int64_t d : {2, 6, 8, 10, 18, 64}) for (int round : {0, 1}) {  // rotary, against the chain in scalar
@@ -270,7 +271,8 @@ def test_neon_path_runs_under_qemu(tmp_path):
     src.write_text(NEON_DRIVER)
     exe = tmp_path / "neon_chains"
     build = subprocess.run(["aarch64-linux-gnu-g++", "-std=c++17", "-O2", "-static", f"-I{REPO / 'csrc'}",
-                            str(src), str(REPO / "csrc" / "kernels" / "chain_kernels.cpp"), "-o", str(exe)],
+                            str(src), str(REPO / "csrc" / "kernels" / "chain_kernels.cpp"),
+                            str(REPO / "csrc" / "kernels" / "matmul_kernels.cpp"), "-o", str(exe)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     r = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=120)

@@ -375,10 +375,10 @@ def _match_silu_mul(g: _Graph, i_mul: int, consts: Dict[str, Any], types: Dict[s
             np.multiply(half, t, out=t)
             np.multiply(a, t, out=t)
             if round16:
-                native.round_to_f16(t, out=t)
+                native.round_fp16(t, out=t)
             np.multiply(t, b, out=t) if pos == 0 else np.multiply(b, t, out=t)
             if round16:
-                native.round_to_f16(t, out=t)
+                native.round_fp16(t, out=t)
             return t
 
         if not _probe_equal(fast, chain, [shape, shape], round16):

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/fp16.h"
+#include "kernels/matmul_kernels.h"  // round_f16: one fp16 rounder for every kernel
 
 // The chains these kernels replace round every product before it is added: a compiler must not
 // contract a*b + c into one fused multiply-add (GCC does by default wherever FMA is available).
@@ -45,9 +46,6 @@ void axpy_portable(float a, const float* x, int64_t n, float* y) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-void round_portable(const float* x, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = r16(x[i]);
-}
 
 // Rotary outputs [from, h) of each half of one row of d = 2h values, in scalar code: the portable
 // path's whole row and the vector paths' tails.
@@ -75,11 +73,6 @@ AF_AVX2 inline __m256 r16_avx(__m256 v) {
   return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-AF_AVX2 void round_avx2(const float* x, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, r16_avx(_mm256_loadu_ps(x + i)));
-  for (; i < n; ++i) out[i] = r16(x[i]);
-}
 
 template <bool Round>
 AF_AVX2 void rotary_row_avx2(const float* x, const float* c, const float* s, int64_t h, float* out) {
@@ -131,11 +124,6 @@ bool cpu_has_avx2() {
 // ---------------------------------------------------------------- NEON
 inline float32x4_t r16_neon(float32x4_t v) { return vcvt_f32_f16(vcvt_f16_f32(v)); }
 
-void round_neon(const float* x, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) vst1q_f32(out + i, r16_neon(vld1q_f32(x + i)));
-  for (; i < n; ++i) out[i] = r16(x[i]);
-}
 
 float dot_neon(const float* a, const float* b, int64_t n) {
   float32x4_t acc = vdupq_n_f32(0.f);
@@ -172,13 +160,11 @@ void rotary_row_neon(const float* x, const float* c, const float* s, int64_t h, 
 }
 #endif
 
-using RoundFn = void (*)(const float*, int64_t, float*);
 using RotaryRowFn = void (*)(const float*, const float*, const float*, int64_t, float*);
 using DotFn = float (*)(const float*, const float*, int64_t);
 using AxpyFn = void (*)(float, const float*, int64_t, float*);
 
 struct Dispatch {
-  RoundFn round;
   RotaryRowFn rotary_row[2];  // [round16]
   DotFn dot;
   AxpyFn axpy;
@@ -187,14 +173,14 @@ struct Dispatch {
 
 Dispatch pick() {
   const char* force = std::getenv("ANEMLL_FAST_KERNELS");
-  const Dispatch portable = {round_portable, {rotary_row_portable<false>, rotary_row_portable<true>},
+  const Dispatch portable = {{rotary_row_portable<false>, rotary_row_portable<true>},
                              dot_portable, axpy_portable, "portable"};
   if (force != nullptr && std::strcmp(force, "portable") == 0) return portable;
 #if AF_X86
   if (cpu_has_avx2())
-    return {round_avx2, {rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, axpy_avx2, "avx2+fma+f16c"};
+    return {{rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, axpy_avx2, "avx2+fma+f16c"};
 #elif AF_NEON
-  return {round_neon, {rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, axpy_neon, "neon"};
+  return {{rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, axpy_neon, "neon"};
 #endif
   return portable;
 }
@@ -230,9 +216,6 @@ float pairwise_sum(const float* a, int64_t n) {
 
 }  // namespace
 
-void round_to_f16(const float* x, int64_t n, float* out) {
-  if (n > 0) dispatch().round(x, n, out);
-}
 
 int mirror_norm(const float* x, int64_t rows, int64_t h, const float* gamma, const float* beta, float eps,
                 bool round16, float* out) {
@@ -261,7 +244,7 @@ int mirror_norm(const float* x, int64_t rows, int64_t h, const float* gamma, con
       orow[i] = y;
     }
   }
-  if (round16) round_to_f16(out, rows * h, out);
+  if (round16) round_f16(out, rows * h, out);
   return 0;
 }
 
@@ -294,9 +277,9 @@ int attention(const float* q, int64_t groups, int64_t rows, int64_t d, const flo
       const float* qr = q + (g * rows + r) * d;
       const float* mr = mask + (r % mask_rows) * mask_stride;
       for (int64_t j = 0; j < n_keys; ++j) s[j] = dp.dot(qr, kg + j * d, d);
-      if (round16) dp.round(s.data(), n_keys, s.data());
+      if (round16) round_f16(s.data(), n_keys, s.data());
       for (int64_t j = 0; j < n_keys; ++j) s[j] = s[j] + mr[j];
-      if (round16) dp.round(s.data(), n_keys, s.data());
+      if (round16) round_f16(s.data(), n_keys, s.data());
       // softmax as the op computes it: shift by a finite max, exp, divide by the (pairwise) sum
       float m = s[0];
       for (int64_t j = 1; j < n_keys; ++j) m = s[j] > m ? s[j] : m;
@@ -304,11 +287,11 @@ int attention(const float* q, int64_t groups, int64_t rows, int64_t d, const flo
       for (int64_t j = 0; j < n_keys; ++j) e[j] = std::exp(s[j] - m);
       const float total = pairwise_sum(e.data(), n_keys);
       for (int64_t j = 0; j < n_keys; ++j) s[j] = e[j] / total;
-      if (round16) dp.round(s.data(), n_keys, s.data());
+      if (round16) round_f16(s.data(), n_keys, s.data());
       float* o = out + (g * rows + r) * d;
       for (int64_t c = 0; c < d; ++c) o[c] = 0.f;
       for (int64_t j = 0; j < n_keys; ++j) dp.axpy(s[j], vg + j * d, d, o);
-      if (round16) dp.round(o, d, o);
+      if (round16) round_f16(o, d, o);
     }
   }
   return 0;

@@ -17,9 +17,6 @@
 namespace anemll {
 namespace kernels {
 
-// out[i] = x[i] rounded to the nearest fp16 value (out may be x).
-void round_to_f16(const float* x, int64_t n, float* out);
-
 // ANEMLL's RMSNorm: for each of `rows` rows of h values, layer_norm over the 2h values [x, -x]
 // (mean, then the mean of squared deviations, in numpy's pairwise order), times gamma[0:h]
 // (+ beta[0:h] when not null), keeping the first h outputs. Returns 0, or -1 on bad arguments.
