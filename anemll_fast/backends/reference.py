@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from anemll_fast.gc_pause import gc_paused
+from anemll_fast.heap_trim import trim_if_grown
 from anemll_fast.mil.errors import MilFormatError, MilInputError, StateSpecError
 from anemll_fast.mil.ops.state import StateBuffer
 from anemll_fast.mil.plan import Plan, check_supported, from_compute, to_compute
@@ -176,8 +177,11 @@ class ReferenceModel:
         elif state is not None and not isinstance(state, ReferenceState):
             raise StateSpecError(f"{where}: state must come from make_state(), got {type(state).__name__}")
         outs = self._plan.run(arrays, states)
-        return {n: from_compute(v, dt) for n, v, dt in
-                zip(self._plan.output_names, outs, self._plan.output_dtypes)}
+        result = {n: from_compute(v, dt) for n, v, dt in
+                  zip(self._plan.output_names, outs, self._plan.output_dtypes)}
+        del outs
+        trim_if_grown()  # a batch call's freed intermediates must not stay resident (heap_trim.py)
+        return result
 
     @staticmethod
     def _check_input(where: str, name: str, spec: FeatureSpec, np_dt: Any, dt: str, value: Any) -> np.ndarray:
