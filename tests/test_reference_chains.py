@@ -10,7 +10,6 @@ left alone.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from neon import run_neon_driver
 
 from anemll_fast._kernels import attention, chain_isa, mirror_norm, open_columns, rotary, round_fp16
 from anemll_fast.mil.ops.reduction import softmax
@@ -264,19 +264,7 @@ int main() {
 
 
 def test_neon_path_runs_under_qemu(tmp_path):
-    for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is absent")
-    src = tmp_path / "neon_chains.cpp"
-    src.write_text(NEON_DRIVER)
-    exe = tmp_path / "neon_chains"
-    build = subprocess.run(["aarch64-linux-gnu-g++", "-std=c++17", "-O2", "-static", f"-I{REPO / 'csrc'}",
-                            str(src), str(REPO / "csrc" / "kernels" / "chain_kernels.cpp"),
-                            str(REPO / "csrc" / "kernels" / "matmul_kernels.cpp"), "-o", str(exe)],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr
-    r = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.stdout, r.stderr)
+    run_neon_driver(tmp_path, NEON_DRIVER, "chain_kernels.cpp", "matmul_kernels.cpp")
 
 
 # ---------------------------------------------------------------- plan rewrites

@@ -7,7 +7,6 @@ cross compiler and qemu are installed, on the NEON path run under emulation.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from neon import run_neon_driver
 
 from anemll_fast._kernels import PackedWeight, kernel_isa
 
@@ -287,18 +287,7 @@ int main() {
 
 
 def test_neon_path_runs_under_qemu(tmp_path):
-    for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is absent")
-    src = tmp_path / "neon_driver.cpp"
-    src.write_text(NEON_DRIVER)
-    exe = tmp_path / "neon_driver"
-    build = subprocess.run(["aarch64-linux-gnu-g++", "-std=c++17", "-O2", "-static", f"-I{REPO / 'csrc'}",
-                            str(src), str(REPO / "csrc" / "kernels" / "matmul_kernels.cpp"), "-o", str(exe)],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr
-    r = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.stdout, r.stderr)
+    run_neon_driver(tmp_path, NEON_DRIVER, "matmul_kernels.cpp")
 
 
 @pytest.mark.parametrize("lut", [None, 4, 6])

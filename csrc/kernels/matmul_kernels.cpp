@@ -9,14 +9,7 @@
 
 #include "engine/fp16.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define AF_X86 1
-#define AF_AVX2 __attribute__((target("avx2,fma,f16c")))
-#elif defined(__aarch64__)
-#include <arm_neon.h>
-#define AF_NEON 1
-#endif
+#include "kernels/cpu_isa.h"
 
 namespace anemll {
 namespace kernels {
@@ -322,10 +315,6 @@ AF_AVX2 uint64_t stream_read_avx2(const uint8_t* p, int64_t n) {
   return s;
 }
 
-bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
 #endif
 
 #if AF_NEON
