@@ -29,6 +29,14 @@ reads that structure and maps the weights.
   and processes running one model share them. That file is checked by its
   header (key) and size; its bytes are trusted as the model files are.
 
+Plans fuse op chains (anemll_fast/mil/fusion.py), each fused chain checked by
+a probe of its bits when built: which chains fused, with the probes' outcomes,
+is kept per function in `<key>.fusion` (JSON, with the key and the fusion code
+key: the interpreter's sources, the native kernels' binary and the CPU paths
+taken), so that a later build replays it instead of scanning and probing every
+candidate. A record of another code key, damaged, or that does not fit the steps
+it is replayed on is ignored, and the outcome recomputed and stored again.
+
 `ANEMLL_FAST_PROGRAM_CACHE` names another directory, or `off` disables the
 disk cache. `anemll-fast cache clear` empties it.
 
@@ -47,6 +55,7 @@ from __future__ import annotations
 import copyreg
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -80,6 +89,8 @@ _parsed: Dict[str, Tuple[Program, List[Value]]] = {}  # key -> structure, weight
 _MAX_PARSED = 8
 _loaded: "weakref.WeakValueDictionary[str, Program]" = weakref.WeakValueDictionary()  # key -> with weights
 _hashes: Dict[Tuple[Any, ...], str] = {}  # (path, whole, stat) -> sha256 of the file (see _fingerprint)
+_SUFFIXES = (".pkl", ".weights", ".fusion")  # the files of one entry
+FUSION_MAGIC = "anemll_fast fusion records 1"
 
 
 def cache_dir() -> Optional[Path]:
@@ -105,7 +116,7 @@ def clear() -> int:
         return 0
     n = 0
     for f in folder.iterdir():
-        if f.is_file() and (f.suffix in (".pkl", ".weights") or f.name.startswith(".tmp")):
+        if f.is_file() and (f.suffix in _SUFFIXES or f.name.startswith(".tmp")):
             try:
                 f.unlink()
                 n += f.suffix == ".pkl"
@@ -364,7 +375,7 @@ def _prune(folder: Path, keep: str = "", cap: Optional[int] = None) -> None:
             if now - st.st_mtime > _STALE_TMP:
                 _unlink(f)
             continue
-        if f.suffix not in (".pkl", ".weights"):
+        if f.suffix not in _SUFFIXES:
             continue
         entry = entries.setdefault(f.stem, [0.0, 0])
         entry[1] += st.st_size
@@ -376,8 +387,8 @@ def _prune(folder: Path, keep: str = "", cap: Optional[int] = None) -> None:
     for _used, k in oldest_first:
         if count <= MAX_ENTRIES and total <= cap:
             break
-        for victim in (folder / f"{k}.pkl", folder / f"{k}.weights"):
-            _unlink(victim)
+        for suffix in _SUFFIXES:
+            _unlink(folder / f"{k}{suffix}")
         total -= entries[k][1]
         count -= 1
 
@@ -528,6 +539,68 @@ def _write_weights(folder: Path, key: str, groups: List[Group], layout: List[Tup
         log.warning("anemll_fast: cannot write the program cache in %s (%s)", folder, exc)
 
 
+# ------------------------------------------------------------ fusion records
+class FusionRecords:
+    """The fusion outcomes of one cached program's plans (see the module docstring and
+    anemll_fast.mil.plan.FusionRecords): `<key>.fusion`, read once per process."""
+
+    def __init__(self, folder: Path, key: str):
+        from anemll_fast.mil.fusion import code_key
+
+        self.file = folder / f"{key}.fusion"
+        self.key = key
+        self.code = code_key()
+        self._records: Optional[Dict[str, Any]] = None
+
+    def _read(self) -> Dict[str, Any]:
+        try:
+            data = json.loads(self.file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("anemll_fast: ignoring a damaged fusion record file %s (%s)", self.file, exc)
+            return {}
+        if not isinstance(data, dict) or data.get("magic") != FUSION_MAGIC or data.get("key") != self.key or \
+                data.get("code") != self.code or not isinstance(data.get("plans"), dict):
+            return {}  # another program's, another format's, or made by other code: rewritten on put
+        return data["plans"]
+
+    def get(self, function_name: str) -> Optional[Dict[str, Any]]:
+        if self._records is None:
+            self._records = self._read()
+        rec = self._records.get(function_name)
+        return rec if isinstance(rec, dict) else None
+
+    def put(self, function_name: str, record: Dict[str, Any]) -> None:
+        plans = self._read()  # another process may have stored other functions meanwhile
+        plans[function_name] = record
+        self._records = plans
+        body = json.dumps({"magic": FUSION_MAGIC, "key": self.key, "code": self.code, "plans": plans},
+                          separators=(",", ":"))
+        folder = self.file.parent
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".fusion", dir=folder)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(body)
+                os.replace(tmp, self.file)  # atomic, as the entries
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:  # costs the next load its probes, never this one
+            log.warning("anemll_fast: cannot write the program cache in %s (%s)", folder, exc)
+
+
+def fusion_records(program: Program) -> Optional[FusionRecords]:
+    """Where the plans of `program` keep their fusion outcomes: None unless it was loaded through the
+    disk cache (by load_program) and its entry is there."""
+    key = program.__dict__.get("_program_cache_key")
+    folder = cache_dir()
+    if key is None or folder is None or not (folder / f"{key}.pkl").is_file():
+        return None
+    return FusionRecords(folder, key)
+
+
 # ----------------------------------------------------------------- the API
 def load_program(path: str, read_weights: bool = True) -> Program:
     """As anemll_fast.mil.load_program, through the caches.
@@ -548,6 +621,7 @@ def load_program(path: str, read_weights: bool = True) -> Program:
     if parsed is None:
         parsed = _structure(path, key)
     program, blobs = parsed
+    program.__dict__["_program_cache_key"] = key  # for fusion_records (not pickled: _dumps ran before)
     if not read_weights:
         with _lock:
             _parsed[key] = parsed

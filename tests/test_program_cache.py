@@ -1,4 +1,5 @@
 """The on-disk cache of loaded programs (anemll_fast.program_cache) and `anemll-fast cache`."""
+import json
 import os
 import pickle
 import subprocess
@@ -283,8 +284,12 @@ def test_concurrent_first_loads(cache, tiny):
     assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["True"] * 3
     parts = len(list(tiny.path.glob("*.mlpackage")))
     assert len(list(cache.glob("*.pkl"))) == parts and len(list(cache.glob("*.weights"))) == parts
-    assert len(list(cache.iterdir())) == 2 * parts  # no temporary file left behind
+    assert len(list(cache.glob("*.fusion"))) == parts
+    assert len(list(cache.iterdir())) == 3 * parts  # no temporary file left behind
     for f in cache.iterdir():
+        if f.suffix == ".fusion":
+            assert json.loads(f.read_text())["magic"] == program_cache.FUSION_MAGIC
+            continue
         magic = program_cache.MAGIC if f.suffix == ".pkl" else program_cache.WEIGHTS_MAGIC
         assert f.read_bytes().startswith(magic)
 

@@ -95,7 +95,12 @@ class ReferenceModel:
         self.function_name: str = fn.name
         plans = self._cache["plans"]
         if fn.name not in plans:
-            plans[fn.name] = Plan(program, fn.name, const_cache=self._cache["consts"])
+            if "fusion" not in self._cache:  # one reader of the program's fusion records per load
+                from anemll_fast.program_cache import fusion_records
+
+                self._cache["fusion"] = fusion_records(program)
+            plans[fn.name] = Plan(program, fn.name, const_cache=self._cache["consts"],
+                                  fusion_records=self._cache["fusion"])
         self._plan: Plan = plans[fn.name]
         spec = program.function_spec(fn.name)
         self.input_specs: List[FeatureSpec] = self._order(spec.inputs, self._plan.input_names, "input")

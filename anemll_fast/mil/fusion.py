@@ -52,6 +52,41 @@ def enabled(option: Optional[bool] = None) -> bool:
         and native is not None
 
 
+_code_key: Optional[str] = None
+
+
+def code_key() -> str:
+    """What, besides the program, decides which chains fuse (and how their probes come out): the source
+    of the interpreter (every module of anemll_fast.mil: the ops the chains run, the plan building the
+    steps, these matchers), the native kernels' binary and the instruction-set paths they and numpy
+    take on this CPU, and the versions of numpy and Python. A fusion record (see `fuse`) made under
+    another code key is not replayed. Computed once per process (~2 ms)."""
+    global _code_key
+    if _code_key is None:
+        import hashlib
+        import platform
+        import sys
+        from pathlib import Path
+
+        h = hashlib.sha256()
+        here = Path(__file__).resolve().parent
+        for f in sorted(here.rglob("*.py")):
+            h.update(f.relative_to(here).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+        if native is not None:
+            h.update(Path(native.__file__).read_bytes())
+            h.update(f"{native.kernel_isa()} {native.chain_isa()}".encode())
+        try:
+            from numpy._core import _multiarray_umath as umath
+        except ImportError:  # numpy 1.x
+            from numpy.core import _multiarray_umath as umath
+        features = sorted(k for k, on in getattr(umath, "__cpu_features__", {}).items() if on)
+        h.update(repr((np.__version__, features, sys.version, platform.machine(),
+                       [os.environ.get(v) for v in ("ANEMLL_FAST_KERNELS", "NPY_DISABLE_CPU_FEATURES",
+                                                    "NPY_ENABLE_CPU_FEATURES")])).encode())
+        _code_key = h.hexdigest()
+    return _code_key
+
+
 @dataclass
 class FusedOp:
     """Stands for the ops a fused step replaced (the plan names steps and finds view ops by `type`)."""
@@ -180,7 +215,7 @@ def _float_dtype(ops: Sequence[Any]) -> Optional[str]:
 
 
 # ---------------------------------------------------------------- RMSNorm
-def _match_mirror_norm(g: _Graph, i_slice: int, consts: Dict[str, Any], types: Dict[str, Any]
+def _match_mirror_norm(g: _Graph, i_slice: int, consts: Dict[str, Any], types: Dict[str, Any], probe: "_Probe"
                        ) -> Optional[Tuple[List[int], RawStep]]:
     steps = g.steps
     _k, op_s, ins_s, outs_s, _f = steps[i_slice]
@@ -239,14 +274,14 @@ def _match_mirror_norm(g: _Graph, i_slice: int, consts: Dict[str, Any], types: D
     def fast(x):
         return native.mirror_norm(x, g32, b32, eps_f, round16)
 
-    if not _probe_equal(fast, chain, [shape], round16):
+    if not probe(fast, chain, [shape], round16):
         return None
     fused_op = FusedOp("rms_norm", list(op_s.outputs), [steps[j][1] for j in idx])
     return idx, (Kernel(_with_fallback(fast, chain), []), fused_op, [x_slot], list(outs_s), [_identity])
 
 
 # ---------------------------------------------------------------- rotary embedding
-def _match_rotary(g: _Graph, i_add: int, consts: Dict[str, Any], types: Dict[str, Any]
+def _match_rotary(g: _Graph, i_add: int, consts: Dict[str, Any], types: Dict[str, Any], probe: "_Probe"
                   ) -> Optional[Tuple[List[int], RawStep]]:
     steps = g.steps
     _k, op_add, ins_add, outs_add, _f = steps[i_add]
@@ -285,7 +320,7 @@ def _match_rotary(g: _Graph, i_add: int, consts: Dict[str, Any], types: Dict[str
         def fast(x, c, s, round16=round16):
             return native.rotary(x, c, s, round16)
 
-        if not _probe_equal(fast, chain, [shape, tshapes[0], tshapes[1]], round16):
+        if not probe(fast, chain, [shape, tshapes[0], tshapes[1]], round16):
             continue
         fused_op = FusedOp("rotary", list(op_add.outputs), ops)
         return idx, (Kernel(_with_fallback(fast, chain), []), fused_op, [x_slot, cos_slot, sin_slot],
@@ -341,7 +376,7 @@ def _rotary_parts(g: _Graph, i_a: int, i_b: int) -> Optional[Tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------- SiLU-gated product
-def _match_silu_mul(g: _Graph, i_mul: int, consts: Dict[str, Any], types: Dict[str, Any]
+def _match_silu_mul(g: _Graph, i_mul: int, consts: Dict[str, Any], types: Dict[str, Any], probe: "_Probe"
                     ) -> Optional[Tuple[List[int], RawStep]]:
     """mul(silu(a), b) of one shape: the same numpy operations as the two ops, in one step and one
     buffer (no temporaries but the result), rounded where the ops round."""
@@ -381,7 +416,7 @@ def _match_silu_mul(g: _Graph, i_mul: int, consts: Dict[str, Any], types: Dict[s
                 native.round_fp16(t, out=t)
             return t
 
-        if not _probe_equal(fast, chain, [shape, shape], round16):
+        if not probe(fast, chain, [shape, shape], round16):
             continue
         fused_op = FusedOp("silu_mul", list(op_m.outputs), [op_s, op_m])
         return [i_s, i_mul], (Kernel(_with_fallback(fast, chain), []), fused_op, [a_slot, b_slot], list(outs_m),
@@ -390,7 +425,8 @@ def _match_silu_mul(g: _Graph, i_mul: int, consts: Dict[str, Any], types: Dict[s
 
 
 # ---------------------------------------------------------------- view runs
-def _match_views(g: _Graph, i_last: int, types: Dict[str, Any]) -> Optional[Tuple[List[int], RawStep]]:
+def _match_views(g: _Graph, i_last: int, types: Dict[str, Any], probe: "_Probe"
+                 ) -> Optional[Tuple[List[int], RawStep]]:
     """The longest run of view ops ending at i_last, each feeding only the next; one step for it."""
     steps = g.steps
     if steps[i_last][1].type not in VIEW_OPS or len(steps[i_last][3]) != 1:
@@ -423,11 +459,15 @@ def _match_views(g: _Graph, i_last: int, types: Dict[str, Any]) -> Optional[Tupl
     if in_shape is not None and out_shape is not None and \
             int(np.prod(in_shape)) == int(np.prod(out_shape)) <= 1 << 24:
         n = int(np.prod(in_shape))
-        try:
-            got = chain(np.arange(n, dtype=np.int64).reshape(in_shape))
-            pure = np.shape(got) == out_shape and np.array_equal(np.asarray(got).reshape(-1), np.arange(n))
-        except Exception:  # noqa: BLE001 - not a reshape after all
-            pure = False
+
+        def renames_axes() -> bool:
+            try:
+                got = chain(np.arange(n, dtype=np.int64).reshape(in_shape))
+                return np.shape(got) == out_shape and np.array_equal(np.asarray(got).reshape(-1), np.arange(n))
+            except Exception:  # noqa: BLE001 - not a reshape after all
+                return False
+
+        pure = probe.ask(renames_axes, "reshape", [in_shape, out_shape], False)
     if pure:
         def run(x, in_shape=in_shape, out_shape=out_shape):
             if x.shape == in_shape:
@@ -559,17 +599,79 @@ def _fold_int_concats(raw_steps: List[RawStep], out_slots: Sequence[int]) -> Tup
 
 
 # ---------------------------------------------------------------- driver
+class _Stale(Exception):
+    """A fusion record that does not describe these steps (replayed, it diverged)."""
+
+
+class _Probe:
+    """The bit-exactness probes of one match attempt: run and noted, or, when replaying a record, answered
+    by the outcomes noted when the probes ran (each with the shapes it was run on, which must agree)."""
+
+    __slots__ = ("noted", "replay")
+
+    def __init__(self, replay: Optional[List[Any]] = None):
+        self.noted: List[List[Any]] = []
+        self.replay = replay
+
+    def __call__(self, fused: Callable, chain: Callable, shapes: Sequence[Tuple[int, ...]], fp16: bool) -> bool:
+        """Whether `fused` gives the chain's bits (_probe_equal)."""
+        return self.ask(lambda: _probe_equal(fused, chain, shapes, fp16), "equal", shapes, fp16)
+
+    def ask(self, test: Callable[[], bool], kind: str, shapes: Sequence[Tuple[int, ...]], fp16: bool) -> bool:
+        """test(), or its recorded outcome: (kind, shapes, fp16) say what was tested, and must agree."""
+        asked = [kind, bool(fp16), [[int(d) for d in sh] for sh in shapes]]
+        if self.replay is None:
+            ok = bool(test())
+        else:
+            j = len(self.noted)
+            if j >= len(self.replay) or self.replay[j][1:] != asked:
+                raise _Stale("a probe the record does not hold")
+            ok = self.replay[j][0] is True
+        self.noted.append([ok] + asked)
+        return ok
+
+    def spent(self) -> bool:
+        return self.replay is None or len(self.noted) == len(self.replay)
+
+
+_MATCHERS = (_match_mirror_norm, _match_rotary, _match_silu_mul)
+
+
 def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, Any], types: Dict[str, Any],
-         fixed: Dict[int, Any]) -> Tuple[List[RawStep], Dict[str, int]]:
-    """raw_steps with the chains above each replaced by one step; also how many of each were fused.
+         fixed: Dict[int, Any], record: Optional[Dict[str, Any]] = None
+         ) -> Tuple[List[RawStep], Dict[str, int], Dict[str, Any]]:
+    """raw_steps with the chains above each replaced by one step; how many of each were fused; and the
+    record of this outcome (JSON-able: which steps each pass rewrote, with their probes' outcomes).
 
     consts: constant variables by name; types: variable types by name; fixed: the values of the
-    constant slots the steps read."""
+    constant slots the steps read. record: the record of an earlier fusion of these very steps (same
+    program, same `code_key()`): then only the recorded anchors are matched, their structure checked
+    again, and their probes answered from the record; a record that does not fit (other steps, a
+    match that no longer happens) is dropped and the steps fused afresh (the returned record is then
+    a new one)."""
+    if record is not None:
+        try:
+            out, counts = _fuse(raw_steps, out_slots, consts, types, fixed, record["passes"], None)
+            if counts == record["counts"] and record["n"] == len(raw_steps):
+                return out, counts, record
+        except (_Stale, KeyError, TypeError, ValueError, IndexError):  # a damaged or foreign record
+            pass
+    log: List[List[Any]] = []
+    out, counts = _fuse(raw_steps, out_slots, consts, types, fixed, None, log)
+    return out, counts, {"n": len(raw_steps), "passes": log, "counts": counts}
+
+
+def _fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, Any], types: Dict[str, Any],
+          fixed: Dict[int, Any], replay: Optional[List[Any]], log: Optional[List[Any]]
+          ) -> Tuple[List[RawStep], Dict[str, int]]:
+    if replay is not None and (not isinstance(replay, list) or len(replay) != len(_MATCHERS) + 1):
+        raise _Stale("a record of other passes")
     counts: Dict[str, int] = {}
-    for matcher in (_match_mirror_norm, _match_rotary, _match_silu_mul):
-        raw_steps = _rewrite(raw_steps, out_slots, fixed, lambda g, i: matcher(g, i, consts, types), counts)
-    raw_steps = _rewrite(raw_steps, out_slots, fixed, lambda g, i: _match_views(g, i, types), counts,
-                         backwards=True)
+    for k, matcher in enumerate(_MATCHERS):
+        raw_steps = _rewrite(raw_steps, out_slots, fixed, lambda g, i, p, m=matcher: m(g, i, consts, types, p),
+                             counts, None if replay is None else replay[k], log)
+    raw_steps = _rewrite(raw_steps, out_slots, fixed, lambda g, i, p: _match_views(g, i, types, p), counts,
+                         None if replay is None else replay[-1], log, backwards=True)
     raw_steps, counts["int_concat"] = _fast_int_concats(raw_steps, fixed)
     raw_steps, counts["folded_int_concats"] = _fold_int_concats(raw_steps, out_slots)
     raw_steps, counts["folded_views"] = _fold_views(raw_steps, out_slots)
@@ -577,25 +679,46 @@ def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, A
 
 
 def _rewrite(raw_steps: List[RawStep], out_slots: Sequence[int], fixed: Dict[int, Any], match: Callable,
-             counts: Dict[str, int], backwards: bool = False) -> List[RawStep]:
+             counts: Dict[str, int], replay: Optional[List[Any]], log: Optional[List[Any]],
+             backwards: bool = False) -> List[RawStep]:
     """One pass of a matcher over the steps: each match's steps are dropped and the fused step takes
-    the place of the chain's last step (all of the chain's outside inputs exist by then)."""
+    the place of the chain's last step (all of the chain's outside inputs exist by then).
+
+    replay: the pass's recorded anchors ([step index, its op type, its probes' outcomes] of each match
+    taken), visited instead of every step; log: where this pass's record is appended."""
     g = _Graph(raw_steps, out_slots, fixed)
     taken: Dict[int, Optional[RawStep]] = {}
-    order = range(len(raw_steps) - 1, -1, -1) if backwards else range(len(raw_steps))
+    if replay is None:
+        order: Sequence[int] = range(len(raw_steps) - 1, -1, -1) if backwards else range(len(raw_steps))
+        anchors = None
+    else:
+        anchors = {}
+        for i, op_type, noted in replay:  # (a malformed record raises TypeError / ValueError: dropped)
+            if type(i) is not int or not 0 <= i < len(raw_steps) or raw_steps[i][1].type != op_type or i in anchors:
+                raise _Stale("a record of other steps")
+            anchors[i] = noted
+        order = list(anchors)
+    noted_pass: List[List[Any]] = []
     for i in order:
         if i in taken:
+            if anchors is not None:
+                raise _Stale("a recorded match overlaps another")
             continue
-        m = match(g, i)
-        if m is None:
+        probe = _Probe(None if anchors is None else anchors[i])
+        m = match(g, i, probe)
+        ok = m is not None and not any(j in taken for j in m[0]) and max(m[0]) == i
+        if anchors is not None and (not ok or not probe.spent()):
+            raise _Stale("a recorded match that does not happen")
+        if not ok:
             continue
         idx, step = m
-        if any(j in taken for j in idx) or max(idx) != i:
-            continue
         for j in idx:
             taken[j] = None
         taken[i] = step
         counts[step[1].type] = counts.get(step[1].type, 0) + 1
+        noted_pass.append([i, raw_steps[i][1].type, probe.noted])
+    if log is not None:
+        log.append(noted_pass)
     if not taken:
         return raw_steps
     return [taken[i] if i in taken else st for i, st in enumerate(raw_steps) if taken.get(i, st) is not None]

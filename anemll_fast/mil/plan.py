@@ -12,7 +12,7 @@ keeps a KV-cache update O(update) instead of O(cache).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -152,6 +152,14 @@ def from_compute(arr: Any, dtype: str) -> np.ndarray:
     return np.array(arr, dtype=target, copy=True)
 
 
+class FusionRecords(Protocol):
+    """Fusion outcomes of one program's functions, by function name (see fusion.fuse's `record`)."""
+
+    def get(self, function_name: str) -> Optional[Dict[str, Any]]: ...
+
+    def put(self, function_name: str, record: Dict[str, Any]) -> None: ...
+
+
 class _Step:
     __slots__ = ("run", "op_type", "out_name")
 
@@ -203,10 +211,14 @@ class Plan:
     """A compiled function: run(inputs, states) -> outputs, all positional by declared order."""
 
     def __init__(self, program: Program, function_name: Optional[str] = None,
-                 const_cache: Optional[Dict[int, Tuple[Any, Any]]] = None, fuse: Optional[bool] = None):
+                 const_cache: Optional[Dict[int, Tuple[Any, Any]]] = None, fuse: Optional[bool] = None,
+                 fusion_records: Optional[FusionRecords] = None):
         """fuse: run ANEMLL's op chains as fused steps (see mil/fusion.py); None reads
-        ANEMLL_FAST_FUSION (on unless set to 0)."""
+        ANEMLL_FAST_FUSION (on unless set to 0). fusion_records: where the outcome of fusing this
+        program's functions is kept between processes (the program cache's, keyed by the program's
+        content and fusion.code_key()): a later build replays it instead of probing every chain."""
         self._fuse = fuse
+        self._fusion_records = fusion_records
         fn = program.function(function_name)
         self.function_name = fn.name
         self.source = program.source
@@ -255,6 +267,7 @@ class Plan:
         sub.source = self.source
         sub._const_cache = self._const_cache
         sub._fuse = self._fuse
+        sub._fusion_records = self._fusion_records
         sub._build(fn, outer_consts=consts)
         return sub, captured
 
@@ -507,7 +520,11 @@ class Plan:
         self.fused: Dict[str, int] = {}
         if fusion.enabled(self._fuse):
             fixed = {s: template[s] for s, b in base.items() if b == ("const",)}
-            raw_steps, self.fused = fusion.fuse(raw_steps, out_slots, consts, types, fixed)
+            records = self._fusion_records
+            known = records.get(fn.name) if records is not None else None
+            raw_steps, self.fused, record = fusion.fuse(raw_steps, out_slots, consts, types, fixed, known)
+            if records is not None and record is not known:
+                records.put(fn.name, record)
         inplace = self._inplace_steps(raw_steps, base, out_slots)
         steps: List[_Step] = []
         for i, (kernel, op, ins, outs, fins) in enumerate(raw_steps):
