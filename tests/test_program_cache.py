@@ -419,3 +419,181 @@ def test_load_leaves_the_garbage_collector_as_it_found_it_and_frees_a_closed_mod
         assert not gc.isenabled()  # a caller's choice is kept
     finally:
         gc.enable()
+
+
+# ------------------------------------------------------------ fusion records
+@pytest.fixture
+def probes(monkeypatch):
+    """The shapes of every bit-exactness probe run (fusion._probe_equal), in order."""
+    from anemll_fast.mil import fusion
+
+    calls = []
+    real = fusion._probe_equal
+
+    def counting(fused, chain, shapes, fp16):
+        calls.append([tuple(s) for s in shapes])
+        return real(fused, chain, shapes, fp16)
+
+    monkeypatch.setattr(fusion, "_probe_equal", counting)
+    return calls
+
+
+def random_inputs(model):
+    rng = np.random.default_rng(7)
+    out = {}
+    for s in model.input_specs:
+        shape = tuple(int(d) for d in s.shape)
+        if s.dtype.startswith("int"):
+            out[s.name] = np.full(shape, 3, np.int32)
+        else:
+            out[s.name] = rng.standard_normal(shape).astype(np.float16)
+    return out
+
+
+def run_fn(model, fn):
+    m = model.function(fn)
+    return m.predict(random_inputs(m), m.make_state())
+
+
+def fused_fresh(model, fn):
+    """`fn` of the model's program planned with fusion run afresh (no record), and its outputs."""
+    from anemll_fast.backends.reference import ReferenceModel
+
+    m = ReferenceModel(model.program, fn, {"consts": {}, "plans": {}, "fusion": None})
+    return m, m.predict(random_inputs(m), m.make_state())
+
+
+def fusion_file(cache):
+    (f,) = cache.glob("*.fusion")
+    return f
+
+
+def test_second_load_replays_the_fusion_record_bit_for_bit(cache, tiny, probes):
+    path = chunk(tiny)
+    ReferenceBackend.load(path).function("prefill")
+    assert probes  # the first load probes every chain it fuses ...
+    record = json.loads(fusion_file(cache).read_text())
+    assert set(record["plans"]) == {"infer", "prefill"} and record["key"] == program_cache.program_key(path)
+    forget()
+    probes.clear()
+    model = ReferenceBackend.load(path)
+    for fn in ("infer", "prefill"):
+        replayed = model.function(fn)
+        assert replayed._plan.fused and replayed._plan.fused == record["plans"][fn]["counts"]
+        assert not probes  # ... a later one none
+        fresh, expected = fused_fresh(model, fn)
+        assert probes  # (the fresh plan did probe)
+        probes.clear()
+        assert [s.op_type for s in replayed._plan.steps] == [s.op_type for s in fresh._plan.steps]
+        assert replayed._plan.fused == fresh._plan.fused
+        got = run_fn(model, fn)
+        assert got.keys() == expected.keys()
+        for k in got:
+            assert np.array_equal(got[k], expected[k], equal_nan=True), (fn, k)
+
+
+def test_fusion_record_of_other_code_or_another_program_is_not_replayed(cache, tiny, probes, monkeypatch):
+    from anemll_fast.mil import fusion
+
+    path = chunk(tiny)
+    ReferenceBackend.load(path)
+    n = len(probes)
+    f = fusion_file(cache)
+    for field, value in (("code", "0" * 64), ("key", "1" * 64), ("magic", "something else")):
+        data = json.loads(f.read_text())
+        f.write_text(json.dumps(dict(data, **{field: value})))
+        forget()
+        probes.clear()
+        ReferenceBackend.load(path)
+        assert len(probes) == n, field  # probed again ...
+        assert json.loads(f.read_text())[field] == data[field]  # ... and stored afresh
+    # The same record under a new code key (another version of the interpreter or kernels): not replayed.
+    monkeypatch.setattr(fusion, "_code_key", "f" * 64)
+    forget()
+    probes.clear()
+    ReferenceBackend.load(path)
+    assert len(probes) == n and json.loads(f.read_text())["code"] == "f" * 64
+
+
+def _shift_anchor(plans):
+    passes = plans["infer"]["passes"]
+    anchor = next(a for p in passes for a in p)
+    anchor[0] += 1
+
+
+def _flip_probe_shapes(plans):
+    passes = plans["infer"]["passes"]
+    probe = next(q for p in passes for a in p for q in a[2])
+    probe[3][0][-1] += 2
+
+
+def _swap_functions(plans):  # each function given the other's record: same structure, other shapes
+    plans["infer"], plans["prefill"] = plans["prefill"], plans["infer"]
+
+
+def _drop_a_match(plans):
+    passes = plans["infer"]["passes"]
+    next(p for p in passes if p).pop()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "not_a_dict", "bad_types", "shift_anchor", "probe_shapes",
+                                    "swap_functions", "drop_a_match"])
+def test_damaged_or_unfitting_fusion_record_is_ignored_and_rebuilt(cache, tiny, probes, damage, caplog):
+    path = chunk(tiny)
+    first = ReferenceBackend.load(path)
+    expected = {fn: run_fn(first, fn) for fn in ("infer", "prefill")}
+    good = json.loads(fusion_file(cache).read_text())
+    n = len(probes)
+    data = json.loads(fusion_file(cache).read_text())
+    if damage == "garbage":
+        fusion_file(cache).write_bytes(b"\x00{" * 50)
+    else:
+        if damage == "not_a_dict":
+            data["plans"]["infer"] = [1, 2, 3]
+        elif damage == "bad_types":
+            data["plans"]["infer"]["passes"] = [["x", None]] * 5
+        elif damage == "shift_anchor":
+            _shift_anchor(data["plans"])
+        elif damage == "probe_shapes":
+            _flip_probe_shapes(data["plans"])
+        elif damage == "swap_functions":
+            _swap_functions(data["plans"])
+        else:
+            _drop_a_match(data["plans"])
+        fusion_file(cache).write_text(json.dumps(data))
+    forget()
+    probes.clear()
+    model = ReferenceBackend.load(path)
+    for fn in ("infer", "prefill"):
+        got = run_fn(model, fn)
+        for k in got:
+            assert np.array_equal(got[k], expected[fn][k], equal_nan=True), (fn, k)
+    assert probes  # fused afresh
+    if damage == "garbage":
+        assert "damaged fusion record file" in caplog.text
+    if damage != "swap_functions":  # (swapped, both functions are probed again)
+        assert len(probes) <= n
+    assert json.loads(fusion_file(cache).read_text())["plans"] == good["plans"]  # rebuilt whole
+    forget()
+    probes.clear()
+    ReferenceBackend.load(path).function("prefill")
+    assert not probes
+
+
+def test_fusion_records_go_with_their_entry(cache, tiny):
+    ReferenceBackend.load(chunk(tiny))
+    assert len(list(cache.glob("*.fusion"))) == 1
+    assert program_cache.clear() == 1 and list(cache.iterdir()) == []
+
+
+def test_no_fusion_record_without_the_disk_cache_or_with_fusion_off(tmp_path, tiny, monkeypatch, probes):
+    monkeypatch.setenv("ANEMLL_FAST_PROGRAM_CACHE", "off")
+    forget()
+    ReferenceBackend.load(chunk(tiny))
+    assert probes
+    monkeypatch.setenv("ANEMLL_FAST_PROGRAM_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("ANEMLL_FAST_FUSION", "0")
+    forget()
+    ReferenceBackend.load(chunk(tiny))
+    assert list((tmp_path / "c").glob("*.fusion")) == []
+    forget()

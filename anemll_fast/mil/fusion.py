@@ -63,28 +63,35 @@ def code_key() -> str:
     another code key is not replayed. Computed once per process (~2 ms)."""
     global _code_key
     if _code_key is None:
-        import hashlib
         import platform
         import sys
         from pathlib import Path
 
-        h = hashlib.sha256()
-        here = Path(__file__).resolve().parent
-        for f in sorted(here.rglob("*.py")):
-            h.update(f.relative_to(here).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-        if native is not None:
-            h.update(Path(native.__file__).read_bytes())
-            h.update(f"{native.kernel_isa()} {native.chain_isa()}".encode())
         try:
             from numpy._core import _multiarray_umath as umath
         except ImportError:  # numpy 1.x
             from numpy.core import _multiarray_umath as umath
         features = sorted(k for k, on in getattr(umath, "__cpu_features__", {}).items() if on)
-        h.update(repr((np.__version__, features, sys.version, platform.machine(),
-                       [os.environ.get(v) for v in ("ANEMLL_FAST_KERNELS", "NPY_DISABLE_CPU_FEATURES",
-                                                    "NPY_ENABLE_CPU_FEATURES")])).encode())
-        _code_key = h.hexdigest()
+        machine = repr((None if native is None else (native.kernel_isa(), native.chain_isa()),
+                        np.__version__, features, sys.version, platform.machine(),
+                        [os.environ.get(v) for v in ("ANEMLL_FAST_KERNELS", "NPY_DISABLE_CPU_FEATURES",
+                                                     "NPY_ENABLE_CPU_FEATURES")]))
+        _code_key = _digest(Path(__file__).resolve().parent, None if native is None else Path(native.__file__),
+                            machine)
     return _code_key
+
+
+def _digest(sources: Any, binary: Any, machine: str) -> str:
+    """sha256 of every .py under `sources` (by relative name), of the `binary` file, and of `machine`."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(sources.rglob("*.py")):
+        h.update(f.relative_to(sources).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    if binary is not None:
+        h.update(binary.read_bytes())
+    h.update(machine.encode())
+    return h.hexdigest()
 
 
 @dataclass
