@@ -531,13 +531,19 @@ def _swap_functions(plans):  # each function given the other's record: same stru
     plans["infer"], plans["prefill"] = plans["prefill"], plans["infer"]
 
 
+def _extra_probe(plans):  # an anchor with an outcome no probe asks for
+    passes = plans["infer"]["passes"]
+    anchor = next(a for p in passes for a in p if a[2])
+    anchor[2].append(list(anchor[2][-1]))
+
+
 def _drop_a_match(plans):
     passes = plans["infer"]["passes"]
     next(p for p in passes if p).pop()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "not_a_dict", "bad_types", "shift_anchor", "probe_shapes",
-                                    "swap_functions", "drop_a_match"])
+                                    "swap_functions", "drop_a_match", "extra_probe"])
 def test_damaged_or_unfitting_fusion_record_is_ignored_and_rebuilt(cache, tiny, probes, damage, caplog):
     path = chunk(tiny)
     first = ReferenceBackend.load(path)
@@ -558,6 +564,8 @@ def test_damaged_or_unfitting_fusion_record_is_ignored_and_rebuilt(cache, tiny, 
             _flip_probe_shapes(data["plans"])
         elif damage == "swap_functions":
             _swap_functions(data["plans"])
+        elif damage == "extra_probe":
+            _extra_probe(data["plans"])
         else:
             _drop_a_match(data["plans"])
         fusion_file(cache).write_text(json.dumps(data))

@@ -423,6 +423,39 @@ def test_fusion_switch_reads_the_environment(tmp_path, monkeypatch):
     assert fusion.enabled() and not fusion.enabled(False)
 
 
+def test_fusion_code_key_covers_the_interpreter_the_kernels_and_the_cpu_path(tmp_path):
+    """A fusion record is replayed only under the code key it was made with: any change to a module of
+    anemll_fast.mil, to the native binary or to the instruction-set path changes the key."""
+    import shutil
+
+    from anemll_fast.mil import fusion
+
+    src = Path(fusion.__file__).resolve().parent
+    mil = tmp_path / "mil"
+    shutil.copytree(src, mil, ignore=shutil.ignore_patterns("__pycache__"))
+    binary = tmp_path / "kernels.so"
+    shutil.copyfile(fusion.native.__file__, binary)
+    base = fusion._digest(mil, binary, "avx2")
+    assert fusion._digest(mil, binary, "avx2") == base
+    op_file = mil / "ops" / "elementwise.py"
+    op_file.write_text(op_file.read_text() + "\n# changed\n")
+    assert fusion._digest(mil, binary, "avx2") != base
+    shutil.copyfile(src / "ops" / "elementwise.py", op_file)
+    assert fusion._digest(mil, binary, "avx2") == base
+    binary.write_bytes(binary.read_bytes() + b"\0")
+    assert fusion._digest(mil, binary, "avx2") != base
+    shutil.copyfile(fusion.native.__file__, binary)
+    assert fusion._digest(mil, binary, "portable") != base
+    # the key of a process whose kernels take the portable path differs from this one's
+    code = "from anemll_fast.mil import fusion; print(fusion.code_key())"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("ANEMLL_FAST_KERNELS", None)
+    here = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    portable = subprocess.run([sys.executable, "-c", code], env=dict(env, ANEMLL_FAST_KERNELS="portable"),
+                              capture_output=True, text=True, check=True)
+    assert portable.stdout.strip() != here.stdout.strip()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_tiny_model_fused_equals_op_by_op(tmp_path, monkeypatch, arch):
     """Every rewrite on a converted model: the same greedy tokens, logits within the native attention's
