@@ -74,8 +74,7 @@ def code_key() -> str:
         features = sorted(k for k, on in getattr(umath, "__cpu_features__", {}).items() if on)
         machine = repr((None if native is None else (native.kernel_isa(), native.chain_isa()),
                         np.__version__, features, sys.version, platform.machine(),
-                        [os.environ.get(v) for v in ("ANEMLL_FAST_KERNELS", "NPY_DISABLE_CPU_FEATURES",
-                                                     "NPY_ENABLE_CPU_FEATURES")]))
+                        [os.environ.get(v) for v in ("NPY_DISABLE_CPU_FEATURES", "NPY_ENABLE_CPU_FEATURES")]))
         _code_key = _digest(Path(__file__).resolve().parent, None if native is None else Path(native.__file__),
                             machine)
     return _code_key
