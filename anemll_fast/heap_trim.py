@@ -16,7 +16,6 @@ now and then). Elsewhere (macOS, whose allocator returns large blocks itself; mu
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from typing import Any, Optional
@@ -30,9 +29,19 @@ def _libc() -> Optional[Any]:
     if not os.path.exists("/proc/self/statm"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # glibc's soname first: ctypes.util (find_library) imports subprocess, a tenth of a load's imports
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        from ctypes.util import find_library
+
+        name = find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+        except OSError:
+            libc = None
+    try:
         trim = libc.malloc_trim  # glibc only
-    except (OSError, AttributeError):
+    except AttributeError:
         return None
     trim.restype, trim.argtypes = ctypes.c_int, [ctypes.c_size_t]
     return libc

@@ -25,6 +25,7 @@ ANEMLL_FAST_FUSION=0 (or Plan(..., fuse=False)) turns these rewrites off.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -463,8 +464,8 @@ def _match_views(g: _Graph, i_last: int, types: Dict[str, Any], probe: "_Probe"
     pure = False
     # (an index array through the run proves it a reshape; float32 finishers keep indices exact to 2^24)
     if in_shape is not None and out_shape is not None and \
-            int(np.prod(in_shape)) == int(np.prod(out_shape)) <= 1 << 24:
-        n = int(np.prod(in_shape))
+            math.prod(in_shape) == math.prod(out_shape) <= 1 << 24:
+        n = math.prod(in_shape)
 
         def renames_axes() -> bool:
             try:
