@@ -587,8 +587,9 @@ class FusionRecords:
             except BaseException:
                 os.unlink(tmp)
                 raise
-        except OSError as exc:  # costs the next load its probes, never this one
-            log.warning("anemll_fast: cannot write the program cache in %s (%s)", folder, exc)
+        except OSError as exc:  # costs the next load its probes, never this one (and a read-only cache
+            # that serves every load would otherwise warn at each)
+            log.debug("anemll_fast: cannot write fusion records in %s (%s)", folder, exc)
 
 
 def fusion_records(program: Program) -> Optional[FusionRecords]:

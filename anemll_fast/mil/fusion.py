@@ -73,8 +73,9 @@ def code_key() -> str:
         except ImportError:  # numpy 1.x
             from numpy.core import _multiarray_umath as umath
         features = sorted(k for k, on in getattr(umath, "__cpu_features__", {}).items() if on)
+        build = (getattr(umath, "__cpu_baseline__", None), getattr(umath, "__cpu_dispatch__", None))
         machine = repr((None if native is None else (native.kernel_isa(), native.chain_isa()),
-                        np.__version__, features, sys.version, platform.machine(),
+                        np.__version__, features, build, sys.version, platform.machine(),
                         [os.environ.get(v) for v in ("NPY_DISABLE_CPU_FEATURES", "NPY_ENABLE_CPU_FEATURES")]))
         _code_key = _digest(Path(__file__).resolve().parent, None if native is None else Path(native.__file__),
                             machine)

@@ -12,6 +12,7 @@ keeps a KV-cache update O(update) instead of O(cache).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
@@ -245,9 +246,15 @@ class Plan:
     def _const_of(self, value: Value) -> Stored:
         """A stored constant; fp16 matrices keep their storage for the native kernels."""
         data = value.data
-        native = value.dtype == "fp16" and isinstance(data, np.ndarray) and data.ndim >= 2
-        return self._shared((data,), lambda: Stored(lambda: compute_form(value),
-                                                    ("fp16", data) if native else None))
+        # _shared inlined for one key object: a model has ~10^4 constants, most used by one function
+        key = (id(data),)
+        hit = self._const_cache.get(key)
+        if hit is not None and hit[0][0] is data:
+            return hit[1]
+        native = isinstance(data, np.ndarray) and data.ndim >= 2 and value.dtype == "fp16"
+        st = Stored(partial(compute_form, value), ("fp16", data) if native else None)
+        self._const_cache[key] = ((data,), st)
+        return st
 
     def _sub_plan(self, block: Block, label: str, consts: Dict[str, Any], types: Dict[str, Any],
                   where: str) -> Tuple["Plan", List[str]]:
@@ -432,7 +439,7 @@ class Plan:
             for v in op.outputs:
                 types[v.name] = v.type
             if op.type == "const":  # most ops of a model: kept lean
-                val = op.const_value()
+                val = op.attributes.get("val")  # (op.const_value(), inline)
                 if val is None or len(op.outputs) != 1:
                     raise MilFormatError(f"{label}, op const ({op.outputs[0].name if op.outputs else op.name}): "
                                          f"const without a value")
