@@ -397,6 +397,21 @@ def test_an_entry_holds_each_distinct_type_once(cache, tiny):
     assert len({id(t) for t in types}) == len(set(types))  # one object per distinct type
 
 
+def test_an_entry_holds_each_distinct_name_once(cache, tiny):
+    ReferenceBackend.load(chunk(tiny))
+    forget()
+    program = ReferenceBackend.load(chunk(tiny)).program  # read back from the entry
+    names = []
+    for fn in program.functions.values():
+        names += fn.outputs + [v.name for v in fn.inputs]
+        for op in fn.ops:
+            names += [op.type, op.name] + list(op.inputs) + list(op.attributes) + [v.name for v in op.outputs]
+            names += [b for binds in op.inputs.values() for b in binds if isinstance(b, str)]
+            names += [v.data for v in op.attributes.values() if isinstance(v.data, str)]
+    assert len(names) > 1000 and len(set(names)) < len(names) / 3
+    assert len({id(n) for n in names}) == len(set(names))  # one object per distinct string
+
+
 def test_load_leaves_the_garbage_collector_as_it_found_it_and_frees_a_closed_model(cache, tiny):
     import gc
     import weakref
