@@ -581,12 +581,15 @@ class FusionRecords:
     anemll_fast.mil.plan.FusionRecords): `<key>.fusion`, read once per process."""
 
     def __init__(self, folder: Path, key: str):
-        from anemll_fast.mil.fusion import code_key
-
         self.file = folder / f"{key}.fusion"
         self.key = key
-        self.code = code_key()
         self._records: Optional[Dict[str, Any]] = None
+
+    @property
+    def code(self) -> str:
+        from anemll_fast.mil.fusion import code_key
+
+        return code_key()  # (computed once per process, when a plan first fuses)
 
     def _read(self) -> Dict[str, Any]:
         try:

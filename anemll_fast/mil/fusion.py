@@ -21,6 +21,12 @@ float dtype, static shapes, the constants the pattern needs) and, as a last guar
 gives the chain's exact bits on a random probe of the declared shapes. At run time a fused step whose
 operands do not fit its kernel (another shape, a non-contiguous view) runs the original ops instead.
 
+A later build of the same steps need not probe again: `fuse` returns a record of which steps each pass
+rewrote and how their probes came out, and given that record back it matches only those steps (their
+structure checked as before) and answers their probes from it. The program cache keeps records beside
+its entries, under `code_key()`: the probes' outcome is a function of the program, this package's
+interpreter code, the native kernels' binary and the CPU paths taken, all of which the keys cover.
+
 ANEMLL_FAST_FUSION=0 (or Plan(..., fuse=False)) turns these rewrites off.
 """
 from __future__ import annotations
@@ -659,9 +665,10 @@ def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, A
     a new one)."""
     if record is not None:
         try:
-            out, counts = _fuse(raw_steps, out_slots, consts, types, fixed, record["passes"], None)
-            if counts == record["counts"] and record["n"] == len(raw_steps):
-                return out, counts, record
+            if record["n"] == len(raw_steps):
+                out, counts = _fuse(raw_steps, out_slots, consts, types, fixed, record["passes"], None)
+                if counts == record["counts"]:
+                    return out, counts, record
         except (_Stale, KeyError, TypeError, ValueError, IndexError):  # a damaged or foreign record
             pass
     log: List[List[Any]] = []
