@@ -20,6 +20,7 @@ import numpy as np
 from anemll_fast.mil.blobfile import fp32_to_bf16_bits, bf16_to_fp32
 from anemll_fast.mil import fusion
 from anemll_fast.mil.attention import fuse as fuse_attention
+from anemll_fast.mil.liveness import dead_after, with_release
 from anemll_fast.mil.errors import MilError, MilFormatError, MilRuntimeError, UnsupportedOpError
 from anemll_fast.mil.ops import CONSTEXPR, CONTROL_FLOW, OPS, SUPPORTED_OPS
 from anemll_fast.mil.ops.registry import (BindingRef, BuildContext, Kernel, Stored, compute_form, round_fp16,
@@ -534,9 +535,10 @@ class Plan:
                 records.put(fn.name, record)
         inplace = self._inplace_steps(raw_steps, base, out_slots)
         steps: List[_Step] = []
+        dead = dead_after([(ins, outs) for _k, _op, ins, outs, _f in raw_steps], out_slots)
         for i, (kernel, op, ins, outs, fins) in enumerate(raw_steps):
             ip = i in inplace
-            run = _make_step(kernel.fn, tuple(ins), tuple(outs), tuple(fins), ip)
+            run = with_release(_make_step(kernel.fn, tuple(ins), tuple(outs), tuple(fins), ip), dead[i])
             steps.append(_Step(run, op.type, op.outputs[0].name if op.outputs else op.name))
         self.steps = steps
         self._runs = [s.run for s in steps]

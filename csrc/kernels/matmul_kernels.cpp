@@ -17,6 +17,14 @@ namespace {
 
 constexpr int kRows = 4;
 
+// Batched products (n >= kGemmFrom positions): register tiles of kMR weight rows x kNR positions.
+// The weight rows are decoded kKC columns at a time into an L1-resident fp32 scratch (row-major,
+// read by broadcasts); X is packed once per call into panels of kNR positions ([cols][kNR], zero past
+// n) that stay in L2 and are streamed by every row block.
+constexpr int kMR = 6, kNR = 16;
+constexpr int64_t kKC = 256;
+constexpr int64_t kGemmFrom = 8;
+
 // ---------------------------------------------------------------- portable
 void decode_f16_portable(const uint16_t* src, int64_t count, float* dst) {
   for (int64_t i = 0; i < count; ++i) dst[i] = half_to_float(src[i]);
@@ -28,13 +36,14 @@ void round_f16_portable(const float* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(float_to_half(src[i]));
 }
 
-void decode_lut_portable(const Weight& w, int64_t r, float* dst) {
+// Columns [k0, k1) of row r (k0 even: a 4-bit row is decoded from a byte boundary).
+void decode_lut_portable(const Weight& w, int64_t r, int64_t k0, int64_t k1, float* dst) {
   const float* table = w.lut + (r / w.rows_per_group) * w.entries;
   const uint8_t* row = w.idx + r * row_bytes(w);
   if (w.nbits <= 4) {
-    for (int64_t k = 0; k < w.cols; ++k) dst[k] = table[(row[k >> 1] >> ((k & 1) * 4)) & 0xF];
+    for (int64_t k = k0; k < k1; ++k) dst[k - k0] = table[(row[k >> 1] >> ((k & 1) * 4)) & 0xF];
   } else {
-    for (int64_t k = 0; k < w.cols; ++k) dst[k] = table[row[k]];
+    for (int64_t k = k0; k < k1; ++k) dst[k - k0] = table[row[k]];
   }
 }
 
@@ -58,6 +67,23 @@ void rows_times_x_portable(const float* wr, int nr, int64_t cols, const float* x
   }
 }
 
+// C[kMR, kNR] (row stride ldc) = (accumulate ? C : 0) + A · B, A: kMR rows of kc fp32 (stride lda),
+// B: a packed panel [kc][kNR].
+void micro_portable(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
+                    bool accumulate) {
+  float acc[kMR][kNR] = {};
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* bk = b + k * kNR;
+    for (int i = 0; i < kMR; ++i) {
+      const float av = a[i * lda + k];
+      for (int t = 0; t < kNR; ++t) acc[i][t] += av * bk[t];
+    }
+  }
+  for (int i = 0; i < kMR; ++i) {
+    for (int t = 0; t < kNR; ++t) c[i * ldc + t] = accumulate ? c[i * ldc + t] + acc[i][t] : acc[i][t];
+  }
+}
+
 #if AF_X86
 // ---------------------------------------------------------------- AVX2 + FMA + F16C
 AF_AVX2 void decode_f16_avx2(const uint16_t* src, int64_t count, float* dst) {
@@ -78,9 +104,10 @@ AF_AVX2 void round_f16_avx2(const float* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = half_to_float(float_to_half(src[i]));
 }
 
-AF_AVX2 void decode_lut_avx2(const Weight& w, int64_t r, float* dst) {
+AF_AVX2 void decode_lut_avx2(const Weight& w, int64_t r, int64_t k0, int64_t k1, float* dst) {
   const float* table = w.lut + (r / w.rows_per_group) * w.entries;
-  const uint8_t* row = w.idx + r * row_bytes(w);
+  const uint8_t* row = w.idx + r * row_bytes(w) + (w.nbits <= 4 ? k0 / 2 : k0);
+  const int64_t cols = k1 - k0;
   int64_t k = 0;
   if (w.nbits <= 4) {
     // 16-entry table in two registers: permute within each, pick by bit 3 of the index.
@@ -89,7 +116,7 @@ AF_AVX2 void decode_lut_avx2(const Weight& w, int64_t r, float* dst) {
     const __m256 lo = _mm256_loadu_ps(padded), hi = _mm256_loadu_ps(padded + 8);
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256i nib = _mm256_set1_epi32(0xF), eight = _mm256_set1_epi32(7);
-    for (; k + 8 <= w.cols; k += 8) {
+    for (; k + 8 <= cols; k += 8) {
       uint32_t word;
       std::memcpy(&word, row + (k >> 1), 4);
       const __m256i id = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
@@ -98,13 +125,13 @@ AF_AVX2 void decode_lut_avx2(const Weight& w, int64_t r, float* dst) {
       const __m256 use_hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(id, eight));
       _mm256_storeu_ps(dst + k, _mm256_blendv_ps(a, b, use_hi));
     }
-    for (; k < w.cols; ++k) dst[k] = table[(row[k >> 1] >> ((k & 1) * 4)) & 0xF];
+    for (; k < cols; ++k) dst[k] = table[(row[k >> 1] >> ((k & 1) * 4)) & 0xF];
   } else {
-    for (; k + 8 <= w.cols; k += 8) {
+    for (; k + 8 <= cols; k += 8) {
       const __m256i id = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)));
       _mm256_storeu_ps(dst + k, _mm256_i32gather_ps(table, id, 4));
     }
-    for (; k < w.cols; ++k) dst[k] = table[row[k]];
+    for (; k < cols; ++k) dst[k] = table[row[k]];
   }
 }
 
@@ -299,6 +326,48 @@ AF_AVX2 void matvec_lut_avx2(const Weight& w, const float* x, float* y) {
 AF_AVX2 void matvec_lut4_avx2(const Weight& w, const float* x, float* y) { matvec_lut_avx2<false>(w, x, y); }
 AF_AVX2 void matvec_lut6_avx2(const Weight& w, const float* x, float* y) { matvec_lut_avx2<true>(w, x, y); }
 
+// The 6 x 16 tile: 12 accumulators, two B vectors and one broadcast (15 of the 16 ymm registers);
+// per column of A, 12 FMAs against 8 loads, so the two FMA pipes set the pace.
+AF_AVX2 void micro_avx2(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
+                        bool accumulate) {
+  // Named accumulators, not arrays: GCC keeps arrays of vectors on the stack inside the loop.
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  for (int64_t k = 0; k < kc; ++k, b += kNR) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 av = _mm256_broadcast_ss(a0 + k);
+    c00 = _mm256_fmadd_ps(av, b0, c00);
+    c01 = _mm256_fmadd_ps(av, b1, c01);
+    av = _mm256_broadcast_ss(a1 + k);
+    c10 = _mm256_fmadd_ps(av, b0, c10);
+    c11 = _mm256_fmadd_ps(av, b1, c11);
+    av = _mm256_broadcast_ss(a2 + k);
+    c20 = _mm256_fmadd_ps(av, b0, c20);
+    c21 = _mm256_fmadd_ps(av, b1, c21);
+    av = _mm256_broadcast_ss(a3 + k);
+    c30 = _mm256_fmadd_ps(av, b0, c30);
+    c31 = _mm256_fmadd_ps(av, b1, c31);
+    av = _mm256_broadcast_ss(a4 + k);
+    c40 = _mm256_fmadd_ps(av, b0, c40);
+    c41 = _mm256_fmadd_ps(av, b1, c41);
+    av = _mm256_broadcast_ss(a5 + k);
+    c50 = _mm256_fmadd_ps(av, b0, c50);
+    c51 = _mm256_fmadd_ps(av, b1, c51);
+  }
+  const __m256 out[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int i = 0; i < kMR; ++i) {
+    float* ci = c + i * ldc;
+    __m256 v0 = out[i][0], v1 = out[i][1];
+    if (accumulate) {
+      v0 = _mm256_add_ps(_mm256_loadu_ps(ci), v0);
+      v1 = _mm256_add_ps(_mm256_loadu_ps(ci + 8), v1);
+    }
+    _mm256_storeu_ps(ci, v0);
+    _mm256_storeu_ps(ci + 8, v1);
+  }
+}
+
 AF_AVX2 uint64_t stream_read_avx2(const uint8_t* p, int64_t n) {
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
@@ -365,14 +434,44 @@ void rows_times_x_neon(const float* wr, int nr, int64_t cols, const float* x, in
 }
 #endif
 
+#if AF_NEON
+// The 6 x 16 tile in 24 of the 32 q registers.
+void micro_neon(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc, bool accumulate) {
+  float32x4_t acc[kMR][4];
+  for (int i = 0; i < kMR; ++i) {
+    for (int q = 0; q < 4; ++q) acc[i][q] = vdupq_n_f32(0.f);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* bk = b + k * kNR;
+    const float32x4_t b0 = vld1q_f32(bk), b1 = vld1q_f32(bk + 4), b2 = vld1q_f32(bk + 8), b3 = vld1q_f32(bk + 12);
+    for (int i = 0; i < kMR; ++i) {
+      const float av = a[i * lda + k];
+      acc[i][0] = vfmaq_n_f32(acc[i][0], b0, av);
+      acc[i][1] = vfmaq_n_f32(acc[i][1], b1, av);
+      acc[i][2] = vfmaq_n_f32(acc[i][2], b2, av);
+      acc[i][3] = vfmaq_n_f32(acc[i][3], b3, av);
+    }
+  }
+  for (int i = 0; i < kMR; ++i) {
+    for (int q = 0; q < 4; ++q) {
+      float* cq = c + i * ldc + 4 * q;
+      vst1q_f32(cq, accumulate ? vaddq_f32(vld1q_f32(cq), acc[i][q]) : acc[i][q]);
+    }
+  }
+}
+#endif
+
+using Micro = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, bool);
+
 struct Dispatch {
   void (*matvec_f16)(const Weight&, const float*, float*);   // optional fused n == 1 paths
   void (*matvec_lut4)(const Weight&, const float*, float*);
   void (*matvec_lut6)(const Weight&, const float*, float*);
   void (*decode_f16)(const uint16_t*, int64_t, float*);
-  void (*decode_lut)(const Weight&, int64_t, float*);
+  void (*decode_lut)(const Weight&, int64_t, int64_t, int64_t, float*);
   void (*rows_times_x)(const float*, int, int64_t, const float*, int64_t, float*, int64_t);
   void (*round_f16)(const float*, int64_t, float*);
+  Micro micro;
   const char* name;
 };
 
@@ -381,19 +480,19 @@ Dispatch pick() {
   const char* force = std::getenv("ANEMLL_FAST_KERNELS");
   if (force != nullptr && std::strcmp(force, "portable") == 0) {
     return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, round_f16_portable,
-            "portable"};
+            micro_portable, "portable"};
   }
 #if AF_X86
   if (cpu_has_avx2()) {
     return {matvec_f16_avx2, matvec_lut4_avx2, matvec_lut6_avx2, decode_f16_avx2, decode_lut_avx2, rows_times_x_avx2,
-            round_f16_avx2, "avx2+fma+f16c"};
+            round_f16_avx2, micro_avx2, "avx2+fma+f16c"};
   }
 #elif AF_NEON
   return {nullptr, nullptr, nullptr, decode_f16_neon, decode_lut_portable, rows_times_x_neon, round_f16_neon,
-          "neon"};
+          micro_neon, "neon"};
 #endif
   return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, round_f16_portable,
-            "portable"};
+            micro_portable, "portable"};
 }
 
 const Dispatch& dispatch() {
@@ -417,7 +516,88 @@ void decode_block(const Dispatch& d, const Weight& w, int64_t r0, int nr, float*
     if (w.f16 != nullptr) {
       d.decode_f16(w.f16 + (r0 + i) * w.cols, w.cols, out + i * w.cols);
     } else {
-      d.decode_lut(w, r0 + i, out + i * w.cols);
+      d.decode_lut(w, r0 + i, 0, w.cols, out + i * w.cols);
+    }
+  }
+}
+
+// X [cols, n] -> panels of kNR positions, panel p at xp + p * cols * kNR, [cols][kNR], zero past n.
+void pack_x(const float* x, int64_t cols, int64_t n, float* xp) {
+  for (int64_t j0 = 0; j0 < n; j0 += kNR) {
+    const int64_t width = n - j0 < kNR ? n - j0 : kNR;
+    float* dst = xp + (j0 / kNR) * cols * kNR;
+    for (int64_t k = 0; k < cols; ++k) {
+      std::memcpy(dst + k * kNR, x + k * n + j0, static_cast<size_t>(width) * sizeof(float));
+      if (width < kNR) std::memset(dst + k * kNR + width, 0, static_cast<size_t>(kNR - width) * sizeof(float));
+    }
+  }
+}
+
+template <typename T>
+T* grown(std::vector<T>& v, int64_t size) {
+  if (static_cast<int64_t>(v.size()) < size) v.resize(static_cast<size_t>(size));
+  return v.data();
+}
+
+// The stored bytes of columns [k0, k0 + len) of rows [r0, r0 + kMR): asked for one row block ahead.
+// The hardware prefetcher does not pick up kMR short streams that each stop after a chunk; without
+// this the first decode of every chunk waits on DRAM (measured: ~10% of a cold prefill's products).
+void prefetch_chunk(const Weight& w, int64_t r0, int64_t k0, int64_t len) {
+  const int64_t r1 = r0 + kMR < w.rows ? r0 + kMR : w.rows;
+  for (int64_t r = r0; r < r1; ++r) {
+    const char* p;
+    int64_t bytes;
+    if (w.f16 != nullptr) {
+      p = reinterpret_cast<const char*>(w.f16 + r * w.cols + k0);
+      bytes = len * 2;
+    } else if (w.nbits <= 4) {
+      p = reinterpret_cast<const char*>(w.idx + r * row_bytes(w) + k0 / 2);
+      bytes = (len + 1) / 2;
+    } else {
+      p = reinterpret_cast<const char*>(w.idx + r * w.cols + k0);
+      bytes = len;
+    }
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+  }
+}
+
+// Y = W · X for n >= kGemmFrom. Row block by row block (kMR rows, the whole width of X), the block's
+// columns in chunks of at most kKC (equal chunks, even: 4-bit rows start on a byte): decode the chunk,
+// then one tile product per panel of X, accumulated in an L1 tile [kMR][n rounded up to kNR]. Every
+// weight is read once; the tile's rows and positions past the weight's and n are computed and dropped.
+void gemm(const Dispatch& d, const Weight& w, const float* x, int64_t n, const float* bias, float* y) {
+  const int64_t cols = w.cols, panels = (n + kNR - 1) / kNR, npad = panels * kNR;
+  const int64_t chunks = (cols + kKC - 1) / kKC;
+  int64_t kc = (cols + chunks - 1) / chunks;
+  kc += kc & 1;
+  thread_local std::vector<float> xp_buf, a_buf, tile_buf;  // reused across calls, sized by the largest
+  float* xp = grown(xp_buf, panels * cols * kNR);
+  float* a = grown(a_buf, kMR * kc);
+  float* tile = grown(tile_buf, kMR * npad);
+  pack_x(x, cols, n, xp);
+  for (int64_t r0 = 0; r0 < w.rows; r0 += kMR) {
+    const int mr = static_cast<int>(w.rows - r0 < kMR ? w.rows - r0 : kMR);
+    if (mr < kMR) std::memset(a, 0, static_cast<size_t>(kMR * kc) * sizeof(float));
+    for (int64_t k0 = 0; k0 < cols; k0 += kc) {
+      const int64_t len = cols - k0 < kc ? cols - k0 : kc;
+      prefetch_chunk(w, r0 + kMR, k0, len);
+      for (int i = 0; i < mr; ++i) {
+        if (w.f16 != nullptr) {
+          d.decode_f16(w.f16 + (r0 + i) * cols + k0, len, a + i * kc);
+        } else {
+          d.decode_lut(w, r0 + i, k0, k0 + len, a + i * kc);
+        }
+      }
+      for (int64_t p = 0; p < panels; ++p) d.micro(len, a, kc, xp + (p * cols + k0) * kNR, tile + p * kNR, npad, k0 > 0);
+    }
+    for (int i = 0; i < mr; ++i) {
+      float* yr = y + (r0 + i) * n;
+      const float* tr = tile + i * npad;
+      if (bias == nullptr) {
+        std::memcpy(yr, tr, static_cast<size_t>(n) * sizeof(float));
+      } else {
+        for (int64_t j = 0; j < n; ++j) yr[j] = tr[j] + bias[r0 + i];
+      }
     }
   }
 }
@@ -440,6 +620,10 @@ int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float*
       d.matvec_lut6(w, x, y);
       return 0;
     }
+  }
+  if (n >= kGemmFrom) {
+    gemm(d, w, x, n, bias, y);
+    return 0;
   }
   // One block of decoded rows, reused for the whole call (a few KB: stays in L1).
   std::vector<float> block(static_cast<size_t>(kRows * w.cols));
