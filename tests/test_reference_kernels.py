@@ -66,6 +66,55 @@ def test_palette_matmul_and_decode_match_numpy(nbits, entries, rows, cols, n, gr
         assert p.nbytes <= rows * ((cols + 1) // 2) + lut.nbytes + 48 * groups
 
 
+# Batched products (n >= 8 positions) run the register-tiled kernel: 6-row x 16-position tiles over
+# column chunks of at most 256 (split evenly, even-sized). rows cover full tiles and every partial
+# one, cols one chunk, a chunk plus one, uneven chunks and odd lengths, n every kind of panel tail.
+GEMM_ROWS = (1, 5, 6, 7, 13)
+GEMM_COLS = (1, 7, 256, 257, 513)
+GEMM_N = (8, 15, 16, 17, 33, 64, 130)
+
+
+def _close(got, ref):
+    return np.abs(got - ref).max() / (np.abs(ref).max() + 1) < 1e-5
+
+
+@pytest.mark.parametrize("rows", GEMM_ROWS)
+@pytest.mark.parametrize("cols", GEMM_COLS)
+def test_fp16_batched_product_matches_numpy_at_every_tail(rows, cols):
+    w = RNG.standard_normal((rows, cols)).astype(np.float16)
+    p = PackedWeight.from_f16(w)
+    bias = RNG.standard_normal(rows).astype(np.float32)
+    for n in GEMM_N:
+        x = RNG.standard_normal((cols, n)).astype(np.float32)
+        ref = w.astype(np.float64) @ x
+        assert _close(p.matmul(x), ref), n
+        assert _close(p.matmul(x, bias=bias), ref + bias[:, None]), n
+
+
+@pytest.mark.parametrize("nbits", range(1, 9))
+@pytest.mark.parametrize("rows,cols,groups", [(7, 31, 7), (12, 257, 4), (13, 513, 1), (6, 64, 3)])
+def test_palette_batched_product_matches_numpy(nbits, rows, cols, groups):
+    entries = min(1 << nbits, 200)  # 8-bit: a table shorter than the index range
+    idx, lut, dense = _palette(rows, cols, groups, entries)
+    p = PackedWeight.from_palette(idx, lut, nbits)
+    for n in (8, 17, 130):
+        x = RNG.standard_normal((cols, n)).astype(np.float32)
+        assert _close(p.matmul(x), dense.astype(np.float64) @ x), n
+
+
+def test_batched_product_keeps_each_row_and_position_apart():
+    """Exact integers: every output element is distinct, so a tile written to the wrong rows or
+    positions, a panel read with the wrong stride or a chunk added twice shows as a mismatch."""
+    rows, cols, n = 19, 300, 37
+    w = (np.arange(rows * cols) % 7 - 3).reshape(rows, cols).astype(np.float16)
+    x = ((np.arange(cols * n) * 5) % 11 - 5).reshape(cols, n).astype(np.float32)
+    x[:, 0] += np.arange(cols) % 2
+    assert np.array_equal(PackedWeight.from_f16(w).matmul(x), w.astype(np.float32) @ x)
+    idx = np.arange(rows * cols).reshape(rows, cols) % 16
+    lut = np.arange(16 * 1, dtype=np.float32).reshape(1, 16) - 8
+    assert np.array_equal(PackedWeight.from_palette(idx, lut, 4).matmul(x), lut[0][idx] @ x)
+
+
 @pytest.mark.parametrize("nbits", [4, 6])
 def test_palette_rows_read_their_own_group_table(nbits):
     """Every group's table differs only in one entry's sign: a kernel reading the wrong group's
@@ -210,10 +259,23 @@ def test_portable_path_matches_in_a_subprocess():
         p = PackedWeight.from_f16(w)
         assert np.abs(p.matmul(x) - w.astype(np.float64) @ x).max() < 1e-4
         assert np.abs(p.matmul(x[:, :1]) - w.astype(np.float64) @ x[:, :1]).max() < 1e-4
+        for n in (8, 17, 33):  # the tiled batched path: partial row tiles and panel tails
+            xb = rng.standard_normal((29, n)).astype(np.float32)
+            assert np.abs(p.matmul(xb) - w.astype(np.float64) @ xb).max() < 1e-4
         idx = rng.integers(0, 16, (8, 29)); lut = rng.standard_normal((2, 16)).astype(np.float32)
         dense = lut[np.arange(8) // 4][np.arange(8)[:, None], idx]
         q = PackedWeight.from_palette(idx, lut, 4)
         assert np.abs(q.matmul(x) - dense @ x).max() < 1e-4 and np.array_equal(q.decode(), dense)
+        xb = rng.standard_normal((29, 20)).astype(np.float32)
+        assert np.abs(q.matmul(xb) - dense @ xb).max() < 1e-4
+        # more columns than one chunk: chunks decoded from their own offset, accumulated
+        w2 = rng.standard_normal((13, 601)).astype(np.float16)
+        x2 = rng.standard_normal((601, 17)).astype(np.float32)
+        assert np.abs(PackedWeight.from_f16(w2).matmul(x2) - w2.astype(np.float64) @ x2).max() < 1e-3
+        for bits in (4, 6):
+            i2 = rng.integers(0, 1 << bits, (12, 601)); l2 = rng.standard_normal((3, 1 << bits)).astype(np.float32)
+            d2 = l2[np.arange(12) // 4][np.arange(12)[:, None], i2]
+            assert np.abs(PackedWeight.from_palette(i2, l2, bits).matmul(x2) - d2 @ x2).max() < 1e-3
         idx6 = rng.integers(0, 64, (8, 29)); lut6 = rng.standard_normal((4, 64)).astype(np.float16).astype(np.float32)
         dense6 = lut6[np.arange(8) // 2][np.arange(8)[:, None], idx6]
         assert np.abs(PackedWeight.from_palette(idx6, lut6, 6).matmul(x[:, :1]) - dense6 @ x[:, :1]).max() < 1e-4
@@ -245,7 +307,7 @@ int main() {
   if (std::string(kernels::isa()) != "neon") { std::printf("isa %s\n", kernels::isa()); return 2; }
   unsigned seed = 1;
   auto rnd = [&]() { seed = seed * 1103515245u + 12345u; return ((seed >> 8) % 2000) / 1000.0f - 1.0f; };
-  for (int64_t rows : {1, 5, 9}) for (int64_t cols : {3, 8, 13}) for (int64_t n : {1, 3, 6}) {
+  for (int64_t rows : {1, 5, 9, 13}) for (int64_t cols : {3, 8, 13, 300}) for (int64_t n : {1, 3, 6, 8, 17, 33}) {
     std::vector<uint16_t> w(rows * cols); std::vector<float> wf(rows * cols), x(cols * n), y(rows * n);
     for (size_t i = 0; i < w.size(); ++i) { w[i] = float_to_half(rnd()); wf[i] = half_to_float(w[i]); }
     for (auto& v : x) v = rnd();
@@ -260,7 +322,7 @@ int main() {
   for (int nbits : {4, 6}) {
     const int64_t rows = 6, cols = 37, groups = 3, entries = 1 << nbits, rb = nbits <= 4 ? (cols + 1) / 2 : cols;
     std::vector<uint8_t> idx(rows * rb, 0); std::vector<int> full(rows * cols);
-    std::vector<float> lut(groups * entries), x(cols), y(rows);
+    std::vector<float> lut(groups * entries), x(cols);
     for (auto& v : lut) v = rnd();
     for (auto& v : x) v = rnd();
     for (int64_t r = 0; r < rows; ++r) for (int64_t k = 0; k < cols; ++k) {
@@ -270,10 +332,15 @@ int main() {
     }
     kernels::Weight kw; kw.rows = rows; kw.cols = cols; kw.idx = idx.data(); kw.nbits = nbits; kw.lut = lut.data();
     kw.entries = entries; kw.rows_per_group = rows / groups;
-    if (kernels::matmul(kw, x.data(), 1, nullptr, y.data()) != 0) return 5;
-    for (int64_t r = 0; r < rows; ++r) {
-      double s = 0; for (int64_t k = 0; k < cols; ++k) s += lut[(r / 2) * entries + full[r * cols + k]] * x[k];
-      if (std::fabs(s - y[r]) > 1e-4) { std::printf("palette mismatch %d %lld\n", nbits, (long long)r); return 6; }
+    for (int64_t n : {1, 9, 20}) {  // one position, and batches through the tiled kernel
+      std::vector<float> xb(cols * n), yb(rows * n);
+      for (auto& v : xb) v = rnd();
+      if (kernels::matmul(kw, xb.data(), n, nullptr, yb.data()) != 0) return 5;
+      for (int64_t r = 0; r < rows; ++r) for (int64_t j = 0; j < n; ++j) {
+        double s = 0;
+        for (int64_t k = 0; k < cols; ++k) s += lut[(r / 2) * entries + full[r * cols + k]] * xb[k * n + j];
+        if (std::fabs(s - yb[r * n + j]) > 1e-4) { std::printf("palette mismatch %d %lld\n", nbits, (long long)r); return 6; }
+      }
     }
   }
   std::vector<float> v(21), out(21);
