@@ -7,9 +7,10 @@ the last-level cache (as in a real decode step, where every weight comes from DR
 and compared with the time to stream the same stored bytes once (`stream_read_bytes`: wide loads and
 nothing else). "vs floor" is kernel time / stream time: 1.0 means the kernel runs at the speed of
 the bytes it reads. Times are CPU time of this thread, rounds interleaved; ratios are the result.
-With --batch N the prefill product (N positions, as the backend runs it: row blocks decoded into a
-scratch, then BLAS) is compared with numpy's float32 BLAS on the weights expanded once (what
-PyTorch eager fp32 does); "gemm vs fp32 BLAS" above 1 means the packed weight is slower.
+With --batch N the prefill product (N positions, as the backend runs it: the native register-tiled
+kernel over the stored weight, or BLAS over decoded row blocks on a CPU without a vector path) is
+compared with numpy's float32 BLAS on the weights expanded once (what PyTorch eager fp32 does);
+"gemm vs fp32 BLAS" above 1 means the packed weight is slower.
 """
 from __future__ import annotations
 
