@@ -67,11 +67,11 @@ def test_palette_matmul_and_decode_match_numpy(nbits, entries, rows, cols, n, gr
 
 
 # Batched products (n >= 8 positions) run the register-tiled kernel: 6-row x 16-position tiles over
-# column chunks of at most 256 (split evenly, even-sized). rows cover full tiles and every partial
+# column chunks of at most 256 (split evenly, even-sized), in blocks of at most 256 positions. rows cover full tiles and every partial
 # one, cols one chunk, a chunk plus one, uneven chunks and odd lengths, n every kind of panel tail.
 GEMM_ROWS = (1, 5, 6, 7, 13)
 GEMM_COLS = (1, 7, 256, 257, 513)
-GEMM_N = (8, 15, 16, 17, 33, 64, 130)
+GEMM_N = (8, 15, 16, 17, 33, 64, 130, 300)  # 300: more than one block of 256 positions
 
 
 def _close(got, ref):
@@ -97,7 +97,7 @@ def test_palette_batched_product_matches_numpy(nbits, rows, cols, groups):
     entries = min(1 << nbits, 200)  # 8-bit: a table shorter than the index range
     idx, lut, dense = _palette(rows, cols, groups, entries)
     p = PackedWeight.from_palette(idx, lut, nbits)
-    for n in (8, 17, 130):
+    for n in (8, 17, 130, 272):
         x = RNG.standard_normal((cols, n)).astype(np.float32)
         assert _close(p.matmul(x), dense.astype(np.float64) @ x), n
 
@@ -307,7 +307,7 @@ int main() {
   if (std::string(kernels::isa()) != "neon") { std::printf("isa %s\n", kernels::isa()); return 2; }
   unsigned seed = 1;
   auto rnd = [&]() { seed = seed * 1103515245u + 12345u; return ((seed >> 8) % 2000) / 1000.0f - 1.0f; };
-  for (int64_t rows : {1, 5, 9, 13}) for (int64_t cols : {3, 8, 13, 300}) for (int64_t n : {1, 3, 6, 8, 17, 33}) {
+  for (int64_t rows : {1, 5, 9, 13}) for (int64_t cols : {3, 8, 13, 300}) for (int64_t n : {1, 3, 6, 8, 17, 33, 270}) {
     std::vector<uint16_t> w(rows * cols); std::vector<float> wf(rows * cols), x(cols * n), y(rows * n);
     for (size_t i = 0; i < w.size(); ++i) { w[i] = float_to_half(rnd()); wf[i] = half_to_float(w[i]); }
     for (auto& v : x) v = rnd();

@@ -564,13 +564,14 @@ void decode_block(const Dispatch& d, const Weight& w, int64_t r0, int nr, float*
   }
 }
 
-// X [cols, n] -> panels of kNR positions, panel p at xp + p * cols * kNR, [cols][kNR], zero past n.
-void pack_x(const float* x, int64_t cols, int64_t n, float* xp) {
+// Positions [0, n) of X [cols, ldx] -> panels of kNR positions, panel p at xp + p * cols * kNR,
+// [cols][kNR], zero past n.
+void pack_x(const float* x, int64_t cols, int64_t ldx, int64_t n, float* xp) {
   for (int64_t j0 = 0; j0 < n; j0 += kNR) {
     const int64_t width = n - j0 < kNR ? n - j0 : kNR;
     float* dst = xp + (j0 / kNR) * cols * kNR;
     for (int64_t k = 0; k < cols; ++k) {
-      std::memcpy(dst + k * kNR, x + k * n + j0, static_cast<size_t>(width) * sizeof(float));
+      std::memcpy(dst + k * kNR, x + k * ldx + j0, static_cast<size_t>(width) * sizeof(float));
       if (width < kNR) std::memset(dst + k * kNR + width, 0, static_cast<size_t>(kNR - width) * sizeof(float));
     }
   }
@@ -618,54 +619,61 @@ class Prefetcher {
   int64_t len_ = 0, done_ = 0, steps_ = 1;
 };
 
-// Y = W · X for n >= kGemmFrom. Row block by row block (kMR rows, the whole width of X): the block's
-// rows are decoded front to back into an fp32 scratch laid out by column chunk ([chunk][kMR][kc],
-// chunks of at most kKC, equal, even-sized: 4-bit rows decode from a byte), then one tile product per
-// (chunk, panel of X), accumulated in an L1 tile [kMR][n rounded up to kNR]. Every weight is read and
-// decoded once; the tile's rows and positions past the weight's and n are computed and dropped.
+// Y = W · X for n >= kGemmFrom, at most kNC positions at a time (so that the packed X stays in L2 and
+// the scratch kept per thread stays small). Per block of positions, row block by row block (kMR rows):
+// the block's rows are decoded front to back into an fp32 scratch laid out by column chunk
+// ([chunk][kMR][kc], chunks of at most kKC, equal, even-sized: 4-bit rows decode from a byte), then one
+// tile product per (chunk, panel of X), accumulated in an L1 tile [kMR][positions rounded up to kNR].
+// Each weight is decoded once per kNC positions; the tile's rows and positions past the weight's and
+// n are computed and dropped.
+constexpr int64_t kNC = 256;
+
 void gemm(const Dispatch& d, const Weight& w, const float* x, int64_t n, const float* bias, float* y) {
-  const int64_t cols = w.cols, panels = (n + kNR - 1) / kNR, npad = panels * kNR;
-  const int64_t chunks = (cols + kKC - 1) / kKC;
+  const int64_t cols = w.cols, chunks = (cols + kKC - 1) / kKC;
   int64_t kc = (cols + chunks - 1) / chunks;
   kc += kc & 1;
+  const int64_t nc_max = n < kNC ? n : kNC, npad = (nc_max + kNR - 1) / kNR * kNR;
   thread_local std::vector<float> xp_buf, a_buf, tile_buf;  // reused across calls, sized by the largest
-  float* xp = grown(xp_buf, panels * cols * kNR);
+  float* xp = grown(xp_buf, npad * cols);
   float* a = grown(a_buf, kMR * kc * chunks);
   float* tile = grown(tile_buf, kMR * npad);
-  pack_x(x, cols, n, xp);
-  Prefetcher ahead(w);
-  for (int64_t b = 1; b < kPrefetchBlocks; ++b) {  // the first blocks, before anything hides them
-    ahead.start(b * kMR, 1);
-    ahead.step(0);
-  }
-  for (int64_t r0 = 0; r0 < w.rows; r0 += kMR) {
-    const int mr = static_cast<int>(w.rows - r0 < kMR ? w.rows - r0 : kMR);
-    if (mr < kMR) std::memset(a, 0, static_cast<size_t>(kMR * kc * chunks) * sizeof(float));
-    for (int i = 0; i < mr; ++i) {
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t k0 = c * kc, len = cols - k0 < kc ? cols - k0 : kc;
-        if (w.f16 != nullptr) {
-          d.decode_f16(w.f16 + (r0 + i) * cols + k0, len, a + (c * kMR + i) * kc);
-        } else {
-          d.decode_lut(w, r0 + i, k0, k0 + len, a + (c * kMR + i) * kc);
+  for (int64_t j0 = 0; j0 < n; j0 += kNC) {
+    const int64_t nc = n - j0 < kNC ? n - j0 : kNC, panels = (nc + kNR - 1) / kNR;
+    pack_x(x + j0, cols, n, nc, xp);
+    Prefetcher ahead(w);
+    for (int64_t b = 1; b < kPrefetchBlocks; ++b) {  // the first blocks, before anything hides them
+      ahead.start(b * kMR, 1);
+      ahead.step(0);
+    }
+    for (int64_t r0 = 0; r0 < w.rows; r0 += kMR) {
+      const int mr = static_cast<int>(w.rows - r0 < kMR ? w.rows - r0 : kMR);
+      if (mr < kMR) std::memset(a, 0, static_cast<size_t>(kMR * kc * chunks) * sizeof(float));
+      for (int i = 0; i < mr; ++i) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t k0 = c * kc, len = cols - k0 < kc ? cols - k0 : kc;
+          if (w.f16 != nullptr) {
+            d.decode_f16(w.f16 + (r0 + i) * cols + k0, len, a + (c * kMR + i) * kc);
+          } else {
+            d.decode_lut(w, r0 + i, k0, k0 + len, a + (c * kMR + i) * kc);
+          }
         }
       }
-    }
-    ahead.start(r0 + kPrefetchBlocks * kMR, chunks * panels);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t k0 = c * kc, len = cols - k0 < kc ? cols - k0 : kc;
-      for (int64_t p = 0; p < panels; ++p) {
-        ahead.step(c * panels + p);
-        d.micro(len, a + c * kMR * kc, kc, xp + (p * cols + k0) * kNR, tile + p * kNR, npad, k0 > 0);
+      ahead.start(r0 + kPrefetchBlocks * kMR, chunks * panels);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t k0 = c * kc, len = cols - k0 < kc ? cols - k0 : kc;
+        for (int64_t p = 0; p < panels; ++p) {
+          ahead.step(c * panels + p);
+          d.micro(len, a + c * kMR * kc, kc, xp + (p * cols + k0) * kNR, tile + p * kNR, npad, k0 > 0);
+        }
       }
-    }
-    for (int i = 0; i < mr; ++i) {
-      float* yr = y + (r0 + i) * n;
-      const float* tr = tile + i * npad;
-      if (bias == nullptr) {
-        std::memcpy(yr, tr, static_cast<size_t>(n) * sizeof(float));
-      } else {
-        for (int64_t j = 0; j < n; ++j) yr[j] = tr[j] + bias[r0 + i];
+      for (int i = 0; i < mr; ++i) {
+        float* yr = y + (r0 + i) * n + j0;
+        const float* tr = tile + i * npad;
+        if (bias == nullptr) {
+          std::memcpy(yr, tr, static_cast<size_t>(nc) * sizeof(float));
+        } else {
+          for (int64_t j = 0; j < nc; ++j) yr[j] = tr[j] + bias[r0 + i];
+        }
       }
     }
   }
