@@ -379,24 +379,15 @@ AF_AVX2 void micro_avx2(int64_t kc, const float* a, int64_t lda, const float* b,
   const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
   for (int64_t k = 0; k < kc; ++k, b += kNR) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 av = _mm256_broadcast_ss(a0 + k);
-    c00 = _mm256_fmadd_ps(av, b0, c00);
-    c01 = _mm256_fmadd_ps(av, b1, c01);
-    av = _mm256_broadcast_ss(a1 + k);
-    c10 = _mm256_fmadd_ps(av, b0, c10);
-    c11 = _mm256_fmadd_ps(av, b1, c11);
-    av = _mm256_broadcast_ss(a2 + k);
-    c20 = _mm256_fmadd_ps(av, b0, c20);
-    c21 = _mm256_fmadd_ps(av, b1, c21);
-    av = _mm256_broadcast_ss(a3 + k);
-    c30 = _mm256_fmadd_ps(av, b0, c30);
-    c31 = _mm256_fmadd_ps(av, b1, c31);
-    av = _mm256_broadcast_ss(a4 + k);
-    c40 = _mm256_fmadd_ps(av, b0, c40);
-    c41 = _mm256_fmadd_ps(av, b1, c41);
-    av = _mm256_broadcast_ss(a5 + k);
-    c50 = _mm256_fmadd_ps(av, b0, c50);
-    c51 = _mm256_fmadd_ps(av, b1, c51);
+// One row of the tile: broadcast A[i][k], two FMAs into that row's accumulators.
+#define AF_TILE_ROW(i)                                   \
+  {                                                      \
+    const __m256 av = _mm256_broadcast_ss(a##i + k);     \
+    c##i##0 = _mm256_fmadd_ps(av, b0, c##i##0);          \
+    c##i##1 = _mm256_fmadd_ps(av, b1, c##i##1);          \
+  }
+    AF_TILE_ROW(0) AF_TILE_ROW(1) AF_TILE_ROW(2) AF_TILE_ROW(3) AF_TILE_ROW(4) AF_TILE_ROW(5)
+#undef AF_TILE_ROW
   }
   const __m256 out[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   for (int i = 0; i < kMR; ++i) {
