@@ -66,12 +66,15 @@ def test_palette_matmul_and_decode_match_numpy(nbits, entries, rows, cols, n, gr
         assert p.nbytes <= rows * ((cols + 1) // 2) + lut.nbytes + 48 * groups
 
 
-# Batched products (n >= 8 positions) run the register-tiled kernel: 6-row x 16-position tiles over
-# column chunks of at most 256 (split evenly, even-sized), in blocks of at most 256 positions. rows cover full tiles and every partial
-# one, cols one chunk, a chunk plus one, uneven chunks and odd lengths, n every kind of panel tail.
+# Batched products (n >= 2 positions) run the register-tiled kernel: 6-row x 16-position tiles (8 for a
+# last panel of at most 8 positions) over column chunks of at most 256 (split evenly, even-sized), in
+# blocks of at most 256 positions. rows cover full tiles and every partial one, cols one chunk, a chunk
+# plus one, uneven chunks and odd lengths, n every kind of panel tail.
 GEMM_ROWS = (1, 5, 6, 7, 13)
 GEMM_COLS = (1, 7, 256, 257, 513)
-GEMM_N = (8, 15, 16, 17, 33, 64, 130, 300)  # 300: more than one block of 256 positions
+# n: a narrow 8-wide panel alone (2, 7, 8), wide panels padded (15, 300) or exact (16, 64), followed
+# by a narrow one (17, 24, 33, 130); 300: more than one block of 256 positions
+GEMM_N = (2, 7, 8, 15, 16, 17, 24, 33, 64, 130, 300)
 
 
 def _close(got, ref):
@@ -97,7 +100,7 @@ def test_palette_batched_product_matches_numpy(nbits, rows, cols, groups):
     entries = min(1 << nbits, 200)  # 8-bit: a table shorter than the index range
     idx, lut, dense = _palette(rows, cols, groups, entries)
     p = PackedWeight.from_palette(idx, lut, nbits)
-    for n in (8, 17, 130, 272):
+    for n in (3, 8, 17, 130, 272):
         x = RNG.standard_normal((cols, n)).astype(np.float32)
         assert _close(p.matmul(x), dense.astype(np.float64) @ x), n
 

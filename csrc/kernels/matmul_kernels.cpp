@@ -21,9 +21,9 @@ constexpr int kRows = 4;
 // The weight rows are decoded kKC columns at a time into an L1-resident fp32 scratch (row-major,
 // read by broadcasts); X is packed once per call into panels of kNR positions ([cols][kNR], zero past
 // n) that stay in L2 and are streamed by every row block.
-constexpr int kMR = 6, kNR = 16;
+constexpr int kMR = 6, kNR = 16, kNR8 = 8;  // kNR8: the last panel, when it has 8 positions or fewer
 constexpr int64_t kKC = 256;
-constexpr int64_t kGemmFrom = 8;
+constexpr int64_t kGemmFrom = 2;
 
 // ---------------------------------------------------------------- portable
 void decode_f16_portable(const uint16_t* src, int64_t count, float* dst) {
@@ -67,20 +67,21 @@ void rows_times_x_portable(const float* wr, int nr, int64_t cols, const float* x
   }
 }
 
-// C[kMR, kNR] (row stride ldc) = (accumulate ? C : 0) + A · B, A: kMR rows of kc fp32 (stride lda),
-// B: a packed panel [kc][kNR].
+// C[kMR, NR] (row stride ldc) = (accumulate ? C : 0) + A · B, A: kMR rows of kc fp32 (stride lda),
+// B: a packed panel [kc][NR] (NR = kNR, or kNR8 for a narrow last panel).
+template <int NR>
 void micro_portable(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
                     bool accumulate) {
-  float acc[kMR][kNR] = {};
+  float acc[kMR][NR] = {};
   for (int64_t k = 0; k < kc; ++k) {
-    const float* bk = b + k * kNR;
+    const float* bk = b + k * NR;
     for (int i = 0; i < kMR; ++i) {
       const float av = a[i * lda + k];
-      for (int t = 0; t < kNR; ++t) acc[i][t] += av * bk[t];
+      for (int t = 0; t < NR; ++t) acc[i][t] += av * bk[t];
     }
   }
   for (int i = 0; i < kMR; ++i) {
-    for (int t = 0; t < kNR; ++t) c[i * ldc + t] = accumulate ? c[i * ldc + t] + acc[i][t] : acc[i][t];
+    for (int t = 0; t < NR; ++t) c[i * ldc + t] = accumulate ? c[i * ldc + t] + acc[i][t] : acc[i][t];
   }
 }
 
@@ -402,6 +403,27 @@ AF_AVX2 void micro_avx2(int64_t kc, const float* a, int64_t lda, const float* b,
   }
 }
 
+// The narrow 6 x 8 tile (a last panel of at most 8 positions): half the padding work of a 6 x 16 one.
+AF_AVX2 void micro8_avx2(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
+                         bool accumulate) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
+  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  for (int64_t k = 0; k < kc; ++k, b += kNR8) {
+    const __m256 b0 = _mm256_loadu_ps(b);
+    c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a0 + k), b0, c0);
+    c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(a1 + k), b0, c1);
+    c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(a2 + k), b0, c2);
+    c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(a3 + k), b0, c3);
+    c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(a4 + k), b0, c4);
+    c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(a5 + k), b0, c5);
+  }
+  const __m256 out[kMR] = {c0, c1, c2, c3, c4, c5};
+  for (int i = 0; i < kMR; ++i) {
+    float* ci = c + i * ldc;
+    _mm256_storeu_ps(ci, accumulate ? _mm256_add_ps(_mm256_loadu_ps(ci), out[i]) : out[i]);
+  }
+}
+
 AF_AVX2 uint64_t stream_read_avx2(const uint8_t* p, int64_t n) {
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
@@ -469,25 +491,24 @@ void rows_times_x_neon(const float* wr, int nr, int64_t cols, const float* x, in
 #endif
 
 #if AF_NEON
-// The 6 x 16 tile in 24 of the 32 q registers.
+// The 6 x 16 tile in 24 of the 32 q registers (Q = 4), or the narrow 6 x 8 one (Q = 2).
+template <int Q>
 void micro_neon(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc, bool accumulate) {
-  float32x4_t acc[kMR][4];
+  float32x4_t acc[kMR][Q];
   for (int i = 0; i < kMR; ++i) {
-    for (int q = 0; q < 4; ++q) acc[i][q] = vdupq_n_f32(0.f);
+    for (int q = 0; q < Q; ++q) acc[i][q] = vdupq_n_f32(0.f);
   }
   for (int64_t k = 0; k < kc; ++k) {
-    const float* bk = b + k * kNR;
-    const float32x4_t b0 = vld1q_f32(bk), b1 = vld1q_f32(bk + 4), b2 = vld1q_f32(bk + 8), b3 = vld1q_f32(bk + 12);
+    const float* bk = b + k * 4 * Q;
+    float32x4_t bv[Q];
+    for (int q = 0; q < Q; ++q) bv[q] = vld1q_f32(bk + 4 * q);
     for (int i = 0; i < kMR; ++i) {
       const float av = a[i * lda + k];
-      acc[i][0] = vfmaq_n_f32(acc[i][0], b0, av);
-      acc[i][1] = vfmaq_n_f32(acc[i][1], b1, av);
-      acc[i][2] = vfmaq_n_f32(acc[i][2], b2, av);
-      acc[i][3] = vfmaq_n_f32(acc[i][3], b3, av);
+      for (int q = 0; q < Q; ++q) acc[i][q] = vfmaq_n_f32(acc[i][q], bv[q], av);
     }
   }
   for (int i = 0; i < kMR; ++i) {
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < Q; ++q) {
       float* cq = c + i * ldc + 4 * q;
       vst1q_f32(cq, accumulate ? vaddq_f32(vld1q_f32(cq), acc[i][q]) : acc[i][q]);
     }
@@ -505,7 +526,7 @@ struct Dispatch {
   void (*decode_lut)(const Weight&, int64_t, int64_t, int64_t, float*);
   void (*rows_times_x)(const float*, int, int64_t, const float*, int64_t, float*, int64_t);
   void (*round_f16)(const float*, int64_t, float*);
-  Micro micro;
+  Micro micro, micro8;  // kMR x kNR and kMR x kNR8 tiles
   const char* name;
 };
 
@@ -514,19 +535,19 @@ Dispatch pick() {
   const char* force = std::getenv("ANEMLL_FAST_KERNELS");
   if (force != nullptr && std::strcmp(force, "portable") == 0) {
     return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, round_f16_portable,
-            micro_portable, "portable"};
+            micro_portable<kNR>, micro_portable<kNR8>, "portable"};
   }
 #if AF_X86
   if (cpu_has_avx2()) {
     return {matvec_f16_avx2, matvec_lut4_avx2, matvec_lut6_avx2, decode_f16_avx2, decode_lut_any_avx2, rows_times_x_avx2,
-            round_f16_avx2, micro_avx2, "avx2+fma+f16c"};
+            round_f16_avx2, micro_avx2, micro8_avx2, "avx2+fma+f16c"};
   }
 #elif AF_NEON
   return {nullptr, nullptr, nullptr, decode_f16_neon, decode_lut_portable, rows_times_x_neon, round_f16_neon,
-          micro_neon, "neon"};
+          micro_neon<4>, micro_neon<2>, "neon"};
 #endif
   return {nullptr, nullptr, nullptr, decode_f16_portable, decode_lut_portable, rows_times_x_portable, round_f16_portable,
-            micro_portable, "portable"};
+            micro_portable<kNR>, micro_portable<kNR8>, "portable"};
 }
 
 const Dispatch& dispatch() {
@@ -555,15 +576,29 @@ void decode_block(const Dispatch& d, const Weight& w, int64_t r0, int nr, float*
   }
 }
 
-// Positions [0, n) of X [cols, ldx] -> panels of kNR positions, panel p at xp + p * cols * kNR,
-// [cols][kNR], zero past n.
+// How positions [0, n) split into panels: `wide` panels of kNR (the last one zero-padded), then,
+// when the remainder is kNR8 or fewer, one narrow panel of kNR8; `npad` positions in all.
+struct Panels {
+  int64_t wide, narrow, npad;
+  explicit Panels(int64_t n) {
+    const int64_t rem = n % kNR;
+    narrow = rem > 0 && rem <= kNR8 ? 1 : 0;
+    wide = narrow ? n / kNR : (n + kNR - 1) / kNR;
+    npad = wide * kNR + narrow * kNR8;
+  }
+};
+
+// Positions [0, n) of X [cols, ldx] -> the panels: wide panel p at xp + p * cols * kNR ([cols][kNR]),
+// the narrow one after them ([cols][kNR8]); zero past n.
 void pack_x(const float* x, int64_t cols, int64_t ldx, int64_t n, float* xp) {
-  for (int64_t j0 = 0; j0 < n; j0 += kNR) {
-    const int64_t width = n - j0 < kNR ? n - j0 : kNR;
-    float* dst = xp + (j0 / kNR) * cols * kNR;
+  const Panels pn(n);
+  for (int64_t p = 0; p < pn.wide + pn.narrow; ++p) {
+    const int64_t j0 = p * kNR, nr = p < pn.wide ? kNR : kNR8;
+    const int64_t width = n - j0 < nr ? n - j0 : nr;
+    float* dst = xp + p * cols * kNR;
     for (int64_t k = 0; k < cols; ++k) {
-      std::memcpy(dst + k * kNR, x + k * ldx + j0, static_cast<size_t>(width) * sizeof(float));
-      if (width < kNR) std::memset(dst + k * kNR + width, 0, static_cast<size_t>(kNR - width) * sizeof(float));
+      std::memcpy(dst + k * nr, x + k * ldx + j0, static_cast<size_t>(width) * sizeof(float));
+      if (width < nr) std::memset(dst + k * nr + width, 0, static_cast<size_t>(nr - width) * sizeof(float));
     }
   }
 }
@@ -614,7 +649,7 @@ class Prefetcher {
 // the scratch kept per thread stays small). Per block of positions, row block by row block (kMR rows):
 // the block's rows are decoded front to back into an fp32 scratch laid out by column chunk
 // ([chunk][kMR][kc], chunks of at most kKC, equal, even-sized: 4-bit rows decode from a byte), then one
-// tile product per (chunk, panel of X), accumulated in an L1 tile [kMR][positions rounded up to kNR].
+// tile product per (chunk, panel of X), accumulated in an L1 tile [kMR][positions padded to panels].
 // Each weight is decoded once per kNC positions; the tile's rows and positions past the weight's and
 // n are computed and dropped.
 constexpr int64_t kNC = 256;
@@ -623,13 +658,15 @@ void gemm(const Dispatch& d, const Weight& w, const float* x, int64_t n, const f
   const int64_t cols = w.cols, chunks = (cols + kKC - 1) / kKC;
   int64_t kc = (cols + chunks - 1) / chunks;
   kc += kc & 1;
-  const int64_t nc_max = n < kNC ? n : kNC, npad = (nc_max + kNR - 1) / kNR * kNR;
+  const int64_t npad = Panels(n < kNC ? n : kNC).npad;  // a shorter last block needs no more
   thread_local std::vector<float> xp_buf, a_buf, tile_buf;  // reused across calls, sized by the largest
   float* xp = grown(xp_buf, npad * cols);
   float* a = grown(a_buf, kMR * kc * chunks);
   float* tile = grown(tile_buf, kMR * npad);
   for (int64_t j0 = 0; j0 < n; j0 += kNC) {
-    const int64_t nc = n - j0 < kNC ? n - j0 : kNC, panels = (nc + kNR - 1) / kNR;
+    const int64_t nc = n - j0 < kNC ? n - j0 : kNC;
+    const Panels pn(nc);
+    const int64_t panels = pn.wide + pn.narrow;
     pack_x(x + j0, cols, n, nc, xp);
     Prefetcher ahead(w);
     for (int64_t b = 1; b < kPrefetchBlocks; ++b) {  // the first blocks, before anything hides them
@@ -654,7 +691,11 @@ void gemm(const Dispatch& d, const Weight& w, const float* x, int64_t n, const f
         const int64_t k0 = c * kc, len = cols - k0 < kc ? cols - k0 : kc;
         for (int64_t p = 0; p < panels; ++p) {
           ahead.step(c * panels + p);
-          d.micro(len, a + c * kMR * kc, kc, xp + (p * cols + k0) * kNR, tile + p * kNR, npad, k0 > 0);
+          if (p < pn.wide) {
+            d.micro(len, a + c * kMR * kc, kc, xp + (p * cols + k0) * kNR, tile + p * kNR, npad, k0 > 0);
+          } else {
+            d.micro8(len, a + c * kMR * kc, kc, xp + p * cols * kNR + k0 * kNR8, tile + p * kNR, npad, k0 > 0);
+          }
         }
       }
       for (int i = 0; i < mr; ++i) {
