@@ -47,23 +47,12 @@ void decode_lut_portable(const Weight& w, int64_t r, int64_t k0, int64_t k1, flo
   }
 }
 
-void rows_times_x_portable(const float* wr, int nr, int64_t cols, const float* x, int64_t n, float* y,
-                           int64_t ldy) {
+void rows_times_x_portable(const float* wr, int nr, int64_t cols, const float* x, float* y) {
   for (int i = 0; i < nr; ++i) {
-    float* yi = y + i * ldy;
     const float* wi = wr + i * cols;
-    if (n == 1) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < cols; ++k) acc += wi[k] * x[k];
-      yi[0] = acc;
-      continue;
-    }
-    for (int64_t j = 0; j < n; ++j) yi[j] = 0.f;
-    for (int64_t k = 0; k < cols; ++k) {
-      const float a = wi[k];
-      const float* xk = x + k * n;
-      for (int64_t j = 0; j < n; ++j) yi[j] += a * xk[j];
-    }
+    float acc = 0.f;
+    for (int64_t k = 0; k < cols; ++k) acc += wi[k] * x[k];
+    y[i] = acc;
   }
 }
 
@@ -143,39 +132,18 @@ AF_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-AF_AVX2 void rows_times_x_avx2(const float* wr, int nr, int64_t cols, const float* x, int64_t n, float* y,
-                               int64_t ldy) {
-  if (n == 1) {
-    __m256 acc[kRows];
-    for (int i = 0; i < nr; ++i) acc[i] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= cols; k += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + k);
-      for (int i = 0; i < nr; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i * cols + k), xv, acc[i]);
-    }
-    for (int i = 0; i < nr; ++i) {
-      float s = hsum(acc[i]);
-      for (int64_t kk = k; kk < cols; ++kk) s += wr[i * cols + kk] * x[kk];
-      y[i * ldy] = s;
-    }
-    return;
+AF_AVX2 void rows_times_x_avx2(const float* wr, int nr, int64_t cols, const float* x, float* y) {
+  __m256 acc[kRows];
+  for (int i = 0; i < nr; ++i) acc[i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= cols; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int i = 0; i < nr; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i * cols + k), xv, acc[i]);
   }
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256 acc[kRows];
-    for (int i = 0; i < nr; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < cols; ++k) {
-      const __m256 xv = _mm256_loadu_ps(x + k * n + j);
-      for (int i = 0; i < nr; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(wr[i * cols + k]), xv, acc[i]);
-    }
-    for (int i = 0; i < nr; ++i) _mm256_storeu_ps(y + i * ldy + j, acc[i]);
-  }
-  for (; j < n; ++j) {
-    for (int i = 0; i < nr; ++i) {
-      float s = 0.f;
-      for (int64_t k = 0; k < cols; ++k) s += wr[i * cols + k] * x[k * n + j];
-      y[i * ldy + j] = s;
-    }
+  for (int i = 0; i < nr; ++i) {
+    float s = hsum(acc[i]);
+    for (int64_t kk = k; kk < cols; ++kk) s += wr[i * cols + kk] * x[kk];
+    y[i] = s;
   }
 }
 
@@ -459,33 +427,14 @@ void round_f16_neon(const float* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = half_to_float(float_to_half(src[i]));
 }
 
-void rows_times_x_neon(const float* wr, int nr, int64_t cols, const float* x, int64_t n, float* y,
-                       int64_t ldy) {
-  if (n == 1) {
-    for (int i = 0; i < nr; ++i) {
-      float32x4_t acc = vdupq_n_f32(0.f);
-      int64_t k = 0;
-      for (; k + 4 <= cols; k += 4) acc = vfmaq_f32(acc, vld1q_f32(wr + i * cols + k), vld1q_f32(x + k));
-      float s = vaddvq_f32(acc);
-      for (; k < cols; ++k) s += wr[i * cols + k] * x[k];
-      y[i * ldy] = s;
-    }
-    return;
-  }
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    for (int i = 0; i < nr; ++i) {
-      float32x4_t acc = vdupq_n_f32(0.f);
-      for (int64_t k = 0; k < cols; ++k) acc = vfmaq_n_f32(acc, vld1q_f32(x + k * n + j), wr[i * cols + k]);
-      vst1q_f32(y + i * ldy + j, acc);
-    }
-  }
-  for (; j < n; ++j) {
-    for (int i = 0; i < nr; ++i) {
-      float s = 0.f;
-      for (int64_t k = 0; k < cols; ++k) s += wr[i * cols + k] * x[k * n + j];
-      y[i * ldy + j] = s;
-    }
+void rows_times_x_neon(const float* wr, int nr, int64_t cols, const float* x, float* y) {
+  for (int i = 0; i < nr; ++i) {
+    float32x4_t acc = vdupq_n_f32(0.f);
+    int64_t k = 0;
+    for (; k + 4 <= cols; k += 4) acc = vfmaq_f32(acc, vld1q_f32(wr + i * cols + k), vld1q_f32(x + k));
+    float s = vaddvq_f32(acc);
+    for (; k < cols; ++k) s += wr[i * cols + k] * x[k];
+    y[i] = s;
   }
 }
 #endif
@@ -524,7 +473,7 @@ struct Dispatch {
   void (*matvec_lut6)(const Weight&, const float*, float*);
   void (*decode_f16)(const uint16_t*, int64_t, float*);
   void (*decode_lut)(const Weight&, int64_t, int64_t, int64_t, float*);
-  void (*rows_times_x)(const float*, int, int64_t, const float*, int64_t, float*, int64_t);
+  void (*rows_times_x)(const float*, int, int64_t, const float*, float*);  // one position (n == 1)
   void (*round_f16)(const float*, int64_t, float*);
   Micro micro, micro8;  // kMR x kNR and kMR x kNR8 tiles
   const char* name;
@@ -734,16 +683,15 @@ int matmul(const Weight& w, const float* x, int64_t n, const float* bias, float*
     gemm(d, w, x, n, bias, y);
     return 0;
   }
-  // One block of decoded rows, reused for the whole call (a few KB: stays in L1).
+  // One position without a fused path (a bias, 7-8 bit palettes, the portable and NEON paths): rows
+  // decoded a block at a time into one scratch reused for the whole call (a few KB: stays in L1).
   std::vector<float> block(static_cast<size_t>(kRows * w.cols));
   for (int64_t r = 0; r < w.rows; r += kRows) {
     const int nr = static_cast<int>(w.rows - r < kRows ? w.rows - r : kRows);
     decode_block(d, w, r, nr, block.data());
-    d.rows_times_x(block.data(), nr, w.cols, x, n, y + r * n, n);
+    d.rows_times_x(block.data(), nr, w.cols, x, y + r);
     if (bias != nullptr) {
-      for (int i = 0; i < nr; ++i) {
-        for (int64_t j = 0; j < n; ++j) y[(r + i) * n + j] += bias[r + i];
-      }
+      for (int i = 0; i < nr; ++i) y[r + i] += bias[r + i];
     }
   }
   return 0;
