@@ -28,6 +28,56 @@ namespace {
 
 inline float r16(float v) { return half_to_float(float_to_half(v)); }
 
+// numpy's pairwise summation of float32 (its add.reduce over a contiguous axis): blocks of at most
+// 128 values summed with eight interleaved accumulators, longer runs split in two at a multiple of 8.
+// Kept to the letter so that the fused norm equals numpy's mean bit for bit.
+float pairwise_sum(const float* a, int64_t n) {
+  if (n < 8) {
+    float res = 0.f;
+    for (int64_t i = 0; i < n; ++i) res += a[i];
+    return res;
+  }
+  if (n <= 128) {
+    float r[8];
+    for (int j = 0; j < 8; ++j) r[j] = a[j];
+    int64_t i = 8;
+    for (; i < n - (n % 8); i += 8)
+      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+    float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
+  }
+  int64_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+
+// One row of the attention chain after the scores, in place over n values: s = r(s); s = r(s + mask);
+// p = r(softmax(s)), the softmax as the op computes it (shift by a finite max, exp, divide by the pairwise
+// sum). Returns one past the last non-zero probability.
+int64_t softmax_row_portable(float* s, const float* mask, int64_t n, bool round16) {
+  if (round16) round_f16(s, n, s);
+  for (int64_t j = 0; j < n; ++j) s[j] = s[j] + mask[j];
+  if (round16) round_f16(s, n, s);
+  float m = s[0];
+  for (int64_t j = 1; j < n; ++j) m = s[j] > m ? s[j] : m;
+  if (!std::isfinite(m)) m = 0.f;
+  for (int64_t j = 0; j < n; ++j) s[j] = std::exp(s[j] - m);
+  const float total = pairwise_sum(s, n);
+  for (int64_t j = 0; j < n; ++j) s[j] = s[j] / total;
+  if (round16) round_f16(s, n, s);
+  int64_t last = n;
+  while (last > 0 && s[last - 1] == 0.f) --last;
+  return last;
+}
+
+bool all_finite_portable(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+
 // ---------------------------------------------------------------- portable
 float dot_portable(const float* a, const float* b, int64_t n) {
   float s = 0.f;
@@ -35,8 +85,36 @@ float dot_portable(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-void axpy_portable(float a, const float* x, int64_t n, float* y) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+// The attention kernel's two products, C[r, 0:n] = sum_{k < K_r} A[r, k] B[k, 0:n] for r < rows, with
+// B row-major: the scores (A = q, B = k transposed) and the mixing (A = probabilities, B = v). K_r is
+// klen[r] when klen is given (a row's probabilities are exact zeros past it), else k_all. The vector
+// paths compute rows in blocks of four over the block's longest K_r (the extra terms are 0 * v = 0).
+void gemm_portable(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+                   int64_t n_all, const int64_t* nlen, const int64_t* klen, int64_t k_all) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* cr = c + r * ldc;
+    const int64_t n = nlen != nullptr ? nlen[r] : n_all;
+    for (int64_t j = 0; j < n; ++j) cr[j] = 0.f;
+    const int64_t kk = klen != nullptr ? klen[r] : k_all;
+    for (int64_t k = 0; k < kk; ++k) {
+      const float av = a[r * lda + k];
+      const float* bk = b + k * ldb;
+      for (int64_t j = 0; j < n; ++j) cr[j] += av * bk[j];
+    }
+  }
+}
+
+inline int64_t block_k(const int64_t* klen, int64_t r, int nr, int64_t k_all) {
+  if (klen == nullptr) return k_all;
+  int64_t kk = 0;
+  for (int i = 0; i < nr; ++i) kk = klen[r + i] > kk ? klen[r + i] : kk;
+  return kk;
+}
+
+inline int64_t block_n(const int64_t* nlen, int64_t r, int nr, int64_t n_all, int64_t vec) {
+  const int64_t nn = block_k(nlen, r, nr, n_all);
+  const int64_t up = (nn + vec - 1) / vec * vec;
+  return up < n_all ? up : n_all;
 }
 
 
@@ -100,11 +178,173 @@ AF_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-AF_AVX2 void axpy_avx2(float a, const float* x, int64_t n, float* y) {
-  const __m256 va = _mm256_set1_ps(a);
+// NR rows of C = A B over kk terms: 16 columns at a time in 2 * NR accumulators, then 8, then scalars.
+template <int NR>
+AF_AVX2 void gemm_rows_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                            int64_t n, int64_t kk) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m256 acc0[NR], acc1[NR];
+    for (int i = 0; i < NR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kk; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(b + k * ldb + j), b1 = _mm256_loadu_ps(b + k * ldb + j + 8);
+      for (int i = 0; i < NR; ++i) {
+        const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+        acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
+        acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      _mm256_storeu_ps(c + i * ldc + j, acc0[i]);
+      _mm256_storeu_ps(c + i * ldc + j + 8, acc1[i]);
+    }
+  }
+  for (; j + 8 <= n; j += 8) {
+    __m256 acc[NR];
+    for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kk; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(b + k * ldb + j);
+      for (int i = 0; i < NR; ++i) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + i * lda + k), b0, acc[i]);
+    }
+    for (int i = 0; i < NR; ++i) _mm256_storeu_ps(c + i * ldc + j, acc[i]);
+  }
+  for (; j < n; ++j)
+    for (int i = 0; i < NR; ++i) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < kk; ++k) acc += a[i * lda + k] * b[k * ldb + j];
+      c[i * ldc + j] = acc;
+    }
+}
+
+AF_AVX2 void gemm_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+                       int64_t n_all, const int64_t* nlen, const int64_t* klen, int64_t k_all) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    gemm_rows_avx2<4>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, block_n(nlen, r, 4, n_all, 8),
+                      block_k(klen, r, 4, k_all));
+  for (; r < rows; ++r)
+    gemm_rows_avx2<1>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, block_n(nlen, r, 1, n_all, 8),
+                      block_k(klen, r, 1, k_all));
+}
+
+// exp of 8 floats to within ~1 ulp of float32 (Cephes' expf reduction and polynomial); lanes out of the
+// polynomial's range (overflow, subnormal results, NaN) go through std::exp, -inf gives 0.
+AF_AVX2 inline __attribute__((always_inline)) __m256 exp_avx2(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.0f);  // exp(-87) is still a normal float (a subnormal product would trap to microcode)
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  const __m256 special = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(x, hi, _CMP_GT_OQ), _mm256_cmp_ps(x, x, _CMP_UNORD_Q)),
+                                      _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ)));
+  const __m256 xc = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  y = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y);  // -inf (and the special lanes, redone below)
+  if (_mm256_movemask_ps(special)) {
+    alignas(32) float xs[8], ys[8];
+    _mm256_store_ps(xs, x);
+    _mm256_store_ps(ys, y);
+    const int m = _mm256_movemask_ps(special);
+    for (int i = 0; i < 8; ++i)
+      if (m & (1 << i)) ys[i] = std::exp(xs[i]);
+    y = _mm256_load_ps(ys);
+  }
+  return y;
+}
+
+AF_AVX2 float hmax_avx2(__m256 v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// pairwise_sum with the eight accumulators in one register: the same additions in the same order.
+AF_AVX2 float pairwise_sum_avx2(const float* a, int64_t n) {
+  if (n < 8) return pairwise_sum(a, n);
+  if (n <= 128) {
+    __m256 r = _mm256_loadu_ps(a);
+    int64_t i = 8;
+    for (; i < n - (n % 8); i += 8) r = _mm256_add_ps(r, _mm256_loadu_ps(a + i));
+    alignas(32) float t[8];
+    _mm256_store_ps(t, r);
+    float res = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
+  }
+  int64_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum_avx2(a, n2) + pairwise_sum_avx2(a + n2, n - n2);
+}
+
+AF_AVX2 int64_t softmax_row_avx2(float* s, const float* mask, int64_t n, bool round16) {
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_loadu_ps(s + j);
+    if (round16) v = r16_avx(v);
+    v = _mm256_add_ps(v, _mm256_loadu_ps(mask + j));
+    if (round16) v = r16_avx(v);
+    _mm256_storeu_ps(s + j, v);
+    mx = _mm256_max_ps(mx, v);
+  }
+  float m = hmax_avx2(mx);
+  for (; j < n; ++j) {
+    float v = round16 ? r16(s[j]) : s[j];
+    v = v + mask[j];
+    s[j] = round16 ? r16(v) : v;
+    m = s[j] > m ? s[j] : m;
+  }
+  if (!std::isfinite(m)) m = 0.f;
+  const __m256 vm = _mm256_set1_ps(m);
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(s + j), vm);
+    // eight masked-out scores (a causal mask's) are eight zeros
+    const bool all_out = _mm256_movemask_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ)) == 0xFF;
+    _mm256_storeu_ps(s + j, all_out ? _mm256_setzero_ps() : exp_avx2(x));
+  }
+  if (j < n) {  // the tail through the same vector exp
+    alignas(32) float t[8];
+    for (int i = 0; i < 8; ++i) t[i] = j + i < n ? s[j + i] - m : 0.f;
+    _mm256_store_ps(t, exp_avx2(_mm256_load_ps(t)));
+    for (int64_t i = 0; j + i < n; ++i) s[j + i] = t[i];
+  }
+  const float total = pairwise_sum_avx2(s, n);
+  const __m256 vt = _mm256_set1_ps(total);
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 p = _mm256_div_ps(_mm256_loadu_ps(s + j), vt);
+    _mm256_storeu_ps(s + j, round16 ? r16_avx(p) : p);
+  }
+  for (; j < n; ++j) s[j] = round16 ? r16(s[j] / total) : s[j] / total;
+  int64_t last = n;
+  while (last > 0 && last % 8 && s[last - 1] == 0.f) --last;
+  while (last >= 8) {  // whole vectors of zeros, then the last non-zero lane of the first that is not
+    const int nz = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + last - 8), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    if (nz) return last - 8 + (32 - __builtin_clz(static_cast<unsigned>(nz)));
+    last -= 8;
+  }
+  while (last > 0 && s[last - 1] == 0.f) --last;
+  return last;
+}
+
+AF_AVX2 bool all_finite_avx2(const float* x, int64_t n) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; i + 8 <= n; i += 8)  // x * 0 is 0 exactly when x is finite (NaN for inf and NaN)
+    ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), zero), zero, _CMP_EQ_OQ));
+  if (_mm256_movemask_ps(ok) != 0xFF) return false;
+  return all_finite_portable(x + i, n - i);
 }
 
 #endif
@@ -123,10 +363,43 @@ float dot_neon(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-void axpy_neon(float a, const float* x, int64_t n, float* y) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
-  for (; i < n; ++i) y[i] += a * x[i];
+template <int NR>
+void gemm_rows_neon(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t n,
+                    int64_t kk) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    float32x4_t acc0[NR], acc1[NR];
+    for (int i = 0; i < NR; ++i) acc0[i] = acc1[i] = vdupq_n_f32(0.f);
+    for (int64_t k = 0; k < kk; ++k) {
+      const float32x4_t b0 = vld1q_f32(b + k * ldb + j), b1 = vld1q_f32(b + k * ldb + j + 4);
+      for (int i = 0; i < NR; ++i) {
+        const float av = a[i * lda + k];
+        acc0[i] = vfmaq_n_f32(acc0[i], b0, av);
+        acc1[i] = vfmaq_n_f32(acc1[i], b1, av);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      vst1q_f32(c + i * ldc + j, acc0[i]);
+      vst1q_f32(c + i * ldc + j + 4, acc1[i]);
+    }
+  }
+  for (; j < n; ++j)
+    for (int i = 0; i < NR; ++i) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < kk; ++k) acc += a[i * lda + k] * b[k * ldb + j];
+      c[i * ldc + j] = acc;
+    }
+}
+
+void gemm_neon(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+               int64_t n_all, const int64_t* nlen, const int64_t* klen, int64_t k_all) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    gemm_rows_neon<4>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, block_n(nlen, r, 4, n_all, 8),
+                      block_k(klen, r, 4, k_all));
+  for (; r < rows; ++r)
+    gemm_rows_neon<1>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, block_n(nlen, r, 1, n_all, 8),
+                      block_k(klen, r, 1, k_all));
 }
 
 template <bool Round>
@@ -151,25 +424,34 @@ void rotary_row_neon(const float* x, const float* c, const float* s, int64_t h, 
 
 using RotaryRowFn = void (*)(const float*, const float*, const float*, int64_t, float*);
 using DotFn = float (*)(const float*, const float*, int64_t);
-using AxpyFn = void (*)(float, const float*, int64_t, float*);
+using GemmFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t,
+                        const int64_t*, const int64_t*, int64_t);
+using SoftmaxRowFn = int64_t (*)(float*, const float*, int64_t, bool);
+using SumFn = float (*)(const float*, int64_t);
+using FiniteFn = bool (*)(const float*, int64_t);
 
 struct Dispatch {
   RotaryRowFn rotary_row[2];  // [round16]
   DotFn dot;
-  AxpyFn axpy;
+  GemmFn gemm;
+  SoftmaxRowFn softmax_row;
+  SumFn sum;          // numpy's pairwise summation
+  FiniteFn all_finite;
   const char* name;
 };
 
 Dispatch pick() {
   const char* force = std::getenv("ANEMLL_FAST_KERNELS");
   const Dispatch portable = {{rotary_row_portable<false>, rotary_row_portable<true>},
-                             dot_portable, axpy_portable, "portable"};
+                             dot_portable, gemm_portable, softmax_row_portable, pairwise_sum, all_finite_portable, "portable"};
   if (force != nullptr && std::strcmp(force, "portable") == 0) return portable;
 #if AF_X86
   if (cpu_has_avx2())
-    return {{rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, axpy_avx2, "avx2+fma+f16c"};
+    return {{rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, gemm_avx2, softmax_row_avx2, pairwise_sum_avx2, all_finite_avx2,
+            "avx2+fma+f16c"};
 #elif AF_NEON
-  return {{rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, axpy_neon, "neon"};
+  return {{rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, gemm_neon, softmax_row_portable, pairwise_sum,
+          all_finite_portable, "neon"};
 #endif
   return portable;
 }
@@ -177,30 +459,6 @@ Dispatch pick() {
 const Dispatch& dispatch() {
   static const Dispatch d = pick();
   return d;
-}
-
-// numpy's pairwise summation of float32 (its add.reduce over a contiguous axis): blocks of at most
-// 128 values summed with eight interleaved accumulators, longer runs split in two at a multiple of 8.
-// Kept to the letter so that the fused norm equals numpy's mean bit for bit.
-float pairwise_sum(const float* a, int64_t n) {
-  if (n < 8) {
-    float res = 0.f;
-    for (int64_t i = 0; i < n; ++i) res += a[i];
-    return res;
-  }
-  if (n <= 128) {
-    float r[8];
-    for (int j = 0; j < 8; ++j) r[j] = a[j];
-    int64_t i = 8;
-    for (; i < n - (n % 8); i += 8)
-      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-    float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; ++i) res += a[i];
-    return res;
-  }
-  int64_t n2 = n / 2;
-  n2 -= n2 % 8;
-  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
 }  // namespace
@@ -212,6 +470,7 @@ int mirror_norm(const float* x, int64_t rows, int64_t h, const float* gamma, con
   const int64_t n = 2 * h;
   std::vector<float> buf(static_cast<size_t>(n));
   const float count = static_cast<float>(n);
+  const SumFn sum = dispatch().sum;
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * h;
     float* orow = out + r * h;
@@ -219,12 +478,12 @@ int mirror_norm(const float* x, int64_t rows, int64_t h, const float* gamma, con
       buf[i] = xr[i];
       buf[h + i] = -xr[i];
     }
-    const float mean = pairwise_sum(buf.data(), n) / count;
+    const float mean = sum(buf.data(), n) / count;
     for (int64_t i = 0; i < n; ++i) {
       const float d = buf[i] - mean;
       buf[i] = d * d;
     }
-    const float var = pairwise_sum(buf.data(), n) / count;
+    const float var = sum(buf.data(), n) / count;
     const float denom = std::sqrt(var + eps);
     for (int64_t i = 0; i < h; ++i) {
       float y = (xr[i] - mean) / denom;
@@ -251,6 +510,18 @@ int rotary(const float* x, int64_t groups, int64_t t, int64_t d, const float* co
   return 0;
 }
 
+namespace {
+// Largest squared Euclidean norm of `rows` rows of d values (inf or NaN when a value is).
+float max_sq_norm(const float* x, int64_t rows, int64_t d, DotFn dot) {
+  float m = 0.f;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float n2 = dot(x + r * d, x + r * d, d);
+    if (!(n2 <= m)) m = n2;  // NaN wins
+  }
+  return m;
+}
+}  // namespace
+
 int attention(const float* q, int64_t groups, int64_t rows, int64_t d, const float* k, const float* v,
               int64_t kv_group_stride, int64_t n_keys, const float* mask, int64_t mask_rows, int64_t mask_stride,
               bool round16, float* out) {
@@ -258,30 +529,59 @@ int attention(const float* q, int64_t groups, int64_t rows, int64_t d, const flo
       k == nullptr || v == nullptr || mask == nullptr || out == nullptr)
     return -1;
   const Dispatch& dp = dispatch();
-  std::vector<float> s(static_cast<size_t>(n_keys)), e(static_cast<size_t>(n_keys));
+  // Per group, two matrix products around a row-wise softmax: S = Q K^T ([rows, L], padded to lp
+  // columns so that the products run on whole vectors), then O = P V. For many query rows K is
+  // transposed once per group into kt [d, lp] (zero columns past L) and S is a product of row blocks;
+  // for a few (decode) each score is one dot product.
+  const int64_t L = n_keys, lp = (L + 7) / 8 * 8;
+  const bool blocked = rows >= 16;
+  thread_local std::vector<float> kt, sc;
+  thread_local std::vector<int64_t> klen, nlen, open;
+  if (blocked) kt.resize(static_cast<size_t>(d * lp));
+  sc.resize(static_cast<size_t>(rows * lp));
+  klen.resize(static_cast<size_t>(rows));
+  nlen.resize(static_cast<size_t>(rows));
+  // The columns a mask row leaves open: past its last value other than -inf, the score plus the mask
+  // is -inf whatever the (finite) score, so those scores need not be computed (see the bound below).
+  open.resize(static_cast<size_t>(mask_rows));
+  for (int64_t t = 0; t < mask_rows; ++t) {
+    const float* mr = mask + t * mask_stride;
+    int64_t j = L;
+    while (j > 0 && mr[j - 1] == -INFINITY) --j;
+    open[t] = j;
+  }
+  for (int64_t r = 0; r < rows; ++r) nlen[r] = open[r % mask_rows];
   for (int64_t g = 0; g < groups; ++g) {
     const float* kg = k + g * kv_group_stride;
     const float* vg = v + g * kv_group_stride;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* qr = q + (g * rows + r) * d;
-      const float* mr = mask + (r % mask_rows) * mask_stride;
-      for (int64_t j = 0; j < n_keys; ++j) s[j] = dp.dot(qr, kg + j * d, d);
-      if (round16) round_f16(s.data(), n_keys, s.data());
-      for (int64_t j = 0; j < n_keys; ++j) s[j] = s[j] + mr[j];
-      if (round16) round_f16(s.data(), n_keys, s.data());
-      // softmax as the op computes it: shift by a finite max, exp, divide by the (pairwise) sum
-      float m = s[0];
-      for (int64_t j = 1; j < n_keys; ++j) m = s[j] > m ? s[j] : m;
-      if (!std::isfinite(m)) m = 0.f;
-      for (int64_t j = 0; j < n_keys; ++j) e[j] = std::exp(s[j] - m);
-      const float total = pairwise_sum(e.data(), n_keys);
-      for (int64_t j = 0; j < n_keys; ++j) s[j] = e[j] / total;
-      if (round16) round_f16(s.data(), n_keys, s.data());
-      float* o = out + (g * rows + r) * d;
-      for (int64_t c = 0; c < d; ++c) o[c] = 0.f;
-      for (int64_t j = 0; j < n_keys; ++j) dp.axpy(s[j], vg + j * d, d, o);
-      if (round16) round_f16(o, d, o);
+    const float* qg = q + g * rows * d;
+    float* og = out + g * rows * d;
+    // A skipped score must be finite: by Cauchy-Schwarz |q . k| <= |q| |k|, and below 2^15 a score
+    // cannot reach fp16's infinity (nor is any value inf or NaN: the norms would be too).
+    const bool skip = max_sq_norm(qg, rows, d, dp.dot) * max_sq_norm(kg, L, d, dp.dot) < 1073741824.f;
+    const int64_t* cols = skip ? nlen.data() : nullptr;
+    if (blocked) {
+      for (int64_t c = 0; c < d; ++c) {
+        float* ktc = kt.data() + c * lp;
+        for (int64_t j = 0; j < L; ++j) ktc[j] = kg[j * d + c];
+        for (int64_t j = L; j < lp; ++j) ktc[j] = 0.f;
+      }
+      dp.gemm(qg, d, kt.data(), lp, sc.data(), lp, rows, lp, cols, nullptr, d);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0, n = skip ? nlen[r] : L; j < n; ++j) sc[r * lp + j] = dp.dot(qg + r * d, kg + j * d, d);
     }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = sc.data() + r * lp;
+      if (skip)
+        for (int64_t j = nlen[r]; j < L; ++j) sr[j] = -INFINITY;
+      klen[r] = dp.softmax_row(sr, mask + (r % mask_rows) * mask_stride, L, round16);
+    }
+    // A row's product may stop at its last non-zero probability (a causal mask's zeros: 0 * v adds
+    // nothing), unless some v is inf or NaN, where 0 * v is NaN as in the full product.
+    const bool finite = dp.all_finite(vg, L * d);
+    dp.gemm(sc.data(), lp, vg, d, og, d, rows, d, nullptr, finite ? klen.data() : nullptr, L);
+    if (round16) round_f16(og, rows * d, og);
   }
   return 0;
 }
