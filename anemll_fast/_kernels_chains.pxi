@@ -12,6 +12,8 @@ cdef extern from "kernels/chain_kernels.h" namespace "anemll::kernels" nogil:
                                                  const float* k, const float* v, int64_t kv_group_stride,
                                                  int64_t n_keys, const float* mask, int64_t mask_rows,
                                                  int64_t mask_stride, bint round16, float* out)
+    int c_silu_gate "anemll::kernels::silu_gate"(const float* a, const float* t, const float* b, int64_t n,
+                                                 bint round16, float* out)
     int64_t c_open_columns "anemll::kernels::open_columns"(const float* mask, int64_t rows, int64_t cols)
     const char* c_chain_isa "anemll::kernels::chain_isa"()
 
@@ -115,6 +117,23 @@ def attention(q, k, v, mask, int64_t n_keys, bint round16):
     if rc != 0:
         raise ValueError("attention: bad arguments")
     return out
+
+
+def silu_gate(a, t, b, bint round16):
+    """silu(a) * b from t = tanh(a / 2): r(r(a * (0.5 * (1 + t))) * b), r() the fp16 rounding when
+    round16; a, t, b C-contiguous float32 of one shape. Written into t, which is returned."""
+    cdef const float* ap = _f32p(a, "a")
+    cdef float* tp = _f32p(t, "t")
+    cdef const float* bp = _f32p(b, "b")
+    if a.shape != t.shape or a.shape != b.shape:
+        raise ValueError(f"silu_gate: shapes {list(a.shape)}, {list(t.shape)}, {list(b.shape)} differ")
+    cdef int64_t n = a.size
+    cdef int rc
+    with nogil:
+        rc = c_silu_gate(ap, tp, bp, n, round16, tp)
+    if rc != 0:
+        raise ValueError("silu_gate: bad arguments")
+    return t
 
 
 @cython.wraparound(True)

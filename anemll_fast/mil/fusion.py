@@ -332,6 +332,10 @@ def _match_rotary(g: _Graph, i_add: int, consts: Dict[str, Any], types: Dict[str
         chain = _chain_runner(g, [steps[j] for j in idx], [x_slot, cos_slot, sin_slot], outs_add[0])
 
         def fast(x, c, s, round16=round16):
+            # ANEMLL's q / k reach the rotary as a transposed view of a projection's output: one copy
+            # to rows (exact) instead of the chain's six numpy passes
+            if type(x) is np.ndarray and not x.flags.c_contiguous:
+                x = np.ascontiguousarray(x)
             return native.rotary(x, c, s, round16)
 
         if not probe(fast, chain, [shape, tshapes[0], tshapes[1]], round16):
@@ -413,22 +417,17 @@ def _match_silu_mul(g: _Graph, i_mul: int, consts: Dict[str, Any], types: Dict[s
             continue
         round16 = dt == "fp16"
         chain = _chain_runner(g, [steps[i_s], steps[i_mul]], [a_slot, b_slot], outs_m[0])
-        half, one = np.float32(0.5), np.float32(1.0)
+        half = np.float32(0.5)
 
-        def fast(a, b, round16=round16, pos=pos):
-            if type(a) is not np.ndarray or a.dtype != np.float32 or a.shape != b.shape or b.dtype != np.float32:
+        def fast(a, b, round16=round16):
+            if type(a) is not np.ndarray or a.dtype != np.float32 or type(b) is not np.ndarray or \
+                    a.shape != b.shape or b.dtype != np.float32:
                 raise ValueError("operands the fused product does not take")
-            t = np.multiply(half, a)          # the silu op: x * 0.5 * (1 + tanh(0.5 x)), in its order
+            # the silu op is x * 0.5 * (1 + tanh(0.5 x)): numpy's tanh, then the rest in one native
+            # pass in the ops' order (a product's operand order does not change its bits)
+            t = np.multiply(half, a)
             np.tanh(t, out=t)
-            np.add(one, t, out=t)
-            np.multiply(half, t, out=t)
-            np.multiply(a, t, out=t)
-            if round16:
-                native.round_fp16(t, out=t)
-            np.multiply(t, b, out=t) if pos == 0 else np.multiply(b, t, out=t)
-            if round16:
-                native.round_fp16(t, out=t)
-            return t
+            return native.silu_gate(a, t, b, round16)
 
         if not probe(fast, chain, [shape, shape], round16):
             continue

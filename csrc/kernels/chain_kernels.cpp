@@ -72,6 +72,40 @@ int64_t softmax_row_portable(float* s, const float* mask, int64_t n, bool round1
   return last;
 }
 
+template <bool Round>
+void silu_gate_portable(const float* a, const float* t, const float* b, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    float u = a[i] * (0.5f * (1.0f + t[i]));
+    if (Round) u = r16(u);
+    u = u * b[i];
+    out[i] = Round ? r16(u) : u;
+  }
+}
+
+// One row of ANEMLL's RMSNorm (see mirror_norm), buf holding 2h floats of scratch.
+void mirror_row_portable(const float* xr, int64_t h, const float* gamma, const float* beta, float eps, float* buf,
+                         float* orow) {
+  const int64_t n = 2 * h;
+  const float count = static_cast<float>(n);
+  for (int64_t i = 0; i < h; ++i) {
+    buf[i] = xr[i];
+    buf[h + i] = -xr[i];
+  }
+  const float mean = pairwise_sum(buf, n) / count;
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = buf[i] - mean;
+    buf[i] = d * d;
+  }
+  const float var = pairwise_sum(buf, n) / count;
+  const float denom = std::sqrt(var + eps);
+  for (int64_t i = 0; i < h; ++i) {
+    float y = (xr[i] - mean) / denom;
+    if (gamma != nullptr) y = y * gamma[i];
+    if (beta != nullptr) y = y + beta[i];
+    orow[i] = y;
+  }
+}
+
 bool all_finite_portable(const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(x[i])) return false;
@@ -337,6 +371,63 @@ AF_AVX2 int64_t softmax_row_avx2(float* s, const float* mask, int64_t n, bool ro
   return last;
 }
 
+template <bool Round>
+AF_AVX2 void silu_gate_avx2(const float* a, const float* t, const float* b, int64_t n, float* out) {
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 u = _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_mul_ps(half, _mm256_add_ps(one, _mm256_loadu_ps(t + i))));
+    if (Round) u = r16_avx(u);
+    u = _mm256_mul_ps(u, _mm256_loadu_ps(b + i));
+    _mm256_storeu_ps(out + i, Round ? r16_avx(u) : u);
+  }
+  silu_gate_portable<Round>(a + i, t + i, b + i, n - i, out + i);
+}
+
+// mirror_row_portable eight values at a time: the same operations on every value, the sums in the
+// same (pairwise) order.
+AF_AVX2 void mirror_row_avx2(const float* xr, int64_t h, const float* gamma, const float* beta, float eps, float* buf,
+                             float* orow) {
+  const int64_t n = 2 * h;
+  const float count = static_cast<float>(n);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= h; i += 8) {
+    const __m256 v = _mm256_loadu_ps(xr + i);
+    _mm256_storeu_ps(buf + i, v);
+    _mm256_storeu_ps(buf + h + i, _mm256_xor_ps(v, sign));
+  }
+  for (; i < h; ++i) {
+    buf[i] = xr[i];
+    buf[h + i] = -xr[i];
+  }
+  const float mean = pairwise_sum_avx2(buf, n) / count;
+  const __m256 vmean = _mm256_set1_ps(mean);
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(buf + i), vmean);
+    _mm256_storeu_ps(buf + i, _mm256_mul_ps(d, d));
+  }
+  for (; i < n; ++i) {
+    const float d = buf[i] - mean;
+    buf[i] = d * d;
+  }
+  const float var = pairwise_sum_avx2(buf, n) / count;
+  const float denom = std::sqrt(var + eps);
+  const __m256 vden = _mm256_set1_ps(denom);
+  for (i = 0; i + 8 <= h; i += 8) {
+    __m256 y = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), vmean), vden);
+    if (gamma != nullptr) y = _mm256_mul_ps(y, _mm256_loadu_ps(gamma + i));
+    if (beta != nullptr) y = _mm256_add_ps(y, _mm256_loadu_ps(beta + i));
+    _mm256_storeu_ps(orow + i, y);
+  }
+  for (; i < h; ++i) {
+    float y = (xr[i] - mean) / denom;
+    if (gamma != nullptr) y = y * gamma[i];
+    if (beta != nullptr) y = y + beta[i];
+    orow[i] = y;
+  }
+}
+
 AF_AVX2 bool all_finite_avx2(const float* x, int64_t n) {
   const __m256 zero = _mm256_setzero_ps();
   __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
@@ -428,6 +519,8 @@ using GemmFn = void (*)(const float*, int64_t, const float*, int64_t, float*, in
                         const int64_t*, const int64_t*, int64_t);
 using SoftmaxRowFn = int64_t (*)(float*, const float*, int64_t, bool);
 using SumFn = float (*)(const float*, int64_t);
+using MirrorRowFn = void (*)(const float*, int64_t, const float*, const float*, float, float*, float*);
+using SiluGateFn = void (*)(const float*, const float*, const float*, int64_t, float*);
 using FiniteFn = bool (*)(const float*, int64_t);
 
 struct Dispatch {
@@ -437,21 +530,25 @@ struct Dispatch {
   SoftmaxRowFn softmax_row;
   SumFn sum;          // numpy's pairwise summation
   FiniteFn all_finite;
+  SiluGateFn silu_gate[2];  // [round16]
+  MirrorRowFn mirror_row;
   const char* name;
 };
 
 Dispatch pick() {
   const char* force = std::getenv("ANEMLL_FAST_KERNELS");
   const Dispatch portable = {{rotary_row_portable<false>, rotary_row_portable<true>},
-                             dot_portable, gemm_portable, softmax_row_portable, pairwise_sum, all_finite_portable, "portable"};
+                             dot_portable, gemm_portable, softmax_row_portable, pairwise_sum, all_finite_portable,
+                             {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_row_portable, "portable"};
   if (force != nullptr && std::strcmp(force, "portable") == 0) return portable;
 #if AF_X86
   if (cpu_has_avx2())
     return {{rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, gemm_avx2, softmax_row_avx2, pairwise_sum_avx2, all_finite_avx2,
-            "avx2+fma+f16c"};
+            {silu_gate_avx2<false>, silu_gate_avx2<true>}, mirror_row_avx2, "avx2+fma+f16c"};
 #elif AF_NEON
   return {{rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, gemm_neon, softmax_row_portable, pairwise_sum,
-          all_finite_portable, "neon"};
+          all_finite_portable, {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_row_portable,
+          "neon"};
 #endif
   return portable;
 }
@@ -467,31 +564,9 @@ const Dispatch& dispatch() {
 int mirror_norm(const float* x, int64_t rows, int64_t h, const float* gamma, const float* beta, float eps,
                 bool round16, float* out) {
   if (rows < 0 || h <= 0 || x == nullptr || out == nullptr) return -1;
-  const int64_t n = 2 * h;
-  std::vector<float> buf(static_cast<size_t>(n));
-  const float count = static_cast<float>(n);
-  const SumFn sum = dispatch().sum;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * h;
-    float* orow = out + r * h;
-    for (int64_t i = 0; i < h; ++i) {
-      buf[i] = xr[i];
-      buf[h + i] = -xr[i];
-    }
-    const float mean = sum(buf.data(), n) / count;
-    for (int64_t i = 0; i < n; ++i) {
-      const float d = buf[i] - mean;
-      buf[i] = d * d;
-    }
-    const float var = sum(buf.data(), n) / count;
-    const float denom = std::sqrt(var + eps);
-    for (int64_t i = 0; i < h; ++i) {
-      float y = (xr[i] - mean) / denom;
-      if (gamma != nullptr) y = y * gamma[i];
-      if (beta != nullptr) y = y + beta[i];
-      orow[i] = y;
-    }
-  }
+  std::vector<float> buf(static_cast<size_t>(2 * h));
+  const MirrorRowFn row = dispatch().mirror_row;
+  for (int64_t r = 0; r < rows; ++r) row(x + r * h, h, gamma, beta, eps, buf.data(), out + r * h);
   if (round16) round_f16(out, rows * h, out);
   return 0;
 }
@@ -583,6 +658,12 @@ int attention(const float* q, int64_t groups, int64_t rows, int64_t d, const flo
     dp.gemm(sc.data(), lp, vg, d, og, d, rows, d, nullptr, finite ? klen.data() : nullptr, L);
     if (round16) round_f16(og, rows * d, og);
   }
+  return 0;
+}
+
+int silu_gate(const float* a, const float* t, const float* b, int64_t n, bool round16, float* out) {
+  if (n < 0 || a == nullptr || t == nullptr || b == nullptr || out == nullptr) return -1;
+  dispatch().silu_gate[round16 ? 1 : 0](a, t, b, n, out);
   return 0;
 }
 

@@ -40,6 +40,11 @@ int attention(const float* q, int64_t groups, int64_t rows, int64_t d, const flo
               int64_t kv_group_stride, int64_t n_keys, const float* mask, int64_t mask_rows, int64_t mask_stride,
               bool round16, float* out);
 
+// The SiLU-gated product's arithmetic after the tanh, element-wise over n values: with t = tanh(a / 2)
+// (numpy's, computed by the caller), out = r(r(a * (0.5 * (1 + t))) * b), the silu op's
+// x * 0.5 * (1 + tanh(0.5 x)) in its order, then the mul. out may be t. Returns 0, or -1 on bad arguments.
+int silu_gate(const float* a, const float* t, const float* b, int64_t n, bool round16, float* out);
+
 // One past the last of `cols` columns of a [rows, cols] mask holding a value other than -inf (0 when
 // every value is -inf): how many keys an attention mask lets any query see.
 int64_t open_columns(const float* mask, int64_t rows, int64_t cols);
