@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from neon import run_neon_driver
 
-from anemll_fast._kernels import attention, chain_isa, mirror_norm, open_columns, rotary, round_fp16
+from anemll_fast._kernels import attention, chain_isa, mirror_norm, open_columns, rotary, round_fp16, silu_gate
 from anemll_fast.mil.ops.reduction import softmax
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +117,8 @@ def test_rotary_matches_the_ops_bit_for_bit(xshape, tshape, fp16):
 @pytest.mark.parametrize("groups,rows,d,n,keys,tm", [
     (3, 3, 64, 512, 70, 1), (3, 192, 64, 96, 96, 64), (2, 4, 13, 20, 20, 2), (1, 1, 8, 9, 3, 1),
     (3, 6, 64, 128, 100, 3), (1, 5, 33, 17, 1, 5),
+    # many query rows (the blocked products): row, key and head-dim tails, one mask row for all
+    (2, 20, 13, 40, 37, 5), (1, 33, 24, 50, 50, 33), (2, 17, 64, 64, 64, 1), (3, 64, 8, 64, 64, 64),
 ])
 def test_attention_matches_the_ops(groups, rows, d, n, keys, tm, fp16):
     q = rand((1, groups, rows, d), fp16, 0.5)
@@ -145,6 +147,81 @@ def test_attention_of_a_fully_masked_row_is_nan_like_the_chain():
         want = np_attention(q, k, v, mask, 4, True)
     assert np.isnan(got[0, 0, 1]).all() and np.isnan(want[0, 0, 1]).all()
     assert np.allclose(got[0, 0, 0], want[0, 0, 0], atol=2e-3)
+
+
+def _causal(rows, n, keys):
+    """A prefill mask: row t sees keys 0..t (of n columns, keys past `keys` closed)."""
+    m = np.triu(np.full((rows, n), -np.inf, np.float32), 1)
+    m[:, keys:] = -np.inf
+    return m[None, None]
+
+
+@pytest.mark.parametrize("rows", [3, 48])  # the dot-product and the blocked paths
+def test_attention_skips_nothing_a_score_could_change(rows):
+    """Scores behind the causal mask are skipped only when no score can reach fp16's infinity: a huge
+    one there makes the chain's row NaN (inf - inf), and the kernel's too."""
+    q, k, v = rand((1, 1, rows, 16), True, 0.5), rand((1, 1, rows, 16)), rand((1, 1, rows, 16))
+    mask = _causal(rows, rows, rows)
+    k[0, 0, rows - 1] = 250.0   # masked for every row but the last
+    q[0, 0, 0] = 250.0          # row 0's score with it: 16 * 250^2 > 65504
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = np_attention(q, k, v, mask, rows, True)
+    got = attention(q, k, v, mask, rows, True)
+    assert np.isnan(want[0, 0, 0]).all() and np.isnan(got[0, 0, 0]).all()
+    ok = ~np.isnan(want)
+    assert np.array_equal(np.isnan(got), ~ok)
+    assert np.abs(got[ok] - want[ok]).max() <= 5e-3 * max(1.0, float(np.abs(want[ok]).max()))
+
+
+@pytest.mark.parametrize("rows", [3, 48])
+def test_attention_zero_probabilities_still_meet_an_infinite_value(rows):
+    """0 * inf is NaN in the chain's product: rows that give an infinite v zero weight get NaN there."""
+    q, k, v = rand((1, 1, rows, 16), True, 0.5), rand((1, 1, rows, 16)), rand((1, 1, rows, 16))
+    v[0, 0, rows - 2, 3] = np.inf   # seen by the last two rows only
+    mask = _causal(rows, rows, rows)
+    with np.errstate(invalid="ignore"):
+        want = np_attention(q, k, v, mask, rows, True)
+    got = attention(q, k, v, mask, rows, True)
+    assert np.isnan(want[0, 0, :rows - 2, 3]).all()
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(np.isinf(got), np.isinf(want))
+
+
+@pytest.mark.parametrize("rows", [5, 64])
+def test_attention_shifts_large_scores_by_their_max(rows):
+    """Scores past exp's range (~88): only a softmax shifted by the row's max stays finite."""
+    q, k, v = rand((1, 3, rows, 32), True, 3.0), rand((1, 3, rows, 32), True, 3.0), rand((1, 3, rows, 32))
+    q = r16(q + k[:, :, :1] * 2)  # key 0, seen by every row, scores ~2 |k_0|^2
+    mask = _causal(rows, rows, rows)
+    assert (r16(np.matmul(q, np.swapaxes(k, -1, -2))) + mask).max() > 100  # exp would overflow unshifted
+    want = np_attention(q, k, v, mask, rows, True)
+    got = attention(q, k, v, mask, rows, True)
+    assert np.isfinite(want).all() and np.isfinite(got).all()
+    assert np.abs(got - want).max() <= 5e-3 * max(1.0, float(np.abs(want).max()))
+
+
+def test_attention_keeps_each_kv_head_to_its_query_group():
+    """GQA: query group g reads key / value group g only (moving another group's keys changes nothing)."""
+    q, k, v = rand((1, 3, 24, 16), True, 0.5), rand((1, 3, 30, 16)), rand((1, 3, 30, 16))
+    mask = _causal(24, 30, 24)
+    got = attention(q, k, v, mask, 24, True)
+    assert np.abs(got - np_attention(q, k, v, mask, 24, True)).max() <= 5e-3 * max(1.0, float(np.abs(got).max()))
+    k2, v2 = k.copy(), v.copy()
+    k2[0, 2], v2[0, 2] = rand((30, 16)), rand((30, 16))
+    got2 = attention(q, k2, v2, mask, 24, True)
+    assert np.array_equal(got2[0, :2], got[0, :2]) and not np.array_equal(got2[0, 2], got[0, 2])
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 37, 1536 * 3])
+@pytest.mark.parametrize("fp16", [True, False])
+def test_silu_gate_is_the_silu_op_times_b_bit_for_bit(n, fp16):
+    from anemll_fast.mil.ops.elementwise import _silu
+
+    a, b = rand((n,), fp16, 4.0), rand((n,), fp16, 2.0)
+    a[:3] = [0.0, -0.0, 30.0][:min(3, n)]
+    rnd = r16 if fp16 else (lambda x: x)
+    want = rnd(rnd(_silu(a)) * b)
+    got = silu_gate(a, np.tanh(np.float32(0.5) * a), b, fp16)
+    assert np.array_equal(got, want)
 
 
 def test_open_columns_reads_the_mask():
@@ -180,17 +257,21 @@ def test_portable_path_gives_the_same_bits_in_a_subprocess(tmp_path):
     code = textwrap.dedent("""
         import sys
         import numpy as np
-        from anemll_fast._kernels import attention, chain_isa, mirror_norm, rotary, round_fp16
+        from anemll_fast._kernels import attention, chain_isa, mirror_norm, rotary, round_fp16, silu_gate
         assert chain_isa() == "portable", chain_isa()
         d = dict(np.load(sys.argv[1]))
         out = {"round": round_fp16(d["x"]), "norm": mirror_norm(d["n"], d["g"], None, 1e-5, True),
                "rot": rotary(d["q"], d["c"], d["s"], True), "rot32": rotary(d["q"], d["c"], d["s"], False),
-               "att": attention(d["aq"], d["ak"], d["av"], d["am"], 13, True)}
+               "att": attention(d["aq"], d["ak"], d["av"], d["am"], 13, True),
+               "attb": attention(d["bq"], d["bk"], d["bv"], d["bm"], 40, True),
+               "silu": silu_gate(d["n"], np.tanh(np.float32(0.5) * d["n"]), d["n"] * 2, True)}
         np.savez(sys.argv[2], **out)
     """)
     data = {"x": rand((1003,), False, 100.0), "n": rand((3, 37)), "g": rand((74,)), "q": rand((2, 3, 5, 26)),
             "c": rand((5, 26)), "s": rand((5, 26)), "aq": rand((1, 2, 3, 20)), "ak": rand((1, 2, 17, 20)),
-            "av": rand((1, 2, 17, 20)), "am": np.zeros((1, 1, 1, 17), np.float32)}
+            "av": rand((1, 2, 17, 20)), "am": np.zeros((1, 1, 1, 17), np.float32),
+            "bq": rand((1, 2, 40, 20), True, 0.5), "bk": rand((1, 2, 45, 20)), "bv": rand((1, 2, 45, 20)),
+            "bm": np.triu(np.full((40, 45), -np.inf, np.float32), 1)[None, None]}
     np.savez(tmp_path / "in.npz", **data)
     env = dict(os.environ, ANEMLL_FAST_KERNELS="portable")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
@@ -203,6 +284,10 @@ def test_portable_path_gives_the_same_bits_in_a_subprocess(tmp_path):
     assert np.array_equal(got["rot32"], rotary(data["q"], data["c"], data["s"], False))
     att = attention(data["aq"], data["ak"], data["av"], data["am"], 13, True)
     assert np.all(np.abs(got["att"] - att) <= 2.0 ** -9 * np.maximum(np.abs(att), 2.0 ** -6))
+    attb = attention(data["bq"], data["bk"], data["bv"], data["bm"], 40, True)
+    assert np.abs(got["attb"] - attb).max() <= 2e-3 * max(1.0, float(np.abs(attb).max()))
+    assert np.mean(got["attb"] != attb) < 0.05
+    assert np.array_equal(got["silu"], silu_gate(data["n"], np.tanh(np.float32(0.5) * data["n"]), data["n"] * 2, True))
 
 
 NEON_DRIVER = r"""
@@ -332,7 +417,7 @@ def test_rmsnorm_near_misses_are_not_fused(tmp_path, near_miss):
     _same_outputs(fused, plain, [rand((1, 3, 16))])
 
 
-def _rotary_program(xshape, tshape, swap=False, neg=-1.0, fp16=True, mixed=False):
+def _rotary_program(xshape, tshape, swap=False, neg=-1.0, fp16=True, mixed=False, transposed=False):
     ct = pytest.importorskip("coremltools")
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
@@ -341,9 +426,15 @@ def _rotary_program(xshape, tshape, swap=False, neg=-1.0, fp16=True, mixed=False
     d = xshape[-1]
     zeros = [0] * len(xshape)
 
-    @mb.program(input_specs=[mb.TensorSpec(xshape, dtype=dt), mb.TensorSpec(tshape, dtype=dt),
+    given = tuple(xshape[:-2]) + (xshape[-1], xshape[-2]) if transposed else tuple(xshape)
+
+    @mb.program(input_specs=[mb.TensorSpec(given, dtype=dt), mb.TensorSpec(tshape, dtype=dt),
                              mb.TensorSpec(tshape, dtype=dt)], opset_version=ct.target.iOS18)
     def prog(x, cos, sin):
+        if transposed:  # as ANEMLL's q / k arrive: a transposed view of the projection's output
+            perm = list(range(len(xshape)))
+            perm[-2:] = perm[-1], perm[-2]
+            x = mb.transpose(x=x, perm=perm)
         x1 = mb.slice_by_index(x=x, begin=zeros, end=list(xshape[:-1]) + [d // 2])
         x2 = mb.slice_by_index(x=x, begin=zeros[:-1] + [d // 2], end=list(xshape))
         lo, hi = (x2, x1) if swap else (x1, x2)
@@ -363,6 +454,22 @@ def test_rotary_is_fused_and_exact(tmp_path, xshape, tshape, fp16):
     fused, plain = _plans(tmp_path, _rotary_program(xshape, tshape, fp16=fp16))
     assert fused.fused.get("rotary") == 1 and len(fused.steps) == 1
     _same_outputs(fused, plain, [rand(xshape, fp16), rand(tshape, fp16, 1.0), rand(tshape, fp16, 1.0)])
+
+
+def test_rotary_of_a_transposed_view_runs_the_kernel(tmp_path, monkeypatch):
+    """ANEMLL's q / k reach the rotary as a non-contiguous view: the kernel still runs (no fallback to the
+    chain's ops) and gives their exact bits."""
+    from anemll_fast.mil import fusion
+
+    xshape, tshape = (1, 9, 64, 64), (1, 1, 64, 64)
+    fused, plain = _plans(tmp_path, _rotary_program(xshape, tshape, transposed=True))
+    assert fused.fused.get("rotary") == 1
+    calls = []
+    real = fusion.native.rotary
+    monkeypatch.setattr(fusion.native, "rotary", lambda x, *a: calls.append(x.flags.c_contiguous) or real(x, *a),
+                        raising=False)
+    _same_outputs(fused, plain, [rand((1, 9, 64, 64)), rand(tshape, True, 1.0), rand(tshape, True, 1.0)])
+    assert calls == [True]
 
 
 @pytest.mark.parametrize("near_miss", [dict(swap=True), dict(neg=-0.5), dict(tshape=(1, 3, 2, 8)), dict(mixed=True)])
