@@ -342,6 +342,32 @@ int main() {
         if (std::fabs(a - o[r * d + c]) > 0.02 * (1 + std::fabs(a))) { std::printf("attention\n"); return 7; } }
     }
   }
+  {  // attention with many query rows (the blocked products) and a causal mask, against double precision
+    const int64_t rows = 21, d = 13, n = 25, keys = 23;
+    std::vector<float> q(rows * d), k(n * d), v(n * d), m(rows * n), o(rows * d);
+    for (auto& a : q) a = rnd() * 0.5f;
+    for (auto& a : k) a = rnd();
+    for (auto& a : v) a = rnd();
+    for (int64_t r = 0; r < rows; ++r) for (int64_t j = 0; j < n; ++j) m[r * n + j] = j <= r ? 0.f : -INFINITY;
+    if (kernels::attention(q.data(), 1, rows, d, k.data(), v.data(), n * d, keys, m.data(), rows, n, true, o.data()) != 0)
+      return 8;
+    for (int64_t r = 0; r < rows; ++r) {
+      double sc[32], mx = -1e30, tot = 0;
+      const int64_t seen = r + 1 < keys ? r + 1 : keys;
+      for (int64_t j = 0; j < seen; ++j) { double a = 0; for (int64_t c = 0; c < d; ++c) a += q[r * d + c] * k[j * d + c];
+        sc[j] = a; mx = a > mx ? a : mx; }
+      for (int64_t j = 0; j < seen; ++j) { sc[j] = std::exp(sc[j] - mx); tot += sc[j]; }
+      for (int64_t c = 0; c < d; ++c) { double a = 0; for (int64_t j = 0; j < seen; ++j) a += sc[j] / tot * v[j * d + c];
+        if (std::fabs(a - o[r * d + c]) > 0.02 * (1 + std::fabs(a))) { std::printf("attention rows\n"); return 9; } }
+    }
+  }
+  for (int64_t n : {1, 5, 8, 21}) {  // the SiLU-gated product's arithmetic, against the scalar formula
+    std::vector<float> a(n), t(n), b(n), y(n);
+    for (int64_t i = 0; i < n; ++i) { a[i] = rnd(); t[i] = std::tanh(0.5f * a[i]); b[i] = rnd(); }
+    if (kernels::silu_gate(a.data(), t.data(), b.data(), n, true, y.data()) != 0) return 10;
+    for (int64_t i = 0; i < n; ++i)
+      if (y[i] != r16(r16(a[i] * (0.5f * (1.0f + t[i]))) * b[i])) { std::printf("silu_gate\n"); return 11; }
+  }
   std::printf("ok\n");
   return 0;
 }
