@@ -234,6 +234,18 @@ def test_open_columns_reads_the_mask():
     assert open_columns(np.full((2, 4), -np.inf, np.float32)) == 0
 
 
+
+def test_open_columns_matches_numpy_on_random_masks():
+    """Row by row from the end, whole vectors at a time: every row length, NaN counted as open."""
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        r, c = int(rng.integers(1, 6)), int(rng.integers(1, 40))
+        m = np.where(rng.random((r, c)) < 0.85, -np.inf, rng.standard_normal((r, c))).astype(np.float32)
+        if rng.random() < 0.2:
+            m[rng.integers(r), rng.integers(c)] = np.nan
+        cols = np.flatnonzero(~np.isneginf(m).all(axis=0))
+        assert open_columns(m) == (int(cols[-1]) + 1 if cols.size else 0)
+
 @pytest.mark.parametrize("call,match", [
     (lambda: mirror_norm(np.zeros((2, 4), np.float64), None, None, 1e-5, True), "float32"),
     (lambda: mirror_norm(np.zeros((4, 2), np.float32).T, None, None, 1e-5, True), "C-contiguous"),

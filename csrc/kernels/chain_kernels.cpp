@@ -106,6 +106,20 @@ void mirror_row_portable(const float* xr, int64_t h, const float* gamma, const f
   }
 }
 
+// open_columns row by row: each row is read from its end down to the best column found so far.
+int64_t open_columns_portable(const float* mask, int64_t rows, int64_t cols) {
+  int64_t best = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* mr = mask + r * cols;
+    for (int64_t c = cols; c > best; --c)
+      if (!(mr[c - 1] == -INFINITY)) {  // NaN counts as open, as numpy's isneginf says
+        best = c;
+        break;
+      }
+  }
+  return best;
+}
+
 bool all_finite_portable(const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(x[i])) return false;
@@ -428,6 +442,29 @@ AF_AVX2 void mirror_row_avx2(const float* xr, int64_t h, const float* gamma, con
   }
 }
 
+AF_AVX2 int64_t open_columns_avx2(const float* mask, int64_t rows, int64_t cols) {
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  int64_t best = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* mr = mask + r * cols;
+    int64_t c = cols;
+    for (; c - 8 >= best; c -= 8) {
+      const int open = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(mr + c - 8), ninf, _CMP_NEQ_UQ));
+      if (open) {
+        best = c - 8 + (32 - __builtin_clz(static_cast<unsigned>(open)));
+        break;
+      }
+    }
+    if (c - 8 >= best) continue;  // found in a whole vector
+    for (; c > best; --c)
+      if (!(mr[c - 1] == -INFINITY)) {
+        best = c;
+        break;
+      }
+  }
+  return best;
+}
+
 AF_AVX2 bool all_finite_avx2(const float* x, int64_t n) {
   const __m256 zero = _mm256_setzero_ps();
   __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
@@ -519,6 +556,7 @@ using GemmFn = void (*)(const float*, int64_t, const float*, int64_t, float*, in
                         const int64_t*, const int64_t*, int64_t);
 using SoftmaxRowFn = int64_t (*)(float*, const float*, int64_t, bool);
 using SumFn = float (*)(const float*, int64_t);
+using OpenColumnsFn = int64_t (*)(const float*, int64_t, int64_t);
 using MirrorRowFn = void (*)(const float*, int64_t, const float*, const float*, float, float*, float*);
 using SiluGateFn = void (*)(const float*, const float*, const float*, int64_t, float*);
 using FiniteFn = bool (*)(const float*, int64_t);
@@ -532,6 +570,7 @@ struct Dispatch {
   FiniteFn all_finite;
   SiluGateFn silu_gate[2];  // [round16]
   MirrorRowFn mirror_row;
+  OpenColumnsFn open_columns;
   const char* name;
 };
 
@@ -539,16 +578,17 @@ Dispatch pick() {
   const char* force = std::getenv("ANEMLL_FAST_KERNELS");
   const Dispatch portable = {{rotary_row_portable<false>, rotary_row_portable<true>},
                              dot_portable, gemm_portable, softmax_row_portable, pairwise_sum, all_finite_portable,
-                             {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_row_portable, "portable"};
+                             {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_row_portable, open_columns_portable,
+                             "portable"};
   if (force != nullptr && std::strcmp(force, "portable") == 0) return portable;
 #if AF_X86
   if (cpu_has_avx2())
     return {{rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, gemm_avx2, softmax_row_avx2, pairwise_sum_avx2, all_finite_avx2,
-            {silu_gate_avx2<false>, silu_gate_avx2<true>}, mirror_row_avx2, "avx2+fma+f16c"};
+            {silu_gate_avx2<false>, silu_gate_avx2<true>}, mirror_row_avx2, open_columns_avx2, "avx2+fma+f16c"};
 #elif AF_NEON
   return {{rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, gemm_neon, softmax_row_portable, pairwise_sum,
           all_finite_portable, {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_row_portable,
-          "neon"};
+          open_columns_portable, "neon"};
 #endif
   return portable;
 }
@@ -668,11 +708,7 @@ int silu_gate(const float* a, const float* t, const float* b, int64_t n, bool ro
 }
 
 int64_t open_columns(const float* mask, int64_t rows, int64_t cols) {
-  const float ninf = -INFINITY;
-  for (int64_t c = cols - 1; c >= 0; --c)
-    for (int64_t r = 0; r < rows; ++r)
-      if (!(mask[r * cols + c] == ninf)) return c + 1;  // NaN counts as open, as numpy's isneginf says
-  return 0;
+  return dispatch().open_columns(mask, rows, cols);
 }
 
 const char* chain_isa() { return dispatch().name; }
