@@ -14,6 +14,8 @@ cdef extern from "kernels/chain_kernels.h" namespace "anemll::kernels" nogil:
                                                  int64_t mask_stride, bint round16, float* out)
     int c_silu_gate "anemll::kernels::silu_gate"(const float* a, const float* t, const float* b, int64_t n,
                                                  bint round16, float* out)
+    int c_add "anemll::kernels::add"(const float* x, const float* y, int64_t batch, int64_t rows, int64_t cols,
+                                     bint y_transposed, bint round16, float* out)
     int64_t c_open_columns "anemll::kernels::open_columns"(const float* mask, int64_t rows, int64_t cols)
     const char* c_chain_isa "anemll::kernels::chain_isa"()
 
@@ -116,6 +118,55 @@ def attention(q, k, v, mask, int64_t n_keys, bint round16):
         rc = c_attention(qp, groups, rows, d, kp, vp, n * d, n_keys, mp, mrows, mstride, round16, op)
     if rc != 0:
         raise ValueError("attention: bad arguments")
+    return out
+
+
+cdef inline bint _is_swapped_view(object a):
+    """a (float32, ndim >= 2) is a C-contiguous array with its last two axes swapped."""
+    cdef tuple sh = a.shape
+    cdef tuple st = a.strides
+    cdef Py_ssize_t nd = len(sh)
+    cdef int64_t rows = sh[nd - 2], cols = sh[nd - 1]
+    if st[nd - 2] != 4 or st[nd - 1] != 4 * rows:
+        return False
+    cdef int64_t step = 4 * rows * cols
+    cdef Py_ssize_t i
+    for i in range(nd - 3, -1, -1):
+        if sh[i] != 1 and st[i] != step:
+            return False
+        step *= sh[i]
+    return True
+
+
+@cython.wraparound(True)
+def add(x, y, bint round16):
+    """x + y rounded to fp16 when round16, for float32 arrays of one shape (no broadcasting): each
+    C-contiguous, or one of them a C-contiguous array with its last two axes swapped (a transposed view).
+    Returns a new C-contiguous array."""
+    if type(x) is not np.ndarray or type(y) is not np.ndarray or cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT32 or \
+            cnp.PyArray_TYPE(y) != cnp.NPY_FLOAT32 or x.shape != y.shape:
+        raise ValueError("add: operands of one shape, float32 arrays")
+    cdef bint tr = False
+    if not cnp.PyArray_IS_C_CONTIGUOUS(x):
+        x, y = y, x  # x + y == y + x, bit for bit
+    if not cnp.PyArray_IS_C_CONTIGUOUS(x):
+        raise ValueError("add: neither operand is C-contiguous")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(y):
+        if x.ndim < 2 or not _is_swapped_view(y):
+            raise ValueError("add: an operand of a layout the kernel does not take")
+        tr = True
+    out = np.empty(x.shape, np.float32)
+    cdef int64_t rows = x.shape[-2] if x.ndim >= 2 else 1
+    cdef int64_t cols = x.shape[-1] if x.ndim >= 1 else 1
+    cdef int64_t batch = x.size // (rows * cols) if rows * cols else 0
+    cdef const float* xp = <const float*>cnp.PyArray_DATA(x)
+    cdef const float* yp = <const float*>cnp.PyArray_DATA(y)
+    cdef float* op = <float*>cnp.PyArray_DATA(out)
+    cdef int rc
+    with nogil:
+        rc = c_add(xp, yp, batch, rows, cols, tr, round16, op)
+    if rc != 0:
+        raise ValueError("add: bad arguments")
     return out
 
 

@@ -8,6 +8,8 @@ their cost is the per-step dispatch and numpy call overhead, not arithmetic. The
 - the rotary embedding `x * cos + concat([-x2, x1]) * sin` (x1, x2 the halves of x's last axis)
   becomes one native kernel (`rotary`);
 - the SiLU-gated product `silu(a) * b` becomes one step computing in one buffer;
+- a float add of two runtime operands of one shape (the residual adds) becomes one native pass (sum
+  and rounding), reading a transposed-view operand in place;
 - a run of view ops (reshape / transpose / squeeze / expand_dims) becomes one step, a single
   `reshape` when the run only renames axes (checked on an index array at build time), and a view
   step then runs inside the step producing its operand;
@@ -437,6 +439,32 @@ def _match_silu_mul(g: _Graph, i_mul: int, consts: Dict[str, Any], types: Dict[s
     return None
 
 
+# ---------------------------------------------------------------- float add
+def _match_add(g: _Graph, i_add: int, consts: Dict[str, Any], types: Dict[str, Any], probe: "_Probe"
+               ) -> Optional[Tuple[List[int], RawStep]]:
+    """add(x, y) of two runtime operands of one static shape (a residual add): the sum and its fp16
+    rounding in one native pass, which also reads a transposed view (a projection's output) in place."""
+    _k, op, ins, outs, fins = g.steps[i_add]
+    if op.type != "add" or len(ins) != 2 or len(outs) != 1 or any(s in g.fixed for s in ins):
+        return None
+    dt = _float_dtype([op])
+    names = [(op.inputs.get(p) or [None])[0] for p in ("x", "y")]
+    shapes = [_static_shape(types.get(n)) if isinstance(n, str) else None for n in names]
+    out_shape = _static_shape(_out_type(op))
+    if dt is None or out_shape is None or shapes != [out_shape, out_shape]:
+        return None
+    round16 = dt == "fp16"
+    chain = _chain_runner(g, [g.steps[i_add]], list(ins), outs[0])
+
+    def fast(x, y, round16=round16):
+        return native.add(x, y, round16)
+
+    if not probe(fast, chain, [out_shape, out_shape], round16):
+        return None
+    return [i_add], (Kernel(_with_fallback(fast, chain), []), FusedOp("add", list(op.outputs), [op]), list(ins),
+                     list(outs), [_identity])
+
+
 # ---------------------------------------------------------------- view runs
 def _match_views(g: _Graph, i_last: int, types: Dict[str, Any], probe: "_Probe"
                  ) -> Optional[Tuple[List[int], RawStep]]:
@@ -647,7 +675,7 @@ class _Probe:
         return self.replay is None or len(self.noted) == len(self.replay)
 
 
-_MATCHERS = (_match_mirror_norm, _match_rotary, _match_silu_mul)
+_MATCHERS = (_match_mirror_norm, _match_rotary, _match_silu_mul, _match_add)
 
 
 def fuse(raw_steps: List[RawStep], out_slots: Sequence[int], consts: Dict[str, Any], types: Dict[str, Any],

@@ -120,6 +120,12 @@ int64_t open_columns_portable(const float* mask, int64_t rows, int64_t cols) {
   return best;
 }
 
+// One [rows, cols] block of x + y^T (y stored [cols, rows]), unrounded.
+void add_t_portable(const float* x, const float* y, int64_t rows, int64_t cols, float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = x[r * cols + c] + y[c * rows + r];
+}
+
 bool all_finite_portable(const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(x[i])) return false;
@@ -465,6 +471,44 @@ AF_AVX2 int64_t open_columns_avx2(const float* mask, int64_t rows, int64_t cols)
   return best;
 }
 
+// Eight rows of eight floats transposed in registers.
+AF_AVX2 inline __attribute__((always_inline)) void transpose8_avx2(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+AF_AVX2 void add_t_avx2(const float* x, const float* y, int64_t rows, int64_t cols, float* out) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+      __m256 b[8];
+      for (int i = 0; i < 8; ++i) b[i] = _mm256_loadu_ps(y + (c + i) * rows + r);  // y^T rows c.., columns r..
+      transpose8_avx2(b);
+      for (int i = 0; i < 8; ++i)
+        _mm256_storeu_ps(out + (r + i) * cols + c, _mm256_add_ps(_mm256_loadu_ps(x + (r + i) * cols + c), b[i]));
+    }
+    for (int64_t i = r; i < r + 8; ++i)
+      for (int64_t cc = c; cc < cols; ++cc) out[i * cols + cc] = x[i * cols + cc] + y[cc * rows + i];
+  }
+  for (; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = x[r * cols + c] + y[c * rows + r];
+}
+
 AF_AVX2 bool all_finite_avx2(const float* x, int64_t n) {
   const __m256 zero = _mm256_setzero_ps();
   __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
@@ -556,6 +600,7 @@ using GemmFn = void (*)(const float*, int64_t, const float*, int64_t, float*, in
                         const int64_t*, const int64_t*, int64_t);
 using SoftmaxRowFn = int64_t (*)(float*, const float*, int64_t, bool);
 using SumFn = float (*)(const float*, int64_t);
+using AddTFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
 using OpenColumnsFn = int64_t (*)(const float*, int64_t, int64_t);
 using MirrorRowFn = void (*)(const float*, int64_t, const float*, const float*, float, float*, float*);
 using SiluGateFn = void (*)(const float*, const float*, const float*, int64_t, float*);
@@ -571,6 +616,7 @@ struct Dispatch {
   SiluGateFn silu_gate[2];  // [round16]
   MirrorRowFn mirror_row;
   OpenColumnsFn open_columns;
+  AddTFn add_t;
   const char* name;
 };
 
@@ -579,16 +625,17 @@ Dispatch pick() {
   const Dispatch portable = {{rotary_row_portable<false>, rotary_row_portable<true>},
                              dot_portable, gemm_portable, softmax_row_portable, pairwise_sum, all_finite_portable,
                              {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_row_portable, open_columns_portable,
-                             "portable"};
+                             add_t_portable, "portable"};
   if (force != nullptr && std::strcmp(force, "portable") == 0) return portable;
 #if AF_X86
   if (cpu_has_avx2())
     return {{rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, gemm_avx2, softmax_row_avx2, pairwise_sum_avx2, all_finite_avx2,
-            {silu_gate_avx2<false>, silu_gate_avx2<true>}, mirror_row_avx2, open_columns_avx2, "avx2+fma+f16c"};
+            {silu_gate_avx2<false>, silu_gate_avx2<true>}, mirror_row_avx2, open_columns_avx2, add_t_avx2,
+            "avx2+fma+f16c"};
 #elif AF_NEON
   return {{rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, gemm_neon, softmax_row_portable, pairwise_sum,
           all_finite_portable, {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_row_portable,
-          open_columns_portable, "neon"};
+          open_columns_portable, add_t_portable, "neon"};
 #endif
   return portable;
 }
@@ -704,6 +751,20 @@ int attention(const float* q, int64_t groups, int64_t rows, int64_t d, const flo
 int silu_gate(const float* a, const float* t, const float* b, int64_t n, bool round16, float* out) {
   if (n < 0 || a == nullptr || t == nullptr || b == nullptr || out == nullptr) return -1;
   dispatch().silu_gate[round16 ? 1 : 0](a, t, b, n, out);
+  return 0;
+}
+
+int add(const float* x, const float* y, int64_t batch, int64_t rows, int64_t cols, bool y_transposed, bool round16,
+        float* out) {
+  if (batch < 0 || rows < 0 || cols < 0 || x == nullptr || y == nullptr || out == nullptr) return -1;
+  const int64_t block = rows * cols;
+  if (!y_transposed) {
+    for (int64_t i = 0; i < batch * block; ++i) out[i] = x[i] + y[i];
+  } else {
+    const AddTFn add_t = dispatch().add_t;
+    for (int64_t b = 0; b < batch; ++b) add_t(x + b * block, y + b * block, rows, cols, out + b * block);
+  }
+  if (round16) round_f16(out, batch * block, out);
   return 0;
 }
 

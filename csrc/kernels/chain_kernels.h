@@ -45,6 +45,12 @@ int attention(const float* q, int64_t groups, int64_t rows, int64_t d, const flo
 // x * 0.5 * (1 + tanh(0.5 x)) in its order, then the mul. out may be t. Returns 0, or -1 on bad arguments.
 int silu_gate(const float* a, const float* t, const float* b, int64_t n, bool round16, float* out);
 
+// out = r(x + y) for `batch` blocks of [rows, cols] values: x and out row-major; y row-major too when
+// y_transposed is false, else each block of y is stored [cols, rows] (y is a transposed view, as a
+// projection's output reaches a residual add). Returns 0, or -1 on bad arguments.
+int add(const float* x, const float* y, int64_t batch, int64_t rows, int64_t cols, bool y_transposed, bool round16,
+        float* out);
+
 // One past the last of `cols` columns of a [rows, cols] mask holding a value other than -inf (0 when
 // every value is -inf): how many keys an attention mask lets any query see.
 int64_t open_columns(const float* mask, int64_t rows, int64_t cols);
