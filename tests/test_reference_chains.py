@@ -83,7 +83,8 @@ def test_round_f16_is_numpy_round_to_nearest_even():
 
 
 @pytest.mark.parametrize("fp16", [True, False])
-@pytest.mark.parametrize("shape", [(1, 1, 576), (1, 3, 7), (2, 5, 1), (1, 1, 9), (4, 129), (3, 64), (1, 2, 1000)])
+@pytest.mark.parametrize("shape", [(1, 1, 576), (1, 3, 7), (2, 5, 1), (1, 1, 9), (4, 129), (3, 64), (1, 2, 1000),
+                                   (1, 64, 576), (1, 7, 300), (9, 65)])  # rows four at a time, and the rest
 @pytest.mark.parametrize("affine", ["gamma", "none", "gamma+beta"])
 def test_mirror_norm_matches_the_ops_bit_for_bit(shape, fp16, affine):
     h = shape[-1]

@@ -126,6 +126,11 @@ void add_t_portable(const float* x, const float* y, int64_t rows, int64_t cols, 
     for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = x[r * cols + c] + y[c * rows + r];
 }
 
+void mirror_rows_portable(const float* x, int64_t rows, int64_t h, const float* gamma, const float* beta, float eps,
+                          float* buf, float* out) {
+  for (int64_t r = 0; r < rows; ++r) mirror_row_portable(x + r * h, h, gamma, beta, eps, buf, out + r * h);
+}
+
 bool all_finite_portable(const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(x[i])) return false;
@@ -404,47 +409,106 @@ AF_AVX2 void silu_gate_avx2(const float* a, const float* t, const float* b, int6
   silu_gate_portable<Round>(a + i, t + i, b + i, n - i, out + i);
 }
 
-// mirror_row_portable eight values at a time: the same operations on every value, the sums in the
-// same (pairwise) order.
-AF_AVX2 void mirror_row_avx2(const float* xr, int64_t h, const float* gamma, const float* beta, float eps, float* buf,
-                             float* orow) {
+// pairwise_sum_avx2 of four arrays at once: each array's additions in its own (the same) order, the four
+// dependency chains in flight together (one sum alone waits on its adds' latency).
+AF_AVX2 void pairwise_sum4_avx2(const float* const* a, int64_t n, float* out) {
+  if (n < 8) {
+    for (int k = 0; k < 4; ++k) out[k] = pairwise_sum(a[k], n);
+    return;
+  }
+  if (n <= 128) {
+    __m256 r[4];
+    for (int k = 0; k < 4; ++k) r[k] = _mm256_loadu_ps(a[k]);
+    int64_t i = 8;
+    for (; i < n - (n % 8); i += 8)
+      for (int k = 0; k < 4; ++k) r[k] = _mm256_add_ps(r[k], _mm256_loadu_ps(a[k] + i));
+    for (int k = 0; k < 4; ++k) {
+      alignas(32) float t[8];
+      _mm256_store_ps(t, r[k]);
+      float res = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+      for (int64_t j = i; j < n; ++j) res += a[k][j];
+      out[k] = res;
+    }
+    return;
+  }
+  int64_t n2 = n / 2;
+  n2 -= n2 % 8;
+  float lo[4], hi[4];
+  pairwise_sum4_avx2(a, n2, lo);
+  const float* b[4] = {a[0] + n2, a[1] + n2, a[2] + n2, a[3] + n2};
+  pairwise_sum4_avx2(b, n - n2, hi);
+  for (int k = 0; k < 4; ++k) out[k] = lo[k] + hi[k];
+}
+
+// mirror_row_portable eight values at a time and four rows at a time: the same operations on every
+// value, the sums in the same (pairwise) order. buf holds 4 * 2h floats.
+AF_AVX2 void mirror_rows_avx2(const float* x, int64_t rows, int64_t h, const float* gamma, const float* beta,
+                              float eps, float* buf, float* out) {
   const int64_t n = 2 * h;
   const float count = static_cast<float>(n);
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  int64_t i = 0;
-  for (; i + 8 <= h; i += 8) {
-    const __m256 v = _mm256_loadu_ps(xr + i);
-    _mm256_storeu_ps(buf + i, v);
-    _mm256_storeu_ps(buf + h + i, _mm256_xor_ps(v, sign));
-  }
-  for (; i < h; ++i) {
-    buf[i] = xr[i];
-    buf[h + i] = -xr[i];
-  }
-  const float mean = pairwise_sum_avx2(buf, n) / count;
-  const __m256 vmean = _mm256_set1_ps(mean);
-  for (i = 0; i + 8 <= n; i += 8) {
-    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(buf + i), vmean);
-    _mm256_storeu_ps(buf + i, _mm256_mul_ps(d, d));
-  }
-  for (; i < n; ++i) {
-    const float d = buf[i] - mean;
-    buf[i] = d * d;
-  }
-  const float var = pairwise_sum_avx2(buf, n) / count;
-  const float denom = std::sqrt(var + eps);
-  const __m256 vden = _mm256_set1_ps(denom);
-  for (i = 0; i + 8 <= h; i += 8) {
-    __m256 y = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), vmean), vden);
-    if (gamma != nullptr) y = _mm256_mul_ps(y, _mm256_loadu_ps(gamma + i));
-    if (beta != nullptr) y = _mm256_add_ps(y, _mm256_loadu_ps(beta + i));
-    _mm256_storeu_ps(orow + i, y);
-  }
-  for (; i < h; ++i) {
-    float y = (xr[i] - mean) / denom;
-    if (gamma != nullptr) y = y * gamma[i];
-    if (beta != nullptr) y = y + beta[i];
-    orow[i] = y;
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const int nr = rows - r0 < 4 ? static_cast<int>(rows - r0) : 4;
+    const float* b[4];
+    float mean[4], var[4];
+    for (int k = 0; k < nr; ++k) {
+      const float* xr = x + (r0 + k) * h;
+      float* bk = buf + k * n;
+      b[k] = bk;
+      int64_t i = 0;
+      for (; i + 8 <= h; i += 8) {
+        const __m256 v = _mm256_loadu_ps(xr + i);
+        _mm256_storeu_ps(bk + i, v);
+        _mm256_storeu_ps(bk + h + i, _mm256_xor_ps(v, sign));
+      }
+      for (; i < h; ++i) {
+        bk[i] = xr[i];
+        bk[h + i] = -xr[i];
+      }
+    }
+    if (nr == 4) {
+      pairwise_sum4_avx2(b, n, mean);
+    } else {
+      for (int k = 0; k < nr; ++k) mean[k] = pairwise_sum_avx2(b[k], n);
+    }
+    for (int k = 0; k < nr; ++k) {
+      mean[k] = mean[k] / count;
+      float* bk = buf + k * n;
+      const __m256 vmean = _mm256_set1_ps(mean[k]);
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(bk + i), vmean);
+        _mm256_storeu_ps(bk + i, _mm256_mul_ps(d, d));
+      }
+      for (; i < n; ++i) {
+        const float d = bk[i] - mean[k];
+        bk[i] = d * d;
+      }
+    }
+    if (nr == 4) {
+      pairwise_sum4_avx2(b, n, var);
+    } else {
+      for (int k = 0; k < nr; ++k) var[k] = pairwise_sum_avx2(b[k], n);
+    }
+    for (int k = 0; k < nr; ++k) {
+      const float* xr = x + (r0 + k) * h;
+      float* orow = out + (r0 + k) * h;
+      const float m = mean[k], denom = std::sqrt(var[k] / count + eps);
+      const __m256 vmean = _mm256_set1_ps(m), vden = _mm256_set1_ps(denom);
+      int64_t i = 0;
+      for (; i + 8 <= h; i += 8) {
+        __m256 y = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), vmean), vden);
+        if (gamma != nullptr) y = _mm256_mul_ps(y, _mm256_loadu_ps(gamma + i));
+        if (beta != nullptr) y = _mm256_add_ps(y, _mm256_loadu_ps(beta + i));
+        _mm256_storeu_ps(orow + i, y);
+      }
+      for (; i < h; ++i) {
+        float y = (xr[i] - m) / denom;
+        if (gamma != nullptr) y = y * gamma[i];
+        if (beta != nullptr) y = y + beta[i];
+        orow[i] = y;
+      }
+    }
   }
 }
 
@@ -602,7 +666,7 @@ using SoftmaxRowFn = int64_t (*)(float*, const float*, int64_t, bool);
 using SumFn = float (*)(const float*, int64_t);
 using AddTFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
 using OpenColumnsFn = int64_t (*)(const float*, int64_t, int64_t);
-using MirrorRowFn = void (*)(const float*, int64_t, const float*, const float*, float, float*, float*);
+using MirrorRowsFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, float, float*, float*);
 using SiluGateFn = void (*)(const float*, const float*, const float*, int64_t, float*);
 using FiniteFn = bool (*)(const float*, int64_t);
 
@@ -614,7 +678,7 @@ struct Dispatch {
   SumFn sum;          // numpy's pairwise summation
   FiniteFn all_finite;
   SiluGateFn silu_gate[2];  // [round16]
-  MirrorRowFn mirror_row;
+  MirrorRowsFn mirror_rows;
   OpenColumnsFn open_columns;
   AddTFn add_t;
   const char* name;
@@ -624,17 +688,17 @@ Dispatch pick() {
   const char* force = std::getenv("ANEMLL_FAST_KERNELS");
   const Dispatch portable = {{rotary_row_portable<false>, rotary_row_portable<true>},
                              dot_portable, gemm_portable, softmax_row_portable, pairwise_sum, all_finite_portable,
-                             {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_row_portable, open_columns_portable,
+                             {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_rows_portable, open_columns_portable,
                              add_t_portable, "portable"};
   if (force != nullptr && std::strcmp(force, "portable") == 0) return portable;
 #if AF_X86
   if (cpu_has_avx2())
     return {{rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, gemm_avx2, softmax_row_avx2, pairwise_sum_avx2, all_finite_avx2,
-            {silu_gate_avx2<false>, silu_gate_avx2<true>}, mirror_row_avx2, open_columns_avx2, add_t_avx2,
+            {silu_gate_avx2<false>, silu_gate_avx2<true>}, mirror_rows_avx2, open_columns_avx2, add_t_avx2,
             "avx2+fma+f16c"};
 #elif AF_NEON
   return {{rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, gemm_neon, softmax_row_portable, pairwise_sum,
-          all_finite_portable, {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_row_portable,
+          all_finite_portable, {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_rows_portable,
           open_columns_portable, add_t_portable, "neon"};
 #endif
   return portable;
@@ -651,9 +715,8 @@ const Dispatch& dispatch() {
 int mirror_norm(const float* x, int64_t rows, int64_t h, const float* gamma, const float* beta, float eps,
                 bool round16, float* out) {
   if (rows < 0 || h <= 0 || x == nullptr || out == nullptr) return -1;
-  std::vector<float> buf(static_cast<size_t>(2 * h));
-  const MirrorRowFn row = dispatch().mirror_row;
-  for (int64_t r = 0; r < rows; ++r) row(x + r * h, h, gamma, beta, eps, buf.data(), out + r * h);
+  std::vector<float> buf(static_cast<size_t>(4 * 2 * h));
+  dispatch().mirror_rows(x, rows, h, gamma, beta, eps, buf.data(), out);
   if (round16) round_f16(out, rows * h, out);
   return 0;
 }
