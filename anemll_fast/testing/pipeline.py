@@ -79,8 +79,13 @@ class PythonPipeline:
         return sizes
 
     def reset(self) -> None:
-        """A fresh KV cache."""
-        self.state = self.infer_fns[0].make_state()
+        """A fresh KV cache: the state zeroed in place when it can be (as the native engine resets a
+        backend's state), else a new one."""
+        reset = getattr(self.state, "reset", None)
+        if callable(reset):
+            reset()
+        else:
+            self.state = self.infer_fns[0].make_state()
 
     # --------------------------------------------------------------- parts
     def _embed(self, ids: np.ndarray) -> np.ndarray:
