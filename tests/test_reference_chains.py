@@ -97,6 +97,25 @@ def test_mirror_norm_matches_the_ops_bit_for_bit(shape, fp16, affine):
     assert got.shape == x.shape and np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("h", [576, 64, 72])
+def test_mirror_norm_of_extreme_rows_matches_the_ops(h):
+    """Rows with an inf, a NaN, a value whose square overflows, all zeros, a lone -0: the kernel's shortcut
+    for halves split at h (mean exactly 0) must give way to the general computation there."""
+    x = rand((14, h), False)  # rows go four at a time: one special row in each group, and a short group
+    x[1, 3] = np.inf
+    x[5, 5] = np.nan
+    x[9, 7] = 3e19
+    x[12] = 0.0
+    x[12, 2] = -0.0
+    x[13] *= 1e-30  # squares underflow toward subnormals
+    g = rand((2 * h,))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        want = np_mirror_norm(x, g, None, 1e-5, False)
+    got = mirror_norm(x, g, None, 1e-5, False)
+    assert np.array_equal(got, want, equal_nan=True)
+    num = ~np.isnan(want)
+    assert np.array_equal(np.signbit(got[num]), np.signbit(want[num]))  # -0 stays -0 (a NaN's sign is no value)
+
 def test_mirror_norm_reads_its_epsilon():
     x = rand((2, 16)) * np.float32(1e-3)  # small values: the epsilon matters
     a, b = mirror_norm(x, None, None, 1e-5, False), mirror_norm(x, None, None, 1e-3, False)

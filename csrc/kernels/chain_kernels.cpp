@@ -447,10 +447,49 @@ AF_AVX2 void mirror_rows_avx2(const float* x, int64_t rows, int64_t h, const flo
   const int64_t n = 2 * h;
   const float count = static_cast<float>(n);
   const __m256 sign = _mm256_set1_ps(-0.0f);
+  // When the pairwise sum of the 2h values splits them exactly at h (2h > 128 and h a multiple of 8),
+  // its two halves are sum(x) and sum(-x) = -sum(x), bit for bit (rounding is symmetric): the mean is
+  // exactly +0 when sum(x) is finite, the deviations are x and -x themselves, and the sum of their
+  // squares is sum(x^2) doubled (exact). So only sum(x^2) over h values is needed; when it is not
+  // finite (an inf or NaN, or an overflow), the row takes the general path below.
+  const bool halves = n > 128 && h % 8 == 0;
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     const int nr = rows - r0 < 4 ? static_cast<int>(rows - r0) : 4;
     const float* b[4];
     float mean[4], var[4];
+    if (halves) {
+      for (int k = 0; k < nr; ++k) {
+        const float* xr = x + (r0 + k) * h;
+        float* bk = buf + k * n;
+        b[k] = bk;
+        for (int64_t i = 0; i < h; i += 8) {
+          const __m256 v = _mm256_loadu_ps(xr + i);
+          _mm256_storeu_ps(bk + i, _mm256_mul_ps(v, v));
+        }
+      }
+      if (nr == 4) {
+        pairwise_sum4_avx2(b, h, var);
+      } else {
+        for (int k = 0; k < nr; ++k) var[k] = pairwise_sum_avx2(b[k], h);
+      }
+      bool finite = true;
+      for (int k = 0; k < nr; ++k) finite = finite && std::isfinite(var[k]);
+      if (finite) {
+        for (int k = 0; k < nr; ++k) {
+          const float* xr = x + (r0 + k) * h;
+          float* orow = out + (r0 + k) * h;
+          const float denom = std::sqrt((var[k] + var[k]) / count + eps);
+          const __m256 vden = _mm256_set1_ps(denom);
+          for (int64_t i = 0; i < h; i += 8) {
+            __m256 y = _mm256_div_ps(_mm256_loadu_ps(xr + i), vden);  // x - (+0) is x
+            if (gamma != nullptr) y = _mm256_mul_ps(y, _mm256_loadu_ps(gamma + i));
+            if (beta != nullptr) y = _mm256_add_ps(y, _mm256_loadu_ps(beta + i));
+            _mm256_storeu_ps(orow + i, y);
+          }
+        }
+        continue;
+      }
+    }
     for (int k = 0; k < nr; ++k) {
       const float* xr = x + (r0 + k) * h;
       float* bk = buf + k * n;
