@@ -14,7 +14,10 @@ mask before computing, rounding to each op's declared dtype at the same points a
 
 When the chain's ops are all fp16 (or all fp32) and the operands have the layout ANEMLL gives them
 (contiguous q / k / v sharing leading dims, a mask of one row or of one row per query position), the
-native kernel computes it (anemll_fast._kernels.attention, no temporaries); otherwise numpy does.
+native kernel computes it (anemll_fast._kernels.attention: per kv head, two blocked matrix products
+around a vectorized softmax row, causally masked work skipped where it provably cannot change a bit);
+otherwise numpy does. Its float32 sums run in an order of their own, so a value is occasionally one fp16
+step away from the op-by-op chain's (greedy tokens of the models in the tests are unchanged).
 """
 from __future__ import annotations
 

@@ -287,12 +287,14 @@ AF_AVX2 void gemm_avx2(const float* a, int64_t lda, const float* b, int64_t ldb,
 }
 
 // exp of 8 floats to within ~1 ulp of float32 (Cephes' expf reduction and polynomial); lanes out of the
-// polynomial's range (overflow, subnormal results, NaN) go through std::exp, -inf gives 0.
+// polynomial's range (overflow, NaN, results near or below the smallest normal) go through std::exp,
+// lanes below -105 (exp rounds to 0 there, -inf included) give 0.
 AF_AVX2 inline __attribute__((always_inline)) __m256 exp_avx2(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.0f);  // exp(-87) is still a normal float (a subnormal product would trap to microcode)
-  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  const __m256 zero_below = _mm256_set1_ps(-105.0f);
   const __m256 special = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(x, hi, _CMP_GT_OQ), _mm256_cmp_ps(x, x, _CMP_UNORD_Q)),
-                                      _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ)));
+                                      _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ),
+                                                    _mm256_cmp_ps(x, zero_below, _CMP_GE_OQ)));
   const __m256 xc = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
   const __m256 fx = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -7,9 +7,9 @@
 // (fp32 programs) it does not round at all. The element-wise chains (norm, rotary) do the chain's
 // float32 arithmetic in its order, so they are bit-identical to the op-by-op path (the norm's sums
 // follow numpy's pairwise summation order for that reason). Attention's dot products and exp are
-// float32 in an order of their own, as any BLAS's are: they may differ from numpy's in the last fp32
-// bit, so a rounded fp16 score is occasionally one fp16 step apart. Single-threaded; the caller
-// releases the GIL.
+// float32 in an order of their own, as any BLAS's are (the exp a polynomial within ~1 ulp): they may
+// differ from numpy's in the last fp32 bit, so a rounded fp16 score or output is occasionally one fp16
+// step apart; the rounding points are the chain's. Single-threaded; the caller releases the GIL.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +36,12 @@ int rotary(const float* x, int64_t groups, int64_t t, int64_t d, const float* co
 // group g's key j at k + g * kv_group_stride + j * d; the mask row of query row r is
 // mask + (r % mask_rows) * mask_stride (mask_rows = 1: one row for all). Returns 0, or -1 on bad
 // arguments.
+// For 16 or more rows a group is two blocked matrix products (Q K^T, then P V) around a vectorized
+// softmax row; for fewer, each score is one dot product. Work that cannot change a bit of the result
+// is skipped: scores past a mask row's last open column (they are -inf after the add, provided the
+// score is finite, which a Cauchy-Schwarz bound |q||k| < 2^15 guarantees per group, else nothing is
+// skipped), and a row's product terms past its last non-zero probability (0 * v = 0, provided every v
+// of the group is finite, else nothing is skipped).
 int attention(const float* q, int64_t groups, int64_t rows, int64_t d, const float* k, const float* v,
               int64_t kv_group_stride, int64_t n_keys, const float* mask, int64_t mask_rows, int64_t mask_stride,
               bool round16, float* out);
