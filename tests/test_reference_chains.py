@@ -220,6 +220,22 @@ def test_attention_shifts_large_scores_by_their_max(rows):
     assert np.abs(got - want).max() <= 5e-3 * max(1.0, float(np.abs(want).max()))
 
 
+@pytest.mark.parametrize("rows", [2, 32])
+def test_attention_exp_is_float32_accurate(rows):
+    """In fp32 (no rounding to fp16 to hide it) the kernel's probabilities are numpy's to a few float32
+    ulps: its exp is an accurate one. Exact scores (one non-zero term each) spread evenly over a range,
+    and v the identity, so that the output is the probabilities themselves."""
+    n = 200
+    q = np.zeros((1, 1, rows, n), np.float32)
+    q[..., 0] = np.linspace(0.5, 1.5, rows)
+    k = np.zeros((1, 1, n, n), np.float32)
+    k[0, 0, :, 0] = np.linspace(-9.0, 3.0, n)
+    v = np.eye(n, dtype=np.float32)[None, None]
+    mask = np.zeros((1, 1, 1, n), np.float32)
+    got = attention(q, k, v, mask, n, False)
+    want = np_attention(q, k, v, mask, n, False)
+    assert np.all(np.abs(got - want) <= 1e-6 * want)
+
 def test_attention_keeps_each_kv_head_to_its_query_group():
     """GQA: query group g reads key / value group g only (moving another group's keys changes nothing)."""
     q, k, v = rand((1, 3, 24, 16), True, 0.5), rand((1, 3, 30, 16)), rand((1, 3, 30, 16))
