@@ -195,6 +195,22 @@ def test_attention_skips_nothing_a_score_could_change(rows):
 
 
 @pytest.mark.parametrize("rows", [3, 48])
+@pytest.mark.parametrize("where", ["k", "q"])
+def test_attention_skips_nothing_past_a_nan(rows, where):
+    """A NaN in a key that the mask hides from most rows still turns their scores into NaN in the chain
+    (NaN + -inf): the kernel computes every score then, whichever row of q or k holds the NaN."""
+    q, k, v = rand((1, 1, rows, 16), True, 0.5), rand((1, 1, rows, 16)), rand((1, 1, rows, 16))
+    if where == "k":
+        k[0, 0, rows - 2, 2] = np.nan  # seen by the last two rows only (not the last key read)
+    else:
+        q[0, 0, 1, 2] = np.nan
+    mask = _causal(rows, rows, rows)
+    with np.errstate(invalid="ignore"):
+        want = np_attention(q, k, v, mask, rows, True)
+    got = attention(q, k, v, mask, rows, True)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+
+@pytest.mark.parametrize("rows", [3, 48])
 def test_attention_zero_probabilities_still_meet_an_infinite_value(rows):
     """0 * inf is NaN in the chain's product: rows that give an infinite v zero weight get NaN there."""
     q, k, v = rand((1, 1, rows, 16), True, 0.5), rand((1, 1, rows, 16)), rand((1, 1, rows, 16))

@@ -444,7 +444,7 @@ def _match_add(g: _Graph, i_add: int, consts: Dict[str, Any], types: Dict[str, A
                ) -> Optional[Tuple[List[int], RawStep]]:
     """add(x, y) of two runtime operands of one static shape (a residual add): the sum and its fp16
     rounding in one native pass, which also reads a transposed view (a projection's output) in place."""
-    _k, op, ins, outs, fins = g.steps[i_add]
+    _k, op, ins, outs, _f = g.steps[i_add]
     if op.type != "add" or len(ins) != 2 or len(outs) != 1 or any(s in g.fixed for s in ins):
         return None
     dt = _float_dtype([op])

@@ -782,7 +782,8 @@ float max_sq_norm(const float* x, int64_t rows, int64_t d, DotFn dot) {
   float m = 0.f;
   for (int64_t r = 0; r < rows; ++r) {
     const float n2 = dot(x + r * d, x + r * d, d);
-    if (!(n2 <= m)) m = n2;  // NaN wins
+    if (std::isnan(n2)) return n2;  // a NaN anywhere must fail the bound
+    if (n2 > m) m = n2;
   }
   return m;
 }
