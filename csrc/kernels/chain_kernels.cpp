@@ -176,6 +176,33 @@ inline int64_t block_n(const int64_t* nlen, int64_t r, int nr, int64_t n_all, in
   return up < n_all ? up : n_all;
 }
 
+// Columns [j0, n) of NR rows of C = A B over kk terms, in scalar code (the vector paths' tails).
+template <int NR>
+void gemm_cols_scalar(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t j0,
+                      int64_t n, int64_t kk) {
+  for (int64_t j = j0; j < n; ++j)
+    for (int i = 0; i < NR; ++i) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < kk; ++k) acc += a[i * lda + k] * b[k * ldb + j];
+      c[i * ldc + j] = acc;
+    }
+}
+
+// NR rows of C over n columns and kk terms: a vector path's block kernel.
+using GemmRowsFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t);
+
+// A vector path's whole product: rows four at a time through Rows4 (each block over its longest
+// extents, columns rounded up to whole 8-float vectors), the remaining rows one by one through Rows1.
+template <GemmRowsFn Rows4, GemmRowsFn Rows1>
+void gemm_blocks(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+                 int64_t n_all, const int64_t* nlen, const int64_t* klen, int64_t k_all) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    Rows4(a + r * lda, lda, b, ldb, c + r * ldc, ldc, block_n(nlen, r, 4, n_all, 8), block_k(klen, r, 4, k_all));
+  for (; r < rows; ++r)
+    Rows1(a + r * lda, lda, b, ldb, c + r * ldc, ldc, block_n(nlen, r, 1, n_all, 8), block_k(klen, r, 1, k_all));
+}
+
 
 // Rotary outputs [from, h) of each half of one row of d = 2h values, in scalar code: the portable
 // path's whole row and the vector paths' tails.
@@ -267,24 +294,9 @@ AF_AVX2 void gemm_rows_avx2(const float* a, int64_t lda, const float* b, int64_t
     }
     for (int i = 0; i < NR; ++i) _mm256_storeu_ps(c + i * ldc + j, acc[i]);
   }
-  for (; j < n; ++j)
-    for (int i = 0; i < NR; ++i) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < kk; ++k) acc += a[i * lda + k] * b[k * ldb + j];
-      c[i * ldc + j] = acc;
-    }
+  gemm_cols_scalar<NR>(a, lda, b, ldb, c, ldc, j, n, kk);
 }
 
-AF_AVX2 void gemm_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
-                       int64_t n_all, const int64_t* nlen, const int64_t* klen, int64_t k_all) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4)
-    gemm_rows_avx2<4>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, block_n(nlen, r, 4, n_all, 8),
-                      block_k(klen, r, 4, k_all));
-  for (; r < rows; ++r)
-    gemm_rows_avx2<1>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, block_n(nlen, r, 1, n_all, 8),
-                      block_k(klen, r, 1, k_all));
-}
 
 // exp of 8 floats to within ~1 ulp of float32 (Cephes' expf reduction and polynomial); lanes out of the
 // polynomial's range (overflow, NaN, results near or below the smallest normal) go through std::exp,
@@ -660,24 +672,9 @@ void gemm_rows_neon(const float* a, int64_t lda, const float* b, int64_t ldb, fl
       vst1q_f32(c + i * ldc + j + 4, acc1[i]);
     }
   }
-  for (; j < n; ++j)
-    for (int i = 0; i < NR; ++i) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < kk; ++k) acc += a[i * lda + k] * b[k * ldb + j];
-      c[i * ldc + j] = acc;
-    }
+  gemm_cols_scalar<NR>(a, lda, b, ldb, c, ldc, j, n, kk);
 }
 
-void gemm_neon(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
-               int64_t n_all, const int64_t* nlen, const int64_t* klen, int64_t k_all) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4)
-    gemm_rows_neon<4>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, block_n(nlen, r, 4, n_all, 8),
-                      block_k(klen, r, 4, k_all));
-  for (; r < rows; ++r)
-    gemm_rows_neon<1>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, block_n(nlen, r, 1, n_all, 8),
-                      block_k(klen, r, 1, k_all));
-}
 
 template <bool Round>
 void rotary_row_neon(const float* x, const float* c, const float* s, int64_t h, float* out) {
@@ -734,11 +731,11 @@ Dispatch pick() {
   if (force != nullptr && std::strcmp(force, "portable") == 0) return portable;
 #if AF_X86
   if (cpu_has_avx2())
-    return {{rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, gemm_avx2, softmax_row_avx2, pairwise_sum_avx2, all_finite_avx2,
+    return {{rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, gemm_blocks<gemm_rows_avx2<4>, gemm_rows_avx2<1>>, softmax_row_avx2, pairwise_sum_avx2, all_finite_avx2,
             {silu_gate_avx2<false>, silu_gate_avx2<true>}, mirror_rows_avx2, open_columns_avx2, add_t_avx2,
             "avx2+fma+f16c"};
 #elif AF_NEON
-  return {{rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, gemm_neon, softmax_row_portable, pairwise_sum,
+  return {{rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, gemm_blocks<gemm_rows_neon<4>, gemm_rows_neon<1>>, softmax_row_portable, pairwise_sum,
           all_finite_portable, {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_rows_portable,
           open_columns_portable, add_t_portable, "neon"};
 #endif
