@@ -7,7 +7,8 @@ cdef extern from "kernels/chain_kernels.h" namespace "anemll::kernels" nogil:
                                                      const float* gamma, const float* beta, float eps,
                                                      bint round16, float* out)
     int c_rotary "anemll::kernels::rotary"(const float* x, int64_t groups, int64_t t, int64_t d,
-                                           const float* cos, const float* sin, bint round16, float* out)
+                                           const float* cos, const float* sin, bint round16, float* out,
+                                           bint x_transposed)
     int c_attention "anemll::kernels::attention"(const float* q, int64_t groups, int64_t rows, int64_t d,
                                                  const float* k, const float* v, int64_t kv_group_stride,
                                                  int64_t n_keys, const float* mask, int64_t mask_rows,
@@ -64,11 +65,34 @@ def mirror_norm(x, gamma, beta, float eps, bint round16):
     return out
 
 
+cdef inline bint _is_swapped_view(object a):
+    """a (float32, ndim >= 2) is a C-contiguous array with its last two axes swapped."""
+    cdef tuple sh = a.shape
+    cdef tuple st = a.strides
+    cdef Py_ssize_t nd = len(sh)
+    cdef int64_t rows = sh[nd - 2], cols = sh[nd - 1]
+    if st[nd - 2] != 4 or st[nd - 1] != 4 * rows:
+        return False
+    cdef int64_t step = 4 * rows * cols
+    cdef Py_ssize_t i
+    for i in range(nd - 3, -1, -1):
+        if sh[i] != 1 and st[i] != step:
+            return False
+        step *= sh[i]
+    return True
+
+
 @cython.wraparound(True)
 def rotary(x, cos, sin, bint round16):
     """x [..., t, d] with cos, sin of shape [1, ..., 1, t, d] (one table for every leading index):
-    x * cos + rotate_half(x) * sin, each product and the sum rounded to fp16 when round16."""
-    cdef const float* xp = _f32p(x, "x")
+    x * cos + rotate_half(x) * sin, each product and the sum rounded to fp16 when round16. x is
+    C-contiguous float32, or such an array with its last two axes swapped (a transposed view, read in
+    place). Returns a new C-contiguous array of x's shape."""
+    cdef bint tr = False
+    if type(x) is np.ndarray and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32 and x.ndim >= 2 and \
+            not cnp.PyArray_IS_C_CONTIGUOUS(x) and _is_swapped_view(x):
+        tr = True
+    cdef const float* xp = <const float*>cnp.PyArray_DATA(x) if tr else _f32p(x, "x")
     cdef const float* cp = _f32p(cos, "cos")
     cdef const float* sp = _f32p(sin, "sin")
     cdef tuple xs = x.shape
@@ -78,11 +102,11 @@ def rotary(x, cos, sin, bint round16):
         raise ValueError(f"rotary: tables {list(cs)}/{list(sin.shape)} do not fit x {list(xs)}")
     cdef int64_t t = xs[-2], d = xs[-1]
     cdef int64_t groups = x.size // (t * d) if t * d else 0
-    out = np.empty_like(x)
+    out = np.empty(xs, np.float32)
     cdef float* op = <float*>cnp.PyArray_DATA(out)
     cdef int rc
     with nogil:
-        rc = c_rotary(xp, groups, t, d, cp, sp, round16, op)
+        rc = c_rotary(xp, groups, t, d, cp, sp, round16, op, tr)
     if rc != 0:
         raise ValueError("rotary: bad arguments")
     return out
@@ -119,23 +143,6 @@ def attention(q, k, v, mask, int64_t n_keys, bint round16):
     if rc != 0:
         raise ValueError("attention: bad arguments")
     return out
-
-
-cdef inline bint _is_swapped_view(object a):
-    """a (float32, ndim >= 2) is a C-contiguous array with its last two axes swapped."""
-    cdef tuple sh = a.shape
-    cdef tuple st = a.strides
-    cdef Py_ssize_t nd = len(sh)
-    cdef int64_t rows = sh[nd - 2], cols = sh[nd - 1]
-    if st[nd - 2] != 4 or st[nd - 1] != 4 * rows:
-        return False
-    cdef int64_t step = 4 * rows * cols
-    cdef Py_ssize_t i
-    for i in range(nd - 3, -1, -1):
-        if sh[i] != 1 and st[i] != step:
-            return False
-        step *= sh[i]
-    return True
 
 
 @cython.wraparound(True)

@@ -334,10 +334,14 @@ def _match_rotary(g: _Graph, i_add: int, consts: Dict[str, Any], types: Dict[str
         chain = _chain_runner(g, [steps[j] for j in idx], [x_slot, cos_slot, sin_slot], outs_add[0])
 
         def fast(x, c, s, round16=round16):
-            # ANEMLL's q / k reach the rotary as a transposed view of a projection's output: one copy
-            # to rows (exact) instead of the chain's six numpy passes
+            # ANEMLL's q / k reach the rotary as a transposed view of a projection's output, which the
+            # kernel reads in place; another strided x is copied to rows first (exact), not left to the
+            # chain's six numpy passes
             if type(x) is np.ndarray and not x.flags.c_contiguous:
-                x = np.ascontiguousarray(x)
+                try:
+                    return native.rotary(x, c, s, round16)
+                except ValueError:
+                    x = np.ascontiguousarray(x)
             return native.rotary(x, c, s, round16)
 
         if not probe(fast, chain, [shape, tshapes[0], tshapes[1]], round16):

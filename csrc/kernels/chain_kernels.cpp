@@ -131,6 +131,12 @@ void mirror_rows_portable(const float* x, int64_t rows, int64_t h, const float* 
   for (int64_t r = 0; r < rows; ++r) mirror_row_portable(x + r * h, h, gamma, beta, eps, buf, out + r * h);
 }
 
+// Rows [i0, i0 + nr) of the transpose of a [d, t] block (nr <= 8), as nr rows of d values.
+void gather_rows_portable(const float* xt, int64_t t, int64_t d, int64_t i0, int64_t nr, float* rows) {
+  for (int64_t k = 0; k < nr; ++k)
+    for (int64_t j = 0; j < d; ++j) rows[k * d + j] = xt[j * t + i0 + k];
+}
+
 bool all_finite_portable(const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(x[i])) return false;
@@ -626,6 +632,19 @@ AF_AVX2 void add_t_avx2(const float* x, const float* y, int64_t rows, int64_t co
     for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = x[r * cols + c] + y[c * rows + r];
 }
 
+AF_AVX2 void gather_rows_avx2(const float* xt, int64_t t, int64_t d, int64_t i0, int64_t nr, float* rows) {
+  if (nr < 8) return gather_rows_portable(xt, t, d, i0, nr, rows);
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    __m256 b[8];
+    for (int m = 0; m < 8; ++m) b[m] = _mm256_loadu_ps(xt + (j + m) * t + i0);  // t-values of column j + m
+    transpose8_avx2(b);
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(rows + k * d + j, b[k]);
+  }
+  for (; j < d; ++j)
+    for (int k = 0; k < 8; ++k) rows[k * d + j] = xt[j * t + i0 + k];
+}
+
 AF_AVX2 bool all_finite_avx2(const float* x, int64_t n) {
   const __m256 zero = _mm256_setzero_ps();
   __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
@@ -702,6 +721,7 @@ using GemmFn = void (*)(const float*, int64_t, const float*, int64_t, float*, in
                         const int64_t*, const int64_t*, int64_t);
 using SoftmaxRowFn = int64_t (*)(float*, const float*, int64_t, bool);
 using SumFn = float (*)(const float*, int64_t);
+using GatherRowsFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, float*);
 using AddTFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
 using OpenColumnsFn = int64_t (*)(const float*, int64_t, int64_t);
 using MirrorRowsFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, float, float*, float*);
@@ -719,6 +739,7 @@ struct Dispatch {
   MirrorRowsFn mirror_rows;
   OpenColumnsFn open_columns;
   AddTFn add_t;
+  GatherRowsFn gather_rows;
   const char* name;
 };
 
@@ -727,17 +748,19 @@ Dispatch pick() {
   const Dispatch portable = {{rotary_row_portable<false>, rotary_row_portable<true>},
                              dot_portable, gemm_portable, softmax_row_portable, pairwise_sum, all_finite_portable,
                              {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_rows_portable, open_columns_portable,
-                             add_t_portable, "portable"};
+                             add_t_portable, gather_rows_portable,
+                             "portable"};
   if (force != nullptr && std::strcmp(force, "portable") == 0) return portable;
 #if AF_X86
   if (cpu_has_avx2())
     return {{rotary_row_avx2<false>, rotary_row_avx2<true>}, dot_avx2, gemm_blocks<gemm_rows_avx2<4>, gemm_rows_avx2<1>>, softmax_row_avx2, pairwise_sum_avx2, all_finite_avx2,
             {silu_gate_avx2<false>, silu_gate_avx2<true>}, mirror_rows_avx2, open_columns_avx2, add_t_avx2,
-            "avx2+fma+f16c"};
+            gather_rows_avx2, "avx2+fma+f16c"};
 #elif AF_NEON
   return {{rotary_row_neon<false>, rotary_row_neon<true>}, dot_neon, gemm_blocks<gemm_rows_neon<4>, gemm_rows_neon<1>>, softmax_row_portable, pairwise_sum,
           all_finite_portable, {silu_gate_portable<false>, silu_gate_portable<true>}, mirror_rows_portable,
-          open_columns_portable, add_t_portable, "neon"};
+          open_columns_portable, add_t_portable,
+          gather_rows_portable, "neon"};
 #endif
   return portable;
 }
@@ -760,16 +783,33 @@ int mirror_norm(const float* x, int64_t rows, int64_t h, const float* gamma, con
 }
 
 int rotary(const float* x, int64_t groups, int64_t t, int64_t d, const float* cos, const float* sin,
-           bool round16, float* out) {
+           bool round16, float* out, bool x_transposed) {
   if (groups < 0 || t < 0 || d <= 0 || d % 2 || x == nullptr || cos == nullptr || sin == nullptr ||
       out == nullptr)
     return -1;
-  const RotaryRowFn row = dispatch().rotary_row[round16 ? 1 : 0];
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t i = 0; i < t; ++i) {
-      const int64_t off = (g * t + i) * d;
-      row(x + off, cos + i * d, sin + i * d, d / 2, out + off);
+  const Dispatch& dp = dispatch();
+  const RotaryRowFn row = dp.rotary_row[round16 ? 1 : 0];
+  if (!x_transposed) {
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t i = 0; i < t; ++i) {
+        const int64_t off = (g * t + i) * d;
+        row(x + off, cos + i * d, sin + i * d, d / 2, out + off);
+      }
+    return 0;
+  }
+  // x's blocks stored [d, t]: eight rows at a time gathered into rows of d values, then as above
+  std::vector<float> rows8(static_cast<size_t>(8 * d));
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = x + g * t * d;
+    for (int64_t i0 = 0; i0 < t; i0 += 8) {
+      const int64_t nr = t - i0 < 8 ? t - i0 : 8;
+      dp.gather_rows(xg, t, d, i0, nr, rows8.data());
+      for (int64_t k = 0; k < nr; ++k) {
+        const int64_t i = i0 + k;
+        row(rows8.data() + k * d, cos + i * d, sin + i * d, d / 2, out + (g * t + i) * d);
+      }
     }
+  }
   return 0;
 }
 

@@ -25,9 +25,11 @@ int mirror_norm(const float* x, int64_t rows, int64_t h, const float* gamma, con
 
 // Rotary embedding of `groups` blocks of [t, d] values (d even) with one [t, d] table each of cos
 // and sin shared by every block: out = r(r(x * cos) + r(rot(x) * sin)), rot(x) = [-x[d/2:], x[:d/2]]
-// per row, r() the fp16 rounding (identity when round16 is false). Returns 0, or -1 on bad arguments.
+// per row, r() the fp16 rounding (identity when round16 is false). With x_transposed each block of x is
+// stored [d, t] (a transposed view, as ANEMLL's q / k leave their projection); out is [t, d] rows
+// either way. Returns 0, or -1 on bad arguments.
 int rotary(const float* x, int64_t groups, int64_t t, int64_t d, const float* cos, const float* sin,
-           bool round16, float* out);
+           bool round16, float* out, bool x_transposed = false);
 
 // Masked attention over the first n_keys keys, for `groups` independent (batch x kv-head) groups of
 // `rows` query rows of d values: for query row r of group g,
