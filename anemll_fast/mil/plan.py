@@ -4,9 +4,7 @@ At build time: constants and constexpr weights are decoded (once) and folded, ev
 integer slot, each op becomes a closure over its baked parameters that reads and writes slots, and
 each output gets a finisher rounding it to its declared dtype (fp16 stays fp16-exact between ops,
 held in float32 arrays so that numpy/BLAS compute in float32). At run time the plan only copies the
-slot template and calls the step closures in order: no graph walking, no lookups by name. A value
-computed in the run is dropped after the last step reading it, so that a batch call's intermediates
-reuse a few MB of heap instead of piling up until the call returns.
+slot template and calls the step closures in order: no graph walking, no lookups by name.
 
 In-place slice_update: when the updated tensor (or the state it was read from) is provably never
 read again except through the update, the kernel writes into it instead of copying. This is what
@@ -209,23 +207,6 @@ def _make_step(fn: Callable, ins: Tuple[int, ...], outs: Tuple[int, ...],
         for o, f, r in zip(outs, fins, rs):
             env[o] = f(r)
     return run_multi
-
-
-def _release_after(run: Callable[[list], None], gone: Tuple[int, ...]) -> Callable[[list], None]:
-    """run, then the slots in `gone` emptied (their values are read by no later step)."""
-    if len(gone) == 1:
-        g = gone[0]
-
-        def run_release1(env):
-            run(env)
-            env[g] = None
-        return run_release1
-
-    def run_release(env):
-        run(env)
-        for g in gone:
-            env[g] = None
-    return run_release
 
 
 class Plan:
@@ -560,34 +541,9 @@ class Plan:
             run = with_release(_make_step(kernel.fn, tuple(ins), tuple(outs), tuple(fins), ip), dead[i])
             steps.append(_Step(run, op.type, op.outputs[0].name if op.outputs else op.name))
         self.steps = steps
-        self._runs = self._releasing(steps, raw_steps, out_slots)
+        self._runs = [s.run for s in steps]
         self.template = template
         self.inplace_count = len(inplace)
-
-    @staticmethod
-    def _releasing(steps: Sequence[_Step], raw_steps: Sequence, out_slots: Sequence[int]) -> List[Callable]:
-        """Each step's run, followed by dropping the values computed in this run that no later step
-        reads (not the outputs). Without this every intermediate of a call lives until the call
-        returns: a 64-token prefill holds ~100 MB at its end, which heap_trim then hands back to the
-        system, so that the next prefill faults all of it in again, page by page. Released as they
-        die, the intermediates reuse a few MB of warm heap."""
-        keep = set(out_slots)
-        last: Dict[int, int] = {}
-        for i, (_k, _op, ins, outs, _f) in enumerate(raw_steps):
-            for o in outs:
-                last[o] = i  # a value nobody reads dies where it is made
-            for x in ins:
-                last[x] = i
-        made = {o for st in raw_steps for o in st[3]}
-        dead: Dict[int, List[int]] = {}
-        for slot, i in last.items():
-            if slot in made and slot not in keep:
-                dead.setdefault(i, []).append(slot)
-        runs = []
-        for i, st in enumerate(steps):
-            gone = tuple(dead.get(i, ()))
-            runs.append(st.run if not gone else _release_after(st.run, gone))
-        return runs
 
     @staticmethod
     def _inplace_steps(raw_steps: Sequence, base: Dict[int, Tuple], out_slots: List[int]) -> set:
