@@ -56,3 +56,25 @@ def default_model_dir(progress: bool = True, cache: Optional[Path] = None) -> Pa
     # so an interrupted first run leaves no directory that looks converted.
     return convert(source, target, context_length=CONTEXT_LENGTH, batch_size=BATCH_SIZE,
                    num_chunks=1, progress=progress)
+
+
+# The same GGUF palettized as issue #18's comparison measures it: 4-bit LUT FFN, 6-bit LUT head.
+LUT_FFN, LUT_LMHEAD = 4, 6
+
+
+def lut_model_dir(progress: bool = True, cache: Optional[Path] = None) -> Path:
+    """The default model's LUT4-FFN / LUT6-head conversion, converting it first if it is not cached."""
+    target = (cache or cache_root()) / f"{NAME}-lut{LUT_FFN}-ffn-lut{LUT_LMHEAD}-head"
+    if (target / "meta.yaml").is_file():
+        return target
+    from anemll_fast.convert import convert
+
+    source = gguf_path()
+    if progress:
+        from anemll_fast.progress import note
+
+        note(f"anemll-fast: converting {source.name} with LUT{LUT_FFN} FFN / LUT{LUT_LMHEAD} head into {target} "
+             "(once, a few minutes)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return convert(source, target, context_length=CONTEXT_LENGTH, batch_size=BATCH_SIZE, num_chunks=1,
+                   lut_ffn=LUT_FFN, lut_lmhead=LUT_LMHEAD, progress=progress)

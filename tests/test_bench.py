@@ -296,3 +296,128 @@ def test_quiet_lasts_for_the_run_only():
     assert not progress.is_quiet()
     assert cli_main(["bench", "--only", "sampler", "--quiet"]) == 0
     assert not progress.is_quiet()  # later progress displays of the process are not silenced
+
+
+# ---------------------------------------------------------------- against the baselines (issue #18's ratios)
+class _LoopBaseline:
+    """A baseline side for the tests (torch and llama.cpp are not installed in CI): the chat.py-style loop on
+    the same tiny model, a real greedy implementation of its own, so its tokens must equal the engine's. Each
+    decode token also spins DECODE_CPU seconds of thread CPU time: a lower bound its decode figure must show."""
+
+    DECODE_CPU = 0.02
+
+    def __init__(self, model_dir):
+        from anemll_fast.bench.chatpy_loop import ChatPyLoop
+
+        self.loop = ChatPyLoop(ModelConfig.from_anemll_dir(model_dir), "reference")
+
+    def prefill(self, prompt):
+        return self.loop.prefill(prompt)
+
+    def decode(self, first, start, n):
+        t = time.thread_time()
+        while time.thread_time() - t < n * self.DECODE_CPU:
+            pass
+        return self.loop.decode(first, start, n)
+
+
+@pytest.fixture
+def default_is_tiny(model_dir, monkeypatch):
+    """The default model, its GGUF and the baselines replaced by the tiny model and a loop over it; the LUT
+    conversion counted (the tests' 'LUT' model is the tiny one again)."""
+    from anemll_fast import default_model
+    from anemll_fast.bench import baselines
+
+    lut_calls = []
+    monkeypatch.setattr(default_model, "default_model_dir", lambda *a, **k: model_dir)
+    monkeypatch.setattr(default_model, "gguf_path", lambda: model_dir / "no.gguf")
+    monkeypatch.setattr(default_model, "lut_model_dir", lambda *a, **k: lut_calls.append(1) or model_dir)
+    monkeypatch.setattr(baselines, "available", lambda gguf: {"torch fp32": _LoopBaseline(model_dir)})
+    return lut_calls
+
+
+def _baseline_suite(**kw):
+    import dataclasses
+
+    return dataclasses.replace(suites.SUITES["quick"], decode_steps=4, chat_rounds=3, warmup=0, **kw)
+
+
+def _by_id(res):
+    return {f.id: f for f in res.figures}
+
+
+def test_against_baselines_ratios_per_round(default_is_tiny):
+    from anemll_fast.bench import versus
+
+    res = suites.Results()
+    versus.against_baselines(_baseline_suite(), res, lambda m: None)
+    assert default_is_tiny == []  # the quick suite converts nothing
+    f = _by_id(res)
+    ours, torch = "baselines/anemll_fast reference fp16", "baselines/torch fp32"
+    for side in (ours, torch):
+        assert len(f[f"{side}/prefill"].samples) == len(f[f"{side}/decode"].samples) == 3
+        assert f[f"{side}/prefill"].params["prompt"] == 48 - 4 - 1  # 64 does not fit the tiny context
+    # The baseline's decode spun its known CPU time per token (its prefill did not): a prefill rate taken for
+    # the decode rate would exceed the bound.
+    assert f[f"{torch}/decode"].max <= 1 / _LoopBaseline.DECODE_CPU
+    # Each ratio is ours over the baseline's, round by round, decode with decode and prefill with prefill.
+    dec, pre = f["baselines/fp16/decode_vs/torch fp32"], f["baselines/fp16/prefill_vs/torch fp32"]
+    assert dec.samples == pytest.approx([a / b for a, b in zip(f[f"{ours}/decode"].samples,
+                                                                f[f"{torch}/decode"].samples)])
+    assert pre.samples == pytest.approx([a / b for a, b in zip(f[f"{ours}/prefill"].samples,
+                                                                f[f"{torch}/prefill"].samples)])
+    assert dec.unit == pre.unit == "x" and dec.better == "higher"
+    rss, files = f["baselines/fp16/rss_after_load"].median, f["baselines/fp16/files"].median
+    assert rss > files > 0 and f["baselines/fp16/rss_per_files"].median == pytest.approx(rss / files)
+    assert "fp16 vs torch fp32: greedy tokens equal, all 5" in res.notes
+    assert any("LUT4/LUT6 conversion not measured" in n for n in res.notes)
+    assert not any("lut" in i for i in f)
+    doc = report.document(res.figures, {"suite": "test"}, res.notes)
+    _check_schema(json.loads(json.dumps(doc)))
+    assert "fp16: decode, anemll_fast / torch fp32" in report.table(doc)
+
+
+class _OffByOneBaseline(_LoopBaseline):
+    """Right first token, every decoded one wrong."""
+
+    DECODE_CPU = 0.0
+
+    def decode(self, first, start, n):
+        return [t + 1 for t in super().decode(first, start, n)]
+
+
+def test_against_baselines_with_the_lut_conversion(default_is_tiny, model_dir, monkeypatch):
+    from anemll_fast.bench import baselines, versus
+
+    monkeypatch.setattr(baselines, "available", lambda gguf: {"llama.cpp": _OffByOneBaseline(model_dir)})
+
+    res = suites.Results()
+    versus.against_baselines(_baseline_suite(lut_baseline=True), res, lambda m: None, rss=False)
+    assert default_is_tiny == [1]
+    ids = {f.id for f in res.figures}
+    assert {"baselines/lut4/6/decode_vs/llama.cpp", "baselines/lut4/6/prefill_vs/llama.cpp",
+            "baselines/fp16/decode_vs/llama.cpp", "baselines/anemll_fast reference lut4/6/decode"} <= ids
+    assert not any("not measured" in n for n in res.notes)
+    assert "lut4/6 vs llama.cpp: greedy tokens equal for the first 1 of 5" in res.notes
+
+
+def test_against_baselines_without_any_baseline(monkeypatch):
+    from anemll_fast import default_model
+    from anemll_fast.bench import baselines, versus
+
+    monkeypatch.setattr(default_model, "gguf_path", lambda: "no.gguf")
+    monkeypatch.setattr(baselines, "available", lambda gguf: {})
+    res = suites.Results()
+    versus.against_baselines(_baseline_suite(), res, lambda m: None)
+    assert res.figures == [] and "none measured" in res.notes[0]
+
+
+def test_lut_option_turns_the_conversion_on(default_is_tiny, monkeypatch):
+    from anemll_fast.bench import cli, versus
+
+    seen = []
+    monkeypatch.setattr(versus, "against_baselines", lambda suite, res, progress: seen.append(suite.lut_baseline))
+    monkeypatch.setattr(suites, "end_to_end", lambda *a: None)
+    assert cli_main(["bench", "--only", "e2e", "--backend", "reference", "--quiet", "--lut"]) == 0
+    assert cli_main(["bench", "--only", "e2e", "--backend", "reference", "--quiet"]) == 0
+    assert seen == [True, False]

@@ -1,5 +1,5 @@
 """`anemll-fast bench [MODEL] [--suite quick|full] [--backend ...] [--json out.json] [--plot out_dir]
-[--compare previous.json] [--quiet]`: the benchmark suite, table on stdout.
+[--compare previous.json] [--lut] [--quiet]`: the benchmark suite, table on stdout.
 
 Every option is checked before anything runs (a bad --compare file or a missing matplotlib is reported at
 once, not after minutes of measuring)."""
@@ -37,6 +37,9 @@ def register(sub: Any) -> None:
                    help="Core ML compute units to measure (repeatable; default: the suite's)")
     p.add_argument("--only", default=None, metavar="PARTS",
                    help=f"comma-separated parts to run, of {', '.join(PARTS)} (default: all)")
+    p.add_argument("--lut", action="store_true",
+                   help="against the baselines, also measure the default model's LUT4-FFN / LUT6-head conversion "
+                        "(converted once into the cache; the full suite always does)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results as JSON")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots there (needs the [bench] extra)")
     p.add_argument("--compare", default=None, metavar="PREVIOUS.json",
@@ -92,7 +95,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
         require_matplotlib()
     units = tuple(args.compute_units) if args.compute_units else suite.compute_units
-    suite = dataclasses.replace(suite, parts=tuple(parts), compute_units=units)
+    suite = dataclasses.replace(suite, parts=tuple(parts), compute_units=units,
+                                lut_baseline=suite.lut_baseline or args.lut)
 
     # --quiet for this run only: the flag is process-wide, and bench may run inside a longer-lived process.
     was_quiet = getattr(progress_mod, "_quiet", False)
@@ -150,7 +154,9 @@ def run(suite: Any, model: Optional[str], backends: List[str]) -> Any:
                 for units in (suite.compute_units if backend != "reference" else ("cpu_only",)):
                     suites.end_to_end(model, backend, units, suite, res, progress)
             if model is None:
-                suites.external_baselines(suite, res, progress)
+                from anemll_fast.bench.versus import against_baselines
+
+                against_baselines(suite, res, progress)
     return res
 
 

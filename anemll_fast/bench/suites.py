@@ -6,7 +6,7 @@ Parts: `e2e` (a model on each backend: prefill and decode tokens/s over prompt l
 memory, the per-part breakdown from the engine's native counters, and the ratio to the chat.py-style Python
 loop on the same backend), `host` (the null backend at real models' layouts per sampler chain, beside the
 bandwidth floor), `sampler` (each chain over 151,936 and 262,144 vocabularies). `host` and `sampler` need no
-model.
+model. Against PyTorch / llama.cpp on the default model: anemll_fast/bench/versus.py.
 """
 from __future__ import annotations
 
@@ -70,6 +70,8 @@ class Suite:
     parts: Tuple[str, ...] = PARTS
     layouts: Tuple[str, ...] = tuple(LAYOUTS)
     vocabs: Tuple[int, ...] = VOCABS
+    # Against the baselines, also the default model's LUT4/LUT6 conversion (converted once: minutes).
+    lut_baseline: bool = False
 
 
 SUITES: Dict[str, Suite] = {
@@ -78,7 +80,8 @@ SUITES: Dict[str, Suite] = {
                    sampler_chains=tuple(CHAINS), compute_units=("cpu_only", "cpu_and_ne")),
     "full": Suite("full", prompt_lengths=(16, 64, 256, "context-64"), prefill_reps=5, decode_steps=32,
                   chat_rounds=5, chat_steps=16, host_steps=5000, host_chains=tuple(CHAINS), sampler_reps=300,
-                  sampler_chains=tuple(CHAINS), compute_units=("cpu_only", "cpu_and_gpu", "cpu_and_ne", "all")),
+                  sampler_chains=tuple(CHAINS), compute_units=("cpu_only", "cpu_and_gpu", "cpu_and_ne", "all"),
+                  lut_baseline=True),
 }
 
 
@@ -279,49 +282,6 @@ def _against_chatpy(model: Any, backend: str, compute_units: str, tag: str, n: i
     if tokens["anemll_fast"] != tokens["chat.py loop"]:
         res.notes.append(f"{tag}: the chat.py-style loop produced other greedy tokens than anemll_fast "
                          f"({tokens['chat.py loop'][:8]} vs {tokens['anemll_fast'][:8]})")
-
-
-def external_baselines(suite: Suite, res: Results, progress: Progress) -> None:
-    """PyTorch eager and llama.cpp on the default model's GGUF (only those importable), beside the native engine
-    on the reference backend, interleaved rounds."""
-    from anemll_fast.bench import baselines
-    from anemll_fast.default_model import gguf_path
-
-    sides = baselines.available(gguf_path())
-    if not sides:
-        return
-    import anemll_fast
-
-    progress("baselines: " + ", ".join(sides))
-    model = anemll_fast.load(None, backend="reference")
-    with model:
-        eng = model.engine._eng
-        n, steps = 64, suite.chat_steps
-        prompt = _prompt(n, model.valid_vocab, seed=n)
-
-        tokens: Dict[str, List[int]] = {}
-        native = _native_round(eng, prompt, steps, tokens, "anemll_fast reference")
-
-        def side_fn(name: str, side: Any) -> Callable[[], float]:
-            def run() -> float:
-                first = side.prefill(prompt)
-                t = time.perf_counter()
-                out = side.decode(first, n, steps)
-                elapsed = time.perf_counter() - t
-                tokens[name] = [first] + list(out)
-                return steps / elapsed
-            return run
-
-        fns = {"anemll_fast reference": native}
-        fns.update({name: side_fn(name, side) for name, side in sides.items()})
-        got = interleaved(fns, suite.chat_rounds, suite.warmup)
-    ours = tokens["anemll_fast reference"]
-    for name in sides:  # the fp16 conversion may part from float32 after a few tokens: worth knowing where
-        same = next((i for i, (a, b) in enumerate(zip(ours, tokens[name])) if a != b), len(ours))
-        res.notes.append(f"baseline {name}: greedy tokens equal to anemll_fast's for the first {same} of {len(ours)}")
-    for name, values in got.items():
-        res.add(Figure(f"baselines/{name}", "baselines", f"{name} decode (default model)", "tokens/s", HIGHER,
-                       values, {"prompt": n, "steps": steps}))
 
 
 # ---------------------------------------------------------------- host overhead (null backend)
