@@ -346,7 +346,7 @@ def _by_id(res):
     return {f.id: f for f in res.figures}
 
 
-def test_against_baselines_ratios_per_round(default_is_tiny):
+def test_against_baselines_ratios_per_round(default_is_tiny, tmp_path):
     from anemll_fast.bench import versus
 
     res = suites.Results()
@@ -375,6 +375,9 @@ def test_against_baselines_ratios_per_round(default_is_tiny):
     doc = report.document(res.figures, {"suite": "test"}, res.notes)
     _check_schema(json.loads(json.dumps(doc)))
     assert "fp16: decode, anemll_fast / torch fp32" in report.table(doc)
+    from anemll_fast.bench.plots import write_plots
+
+    assert {p.name for p in write_plots(doc, str(tmp_path))} == {"vs_baselines.png"}
 
 
 class _OffByOneBaseline(_LoopBaseline):

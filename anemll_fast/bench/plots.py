@@ -89,15 +89,26 @@ def write_plots(doc: Dict[str, Any], out_dir: str, ratios: Optional[List[Any]] =
         ax.legend(fontsize=8)
         save(fig, "breakdown.png")
 
-    vs = [f for f in _by(figs, "vs_chatpy/") if f["id"].endswith("/ratio")]
-    if vs:
-        fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(vs) + 2), 4))
-        ax.bar(range(len(vs)), [f["median"] for f in vs], yerr=_err(vs), capsize=4)
+    def ratio_bars(rs: List[Dict[str, Any]], labels: List[str], ylabel: str, title: str, name: str) -> None:
+        """Ratio figures as bars with whiskers, beside the line at 1 (parity)."""
+        if not rs:
+            return
+        fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(rs) + 2), 4))
+        ax.bar(range(len(rs)), [f["median"] for f in rs], yerr=_err(rs), capsize=4)
         ax.axhline(1.0, color="grey", lw=1)
-        ax.set_xticks(range(len(vs)), [f["id"].split("/")[1] for f in vs])
-        ax.set_ylabel("decode speed, anemll_fast / chat.py loop")
-        ax.set_title("against the chat.py-style Python loop (same backend)")
-        save(fig, "vs_chatpy.png")
+        ax.set_xticks(range(len(rs)), labels, fontsize=8, rotation=20 if len(rs) > 4 else 0)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        save(fig, name)
+
+    vs = [f for f in _by(figs, "vs_chatpy/") if f["id"].endswith("/ratio")]
+    ratio_bars(vs, [f["id"].split("/")[1] for f in vs], "decode speed, anemll_fast / chat.py loop",
+               "against the chat.py-style Python loop (same backend)", "vs_chatpy.png")
+    # baselines/<model>/<decode|prefill>_vs/<baseline>
+    vb = [f for f in _by(figs, "baselines/") if "_vs/" in f["id"]]
+    ratio_bars(vb, [f"{f['params']['model']} {f['id'].split('/')[-2][:-3]}\nvs {f['id'].split('/')[-1]}"
+                    for f in vb], "anemll_fast reference / baseline",
+               "against PyTorch / llama.cpp (same weights, one thread)", "vs_baselines.png")
 
     vocabs = sorted({f["params"]["vocab"] for f in _by(figs, "sampler/")})
     if vocabs:
