@@ -26,8 +26,8 @@ def register(sub: Any) -> None:
         "bench", help="benchmark the engine: tokens/s, per-part time, against the chat.py-style loop, samplers",
         description="Measure anemll_fast on this machine: end to end per backend (prefill/decode tokens/s over "
                     "prompt lengths, time to first token, memory, where each token's time goes, against ANEMLL's "
-                    "chat.py-style Python loop), host overhead on the null backend at real models' layouts, and "
-                    "the samplers. The timed loops run natively; each figure has its min/median/max.")
+                    "chat.py-style Python loop; with the default model, against PyTorch and llama.cpp when "
+                    "installed), host overhead on the null backend at real models' layouts, and the samplers. The timed loops run natively; each figure has its min/median/max.")
     p.add_argument("model", nargs="?", default=None,
                    help="model directory or Hugging Face repo (default: the embedded SmolLM2-135M)")
     p.add_argument("--suite", choices=sorted(SUITES), default="quick", help="quick (minutes) or full")
@@ -38,8 +38,9 @@ def register(sub: Any) -> None:
     p.add_argument("--only", default=None, metavar="PARTS",
                    help=f"comma-separated parts to run, of {', '.join(PARTS)} (default: all)")
     p.add_argument("--lut", action="store_true",
-                   help="against the baselines, also measure the default model's LUT4-FFN / LUT6-head conversion "
-                        "(converted once into the cache; the full suite always does)")
+                   help="against the PyTorch / llama.cpp baselines (run with the default model when their packages "
+                        "import), also measure the default model's LUT4-FFN / LUT6-head conversion (converted once "
+                        "into the cache; the full suite always does)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results as JSON")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots there (needs the [bench] extra)")
     p.add_argument("--compare", default=None, metavar="PREVIOUS.json",
