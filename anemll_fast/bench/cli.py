@@ -27,7 +27,8 @@ def register(sub: Any) -> None:
         description="Measure anemll_fast on this machine: end to end per backend (prefill/decode tokens/s over "
                     "prompt lengths, time to first token, memory, where each token's time goes, against ANEMLL's "
                     "chat.py-style Python loop; with the default model, against PyTorch and llama.cpp when "
-                    "installed), host overhead on the null backend at real models' layouts, and the samplers. The timed loops run natively; each figure has its min/median/max.")
+                    "installed), host overhead on the null backend at real models' layouts, and the samplers. "
+                    "The timed loops run natively; each figure has its min/median/max.")
     p.add_argument("model", nargs="?", default=None,
                    help="model directory or Hugging Face repo (default: the embedded SmolLM2-135M)")
     p.add_argument("--suite", choices=sorted(SUITES), default="quick", help="quick (minutes) or full")
