@@ -346,6 +346,28 @@ def _by_id(res):
     return {f.id: f for f in res.figures}
 
 
+def test_rss_children_load_the_whole_model_or_the_parts_alone(model_dir, monkeypatch):
+    """The "parts" figure is the reference backend's own (no tokenizer, no engine); "model" is a user's load."""
+    import subprocess
+
+    from anemll_fast.bench import versus
+
+    loaded = {}
+    real_run = subprocess.run
+
+    def run(cmd, **kw):  # the child as given, then asked which of the two it loaded
+        code = cmd[2] + "\nprint(int('anemll_fast.tokenizer' in sys.modules), int('anemll_fast.engine' in sys.modules))"
+        out = real_run(cmd[:2] + [code] + cmd[3:], **kw)
+        loaded[len(loaded)] = out.stdout.split()[-2:]
+        return real_run(cmd, **kw)
+
+    monkeypatch.setattr(versus.subprocess, "run", run)
+    assert versus.rss_after_load_mb(model_dir, "model") > 0 and versus.rss_after_load_mb(model_dir, "parts") > 0
+    assert loaded == {0: ["1", "1"], 1: ["0", "0"]}
+    with pytest.raises(ValueError, match="what"):
+        versus.rss_after_load_mb(model_dir, "everything")
+
+
 def test_against_baselines_ratios_per_round(default_is_tiny, tmp_path):
     from anemll_fast.bench import versus
 
@@ -369,6 +391,7 @@ def test_against_baselines_ratios_per_round(default_is_tiny, tmp_path):
     assert dec.unit == pre.unit == "x" and dec.better == "higher"
     rss, files = f["baselines/fp16/rss_after_load"].median, f["baselines/fp16/files"].median
     assert rss > files > 0 and f["baselines/fp16/rss_per_files"].median == pytest.approx(rss / files)
+    assert f["baselines/fp16/rss_parts_per_files"].median > 0
     assert "fp16 vs torch fp32: greedy tokens equal, all 5" in res.notes
     assert any("LUT4/LUT6 conversion not measured" in n for n in res.notes)
     assert not any("lut" in i for i in f)

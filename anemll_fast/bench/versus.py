@@ -66,11 +66,21 @@ def model_files_bytes(model_dir: Any) -> int:
     return total
 
 
+# What the child loads: the whole model as a user does (tokenizer and engine included), or only its parts on
+# the reference backend (what the backend itself holds: the parts driven as chat.py drives them).
+_RSS_LOAD = {
+    "model": "side = anemll_fast.load(sys.argv[1], backend='reference')\n"
+             "side.engine._eng.bench_prefill(list(range(1, 9)), 1)\n",
+    "parts": "from anemll_fast.bench.chatpy_loop import ChatPyLoop\n"
+             "from anemll_fast.config import ModelConfig\n"
+             "side = ChatPyLoop(ModelConfig.from_anemll_dir(sys.argv[1]), 'reference')\n"
+             "side.prefill(list(range(1, 9)))\n",
+}
+# (after one prediction of each part: lazily mapped weights in)
 _RSS_CODE = """
 import os, sys, resource
 import anemll_fast
-side = anemll_fast.load(sys.argv[1], backend="reference")
-side.engine._eng.bench_prefill(list(range(1, 9)), 1)  # one prediction of each part: lazily mapped weights in
+{load}
 try:
     kb = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')][0]
 except OSError:  # no /proc (macOS): the peak, which right after the load is the load's
@@ -80,15 +90,20 @@ print(kb)
 """
 
 
-def rss_after_load_mb(model_dir: Any) -> float:
-    """MB resident after loading the model and one prefill, in a fresh process (so nothing else is counted)."""
+def rss_after_load_mb(model_dir: Any, what: str = "model") -> float:
+    """MB resident after loading and one 8-token prefill, in a fresh process (so nothing else is counted):
+    `what` "model" is anemll_fast.load (tokenizer and engine included), "parts" the model's parts alone
+    on the reference backend."""
+    if what not in _RSS_LOAD:
+        raise ValueError(f"what: expected one of {sorted(_RSS_LOAD)}, got {what!r}")
     import anemll_fast
 
     env = dict(os.environ)
     # The child imports the same anemll_fast as this process (a checkout may shadow an installed one).
     root = str(Path(anemll_fast.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    r = subprocess.run([sys.executable, "-c", _RSS_CODE, str(model_dir)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _RSS_CODE.format(load=_RSS_LOAD[what]), str(model_dir)],
+                       capture_output=True, text=True,
                        env=env, timeout=1200)
     if r.returncode != 0:
         raise RuntimeError(f"RSS after load of {model_dir}: the child process failed:\n{r.stderr[-2000:]}")
@@ -152,14 +167,17 @@ def compare_sides(models: Dict[str, Any], baselines: Dict[str, Any], steps: int,
     if rss:
         for model, d in models.items():
             progress(f"against baselines: RSS after load, {model}")
-            mb, files = rss_after_load_mb(d), model_files_bytes(d) / 2 ** 20
+            mb, parts, files = rss_after_load_mb(d), rss_after_load_mb(d, "parts"), model_files_bytes(d) / 2 ** 20
             q = {"model": model}
-            res.add(Figure(f"baselines/{model}/rss_after_load", GROUP, f"{model}: RSS after load (fresh process)",
-                           "MB", LOWER, [mb], q, single=True),
+            res.add(Figure(f"baselines/{model}/rss_after_load", GROUP,
+                           f"{model}: RSS after anemll_fast.load (fresh process)", "MB", LOWER, [mb], q, single=True),
                     Figure(f"baselines/{model}/files", GROUP, f"{model}: model files", "MB", LOWER, [files], q,
                            single=True),
                     Figure(f"baselines/{model}/rss_per_files", GROUP, f"{model}: RSS after load / model files",
-                           "x", LOWER, [mb / files], q, single=True))
+                           "x", LOWER, [mb / files], q, single=True),
+                    Figure(f"baselines/{model}/rss_parts_per_files", GROUP,
+                           f"{model}: RSS of the parts alone (reference backend, no tokenizer) / model files",
+                           "x", LOWER, [parts / files], q, single=True))
 
 
 def default_models(lut: bool) -> Dict[str, Any]:
