@@ -515,14 +515,17 @@ bool valid(const Weight& w) {
   return true;
 }
 
-void decode_block(const Dispatch& d, const Weight& w, int64_t r0, int nr, float* out) {
-  for (int i = 0; i < nr; ++i) {
-    if (w.f16 != nullptr) {
-      d.decode_f16(w.f16 + (r0 + i) * w.cols, w.cols, out + i * w.cols);
-    } else {
-      d.decode_lut(w, r0 + i, 0, w.cols, out + i * w.cols);
-    }
+// Row r, columns [k0, k0 + len), of the stored weight (fp16 or palette) as float32.
+void decode_row(const Dispatch& d, const Weight& w, int64_t r, int64_t k0, int64_t len, float* out) {
+  if (w.f16 != nullptr) {
+    d.decode_f16(w.f16 + r * w.cols + k0, len, out);
+  } else {
+    d.decode_lut(w, r, k0, k0 + len, out);
   }
+}
+
+void decode_block(const Dispatch& d, const Weight& w, int64_t r0, int nr, float* out) {
+  for (int i = 0; i < nr; ++i) decode_row(d, w, r0 + i, 0, w.cols, out + i * w.cols);
 }
 
 // How positions [0, n) split into panels: `wide` panels of kNR (the last one zero-padded), then,
@@ -628,11 +631,7 @@ void gemm(const Dispatch& d, const Weight& w, const float* x, int64_t n, const f
       for (int i = 0; i < mr; ++i) {
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t k0 = c * kc, len = cols - k0 < kc ? cols - k0 : kc;
-          if (w.f16 != nullptr) {
-            d.decode_f16(w.f16 + (r0 + i) * cols + k0, len, a + (c * kMR + i) * kc);
-          } else {
-            d.decode_lut(w, r0 + i, k0, k0 + len, a + (c * kMR + i) * kc);
-          }
+          decode_row(d, w, r0 + i, k0, len, a + (c * kMR + i) * kc);
         }
       }
       ahead.start(r0 + kPrefetchBlocks * kMR, chunks * panels);
